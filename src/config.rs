@@ -1,0 +1,122 @@
+//! Command-line flags. Every flag can also come from the environment as
+//! `ROOM_ALLOCATOR_<FLAG>`, which is how the Helm chart configures the server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::space::MAX_ROOM;
+
+#[derive(Debug, Parser)]
+#[command(name = "room-allocator", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, env = "ROOM_ALLOCATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the allocator server.
+    Serve(ServeArgs),
+    /// Register a prefill worker with its dp_size (or realign it).
+    Register(RegisterArgs),
+    /// Allocate rooms for a worker and rank; one JSON line per room.
+    Allocate(AllocateArgs),
+    /// Tell which worker, rank and dp_size a room belongs to.
+    Resolve(ResolveArgs),
+    /// List registered workers; one JSON line per worker.
+    Workers(ClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address for gRPC; port 0 picks a free port (the bound address is logged).
+    #[arg(long, env = "ROOM_ALLOCATOR_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded store; created if missing. One server per directory.
+    #[arg(long, env = "ROOM_ALLOCATOR_DATA_DIR", default_value = "./room-allocator-data")]
+    pub data_dir: PathBuf,
+
+    /// Address for Prometheus metrics at /metrics.
+    #[arg(long, env = "ROOM_ALLOCATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Highest room this server may hand out; lower it to split the space
+    /// between deployments that must never collide.
+    #[arg(long, env = "ROOM_ALLOCATOR_MAX_ROOM", default_value_t = MAX_ROOM,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_ROOM))]
+    pub max_room: u64,
+
+    /// Most workers the server keeps (registered or deregistered); bounds memory.
+    #[arg(long, env = "ROOM_ALLOCATOR_MAX_WORKERS", default_value_t = 100_000)]
+    pub max_workers: usize,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take before the server exits anyway.
+    #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    pub drain_timeout_secs: u64,
+
+    /// Tokio worker threads; default: one per core.
+    #[arg(long, env = "ROOM_ALLOCATOR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The allocator's URL.
+    #[arg(long, env = "ROOM_ALLOCATOR_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// Deadline for each call, in seconds.
+    #[arg(long, env = "ROOM_ALLOCATOR_TIMEOUT_SECS", default_value_t = 10)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The prefill worker's name.
+    #[arg(long)]
+    pub worker: String,
+    /// The prefill worker's data-parallel size.
+    #[arg(long)]
+    pub dp_size: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AllocateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The prefill worker's name.
+    #[arg(long)]
+    pub worker: String,
+    /// The prefill rank the room is for.
+    #[arg(long)]
+    pub rank: u32,
+    /// The dp_size the caller expects; registers an unknown worker. 0 = as registered.
+    #[arg(long, default_value_t = 0)]
+    pub dp_size: u32,
+    /// How many rooms to allocate.
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResolveArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The room to resolve.
+    pub room: u64,
+}

@@ -1,0 +1,113 @@
+//! The `room-allocator` binary: flags, logging, runtime, then a library call.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+use room_allocator::cli;
+use room_allocator::config::{Cli, Command, LogFormat, ServeArgs};
+use room_allocator::server::Server;
+use room_allocator::service::code_name;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let worker_threads = match &cli.command {
+        Command::Serve(args) => args.worker_threads,
+        _ => Some(1),
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("room-allocator: cannot start the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let outcome = match cli.command {
+            Command::Serve(args) => return serve(args).await,
+            Command::Register(args) => cli::register(args).await,
+            Command::Allocate(args) => cli::allocate(args).await,
+            Command::Resolve(args) => cli::resolve(args).await,
+            Command::Workers(args) => cli::workers(args).await,
+        };
+        match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(status) => {
+                eprintln!(
+                    "room-allocator: {}: {}",
+                    code_name(status.code()),
+                    status.message()
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    match try_serve(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("room-allocator: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
+    // A full disk or a file-size limit must surface as an I/O error (and
+    // UNAVAILABLE), not kill the process: take SIGXFSZ off its default action.
+    let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        libc::SIGXFSZ,
+    ))
+    .context("cannot handle SIGXFSZ")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+
+    let server = Server::open(&args)
+        .with_context(|| format!("cannot open --data-dir {}", args.data_dir.display()))?;
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot bind --listen {}", args.listen))?;
+    let metrics = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot bind --metrics-listen {}", args.metrics_listen))?;
+    info!(
+        grpc_addr = %grpc.local_addr().context("gRPC listener address")?,
+        metrics_addr = %metrics.local_addr().context("metrics listener address")?,
+        data_dir = %args.data_dir.display(),
+        store = server.allocator().store_kind(),
+        "listening"
+    );
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("received SIGTERM"),
+            _ = tokio::signal::ctrl_c() => info!("received SIGINT"),
+        }
+    };
+    server.serve(grpc, metrics, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The gRPC glue: requests in, allocator calls, responses out. Domain errors
+//! become statuses in exactly one place, `impl From<Error> for Status`.
+
+use std::time::Instant;
+
+use tonic::{Code, Request, Response, Status};
+use tracing::{debug, instrument, warn};
+
+use crate::allocator::{Allocator, Error, WorkerInfo};
+use crate::metrics::Metrics;
+use crate::pb;
+use crate::pb::room_allocator_service_server::RoomAllocatorService;
+use crate::space::SpaceError;
+use std::sync::Arc;
+
+pub use crate::pb::room_allocator_service_server::RoomAllocatorServiceServer;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::EmptyWorker
+            | Error::WorkerTooLong { .. }
+            | Error::LeaseCount { .. }
+            | Error::Space(
+                SpaceError::DpSizeZero
+                | SpaceError::DpSizeTooLarge { .. }
+                | SpaceError::RankOutOfRange { .. }
+                | SpaceError::RoomZero
+                | SpaceError::RoomTooLarge { .. },
+            ) => Code::InvalidArgument,
+            Error::UnknownWorker { .. } | Error::UnknownRoom { .. } => Code::NotFound,
+            Error::DpSizeMismatch { .. } => Code::FailedPrecondition,
+            Error::Space(SpaceError::Exhausted { .. }) | Error::TooManyWorkers { .. } => {
+                Code::ResourceExhausted
+            }
+            Error::Store(_) => Code::Unavailable,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+/// The canonical name of a gRPC code, as grpcurl and other stacks print it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// `RoomAllocatorService` over an [`Allocator`].
+pub struct Service {
+    allocator: Allocator,
+    metrics: Arc<Metrics>,
+}
+
+impl Service {
+    pub fn new(allocator: Allocator, metrics: Arc<Metrics>) -> Self {
+        Self { allocator, metrics }
+    }
+
+    /// Counts and times one call, and logs its outcome at the level it deserves.
+    fn finish<T>(
+        &self,
+        method: &'static str,
+        started: Instant,
+        result: Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let result = result.map_err(Status::from);
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        self.metrics
+            .observe_request(method, code_name(code), started.elapsed());
+        match &result {
+            Err(status) if code == Code::Unavailable => {
+                warn!(code = code_name(code), message = status.message(), "request failed")
+            }
+            Err(status) => debug!(code = code_name(code), message = status.message(), "request refused"),
+            Ok(_) => debug!("request served"),
+        }
+        result.map(Response::new)
+    }
+}
+
+fn worker_info(info: WorkerInfo) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        prefill_worker: info.prefill_worker,
+        dp_size: info.dp_size.get(),
+        rooms_issued: info.rooms_issued,
+    }
+}
+
+#[tonic::async_trait]
+impl RoomAllocatorService for Service {
+    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, dp_size = request.get_ref().dp_size))]
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self
+            .allocator
+            .register(&request.prefill_worker, request.dp_size)
+            .await
+            .map(|info| pb::RegisterWorkerResponse {
+                worker: Some(worker_info(info)),
+            });
+        self.finish("RegisterWorker", started, result)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, dp_rank = request.get_ref().dp_rank, dp_size = request.get_ref().dp_size))]
+    async fn allocate_room(
+        &self,
+        request: Request<pb::AllocateRoomRequest>,
+    ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self
+            .allocator
+            .allocate(&request.prefill_worker, request.dp_rank, request.dp_size)
+            .await
+            .map(|(room, dp_size)| pb::AllocateRoomResponse {
+                room: room.get(),
+                dp_size: dp_size.get(),
+            });
+        self.finish("AllocateRoom", started, result)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, count = request.get_ref().count))]
+    async fn lease_rooms(
+        &self,
+        request: Request<pb::LeaseRoomsRequest>,
+    ) -> Result<Response<pb::LeaseRoomsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self
+            .allocator
+            .lease(&request.prefill_worker, request.count)
+            .await
+            .map(|lease| pb::LeaseRoomsResponse {
+                first_base: lease.first_base.get(),
+                count: lease.count,
+                dp_size: lease.dp_size.get(),
+            });
+        self.finish("LeaseRooms", started, result)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(room = request.get_ref().room))]
+    async fn resolve_rank(
+        &self,
+        request: Request<pb::ResolveRankRequest>,
+    ) -> Result<Response<pb::ResolveRankResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .allocator
+            .resolve(request.get_ref().room)
+            .map(|resolved| pb::ResolveRankResponse {
+                prefill_worker: resolved.prefill_worker.to_string(),
+                dp_rank: resolved.dp_rank.get(),
+                dp_size: resolved.dp_size.get(),
+            });
+        self.finish("ResolveRank", started, result)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let started = Instant::now();
+        let workers = self.allocator.list().into_iter().map(worker_info).collect();
+        self.finish("ListWorkers", started, Ok(pb::ListWorkersResponse { workers }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker))]
+    async fn deregister_worker(
+        &self,
+        request: Request<pb::DeregisterWorkerRequest>,
+    ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .allocator
+            .deregister(&request.get_ref().prefill_worker)
+            .await
+            .map(|()| pb::DeregisterWorkerResponse {});
+        self.finish("DeregisterWorker", started, result)
+    }
+}

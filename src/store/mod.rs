@@ -1,0 +1,143 @@
+//! Durable state behind the allocator: worker registrations and the ranges of
+//! the room space reserved for them.
+//!
+//! A [`Store`] is consulted only off the hot path: when a worker registers,
+//! realigns or deregisters, and when a worker's in-memory range runs low. It
+//! must make every change durable before its future resolves, because the
+//! allocator hands out rooms from a range as soon as `reserve` returns.
+//! No backend type escapes this module.
+
+pub mod embedded;
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::space::{DpSize, RangeTable, RoomRange, SpaceError};
+
+pub use embedded::EmbeddedStore;
+
+/// The boxed future every store operation returns; boxing keeps `Store`
+/// object-safe and costs nothing next to an fsync or an etcd round trip.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A request for the next range of the space for one worker.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub prefill_worker: Arc<str>,
+    pub dp_size: DpSize,
+    /// Bases wanted; fewer are fine near the end of the space...
+    pub want_bases: u64,
+    /// ...but never fewer than this (a lease needs its whole block).
+    pub need_bases: u64,
+    /// The worker's `rooms_issued` so far, persisted with the range so the
+    /// count survives restarts (it may lag by the rooms issued since).
+    pub rooms_issued: u64,
+}
+
+/// A worker as last persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRecord {
+    pub prefill_worker: Arc<str>,
+    pub dp_size: DpSize,
+    /// False once deregistered: its ranges still resolve, no new rooms.
+    pub registered: bool,
+    pub rooms_issued: u64,
+}
+
+/// Everything a store holds, read once when it opens.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub workers: Vec<WorkerRecord>,
+    pub ranges: RangeTable,
+}
+
+/// Failures of a store; the allocator reports all but `Space` as UNAVAILABLE.
+#[derive(Debug, Clone, Error)]
+pub enum StoreError {
+    #[error("cannot write {}: {source}; check free space and permissions of the data dir", path.display())]
+    Io {
+        path: PathBuf,
+        source: Arc<io::Error>,
+    },
+    #[error(transparent)]
+    Space(#[from] SpaceError),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// Why a store refused to open. Each names the file and leaves it untouched.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("cannot use {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{} is locked by another room-allocator; two servers must never share a data dir (they would issue the same rooms)",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "{} is not a room-allocator file (bad magic); refusing to start rather than start the room space over. Point --data-dir at the right directory",
+        path.display()
+    )]
+    Foreign { path: PathBuf },
+    #[error(
+        "{} has format version {found}, this binary reads version {supported}; run a newer room-allocator",
+        path.display()
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "{} is corrupt at byte {offset}: {reason}. Refusing to start so that no room is issued twice; restore the data dir from a backup or move it aside knowingly",
+        path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error(
+        "{} is truncated: {actual} bytes, but {committed} bytes were acknowledged. Refusing to start so that no room is issued twice; restore the data dir from a backup",
+        path.display()
+    )]
+    Truncated {
+        path: PathBuf,
+        committed: u64,
+        actual: u64,
+    },
+    #[error(
+        "{} is missing while {} exists; the data dir is incomplete. Refusing to start so that no room is issued twice",
+        missing.display(),
+        present.display()
+    )]
+    Missing { missing: PathBuf, present: PathBuf },
+}
+
+/// Durable registrations and range reservations.
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs and metric labels.
+    fn kind(&self) -> &'static str;
+
+    /// Records that `prefill_worker` is registered with `dp_size`.
+    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, ()>;
+
+    /// Records that `prefill_worker` gets no new rooms.
+    fn deregister(&self, prefill_worker: Arc<str>) -> StoreFuture<'_, ()>;
+
+    /// Reserves the next `bases` bases of the space, aligned to `dp_size`,
+    /// durably and past every range reserved before.
+    fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange>;
+
+    /// Persists `rooms_issued` counters, e.g. at shutdown.
+    fn record_issued(&self, counts: Vec<(Arc<str>, u64)>) -> StoreFuture<'_, ()>;
+
+    /// Flushes and releases the store; later calls fail with `Closed`.
+    fn close(&self) -> StoreFuture<'_, ()>;
+}
