@@ -16,7 +16,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("room_allocator_descriptor.bin"),
         file_descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure()
-        .compile_fds(file_descriptors)?;
+    tonic_prost_build::configure().compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::metrics::{Metrics, MethodLabels, StoreLabels};
+use crate::metrics::{MethodLabels, Metrics, StoreLabels};
 use crate::space::{
-    Base, BaseCursor, DpSize, Rank, RangeOwner, RangeTable, Room, RoomRange, SpaceError,
+    Base, BaseCursor, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
 use crate::store::{Reservation, Snapshot, Store, StoreError};
 
@@ -48,7 +48,9 @@ const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(10);
 pub enum Error {
     #[error("prefill_worker is empty; pass the prefill worker's name as routers know it")]
     EmptyWorker,
-    #[error("prefill_worker is {len} bytes, over the limit of {MAX_WORKER_LEN}; use a shorter name")]
+    #[error(
+        "prefill_worker is {len} bytes, over the limit of {MAX_WORKER_LEN}; use a shorter name"
+    )]
     WorkerTooLong { len: usize },
     #[error(transparent)]
     Space(#[from] SpaceError),
@@ -307,7 +309,9 @@ impl Allocator {
         self.inner
             .metrics
             .rooms_issued
-            .get_or_create(&MethodLabels { method: "AllocateRoom" })
+            .get_or_create(&MethodLabels {
+                method: "AllocateRoom",
+            })
             .inc();
         Ok((base.room(rank), dp_size))
     }
@@ -324,7 +328,9 @@ impl Allocator {
         self.inner
             .metrics
             .rooms_issued
-            .get_or_create(&MethodLabels { method: "LeaseRooms" })
+            .get_or_create(&MethodLabels {
+                method: "LeaseRooms",
+            })
             .inc_by(u64::from(count));
         Ok(Lease {
             first_base,
@@ -637,5 +643,375 @@ fn validate_worker(prefill_worker: &str) -> Result<(), Error> {
         0 => Err(Error::EmptyWorker),
         len if len > MAX_WORKER_LEN => Err(Error::WorkerTooLong { len }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::MAX_ROOM;
+    use crate::store::EmbeddedStore;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Wraps the embedded store and fails every write after the first `budget`,
+    /// as a full disk would.
+    struct FailingStore {
+        inner: EmbeddedStore,
+        budget: AtomicU64,
+    }
+
+    impl FailingStore {
+        fn spend(&self) -> Result<(), StoreError> {
+            let ok = self
+                .budget
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+                .is_ok();
+            ok.then_some(()).ok_or_else(|| StoreError::Io {
+                path: "rooms.log".into(),
+                source: Arc::new(std::io::Error::from_raw_os_error(28)),
+            })
+        }
+    }
+
+    impl Store for FailingStore {
+        fn kind(&self) -> &'static str {
+            "failing"
+        }
+        fn register(&self, w: Arc<str>, d: DpSize) -> crate::store::StoreFuture<'_, ()> {
+            match self.spend() {
+                Ok(()) => self.inner.register(w, d),
+                Err(e) => Box::pin(async move { Err(e) }),
+            }
+        }
+        fn deregister(&self, w: Arc<str>) -> crate::store::StoreFuture<'_, ()> {
+            match self.spend() {
+                Ok(()) => self.inner.deregister(w),
+                Err(e) => Box::pin(async move { Err(e) }),
+            }
+        }
+        fn reserve(&self, r: Reservation) -> crate::store::StoreFuture<'_, RoomRange> {
+            match self.spend() {
+                Ok(()) => self.inner.reserve(r),
+                Err(e) => Box::pin(async move { Err(e) }),
+            }
+        }
+        fn record_issued(&self, c: Vec<(Arc<str>, u64)>) -> crate::store::StoreFuture<'_, ()> {
+            self.inner.record_issued(c)
+        }
+        fn close(&self) -> crate::store::StoreFuture<'_, ()> {
+            self.inner.close()
+        }
+    }
+
+    fn open(dir: &Path, budget: u64, space_end: u64) -> Allocator {
+        open_with(dir, budget, space_end, 16)
+    }
+
+    fn open_with(dir: &Path, budget: u64, space_end: u64, max_workers: usize) -> Allocator {
+        let (store, snapshot) = EmbeddedStore::open(dir, space_end).expect("open store");
+        let store = FailingStore {
+            inner: store,
+            budget: AtomicU64::new(budget),
+        };
+        Allocator::new(
+            Arc::new(store),
+            snapshot,
+            Limits {
+                space_end,
+                max_workers,
+            },
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Register(usize, u32),
+        Allocate(usize, u32, u32),
+        Lease(usize, u32),
+        Resolve(u64),
+        Deregister(usize),
+        Restart,
+    }
+
+    const WORKERS: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0..5usize, 0u32..6).prop_map(|(w, d)| Op::Register(w, d)),
+            8 => (0..5usize, 0u32..6, 0u32..6).prop_map(|(w, r, d)| Op::Allocate(w, r, d)),
+            2 => (0..5usize, 0u32..3000).prop_map(|(w, c)| Op::Lease(w, c)),
+            2 => (0u64..40_000).prop_map(Op::Resolve),
+            1 => (0..5usize).prop_map(Op::Deregister),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    /// What the contract says must hold, kept the simplest way.
+    #[derive(Default)]
+    struct Model {
+        /// Registered workers and their dp_size.
+        workers: BTreeMap<&'static str, u32>,
+        /// Every number handed out (a room, or every room of a leased base),
+        /// with its owner and dp_size.
+        issued: BTreeMap<u64, (&'static str, u32)>,
+    }
+
+    impl Model {
+        fn issue(&mut self, number: u64, owner: (&'static str, u32)) -> Result<(), TestCaseError> {
+            prop_assert!(
+                self.issued.insert(number, owner).is_none(),
+                "number {number} handed out twice"
+            );
+            Ok(())
+        }
+    }
+
+    fn run_ops(ops: Vec<Op>, budget: u64, space_end: u64) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut allocator = open(dir.path(), budget, space_end);
+            let mut model = Model::default();
+            for op in ops {
+                match op {
+                    Op::Register(w, d) => {
+                        let name = WORKERS[w];
+                        let result = allocator.register(name, d).await;
+                        match result {
+                            Ok(info) => {
+                                prop_assert_eq!(info.dp_size.get(), d);
+                                model.workers.insert(name, d);
+                            }
+                            Err(Error::Space(SpaceError::DpSizeZero)) => prop_assert_eq!(d, 0),
+                            Err(Error::Store(_)) => {}
+                            Err(other) => prop_assert!(false, "register: {other}"),
+                        }
+                    }
+                    Op::Allocate(w, r, d) => {
+                        let name = WORKERS[w];
+                        let registered = model.workers.get(name).copied();
+                        match allocator.allocate(name, r, d).await {
+                            Ok((room, dp_size)) => {
+                                let size = dp_size.get();
+                                prop_assert!(registered.is_none_or(|s| s == size));
+                                prop_assert!(d == 0 || d == size);
+                                prop_assert_eq!(room.get() % u64::from(size), u64::from(r));
+                                prop_assert!(room.get() >= 1 && room.get() <= MAX_ROOM);
+                                model.workers.insert(name, size);
+                                model.issue(room.get(), (name, size))?;
+                            }
+                            Err(Error::UnknownWorker { .. }) => {
+                                prop_assert!(registered.is_none() && d == 0)
+                            }
+                            Err(Error::DpSizeMismatch {
+                                registered: reg,
+                                requested,
+                                ..
+                            }) => {
+                                prop_assert_eq!(Some(reg), registered);
+                                prop_assert_eq!(requested, d);
+                            }
+                            Err(Error::Space(SpaceError::RankOutOfRange { dp_size, .. })) => {
+                                prop_assert!(r >= dp_size);
+                            }
+                            Err(
+                                error @ (Error::Space(SpaceError::Exhausted { .. })
+                                | Error::Store(_)),
+                            ) => {
+                                if matches!(error, Error::Space(_)) {
+                                    prop_assert!(space_end <= MAX_ROOM);
+                                }
+                                // A registration by dp_size is durable before the
+                                // reservation that failed; take it from the truth.
+                                if registered.is_none() && d != 0 {
+                                    if let Some(info) = allocator
+                                        .list()
+                                        .into_iter()
+                                        .find(|i| i.prefill_worker == name)
+                                    {
+                                        prop_assert_eq!(info.dp_size.get(), d);
+                                        model.workers.insert(name, d);
+                                    }
+                                }
+                            }
+                            Err(other) => prop_assert!(false, "allocate: {other}"),
+                        }
+                    }
+                    Op::Lease(w, count) => {
+                        let name = WORKERS[w];
+                        match allocator.lease(name, count).await {
+                            Ok(lease) => {
+                                let size = lease.dp_size.get();
+                                prop_assert_eq!(Some(size), model.workers.get(name).copied());
+                                prop_assert_eq!(lease.first_base.get() % u64::from(size), 0);
+                                for i in 0..u64::from(count) {
+                                    let base = lease.first_base.get() + i * u64::from(size);
+                                    for rank in 0..u64::from(size) {
+                                        model.issue(base + rank, (name, size))?;
+                                    }
+                                }
+                            }
+                            Err(Error::LeaseCount { .. }) => prop_assert_eq!(count, 0),
+                            Err(Error::UnknownWorker { .. }) => {
+                                prop_assert!(!model.workers.contains_key(name))
+                            }
+                            Err(Error::Space(SpaceError::Exhausted { .. })) => {
+                                prop_assert!(space_end <= MAX_ROOM)
+                            }
+                            Err(Error::Store(_)) => {}
+                            Err(other) => prop_assert!(false, "lease: {other}"),
+                        }
+                    }
+                    Op::Resolve(room) => match allocator.resolve(room) {
+                        Ok(resolved) => {
+                            if let Some((name, size)) = model.issued.get(&room) {
+                                prop_assert_eq!(&*resolved.prefill_worker, *name);
+                                prop_assert_eq!(resolved.dp_size.get(), *size);
+                                prop_assert_eq!(
+                                    u64::from(resolved.dp_rank.get()),
+                                    room % u64::from(*size)
+                                );
+                            }
+                        }
+                        Err(Error::Space(SpaceError::RoomZero)) => prop_assert_eq!(room, 0),
+                        Err(Error::UnknownRoom { .. }) => {
+                            prop_assert!(!model.issued.contains_key(&room))
+                        }
+                        Err(other) => prop_assert!(false, "resolve: {other}"),
+                    },
+                    Op::Deregister(w) => {
+                        let name = WORKERS[w];
+                        match allocator.deregister(name).await {
+                            Ok(()) => {
+                                prop_assert!(model.workers.remove(name).is_some())
+                            }
+                            Err(Error::UnknownWorker { .. }) => {
+                                prop_assert!(!model.workers.contains_key(name))
+                            }
+                            Err(Error::Store(_)) => {}
+                            Err(other) => prop_assert!(false, "deregister: {other}"),
+                        }
+                    }
+                    Op::Restart => {
+                        allocator.shutdown().await.expect("shutdown");
+                        drop(allocator);
+                        allocator = open(dir.path(), budget, space_end);
+                        // Registrations survive the restart.
+                        let listed: BTreeMap<String, u32> = allocator
+                            .list()
+                            .into_iter()
+                            .map(|w| (w.prefill_worker, w.dp_size.get()))
+                            .collect();
+                        let expected: BTreeMap<String, u32> = model
+                            .workers
+                            .iter()
+                            .map(|(w, d)| (w.to_string(), *d))
+                            .collect();
+                        prop_assert_eq!(listed, expected);
+                    }
+                }
+            }
+            // Every room ever handed out still resolves to its owner.
+            for (room, (name, size)) in model.issued.iter().step_by(97) {
+                let resolved = allocator.resolve(*room).expect("issued rooms resolve");
+                prop_assert_eq!(&*resolved.prefill_worker, *name);
+                prop_assert_eq!(resolved.dp_size.get(), *size);
+            }
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_operations_with_restarts_match_the_model(
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            run_ops(ops, u64::MAX, MAX_ROOM + 1)?;
+        }
+
+        #[test]
+        fn a_store_that_starts_failing_gives_unavailable_and_never_a_duplicate(
+            ops in proptest::collection::vec(op(), 1..80),
+            budget in 0u64..8,
+        ) {
+            run_ops(ops, budget, MAX_ROOM + 1)?;
+        }
+
+        #[test]
+        fn a_small_configured_space_is_exhausted_cleanly(
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            run_ops(ops, u64::MAX, 30_000)?;
+        }
+    }
+
+    #[tokio::test]
+    async fn realignment_changes_later_rooms_and_keeps_earlier_ones_resolving() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let allocator = open(dir.path(), u64::MAX, MAX_ROOM + 1);
+        allocator.register("w", 4).await.expect("register");
+        let (old, _) = allocator.allocate("w", 3, 0).await.expect("allocate");
+        allocator.register("w", 8).await.expect("realign");
+        let (new, size) = allocator.allocate("w", 7, 0).await.expect("allocate");
+        assert_eq!((new.get() % 8, size.get()), (7, 8));
+        assert_eq!(allocator.resolve(old.get()).expect("old").dp_size.get(), 4);
+        assert_eq!(allocator.resolve(new.get()).expect("new").dp_size.get(), 8);
+        assert!(matches!(
+            allocator.allocate("w", 1, 4).await,
+            Err(Error::DpSizeMismatch {
+                registered: 8,
+                requested: 4,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_worker_limit_is_resource_exhausted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let allocator = open_with(dir.path(), u64::MAX, MAX_ROOM + 1, 4);
+        for name in ["a", "b", "c", "d"] {
+            allocator.register(name, 1).await.expect("register");
+        }
+        assert!(matches!(
+            allocator.register("e", 1).await,
+            Err(Error::TooManyWorkers { limit: 4 })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_never_share_a_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let allocator = open(dir.path(), u64::MAX, MAX_ROOM + 1);
+        allocator.register("w", 3).await.expect("register");
+        let tasks: Vec<_> = (0..8u32)
+            .map(|task| {
+                let allocator = allocator.clone();
+                tokio::spawn(async move {
+                    let mut rooms = Vec::new();
+                    for _ in 0..5000 {
+                        let (room, _) = allocator.allocate("w", task % 3, 0).await.expect("room");
+                        rooms.push(room.get());
+                    }
+                    rooms
+                })
+            })
+            .collect();
+        let mut all = std::collections::HashSet::new();
+        for task in tasks {
+            for room in task.await.expect("task") {
+                assert!(all.insert(room), "room {room} twice");
+            }
+        }
+        assert_eq!(all.len(), 40_000);
     }
 }

@@ -46,11 +46,19 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Directory of the embedded store; created if missing. One server per directory.
-    #[arg(long, env = "ROOM_ALLOCATOR_DATA_DIR", default_value = "./room-allocator-data")]
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_DATA_DIR",
+        default_value = "./room-allocator-data"
+    )]
     pub data_dir: PathBuf,
 
     /// Address for Prometheus metrics at /metrics.
-    #[arg(long, env = "ROOM_ALLOCATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// Highest room this server may hand out; lower it to split the space
@@ -75,7 +83,11 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// The allocator's URL.
-    #[arg(long, env = "ROOM_ALLOCATOR_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
 
     /// Deadline for each call, in seconds.

@@ -80,10 +80,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
 async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
     // A full disk or a file-size limit must surface as an I/O error (and
     // UNAVAILABLE), not kill the process: take SIGXFSZ off its default action.
-    let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
-        libc::SIGXFSZ,
-    ))
-    .context("cannot handle SIGXFSZ")?;
+    let _xfsz =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ))
+            .context("cannot handle SIGXFSZ")?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
 

@@ -89,10 +89,9 @@ impl Metrics {
             "gRPC requests to RoomAllocatorService by method and status code",
             requests.clone(),
         );
-        let request_duration =
-            Family::<RequestLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(latency_buckets())
-            });
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
         registry.register(
             "request_duration_seconds",
             "Time to answer RoomAllocatorService requests, by method and status code",

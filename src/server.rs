@@ -37,8 +37,7 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-const SERVICE_NAME: &str =
-    <RoomAllocatorServiceServer<Service> as NamedService>::NAME;
+const SERVICE_NAME: &str = <RoomAllocatorServiceServer<Service> as NamedService>::NAME;
 
 impl Server {
     /// Opens the store named by `config`; refuses damaged or locked data.

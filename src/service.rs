@@ -86,9 +86,17 @@ impl Service {
             .observe_request(method, code_name(code), started.elapsed());
         match &result {
             Err(status) if code == Code::Unavailable => {
-                warn!(code = code_name(code), message = status.message(), "request failed")
+                warn!(
+                    code = code_name(code),
+                    message = status.message(),
+                    "request failed"
+                )
             }
-            Err(status) => debug!(code = code_name(code), message = status.message(), "request refused"),
+            Err(status) => debug!(
+                code = code_name(code),
+                message = status.message(),
+                "request refused"
+            ),
             Ok(_) => debug!("request served"),
         }
         result.map(Response::new)
@@ -183,7 +191,11 @@ impl RoomAllocatorService for Service {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let started = Instant::now();
         let workers = self.allocator.list().into_iter().map(worker_info).collect();
-        self.finish("ListWorkers", started, Ok(pb::ListWorkersResponse { workers }))
+        self.finish(
+            "ListWorkers",
+            started,
+            Ok(pb::ListWorkersResponse { workers }),
+        )
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker))]

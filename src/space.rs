@@ -32,11 +32,17 @@ pub enum SpaceError {
     DpSizeZero,
     #[error("dp_size {dp_size} is over the maximum of {MAX_DP_SIZE}")]
     DpSizeTooLarge { dp_size: u32 },
-    #[error("dp_rank {dp_rank} is out of range for dp_size {dp_size}; choose a rank in 0..{dp_size}")]
+    #[error(
+        "dp_rank {dp_rank} is out of range for dp_size {dp_size}; choose a rank in 0..{dp_size}"
+    )]
     RankOutOfRange { dp_rank: u32, dp_size: u32 },
-    #[error("room 0 is never issued (SGLang reads 0 as \"not ready\"); pass a room from AllocateRoom")]
+    #[error(
+        "room 0 is never issued (SGLang reads 0 as \"not ready\"); pass a room from AllocateRoom"
+    )]
     RoomZero,
-    #[error("room {room} is over the maximum of 2^63-1 ({MAX_ROOM}); SGLang masks rooms to 63 bits")]
+    #[error(
+        "room {room} is over the maximum of 2^63-1 ({MAX_ROOM}); SGLang masks rooms to 63 bits"
+    )]
     RoomTooLarge { room: u64 },
     #[error(
         "the room space is used up: {bases} bases of dp_size {dp_size} do not fit between {high_water} and the limit {limit}"
@@ -174,16 +180,23 @@ impl RoomRange {
         }
         // Cannot overflow: bases * d <= limit - start.
         let end = start + bases * d;
-        Ok(Self { start, end, dp_size })
+        Ok(Self {
+            start,
+            end,
+            dp_size,
+        })
     }
 
     /// Rebuilds a range read back from a store, checking its invariants so a
     /// damaged record cannot produce misaligned rooms.
     pub fn from_parts(start: u64, end: u64, dp_size: DpSize) -> Option<Self> {
         let d = dp_size.as_u64();
-        let aligned = start % d == 0 && end % d == 0;
-        (aligned && start >= SPACE_START && start < end && end <= MAX_ROOM + 1)
-            .then_some(Self { start, end, dp_size })
+        let aligned = start.is_multiple_of(d) && end.is_multiple_of(d);
+        (aligned && start >= SPACE_START && start < end && end <= MAX_ROOM + 1).then_some(Self {
+            start,
+            end,
+            dp_size,
+        })
     }
 
     pub fn start(&self) -> u64 {
@@ -362,7 +375,10 @@ mod tests {
         let range = RoomRange::reserve_after(MAX_ROOM, d, 1, 1, MAX_ROOM + 1).expect("one fits");
         let mut cursor = range.cursor();
         let base = cursor.take().expect("one base");
-        assert_eq!(base.room(Rank::try_new(0, d).expect("rank")).get(), MAX_ROOM);
+        assert_eq!(
+            base.room(Rank::try_new(0, d).expect("rank")).get(),
+            MAX_ROOM
+        );
         assert!(RoomRange::reserve_after(range.end(), d, 1, 1, MAX_ROOM + 1).is_err());
     }
 

@@ -60,9 +60,7 @@ use std::thread;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::{
-    OpenError, Reservation, Snapshot, Store, StoreError, StoreFuture, WorkerRecord,
-};
+use super::{OpenError, Reservation, Snapshot, Store, StoreError, StoreFuture, WorkerRecord};
 use crate::space::{DpSize, RangeOwner, RangeTable, RoomRange};
 
 const LOG_FILE: &str = "rooms.log";
@@ -275,6 +273,19 @@ impl Store for EmbeddedStore {
     }
 }
 
+impl Drop for EmbeddedStore {
+    /// Ends the writer and releases the lock before the handle is gone, so a
+    /// store can be reopened right after it is dropped.
+    fn drop(&mut self) {
+        if let Ok(requests) = self.requests.get_mut() {
+            drop(requests.take());
+        }
+        if let Some(handle) = self.writer.get_mut().ok().and_then(Option::take) {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Makes sure both files exist; returns true if they were just created.
 fn prepare_files(dir: &Path, log_path: &Path, commit_path: &Path) -> Result<bool, OpenError> {
     let io_err = |path: &Path| {
@@ -466,9 +477,8 @@ fn read_log(file: &File, path: &Path, committed: u64) -> Result<Loaded, OpenErro
         if rest.is_empty() {
             break;
         }
-        let parsed = parse_record(rest, next_seq).and_then(|(record, len)| {
-            replay.apply(record).map(|()| len)
-        });
+        let parsed = parse_record(rest, next_seq)
+            .and_then(|(record, len)| replay.apply(record).map(|()| len));
         match parsed {
             Ok(len) => {
                 offset += len;
@@ -535,7 +545,10 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
     let record = match kind {
         KIND_REGISTER => Record::Register(
             reader.string().ok_or_else(bad)?,
-            reader.u32().and_then(|n| DpSize::try_new(n).ok()).ok_or_else(bad)?,
+            reader
+                .u32()
+                .and_then(|n| DpSize::try_new(n).ok())
+                .ok_or_else(bad)?,
         ),
         KIND_DEREGISTER => Record::Deregister(reader.string().ok_or_else(bad)?),
         KIND_RESERVE => {
@@ -818,5 +831,248 @@ impl<'a> Reader<'a> {
 
     fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::{Room, MAX_ROOM};
+
+    const LIMIT: u64 = MAX_ROOM + 1;
+
+    fn dp(n: u32) -> DpSize {
+        DpSize::try_new(n).expect("valid dp_size")
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("test runtime")
+    }
+
+    fn reservation(worker: &str, dp_size: u32, bases: u64) -> Reservation {
+        Reservation {
+            prefill_worker: Arc::from(worker),
+            dp_size: dp(dp_size),
+            want_bases: bases,
+            need_bases: bases,
+            rooms_issued: 7,
+        }
+    }
+
+    /// Opens the store, registers a worker and reserves two ranges; returns them.
+    fn populate(dir: &Path) -> Vec<RoomRange> {
+        let (store, _) = EmbeddedStore::open(dir, LIMIT).expect("open");
+        runtime().block_on(async {
+            store
+                .register(Arc::from("w"), dp(4))
+                .await
+                .expect("register");
+            let a = store
+                .reserve(reservation("w", 4, 10))
+                .await
+                .expect("reserve");
+            let b = store
+                .reserve(reservation("w", 4, 10))
+                .await
+                .expect("reserve");
+            store.close().await.expect("close");
+            vec![a, b]
+        })
+    }
+
+    fn open_err(dir: &Path) -> OpenError {
+        match EmbeddedStore::open(dir, LIMIT) {
+            Ok(_) => panic!("the store opened but should have refused"),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn reopening_resumes_past_every_reserved_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ranges = populate(dir.path());
+        let (store, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("reopen");
+        assert_eq!(snapshot.ranges.len(), 2);
+        assert_eq!(snapshot.ranges.high_water(), ranges[1].end());
+        assert_eq!(snapshot.workers.len(), 1);
+        assert!(snapshot.workers[0].registered);
+        assert_eq!(snapshot.workers[0].rooms_issued, 7);
+        let room = Room::try_new(ranges[0].start() + 1).expect("room");
+        assert_eq!(
+            &*snapshot
+                .ranges
+                .resolve(room)
+                .expect("resolves")
+                .prefill_worker,
+            "w"
+        );
+        let next = runtime()
+            .block_on(store.reserve(reservation("w", 4, 1)))
+            .expect("reserve");
+        assert!(next.start() >= ranges[1].end());
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_dir_is_refused_while_the_first_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
+        assert!(matches!(open_err(dir.path()), OpenError::Locked { .. }));
+    }
+
+    #[test]
+    fn a_torn_unacknowledged_tail_is_ignored_and_written_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ranges = populate(dir.path());
+        let log_path = dir.path().join(LOG_FILE);
+        let mut bytes = fs::read(&log_path).expect("read");
+        // Half a record, as a crash in the middle of an append leaves it.
+        bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
+        fs::write(&log_path, &bytes).expect("write");
+        let (store, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("torn tail opens");
+        assert_eq!(snapshot.ranges.high_water(), ranges[1].end());
+        runtime()
+            .block_on(store.reserve(reservation("w", 4, 1)))
+            .expect("writes over the tail");
+        drop(store);
+        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("reopen");
+        assert_eq!(snapshot.ranges.len(), 3);
+    }
+
+    #[test]
+    fn durable_records_past_the_last_commit_are_adopted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ranges = populate(dir.path());
+        // Lose the newest commit slot, as a crash during its write would.
+        let commit_path = dir.path().join(COMMIT_FILE);
+        let mut commit = fs::read(&commit_path).expect("read");
+        let newest = usize::from(commit[SLOT_LEN as usize + 16] > commit[16]);
+        commit[newest * SLOT_LEN as usize + 20] ^= 0xff;
+        fs::write(&commit_path, &commit).expect("write");
+        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("opens");
+        assert_eq!(snapshot.ranges.high_water(), ranges[1].end());
+    }
+
+    #[test]
+    fn damage_inside_the_acknowledged_log_refuses_to_start_and_leaves_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        populate(dir.path());
+        let log_path = dir.path().join(LOG_FILE);
+        let mut bytes = fs::read(&log_path).expect("read");
+        bytes[30] ^= 0x01;
+        fs::write(&log_path, &bytes).expect("write");
+        let error = open_err(dir.path());
+        assert!(matches!(error, OpenError::Corrupt { .. }), "{error}");
+        assert!(error.to_string().contains("rooms.log"), "{error}");
+        assert_eq!(
+            fs::read(&log_path).expect("read"),
+            bytes,
+            "file left as found"
+        );
+    }
+
+    #[test]
+    fn a_truncated_log_refuses_to_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        populate(dir.path());
+        let log_path = dir.path().join(LOG_FILE);
+        let bytes = fs::read(&log_path).expect("read");
+        fs::write(&log_path, &bytes[..bytes.len() - 3]).expect("write");
+        let error = open_err(dir.path());
+        assert!(matches!(error, OpenError::Truncated { .. }), "{error}");
+        let error_msg = error.to_string();
+        assert!(error_msg.contains("truncated"), "{error_msg}");
+    }
+
+    #[test]
+    fn foreign_files_refuse_to_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        populate(dir.path());
+        let log_path = dir.path().join(LOG_FILE);
+        fs::write(&log_path, b"hello, I am somebody else's file").expect("write");
+        assert!(matches!(open_err(dir.path()), OpenError::Foreign { .. }));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        populate(dir.path());
+        fs::write(dir.path().join(COMMIT_FILE), vec![7u8; 1024]).expect("write");
+        assert!(matches!(open_err(dir.path()), OpenError::Foreign { .. }));
+    }
+
+    #[test]
+    fn a_missing_file_refuses_to_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        populate(dir.path());
+        fs::remove_file(dir.path().join(COMMIT_FILE)).expect("remove");
+        assert!(matches!(open_err(dir.path()), OpenError::Missing { .. }));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        populate(dir.path());
+        fs::remove_file(dir.path().join(LOG_FILE)).expect("remove");
+        assert!(matches!(open_err(dir.path()), OpenError::Missing { .. }));
+    }
+
+    #[test]
+    fn an_interrupted_first_start_is_initialised_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(LOG_FILE), &LOG_MAGIC[..5]).expect("write");
+        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("opens");
+        assert!(snapshot.ranges.is_empty());
+    }
+
+    #[test]
+    fn the_space_limit_is_enforced_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = EmbeddedStore::open(dir.path(), 100).expect("open");
+        let rt = runtime();
+        let range = rt
+            .block_on(store.reserve(Reservation {
+                want_bases: 1000,
+                need_bases: 1,
+                ..reservation("w", 8, 0)
+            }))
+            .expect("shrinks to fit");
+        assert_eq!((range.start(), range.end()), (8, 96));
+        let error = rt
+            .block_on(store.reserve(reservation("w", 8, 1)))
+            .expect_err("nothing fits");
+        assert!(matches!(error, StoreError::Space(_)), "{error}");
+    }
+
+    #[test]
+    fn concurrent_reservations_share_commits_and_never_overlap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
+        let store = Arc::new(store);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let ranges = rt.block_on(async {
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        store
+                            .reserve(reservation(&format!("w{i}"), 1 + i % 5, 3))
+                            .await
+                    })
+                })
+                .collect();
+            let mut ranges = Vec::new();
+            for task in tasks {
+                ranges.push(task.await.expect("task").expect("reserve"));
+            }
+            ranges
+        });
+        let mut table = RangeTable::default();
+        for range in ranges {
+            table
+                .insert(RangeOwner {
+                    prefill_worker: Arc::from("w"),
+                    range,
+                })
+                .expect("disjoint");
+        }
     }
 }
