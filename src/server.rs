@@ -4,11 +4,14 @@
 //! the drain timeout, and persists the counters before the store closes.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -97,23 +100,31 @@ impl Server {
         };
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let service = Service::new(self.allocator.clone(), self.metrics.clone());
+        let in_flight = InFlight::default();
         let serving = tonic::transport::Server::builder()
+            .layer(in_flight.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(RoomAllocatorServiceServer::new(service))
             .serve_with_incoming_shutdown(incoming, signal);
+        // Idle client connections would hold tonic's graceful shutdown open
+        // until they close by themselves; stop as soon as no call is in flight.
         let drain_timeout = self.drain_timeout;
-        let drain_deadline = async move {
-            if draining.await.is_ok() {
-                tokio::time::sleep(drain_timeout).await;
-            } else {
+        let drained = async move {
+            if draining.await.is_err() {
                 std::future::pending::<()>().await;
+            }
+            if !in_flight.wait_idle(drain_timeout).await {
+                warn!(
+                    ?drain_timeout,
+                    "drain timeout passed; dropping calls still in flight"
+                );
             }
         };
         tokio::select! {
             served = serving => served?,
-            () = drain_deadline => warn!(?drain_timeout, "drain timeout passed; dropping calls still in flight"),
+            () = drained => {}
         }
 
         let _ = stop_metrics.send(true);
@@ -132,4 +143,84 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Counts calls being served, so shutdown knows when the drain is done.
+#[derive(Clone, Default)]
+struct InFlight {
+    calls: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+}
+
+/// Decrements the count when a call's response is ready (or it is dropped).
+struct InFlightGuard(InFlight);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
+    }
+
+    /// Waits until no call is in flight; false if `timeout` passed first.
+    async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            if self.calls.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for InFlight {
+    type Service = InFlightService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InFlightService {
+            inner,
+            in_flight: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct InFlightService<S> {
+    inner: S,
+    in_flight: InFlight,
+}
+
+impl<S, R> tower::Service<R> for InFlightService<S>
+where
+    S: tower::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let guard = self.in_flight.enter();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(guard);
+            response
+        })
+    }
 }

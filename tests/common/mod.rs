@@ -1,0 +1,243 @@
+//! Test harness: runs the real `room-allocator` binary on loopback ports the
+//! kernel picks, reads the bound addresses from its log, and kills it (by
+//! PID, only processes we started) when the guard drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use room_allocator::pb::room_allocator_service_client::RoomAllocatorServiceClient;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_room-allocator");
+/// Long enough for a debug build on a loaded 2-core CI machine.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on any single await in a test.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub type Client = RoomAllocatorServiceClient<Channel>;
+
+/// A running server; killed with SIGKILL when dropped.
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The server exited before it listened; what it printed.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: Option<ExitStatus>,
+    pub log: String,
+}
+
+fn field(line: &str, name: &str) -> Option<SocketAddr> {
+    let start = line.find(name)? + name.len();
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    rest[..end].trim_matches('"').parse().ok()
+}
+
+impl ServerProcess {
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::try_start(data_dir, extra_args).unwrap_or_else(|failure| {
+            panic!(
+                "server did not start ({:?}):\n{}",
+                failure.status, failure.log
+            )
+        })
+    }
+
+    pub fn try_start(data_dir: &Path, extra_args: &[&str]) -> Result<Self, StartFailure> {
+        Self::try_start_with(data_dir, extra_args, |_| {})
+    }
+
+    /// Starts the server; `adjust` may change the command (env, limits).
+    pub fn try_start_with(
+        data_dir: &Path,
+        extra_args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Self, StartFailure> {
+        let mut command = Command::new(BIN);
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .env_remove("ROOM_ALLOCATOR_LOG_FORMAT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("spawn room-allocator");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addrs_tx, addrs_rx) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("listening") {
+                        if let (Some(grpc), Some(metrics)) =
+                            (field(&line, "grpc_addr="), field(&line, "metrics_addr="))
+                        {
+                            let _ = addrs_tx.send((grpc, metrics));
+                        }
+                    }
+                    log.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok((grpc_addr, metrics_addr)) = addrs_rx.recv_timeout(Duration::from_millis(20))
+            {
+                return Ok(Self {
+                    child: Some(child),
+                    grpc_addr,
+                    metrics_addr,
+                    data_dir: data_dir.to_path_buf(),
+                    log,
+                });
+            }
+            let exited = child.try_wait().expect("try_wait");
+            if exited.is_some() || Instant::now() > deadline {
+                if exited.is_none() {
+                    let _ = child.kill();
+                }
+                let status = child.wait().ok();
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                let text = log.lock().expect("log lock").join("\n");
+                return Err(StartFailure { status, log: text });
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub async fn client(&self) -> Client {
+        let channel = tokio::time::timeout(
+            CALL_TIMEOUT,
+            Channel::from_shared(self.url())
+                .expect("url")
+                .timeout(CALL_TIMEOUT)
+                .connect(),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect");
+        RoomAllocatorServiceClient::new(channel)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM, and the exit status it leads to.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        // SAFETY: signalling a child we spawned and have not reaped.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM sent");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not exit within {START_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Awaits `future` or fails the test after [`CALL_TIMEOUT`].
+pub async fn timed<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CALL_TIMEOUT, future)
+        .await
+        .expect("call finished in time")
+}
+
+/// Runs the binary as a client command and returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .env_remove("ROOM_ALLOCATOR_SERVER")
+        .output()
+        .expect("run room-allocator");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// True when running under CI, where a missing tool is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Finds a tool on PATH, or says SKIP (failing under CI).
+pub fn require_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !in_ci(),
+            "{name} is not on PATH; the test command installs it"
+        );
+        eprintln!("SKIP: {name} is not on PATH; run scripts/test.sh to install it");
+    }
+    found
+}
