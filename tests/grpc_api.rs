@@ -626,3 +626,21 @@ fn flags_come_from_the_environment_too() {
     };
     assert!(failure.log.contains("--max-room"), "{}", failure.log);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(dir.path(), &["--log-format", "json"]);
+    let mut client = server.client().await;
+    timed(client.allocate_room(allocate("json", 0, 1)))
+        .await
+        .expect("allocate");
+    let log = server.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["fields"]["message"] == "listening" && l["fields"]["grpc_addr"].is_string()));
+}

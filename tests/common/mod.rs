@@ -37,11 +37,16 @@ pub struct StartFailure {
     pub log: String,
 }
 
+/// Reads `name=VALUE` (text logs) or `"name":"VALUE"` (JSON logs).
 fn field(line: &str, name: &str) -> Option<SocketAddr> {
-    let start = line.find(name)? + name.len();
+    let (start, stop): (usize, &[char]) = if let Some(at) = line.find(&format!("{name}=")) {
+        (at + name.len() + 1, &[' ', '\t'])
+    } else {
+        (line.find(&format!("\"{name}\":\""))? + name.len() + 4, &['"'])
+    };
     let rest = &line[start..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    rest[..end].trim_matches('"').parse().ok()
+    let end = rest.find(stop).unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 impl ServerProcess {
@@ -92,7 +97,7 @@ impl ServerProcess {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("listening") {
                         if let (Some(grpc), Some(metrics)) =
-                            (field(&line, "grpc_addr="), field(&line, "metrics_addr="))
+                            (field(&line, "grpc_addr"), field(&line, "metrics_addr"))
                         {
                             let _ = addrs_tx.send((grpc, metrics));
                         }
