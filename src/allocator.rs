@@ -29,7 +29,7 @@ use crate::metrics::{MethodLabels, Metrics, StoreLabels};
 use crate::space::{
     Base, BaseCursor, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
-use crate::store::{Reservation, Snapshot, Store, StoreError};
+use crate::store::{IssuedCount, Reservation, Snapshot, Store, StoreError, WorkerRecord};
 
 /// Longest prefill_worker accepted: a DNS name, the longest name routers use.
 pub const MAX_WORKER_LEN: usize = 253;
@@ -114,6 +114,8 @@ pub struct Limits {
     /// Exclusive end of the space this allocator hands out.
     pub space_end: u64,
     pub max_workers: usize,
+    /// Longest a call waits for the store before it gets UNAVAILABLE.
+    pub store_timeout: Duration,
 }
 
 /// The allocator handle; clones share state.
@@ -146,6 +148,10 @@ struct WorkerState {
     next: Option<BaseCursor>,
     prefetching: bool,
     rooms_issued: u64,
+    /// `rooms_issued` when the store was opened (what it already holds).
+    rooms_issued_at_open: u64,
+    /// Store revision of the registration in force; older updates are ignored.
+    revision: i64,
     range_bases: u64,
     current_since: Instant,
 }
@@ -159,7 +165,40 @@ enum Demand {
     Prefetch,
 }
 
+impl Worker {
+    fn new(name: Arc<str>, record: &WorkerRecord, now: Instant) -> Self {
+        Self {
+            name,
+            state: Mutex::new(WorkerState {
+                dp_size: record.dp_size,
+                registered: record.registered,
+                current: None,
+                next: None,
+                prefetching: false,
+                rooms_issued: record.rooms_issued,
+                rooms_issued_at_open: record.rooms_issued,
+                revision: record.revision,
+                range_bases: MIN_RANGE_BASES,
+                current_since: now,
+            }),
+            refill: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
 impl WorkerState {
+    /// Applies a registration read from the store; true if anything changed.
+    fn apply(&mut self, dp_size: DpSize, registered: bool, revision: i64) -> bool {
+        self.revision = self.revision.max(revision);
+        let changed = self.dp_size != dp_size || self.registered != registered;
+        if changed {
+            self.drop_ranges();
+        }
+        self.dp_size = dp_size;
+        self.registered = registered;
+        changed
+    }
+
     fn lock(worker: &Worker) -> std::sync::MutexGuard<'_, WorkerState> {
         worker
             .state
@@ -232,20 +271,7 @@ impl Allocator {
             .workers
             .into_iter()
             .map(|record| {
-                let worker = Arc::new(Worker {
-                    name: record.prefill_worker.clone(),
-                    state: Mutex::new(WorkerState {
-                        dp_size: record.dp_size,
-                        registered: record.registered,
-                        current: None,
-                        next: None,
-                        prefetching: false,
-                        rooms_issued: record.rooms_issued,
-                        range_bases: MIN_RANGE_BASES,
-                        current_since: now,
-                    }),
-                    refill: tokio::sync::Mutex::new(()),
-                });
+                let worker = Arc::new(Worker::new(record.prefill_worker.clone(), &record, now));
                 (record.prefill_worker, worker)
             })
             .collect();
@@ -262,6 +288,11 @@ impl Allocator {
 
     pub fn store_kind(&self) -> &'static str {
         self.inner.store.kind()
+    }
+
+    /// Whether the store can be reached, if it can tell.
+    pub fn store_reachable(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.inner.store.reachable()
     }
 
     /// Registers `prefill_worker` with `dp_size`, or realigns it.
@@ -281,15 +312,12 @@ impl Allocator {
         if let Some(info) = unchanged {
             return Ok(info);
         }
-        self.with_store(self.inner.store.register(worker.name.clone(), dp_size))
+        let revision = self
+            .with_store(self.inner.store.register(worker.name.clone(), dp_size))
             .await?;
         let mut state = WorkerState::lock(worker);
         let old = state.registered.then_some(state.dp_size.get());
-        if state.dp_size != dp_size {
-            state.drop_ranges();
-        }
-        state.dp_size = dp_size;
-        state.registered = true;
+        state.apply(dp_size, true, revision);
         info!(worker = %worker.name, dp_size = dp_size.get(), old_dp_size = ?old, "registered worker");
         Ok(info_of(worker, &state))
     }
@@ -381,6 +409,7 @@ impl Allocator {
                     }
                     (true, _) => {
                         let checked = check(state.dp_size)?;
+                        self.inner.store.check_fresh().map_err(Error::Store)?;
                         if let Some(base) = state.take(count, now) {
                             state.rooms_issued += count;
                             let dp_size = state.dp_size;
@@ -418,6 +447,16 @@ impl Allocator {
     /// Reserves a range for `worker` unless one that meets `demand` appeared
     /// while waiting for the worker's refill lock.
     async fn refill(&self, worker: &Worker, demand: Demand) -> Result<(), Error> {
+        let timeout = self.inner.limits.store_timeout;
+        tokio::time::timeout(timeout, self.refill_locked(worker, demand))
+            .await
+            .unwrap_or(Err(Error::Store(StoreError::Timeout {
+                operation: "reserve a range",
+                after: timeout,
+            })))
+    }
+
+    async fn refill_locked(&self, worker: &Worker, demand: Demand) -> Result<(), Error> {
         let _refill = worker.refill.lock().await;
         let reservation = {
             let mut state = WorkerState::lock(worker);
@@ -441,9 +480,32 @@ impl Allocator {
             }
         };
         let dp_size = reservation.dp_size;
-        let range = self
-            .with_store(self.inner.store.reserve(reservation))
-            .await?;
+        let range = match self.inner.store.reserve(reservation).await {
+            Err(StoreError::StaleRegistration {
+                worker: name,
+                current,
+            }) => {
+                // Another replica changed the registration: follow it, and let
+                // the caller look again under the new one.
+                let mut state = WorkerState::lock(worker);
+                let changed = match current {
+                    Some(record) => state.apply(record.dp_size, record.registered, record.revision),
+                    None => {
+                        let (dp_size, revision) = (state.dp_size, state.revision);
+                        state.apply(dp_size, false, revision)
+                    }
+                };
+                info!(worker = %name, dp_size = state.dp_size.get(), registered = state.registered, "registration changed on another replica");
+                if changed {
+                    return Ok(());
+                }
+                return Err(Error::Store(StoreError::StaleRegistration {
+                    worker: name,
+                    current: None,
+                }));
+            }
+            other => self.with_store(std::future::ready(other)).await?,
+        };
         self.inner
             .metrics
             .ranges_reserved
@@ -493,22 +555,75 @@ impl Allocator {
     }
 
     /// Which worker, rank and dp_size `room` was issued for.
-    pub fn resolve(&self, room: u64) -> Result<Resolved, Error> {
+    pub async fn resolve(&self, room: u64) -> Result<Resolved, Error> {
         let room = Room::try_new(room)?;
-        let ranges = self
+        let known = self
             .inner
             .ranges
             .read()
-            .expect("range table lock is never poisoned");
-        let owner = ranges
+            .expect("range table lock is never poisoned")
             .resolve(room)
-            .ok_or(Error::UnknownRoom { room: room.get() })?;
+            .cloned();
+        let owner = match known {
+            Some(owner) => owner,
+            None => {
+                // Another replica may have reserved it; remember what we learn.
+                let found = self.with_store(self.inner.store.lookup(room)).await?;
+                let owner = found.ok_or(Error::UnknownRoom { room: room.get() })?;
+                let _ = self
+                    .inner
+                    .ranges
+                    .write()
+                    .expect("range table lock is never poisoned")
+                    .insert(owner.clone());
+                owner
+            }
+        };
         let dp_size = owner.range.dp_size();
         Ok(Resolved {
             prefill_worker: owner.prefill_worker.clone(),
             dp_rank: room.rank(dp_size),
             dp_size,
         })
+    }
+
+    /// Follows registration changes made elsewhere (other replicas), if the
+    /// store reports any. Runs until the store closes.
+    pub fn follow_store(&self) {
+        let Some(mut updates) = self.inner.store.take_updates() else {
+            return;
+        };
+        let allocator = self.clone();
+        tokio::spawn(async move {
+            while let Some(record) = updates.recv().await {
+                allocator.apply_update(record);
+            }
+        });
+    }
+
+    fn apply_update(&self, record: WorkerRecord) {
+        let worker = match self.worker_entry(&record.prefill_worker) {
+            Ok(worker) => worker,
+            Err(error) => {
+                warn!(worker = %record.prefill_worker, %error, "cannot follow a registration");
+                return;
+            }
+        };
+        let mut state = WorkerState::lock(&worker);
+        if record.revision <= state.revision {
+            return;
+        }
+        let old = (state.dp_size.get(), state.registered);
+        if state.apply(record.dp_size, record.registered, record.revision) {
+            info!(
+                worker = %worker.name,
+                dp_size = record.dp_size.get(),
+                registered = record.registered,
+                old_dp_size = old.0,
+                was_registered = old.1,
+                "registration changed in the store"
+            );
+        }
     }
 
     /// Registered workers, sorted by name.
@@ -532,14 +647,17 @@ impl Allocator {
             .worker(prefill_worker)
             .ok_or_else(|| unknown(prefill_worker))?;
         let _refill = worker.refill.lock().await;
-        if !WorkerState::lock(&worker).registered {
-            return Err(unknown(prefill_worker));
-        }
-        self.with_store(self.inner.store.deregister(worker.name.clone()))
+        let dp_size = {
+            let state = WorkerState::lock(&worker);
+            if !state.registered {
+                return Err(unknown(prefill_worker));
+            }
+            state.dp_size
+        };
+        let revision = self
+            .with_store(self.inner.store.deregister(worker.name.clone(), dp_size))
             .await?;
-        let mut state = WorkerState::lock(&worker);
-        state.registered = false;
-        state.drop_ranges();
+        WorkerState::lock(&worker).apply(dp_size, false, revision);
         info!(worker = %worker.name, "deregistered worker");
         Ok(())
     }
@@ -549,7 +667,14 @@ impl Allocator {
         let counts = self
             .read_workers()
             .values()
-            .map(|worker| (worker.name.clone(), WorkerState::lock(worker).rooms_issued))
+            .map(|worker| {
+                let state = WorkerState::lock(worker);
+                IssuedCount {
+                    prefill_worker: worker.name.clone(),
+                    total: state.rooms_issued,
+                    since_open: state.rooms_issued - state.rooms_issued_at_open,
+                }
+            })
             .collect();
         let recorded = self.inner.store.record_issued(counts).await;
         self.inner.store.close().await?;
@@ -605,20 +730,14 @@ impl Allocator {
             });
         }
         let name: Arc<str> = Arc::from(prefill_worker);
-        let worker = Arc::new(Worker {
-            name: name.clone(),
-            state: Mutex::new(WorkerState {
-                dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
-                registered: false,
-                current: None,
-                next: None,
-                prefetching: false,
-                rooms_issued: 0,
-                range_bases: MIN_RANGE_BASES,
-                current_since: Instant::now(),
-            }),
-            refill: tokio::sync::Mutex::new(()),
-        });
+        let unregistered = WorkerRecord {
+            prefill_worker: name.clone(),
+            dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
+            registered: false,
+            rooms_issued: 0,
+            revision: 0,
+        };
+        let worker = Arc::new(Worker::new(name.clone(), &unregistered, Instant::now()));
         workers.insert(name, worker.clone());
         Ok(worker)
     }
@@ -680,15 +799,15 @@ mod tests {
         fn kind(&self) -> &'static str {
             "failing"
         }
-        fn register(&self, w: Arc<str>, d: DpSize) -> crate::store::StoreFuture<'_, ()> {
+        fn register(&self, w: Arc<str>, d: DpSize) -> crate::store::StoreFuture<'_, i64> {
             match self.spend() {
                 Ok(()) => self.inner.register(w, d),
                 Err(e) => Box::pin(async move { Err(e) }),
             }
         }
-        fn deregister(&self, w: Arc<str>) -> crate::store::StoreFuture<'_, ()> {
+        fn deregister(&self, w: Arc<str>, d: DpSize) -> crate::store::StoreFuture<'_, i64> {
             match self.spend() {
-                Ok(()) => self.inner.deregister(w),
+                Ok(()) => self.inner.deregister(w, d),
                 Err(e) => Box::pin(async move { Err(e) }),
             }
         }
@@ -698,7 +817,7 @@ mod tests {
                 Err(e) => Box::pin(async move { Err(e) }),
             }
         }
-        fn record_issued(&self, c: Vec<(Arc<str>, u64)>) -> crate::store::StoreFuture<'_, ()> {
+        fn record_issued(&self, c: Vec<IssuedCount>) -> crate::store::StoreFuture<'_, ()> {
             self.inner.record_issued(c)
         }
         fn close(&self) -> crate::store::StoreFuture<'_, ()> {
@@ -722,6 +841,7 @@ mod tests {
             Limits {
                 space_end,
                 max_workers,
+                store_timeout: Duration::from_secs(5),
             },
             Arc::new(Metrics::new()),
         )
@@ -869,7 +989,7 @@ mod tests {
                             Err(other) => prop_assert!(false, "lease: {other}"),
                         }
                     }
-                    Op::Resolve(room) => match allocator.resolve(room) {
+                    Op::Resolve(room) => match allocator.resolve(room).await {
                         Ok(resolved) => {
                             if let Some((name, size)) = model.issued.get(&room) {
                                 prop_assert_eq!(&*resolved.prefill_worker, *name);
@@ -920,7 +1040,10 @@ mod tests {
             }
             // Every room ever handed out still resolves to its owner.
             for (room, (name, size)) in model.issued.iter().step_by(97) {
-                let resolved = allocator.resolve(*room).expect("issued rooms resolve");
+                let resolved = allocator
+                    .resolve(*room)
+                    .await
+                    .expect("issued rooms resolve");
                 prop_assert_eq!(&*resolved.prefill_worker, *name);
                 prop_assert_eq!(resolved.dp_size.get(), *size);
             }
@@ -963,8 +1086,24 @@ mod tests {
         allocator.register("w", 8).await.expect("realign");
         let (new, size) = allocator.allocate("w", 7, 0).await.expect("allocate");
         assert_eq!((new.get() % 8, size.get()), (7, 8));
-        assert_eq!(allocator.resolve(old.get()).expect("old").dp_size.get(), 4);
-        assert_eq!(allocator.resolve(new.get()).expect("new").dp_size.get(), 8);
+        assert_eq!(
+            allocator
+                .resolve(old.get())
+                .await
+                .expect("old")
+                .dp_size
+                .get(),
+            4
+        );
+        assert_eq!(
+            allocator
+                .resolve(new.get())
+                .await
+                .expect("new")
+                .dp_size
+                .get(),
+            8
+        );
         assert!(matches!(
             allocator.allocate("w", 1, 4).await,
             Err(Error::DpSizeMismatch {

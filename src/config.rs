@@ -28,7 +28,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the allocator server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Register a prefill worker with its dp_size (or realign it).
     Register(RegisterArgs),
     /// Allocate rooms for a worker and rank; one JSON line per room.
@@ -74,6 +74,14 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the server exits anyway.
     #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
+
+    /// Bound on every store operation (fsync, etcd call); past it calls get UNAVAILABLE.
+    #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub store_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 
     /// Tokio worker threads; default: one per core.
     #[arg(long, env = "ROOM_ALLOCATOR_WORKER_THREADS")]
@@ -131,4 +139,53 @@ pub struct ResolveArgs {
     pub client: ClientArgs,
     /// The room to resolve.
     pub room: u64,
+}
+
+/// etcd flags: with `--etcd-endpoints`, replicas share one room space in etcd
+/// instead of the embedded store.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379); switches to the etcd store.
+    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix in etcd; deployments with different prefixes have separate room spaces.
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_ETCD_PREFIX",
+        default_value = "/room-allocator/"
+    )]
+    pub etcd_prefix: String,
+
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_USERNAME", requires = "etcd_password")]
+    pub etcd_username: Option<String>,
+
+    /// etcd password; prefer the environment variable over the flag.
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username"
+    )]
+    pub etcd_password: Option<String>,
+
+    /// CA certificate (PEM) to verify etcd's TLS certificate.
+    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS with etcd (with --etcd-key).
+    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for mutual TLS with etcd (with --etcd-cert).
+    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// Longest a replica hands out rooms without confirming worker
+    /// registrations with etcd; bounds how long a dp_size change made on
+    /// another replica can go unseen.
+    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_STALENESS_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub etcd_staleness_secs: u64,
 }

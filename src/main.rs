@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let outcome = match cli.command {
-            Command::Serve(args) => return serve(args).await,
+            Command::Serve(args) => return serve(*args).await,
             Command::Register(args) => cli::register(args).await,
             Command::Allocate(args) => cli::allocate(args).await,
             Command::Resolve(args) => cli::resolve(args).await,
@@ -86,8 +86,14 @@ async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
 
+    let store = if args.etcd.etcd_endpoints.is_empty() {
+        format!("--data-dir {}", args.data_dir.display())
+    } else {
+        format!("--etcd-endpoints {}", args.etcd.etcd_endpoints.join(","))
+    };
     let server = Server::open(&args)
-        .with_context(|| format!("cannot open --data-dir {}", args.data_dir.display()))?;
+        .await
+        .with_context(|| format!("cannot open the store ({store})"))?;
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot bind --listen {}", args.listen))?;

@@ -22,7 +22,7 @@ use crate::config::ServeArgs;
 use crate::metrics::{self, Metrics};
 use crate::pb;
 use crate::service::{RoomAllocatorServiceServer, Service};
-use crate::store::{EmbeddedStore, OpenError};
+use crate::store::{EmbeddedStore, EtcdConfig, EtcdStore, OpenError, Store};
 
 /// An opened store and allocator, ready to serve.
 pub struct Server {
@@ -43,15 +43,36 @@ pub enum ServeError {
 const SERVICE_NAME: &str = <RoomAllocatorServiceServer<Service> as NamedService>::NAME;
 
 impl Server {
-    /// Opens the store named by `config`; refuses damaged or locked data.
-    pub fn open(config: &ServeArgs) -> Result<Self, OpenError> {
+    /// Opens the store named by `config`: etcd if `--etcd-endpoints` is
+    /// set, else the embedded store. Refuses damaged, locked or unreachable data.
+    pub async fn open(config: &ServeArgs) -> Result<Self, OpenError> {
+        let store_timeout = Duration::from_secs(config.store_timeout_secs);
         let limits = Limits {
             space_end: config.max_room.saturating_add(1),
             max_workers: config.max_workers,
+            store_timeout,
         };
-        let (store, snapshot) = EmbeddedStore::open(&config.data_dir, limits.space_end)?;
+        let (store, snapshot): (Arc<dyn Store>, _) = if config.etcd.etcd_endpoints.is_empty() {
+            let (store, snapshot) = EmbeddedStore::open(&config.data_dir, limits.space_end)?;
+            (Arc::new(store), snapshot)
+        } else {
+            let etcd = &config.etcd;
+            let etcd_config = EtcdConfig {
+                endpoints: etcd.etcd_endpoints.clone(),
+                prefix: etcd.etcd_prefix.clone(),
+                username: etcd.etcd_username.clone(),
+                password: etcd.etcd_password.clone(),
+                ca: etcd.etcd_ca.clone(),
+                cert: etcd.etcd_cert.clone(),
+                key: etcd.etcd_key.clone(),
+                timeout: store_timeout,
+                staleness: Duration::from_secs(etcd.etcd_staleness_secs),
+            };
+            let (store, snapshot) = EtcdStore::open(&etcd_config, limits.space_end).await?;
+            (Arc::new(store), snapshot)
+        };
         let metrics = Arc::new(Metrics::new());
-        let allocator = Allocator::new(Arc::new(store), snapshot, limits, metrics.clone());
+        let allocator = Allocator::new(store, snapshot, limits, metrics.clone());
         Ok(Self {
             allocator,
             metrics,
@@ -74,6 +95,15 @@ impl Server {
         health
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
+        self.allocator.follow_store();
+        let (stop_health, health_stopped) = watch::channel(false);
+        if let Some(reachable) = self.allocator.store_reachable() {
+            tokio::spawn(follow_reachability(
+                reachable,
+                health.clone(),
+                health_stopped,
+            ));
+        }
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
@@ -89,6 +119,7 @@ impl Server {
             let health = health.clone();
             async move {
                 shutdown.await;
+                let _ = stop_health.send(true);
                 info!("shutting down: health is NOT_SERVING, draining in-flight calls");
                 for service in ["", SERVICE_NAME] {
                     health
@@ -136,6 +167,32 @@ impl Server {
             Err(error) => warn!(%error, "could not persist rooms_issued counters at shutdown"),
         }
         Ok(())
+    }
+}
+
+/// Health follows the store: NOT_SERVING while no range can be reserved, so
+/// load balancers send routers to replicas that can. Stops at shutdown.
+async fn follow_reachability(
+    mut reachable: watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let status = if *reachable.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if *stopped.borrow() {
+            return;
+        }
+        for service in ["", SERVICE_NAME] {
+            health.set_service_status(service, status).await;
+        }
+        tokio::select! {
+            changed = reachable.changed() => if changed.is_err() { return },
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
     }
 }
 

@@ -176,6 +176,7 @@ impl RoomAllocatorService for Service {
         let result = self
             .allocator
             .resolve(request.get_ref().room)
+            .await
             .map(|resolved| pb::ResolveRankResponse {
                 prefill_worker: resolved.prefill_worker.to_string(),
                 dp_rank: resolved.dp_rank.get(),

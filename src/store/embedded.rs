@@ -60,7 +60,9 @@ use std::thread;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::{OpenError, Reservation, Snapshot, Store, StoreError, StoreFuture, WorkerRecord};
+use super::{
+    IssuedCount, OpenError, Reservation, Snapshot, Store, StoreError, StoreFuture, WorkerRecord,
+};
 use crate::space::{DpSize, RangeOwner, RangeTable, RoomRange};
 
 const LOG_FILE: &str = "rooms.log";
@@ -224,14 +226,14 @@ impl Store for EmbeddedStore {
         "embedded"
     }
 
-    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, ()> {
+    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
         let done = self.submit(Op::Register(prefill_worker, dp_size));
-        Box::pin(async move { done.await.map(|_| ()) })
+        Box::pin(async move { done.await.map(|_| 0) })
     }
 
-    fn deregister(&self, prefill_worker: Arc<str>) -> StoreFuture<'_, ()> {
+    fn deregister(&self, prefill_worker: Arc<str>, _dp_size: DpSize) -> StoreFuture<'_, i64> {
         let done = self.submit(Op::Deregister(prefill_worker));
-        Box::pin(async move { done.await.map(|_| ()) })
+        Box::pin(async move { done.await.map(|_| 0) })
     }
 
     fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange> {
@@ -244,7 +246,11 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn record_issued(&self, counts: Vec<(Arc<str>, u64)>) -> StoreFuture<'_, ()> {
+    fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()> {
+        let counts = counts
+            .into_iter()
+            .map(|c| (c.prefill_worker, c.total))
+            .collect();
         let done = self.submit(Op::Issued(counts));
         Box::pin(async move { done.await.map(|_| ()) })
     }
@@ -630,6 +636,7 @@ impl Replay {
                 dp_size,
                 registered: false,
                 rooms_issued: 0,
+                revision: 0,
             })
     }
 

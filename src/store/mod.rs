@@ -8,18 +8,22 @@
 //! No backend type escapes this module.
 
 pub mod embedded;
+pub mod etcd;
 
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
+use tokio::sync::{mpsc, watch};
 
-use crate::space::{DpSize, RangeTable, RoomRange, SpaceError};
+use crate::space::{DpSize, RangeOwner, RangeTable, Room, RoomRange, SpaceError};
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdConfig, EtcdStore};
 
 /// The boxed future every store operation returns; boxing keeps `Store`
 /// object-safe and costs nothing next to an fsync or an etcd round trip.
@@ -47,6 +51,17 @@ pub struct WorkerRecord {
     /// False once deregistered: its ranges still resolve, no new rooms.
     pub registered: bool,
     pub rooms_issued: u64,
+    /// Store revision of this registration (etcd's mod revision; 0 for the
+    /// embedded store, which has one writer). Newer wins.
+    pub revision: i64,
+}
+
+/// A worker's `rooms_issued`: in all, and since the store was opened.
+#[derive(Debug, Clone)]
+pub struct IssuedCount {
+    pub prefill_worker: Arc<str>,
+    pub total: u64,
+    pub since_open: u64,
 }
 
 /// Everything a store holds, read once when it opens.
@@ -68,6 +83,28 @@ pub enum StoreError {
     Space(#[from] SpaceError),
     #[error("the store is shut down")]
     Closed,
+    #[error("etcd failed to {operation}: {source}")]
+    Etcd {
+        operation: &'static str,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("etcd did not {operation} within {after:?}")]
+    Timeout {
+        operation: &'static str,
+        after: Duration,
+    },
+    #[error("the registration of {worker:?} changed in the store")]
+    StaleRegistration {
+        worker: Arc<str>,
+        /// What the store holds now; `None` if the worker is gone.
+        current: Option<Box<WorkerRecord>>,
+    },
+    #[error("{attempts} reservation attempts in a row lost to other replicas")]
+    Contention { attempts: usize },
+    #[error("the high-water mark in etcd is not a number; fix or restore the key")]
+    CorruptHighWater,
+    #[error("worker registrations were last confirmed with etcd {age:?} ago, over the {window:?} staleness window")]
+    Stale { age: Duration, window: Duration },
 }
 
 /// Why a store refused to open. Each names the file and leaves it untouched.
@@ -113,6 +150,17 @@ pub enum OpenError {
         actual: u64,
     },
     #[error(
+        "cannot reach etcd at {endpoints}: {source}; check --etcd-endpoints and that etcd is up"
+    )]
+    Etcd {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd at {endpoints} did not answer within {after:?}; check --etcd-endpoints and that etcd is up")]
+    EtcdTimeout { endpoints: String, after: Duration },
+    #[error("etcd key {key} is damaged: {reason}. Refusing to start so that no room is issued twice; restore it from a backup")]
+    CorruptKey { key: String, reason: String },
+    #[error(
         "{} is missing while {} exists; the data dir is incomplete. Refusing to start so that no room is issued twice",
         missing.display(),
         present.display()
@@ -125,18 +173,42 @@ pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metric labels.
     fn kind(&self) -> &'static str;
 
-    /// Records that `prefill_worker` is registered with `dp_size`.
-    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, ()>;
+    /// Records that `prefill_worker` is registered with `dp_size`; returns
+    /// the registration's revision.
+    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64>;
 
-    /// Records that `prefill_worker` gets no new rooms.
-    fn deregister(&self, prefill_worker: Arc<str>) -> StoreFuture<'_, ()>;
+    /// Records that `prefill_worker` gets no new rooms; returns the revision.
+    fn deregister(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64>;
 
-    /// Reserves the next `bases` bases of the space, aligned to `dp_size`,
-    /// durably and past every range reserved before.
+    /// Reserves the next range of the space, aligned to `dp_size`, durably
+    /// and past every range reserved before, if the worker is still
+    /// registered with that dp_size.
     fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange>;
 
     /// Persists `rooms_issued` counters, e.g. at shutdown.
-    fn record_issued(&self, counts: Vec<(Arc<str>, u64)>) -> StoreFuture<'_, ()>;
+    fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()>;
+
+    /// The range holding `room` if it is not in memory: another replica may
+    /// have reserved it. Single-writer stores have everything in memory.
+    fn lookup(&self, _room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Whether rooms may be served from memory now: a shared store refuses
+    /// once it could not confirm the registrations for too long.
+    fn check_fresh(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Registration changes made elsewhere, to apply as they come; once.
+    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<WorkerRecord>> {
+        None
+    }
+
+    /// Whether the store can be reached, for the health service.
+    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
 
     /// Flushes and releases the store; later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<'_, ()>;

@@ -42,7 +42,10 @@ fn field(line: &str, name: &str) -> Option<SocketAddr> {
     let (start, stop): (usize, &[char]) = if let Some(at) = line.find(&format!("{name}=")) {
         (at + name.len() + 1, &[' ', '\t'])
     } else {
-        (line.find(&format!("\"{name}\":\""))? + name.len() + 4, &['"'])
+        (
+            line.find(&format!("\"{name}\":\""))? + name.len() + 4,
+            &['"'],
+        )
     };
     let rest = &line[start..];
     let end = rest.find(stop).unwrap_or(rest.len());

@@ -1,0 +1,726 @@
+//! The etcd store: one room space shared by every allocator replica.
+//!
+//! # Keys (under `--etcd-prefix`, default `/room-allocator/`)
+//! - `v1/high_water`: decimal u64, the end of the highest reserved range.
+//! - `v1/ranges/{start:020}`: JSON `{"end", "dp_size", "prefill_worker",
+//!   "created_unix_ms"}`; zero-padded so keys sort by start.
+//! - `v1/workers/{prefill_worker}`: JSON `{"dp_size", "registered"}`.
+//! - `v1/issued/{prefill_worker}`: decimal u64, `rooms_issued` persisted by
+//!   replicas as they shut down.
+//!
+//! # Reserving a range
+//! One transaction: if `high_water` still has the mod revision this replica
+//! last saw (or does not exist yet) **and** the worker's key still holds the
+//! registration the replica is serving, put the new `high_water` and the
+//! range record. etcd transactions are linearizable, so two replicas can never
+//! both move the mark from the same value: ranges never overlap. A failed
+//! compare returns the current values and the replica tries again (or learns
+//! of a realignment). A transaction whose outcome is unknown (timeout, lost
+//! connection) is never used: the replica rereads and reserves afresh, so at
+//! worst a range is reserved and never used.
+//!
+//! # Registrations
+//! Each replica watches `v1/workers/` and also rereads it every
+//! [`RESYNC_INTERVAL`]. Changes made on another replica are applied within
+//! milliseconds (watch) or at most `RESYNC_INTERVAL` (reread). A replica that
+//! has not confirmed the registrations for `--etcd-staleness-secs` (default
+//! 10 s) stops handing out rooms (UNAVAILABLE), so no replica keeps issuing
+//! rooms aligned to a dp_size that was changed elsewhere for longer than that
+//! window. Reservations also compare the registration, so a new range is
+//! never reserved for an outdated dp_size.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    IssuedCount, OpenError, Reservation, Snapshot, Store, StoreError, StoreFuture, WorkerRecord,
+};
+use crate::space::{DpSize, RangeOwner, RangeTable, Room, RoomRange};
+
+/// How often a replica rereads all registrations, besides watching them.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Compare-and-swap attempts before a reservation gives up; each failure means
+/// another replica reserved meanwhile, so this bounds a pathological storm.
+const MAX_CAS_ATTEMPTS: usize = 32;
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Bound on every etcd call; past it a call fails with UNAVAILABLE.
+    pub timeout: Duration,
+    /// Longest a replica serves rooms without confirming the registrations.
+    pub staleness: Duration,
+}
+
+/// Key names under the configured prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    root: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let mut root = prefix.to_owned();
+        if !root.ends_with('/') {
+            root.push('/');
+        }
+        root.push_str("v1/");
+        Self { root }
+    }
+
+    fn high_water(&self) -> String {
+        format!("{}high_water", self.root)
+    }
+
+    fn ranges(&self) -> String {
+        format!("{}ranges/", self.root)
+    }
+
+    fn range(&self, start: u64) -> String {
+        format!("{}ranges/{start:020}", self.root)
+    }
+
+    fn workers(&self) -> String {
+        format!("{}workers/", self.root)
+    }
+
+    fn worker(&self, name: &str) -> String {
+        format!("{}workers/{name}", self.root)
+    }
+
+    fn issued(&self, name: &str) -> String {
+        format!("{}issued/{name}", self.root)
+    }
+}
+
+/// The registration a worker key holds; its exact bytes are compared in
+/// reservation transactions, so it is always encoded the same way.
+fn encode_worker(dp_size: DpSize, registered: bool) -> String {
+    json!({ "dp_size": dp_size.get(), "registered": registered }).to_string()
+}
+
+fn decode_worker(name: &str, value: &[u8]) -> Option<(DpSize, bool)> {
+    let value: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let dp_size = u32::try_from(value["dp_size"].as_u64()?).ok()?;
+    let registered = value["registered"].as_bool()?;
+    let _ = name;
+    Some((DpSize::try_new(dp_size).ok()?, registered))
+}
+
+fn decode_range(key_start: &str, value: &[u8]) -> Option<RangeOwner> {
+    let start: u64 = key_start.parse().ok()?;
+    let value: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let end = value["end"].as_u64()?;
+    let dp_size = DpSize::try_new(u32::try_from(value["dp_size"].as_u64()?).ok()?).ok()?;
+    let worker = value["prefill_worker"].as_str()?;
+    Some(RangeOwner {
+        prefill_worker: Arc::from(worker),
+        range: RoomRange::from_parts(start, end, dp_size)?,
+    })
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn unavailable(operation: &'static str, error: etcd_client::Error) -> StoreError {
+    StoreError::Etcd {
+        operation,
+        source: Arc::new(error),
+    }
+}
+
+/// The etcd store handle.
+pub struct EtcdStore {
+    kv: KvClient,
+    keys: Keys,
+    timeout: Duration,
+    limit: u64,
+    staleness: Duration,
+    /// `high_water` and its mod revision as last seen; `None` = reread first.
+    /// The async lock also keeps one reservation per replica in flight.
+    high_water: tokio::sync::Mutex<Option<(u64, i64)>>,
+    /// When the registrations were last confirmed, in ms since `epoch`.
+    confirmed_ms: Arc<AtomicU64>,
+    epoch: Instant,
+    updates: Mutex<Option<mpsc::UnboundedReceiver<WorkerRecord>>>,
+    reachable: watch::Receiver<bool>,
+    sync_task: tokio::task::JoinHandle<()>,
+}
+
+impl EtcdStore {
+    /// Connects, loads everything under the prefix, and starts following
+    /// registrations. Refuses to start if etcd cannot be reached in time or
+    /// holds data this binary cannot trust.
+    pub async fn open(config: &EtcdConfig, limit: u64) -> Result<(Self, Snapshot), OpenError> {
+        let endpoints = config.endpoints.join(",");
+        let etcd_err = |source: etcd_client::Error| OpenError::Etcd {
+            endpoints: endpoints.clone(),
+            source,
+        };
+        let mut options = ConnectOptions::new()
+            .with_timeout(config.timeout)
+            .with_connect_timeout(config.timeout)
+            .with_keep_alive(Duration::from_secs(5), config.timeout);
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if config.ca.is_some() || config.cert.is_some() {
+            options = options.with_tls(tls_options(config)?);
+        }
+        let client = tokio::time::timeout(
+            config.timeout,
+            Client::connect(&config.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| OpenError::EtcdTimeout {
+            endpoints: endpoints.clone(),
+            after: config.timeout,
+        })?
+        .map_err(etcd_err)?;
+        let mut kv = client.kv_client();
+        let keys = Keys::new(&config.prefix);
+        let loaded = tokio::time::timeout(
+            config.timeout,
+            kv.get(keys.root.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(|_| OpenError::EtcdTimeout {
+            endpoints: endpoints.clone(),
+            after: config.timeout,
+        })?
+        .map_err(etcd_err)?;
+        let revision = loaded.header().map_or(0, |h| h.revision());
+        let (snapshot, high_water) = parse_snapshot(&keys, loaded.kvs())?;
+        info!(
+            endpoints = %endpoints,
+            prefix = %keys.root,
+            ranges = snapshot.ranges.len(),
+            workers = snapshot.workers.len(),
+            high_water = high_water.map_or(0, |(hw, _)| hw),
+            "opened the etcd store"
+        );
+
+        let epoch = Instant::now();
+        let confirmed_ms = Arc::new(AtomicU64::new(0));
+        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        let (reachable_tx, reachable) = watch::channel(true);
+        let sync = RegistrationSync {
+            client,
+            keys: keys.clone(),
+            timeout: config.timeout,
+            epoch,
+            confirmed_ms: confirmed_ms.clone(),
+            updates: updates_tx,
+            reachable: reachable_tx,
+        };
+        let sync_task = tokio::spawn(sync.run(revision));
+        let store = Self {
+            kv,
+            keys,
+            timeout: config.timeout,
+            limit,
+            staleness: config.staleness,
+            high_water: tokio::sync::Mutex::new(high_water),
+            confirmed_ms,
+            epoch,
+            updates: Mutex::new(Some(updates_rx)),
+            reachable,
+            sync_task,
+        };
+        Ok((store, snapshot))
+    }
+
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(|error| unavailable(operation, error)),
+            Err(_) => Err(StoreError::Timeout {
+                operation,
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn put_worker(&self, worker: Arc<str>, value: String) -> Result<i64, StoreError> {
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed(
+                "write the registration",
+                kv.put(self.keys.worker(&worker), value, None),
+            )
+            .await?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn reserve_range(&self, r: Reservation) -> Result<RoomRange, StoreError> {
+        let mut cached = self.high_water.lock().await;
+        let hw_key = self.keys.high_water();
+        let worker_key = self.keys.worker(&r.prefill_worker);
+        let expected_worker = encode_worker(r.dp_size, true);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (high_water, revision) = match *cached {
+                Some(seen) => seen,
+                None => {
+                    let mut kv = self.kv.clone();
+                    let response = self
+                        .timed("read the high-water mark", kv.get(hw_key.clone(), None))
+                        .await?;
+                    parse_high_water(response.kvs().first())?
+                }
+            };
+            let range = RoomRange::reserve_after(
+                high_water,
+                r.dp_size,
+                r.want_bases,
+                r.need_bases,
+                self.limit,
+            )?;
+            let guard = if revision == 0 {
+                Compare::create_revision(hw_key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(hw_key.clone(), CompareOp::Equal, revision)
+            };
+            let record = json!({
+                "end": range.end(),
+                "dp_size": r.dp_size.get(),
+                "prefill_worker": &*r.prefill_worker,
+                "created_unix_ms": unix_ms(),
+            })
+            .to_string();
+            let txn = Txn::new()
+                .when([
+                    guard,
+                    Compare::value(
+                        worker_key.clone(),
+                        CompareOp::Equal,
+                        expected_worker.clone(),
+                    ),
+                ])
+                .and_then([
+                    TxnOp::put(hw_key.clone(), range.end().to_string(), None),
+                    TxnOp::put(self.keys.range(range.start()), record, None),
+                ])
+                .or_else([
+                    TxnOp::get(hw_key.clone(), None),
+                    TxnOp::get(worker_key.clone(), None),
+                ]);
+            let mut kv = self.kv.clone();
+            let response = match self.timed("reserve a range", kv.txn(txn)).await {
+                Ok(response) => response,
+                Err(error) => {
+                    // Unknown outcome: the range may or may not be recorded.
+                    // Never use it; reread the mark next time.
+                    *cached = None;
+                    return Err(error);
+                }
+            };
+            if response.succeeded() {
+                let revision = response.header().map_or(0, |h| h.revision());
+                *cached = Some((range.end(), revision));
+                return Ok(range);
+            }
+            let mut current_hw = None;
+            let mut current_worker = None;
+            for (i, op) in response.op_responses().into_iter().enumerate() {
+                if let TxnOpResponse::Get(get) = op {
+                    match i {
+                        0 => current_hw = Some(parse_high_water(get.kvs().first())?),
+                        _ => current_worker = Some(get.kvs().first().cloned()),
+                    }
+                }
+            }
+            *cached = current_hw;
+            let worker_kv = current_worker.flatten();
+            if worker_kv.as_ref().map(|kv| kv.value()) != Some(expected_worker.as_bytes()) {
+                let record = worker_kv.and_then(|kv| {
+                    decode_worker(&r.prefill_worker, kv.value()).map(|(dp_size, registered)| {
+                        WorkerRecord {
+                            prefill_worker: r.prefill_worker.clone(),
+                            dp_size,
+                            registered,
+                            rooms_issued: 0,
+                            revision: kv.mod_revision(),
+                        }
+                    })
+                });
+                return Err(StoreError::StaleRegistration {
+                    worker: r.prefill_worker.clone(),
+                    current: record.map(Box::new),
+                });
+            }
+            debug!("high-water mark moved under us; retrying the reservation");
+        }
+        Err(StoreError::Contention {
+            attempts: MAX_CAS_ATTEMPTS,
+        })
+    }
+
+    async fn add_issued(&self, counts: Vec<IssuedCount>) -> Result<(), StoreError> {
+        for count in counts.into_iter().filter(|c| c.since_open > 0) {
+            let key = self.keys.issued(&count.prefill_worker);
+            for _ in 0..MAX_CAS_ATTEMPTS {
+                let mut kv = self.kv.clone();
+                let current = self
+                    .timed("read rooms_issued", kv.get(key.clone(), None))
+                    .await?;
+                let (old, guard) = match current.kvs().first() {
+                    Some(kv) => (
+                        std::str::from_utf8(kv.value())
+                            .ok()
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0),
+                        Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                    ),
+                    None => (
+                        0,
+                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    ),
+                };
+                let new = old.saturating_add(count.since_open).to_string();
+                let txn = Txn::new()
+                    .when([guard])
+                    .and_then([TxnOp::put(key.clone(), new, None)]);
+                let mut kv = self.kv.clone();
+                if self
+                    .timed("write rooms_issued", kv.txn(txn))
+                    .await?
+                    .succeeded()
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
+        let options = GetOptions::new()
+            .with_range(self.keys.range(room.get().saturating_add(1)))
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed("look up a range", kv.get(self.keys.range(0), Some(options)))
+            .await?;
+        let prefix = self.keys.ranges();
+        Ok(response.kvs().first().and_then(|kv| {
+            let key = kv.key_str().ok()?;
+            let owner = decode_range(key.strip_prefix(&prefix)?, kv.value())?;
+            owner.range.contains(room).then_some(owner)
+        }))
+    }
+}
+
+fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, OpenError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| OpenError::Io {
+            path: path.clone(),
+            source,
+        })
+    };
+    let mut tls = TlsOptions::new();
+    if let Some(ca) = &config.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        (Some(path), None) | (None, Some(path)) => {
+            return Err(OpenError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "--etcd-cert and --etcd-key go together; pass both",
+                ),
+            })
+        }
+    }
+    Ok(tls)
+}
+
+fn parse_high_water(kv: Option<&etcd_client::KeyValue>) -> Result<(u64, i64), StoreError> {
+    match kv {
+        None => Ok((crate::space::SPACE_START, 0)),
+        Some(kv) => std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(|hw| (hw, kv.mod_revision()))
+            .ok_or(StoreError::CorruptHighWater),
+    }
+}
+
+fn parse_snapshot(
+    keys: &Keys,
+    kvs: &[etcd_client::KeyValue],
+) -> Result<(Snapshot, Option<(u64, i64)>), OpenError> {
+    let corrupt = |key: &str, reason: &str| OpenError::CorruptKey {
+        key: key.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut ranges = RangeTable::default();
+    let mut workers = std::collections::BTreeMap::new();
+    let mut issued = std::collections::HashMap::new();
+    let mut high_water = None;
+    for kv in kvs {
+        let key = kv
+            .key_str()
+            .map_err(|_| corrupt("(binary key)", "not UTF-8"))?;
+        let Some(name) = key.strip_prefix(&keys.root) else {
+            continue;
+        };
+        if name == "high_water" {
+            high_water =
+                Some(parse_high_water(Some(kv)).map_err(|_| corrupt(key, "not a decimal number"))?);
+        } else if let Some(start) = name.strip_prefix("ranges/") {
+            let owner = decode_range(start, kv.value())
+                .ok_or_else(|| corrupt(key, "not a valid, aligned range record"))?;
+            ranges
+                .insert(owner)
+                .map_err(|overlap| corrupt(key, &overlap.to_string()))?;
+        } else if let Some(worker) = name.strip_prefix("workers/") {
+            let (dp_size, registered) = decode_worker(worker, kv.value())
+                .ok_or_else(|| corrupt(key, "not a valid registration"))?;
+            workers.insert(worker.to_owned(), (dp_size, registered, kv.mod_revision()));
+        } else if let Some(worker) = name.strip_prefix("issued/") {
+            let count = std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| corrupt(key, "not a decimal number"))?;
+            issued.insert(worker.to_owned(), count);
+        }
+    }
+    let hw = high_water.map_or(crate::space::SPACE_START, |(hw, _)| hw);
+    if ranges.high_water() > hw {
+        return Err(corrupt(
+            &keys.high_water(),
+            &format!(
+                "the high-water mark {hw} is below the reserved range ending at {}",
+                ranges.high_water()
+            ),
+        ));
+    }
+    let workers = workers
+        .into_iter()
+        .map(|(name, (dp_size, registered, revision))| WorkerRecord {
+            rooms_issued: issued.get(&name).copied().unwrap_or(0),
+            prefill_worker: Arc::from(name),
+            dp_size,
+            registered,
+            revision,
+        })
+        .collect();
+    Ok((Snapshot { workers, ranges }, high_water))
+}
+
+/// Follows `v1/workers/`: a watch for promptness, a reread every
+/// [`RESYNC_INTERVAL`] to confirm freshness and catch anything missed.
+struct RegistrationSync {
+    client: Client,
+    keys: Keys,
+    timeout: Duration,
+    epoch: Instant,
+    confirmed_ms: Arc<AtomicU64>,
+    updates: mpsc::UnboundedSender<WorkerRecord>,
+    reachable: watch::Sender<bool>,
+}
+
+impl RegistrationSync {
+    async fn run(self, mut revision: i64) {
+        let mut ticker = tokio::time::interval(RESYNC_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let started = tokio::time::timeout(
+                self.timeout,
+                self.client.watch_client().watch(
+                    self.keys.workers(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                ),
+            )
+            .await;
+            let mut stream = match started {
+                Ok(Ok((_watcher, stream))) => Some(stream),
+                _ => None,
+            };
+            loop {
+                tokio::select! {
+                    message = async {
+                        match stream.as_mut() {
+                            Some(stream) => stream.message().await,
+                            None => std::future::pending().await,
+                        }
+                    } => match message {
+                        Ok(Some(response)) if !response.canceled() => {
+                            for event in response.events() {
+                                if let Some(kv) = event.kv() {
+                                    revision = revision.max(kv.mod_revision());
+                                    self.send(kv);
+                                }
+                            }
+                        }
+                        // Broken or cancelled (e.g. compacted): watch anew.
+                        _ => break,
+                    },
+                    _ = ticker.tick() => {
+                        match self.resync().await {
+                            Some(seen) => {
+                                revision = revision.max(seen);
+                                if stream.is_none() {
+                                    break;
+                                }
+                            }
+                            None => {
+                                stream = None;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rereads every registration; returns the read's revision on success.
+    async fn resync(&self) -> Option<i64> {
+        let started = self.elapsed_ms();
+        let mut kv = self.client.kv_client();
+        let read = tokio::time::timeout(
+            self.timeout,
+            kv.get(self.keys.workers(), Some(GetOptions::new().with_prefix())),
+        )
+        .await;
+        match read {
+            Ok(Ok(response)) => {
+                for kv in response.kvs() {
+                    self.send(kv);
+                }
+                self.confirmed_ms.fetch_max(started, Ordering::AcqRel);
+                self.reachable
+                    .send_if_modified(|up| !std::mem::replace(up, true));
+                response.header().map(|h| h.revision())
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within {:?}", self.timeout),
+                };
+                if self
+                    .reachable
+                    .send_if_modified(|up| std::mem::replace(up, false))
+                {
+                    warn!(%error, "etcd is unreachable; serving only from reserved ranges until the staleness window ends");
+                }
+                None
+            }
+        }
+    }
+
+    fn send(&self, kv: &etcd_client::KeyValue) {
+        let Some(name) = kv
+            .key_str()
+            .ok()
+            .and_then(|key| key.strip_prefix(&self.keys.workers()))
+        else {
+            return;
+        };
+        let record = match decode_worker(name, kv.value()) {
+            Some((dp_size, registered)) => WorkerRecord {
+                prefill_worker: Arc::from(name),
+                dp_size,
+                registered,
+                rooms_issued: 0,
+                revision: kv.mod_revision(),
+            },
+            None => {
+                warn!(worker = name, "ignoring an unreadable registration in etcd");
+                return;
+            }
+        };
+        let _ = self.updates.send(record);
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Store for EtcdStore {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
+        Box::pin(self.put_worker(prefill_worker, encode_worker(dp_size, true)))
+    }
+
+    fn deregister(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
+        Box::pin(self.put_worker(prefill_worker, encode_worker(dp_size, false)))
+    }
+
+    fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange> {
+        Box::pin(self.reserve_range(reservation))
+    }
+
+    fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()> {
+        Box::pin(self.add_issued(counts))
+    }
+
+    fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
+        Box::pin(self.find_range(room))
+    }
+
+    fn check_fresh(&self) -> Result<(), StoreError> {
+        let confirmed = Duration::from_millis(self.confirmed_ms.load(Ordering::Acquire));
+        let age = self.epoch.elapsed().saturating_sub(confirmed);
+        if age > self.staleness {
+            return Err(StoreError::Stale {
+                age,
+                window: self.staleness,
+            });
+        }
+        Ok(())
+    }
+
+    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<WorkerRecord>> {
+        self.updates
+            .lock()
+            .expect("updates lock is never poisoned")
+            .take()
+    }
+
+    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.reachable.clone())
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        self.sync_task.abort();
+        Box::pin(async { Ok(()) })
+    }
+}
