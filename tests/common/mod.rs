@@ -3,6 +3,9 @@
 //! PID, only processes we started) when the guard drops.
 #![allow(dead_code)]
 
+pub mod load;
+pub mod router;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -246,6 +249,128 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
             "{name} is not on PATH; the test command installs it"
         );
         eprintln!("SKIP: {name} is not on PATH; run scripts/test.sh to install it");
+    }
+    found
+}
+
+/// A real etcd server on free loopback ports in a temp dir, killed (by PID)
+/// on drop. Returns `None` (SKIP) if etcd is not installed outside CI.
+pub struct EtcdProcess {
+    child: Option<Child>,
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl EtcdProcess {
+    pub fn start() -> Option<Self> {
+        require_tool("etcd")?;
+        let mut etcd = Self {
+            child: None,
+            endpoint: String::new(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        etcd.endpoint = format!("http://127.0.0.1:{}", etcd.client_port);
+        etcd.resume();
+        Some(etcd)
+    }
+
+    /// Starts (again) on the same ports and data dir.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        // Ready when etcd's /health endpoint says so (it checks for a leader).
+        loop {
+            if etcd_healthy(self.client_port) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL; the data dir stays for `resume`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL etcd");
+            child.wait().expect("reap etcd");
+        }
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn etcd_healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.contains("\"health\":\"true\"")
+}
+
+/// A unique key prefix, so tests sharing one etcd never share a room space.
+pub fn unique_prefix(test: &str) -> String {
+    format!("/test-{test}-{}/", std::process::id())
+}
+
+/// libfaketime's preload library, if installed (Debian package `faketime`).
+pub fn faketime_library() -> Option<PathBuf> {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    let found = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            !in_ci(),
+            "libfaketime is missing; the test command installs it"
+        );
+        eprintln!("SKIP clock skew: libfaketime is not installed (apt-get install faketime)");
     }
     found
 }

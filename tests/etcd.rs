@@ -1,0 +1,409 @@
+//! Replicas sharing one room space in a real etcd (started by each test on
+//! loopback ports, in a temp dir): unique rank-aligned rooms across replicas
+//! and router processes, cross-replica resolve, replicas killed and joining,
+//! etcd stopped under load, skewed replicas, and realignment across replicas.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::load::{self, Load, OnError};
+use common::{router, timed, unique_prefix, EtcdProcess, ServerProcess};
+use room_allocator::pb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+fn replica(etcd: &EtcdProcess, prefix: &str, extra: &[&str]) -> ServerProcess {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = vec!["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", prefix];
+    args.extend_from_slice(extra);
+    // The data dir is unused in etcd mode; keep it out of the way.
+    let server = ServerProcess::start(&dir.path().join("unused"), &args);
+    std::mem::forget(dir);
+    server
+}
+
+/// Registers up front, so lease loads (which never register) find the workers.
+async fn register(server: &ServerProcess, workers: &[(&str, u32)]) {
+    let mut client = server.client().await;
+    for (worker, dp_size) in workers {
+        timed(client.register_worker(pb::RegisterWorkerRequest {
+            prefill_worker: (*worker).into(),
+            dp_size: *dp_size,
+        }))
+        .await
+        .expect("register");
+    }
+}
+
+fn check_unique(rooms: &[(u64, String, u32)]) -> HashMap<u64, (String, u32)> {
+    let mut owner = HashMap::new();
+    for (room, worker, dp_size) in rooms {
+        let previous = owner.insert(*room, (worker.clone(), *dp_size));
+        assert!(previous.is_none(), "room {room} handed out twice");
+    }
+    owner
+}
+
+#[tokio::test]
+#[ignore = "a child process of three_replicas_and_four_router_processes_share_one_room_space"]
+async fn etcd_router_process() {
+    router::run_child().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_and_four_router_processes_share_one_room_space() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("three-replicas");
+    let replicas: Vec<ServerProcess> = (0..3).map(|_| replica(&etcd, &prefix, &[])).collect();
+    let routers = (0..4)
+        .map(|id| router::spawn("etcd_router_process", &replicas[id % 3].url(), id))
+        .collect();
+    let owner_of_room = router::collect(routers).await;
+
+    // Any replica resolves any room, whichever replica issued it.
+    let mut clients = Vec::new();
+    for replica in &replicas {
+        clients.push(replica.client().await);
+    }
+    for (i, (room, (worker, dp_size))) in owner_of_room.iter().enumerate().step_by(41) {
+        let client = &mut clients[i % 3];
+        let resolved = timed(client.resolve_rank(pb::ResolveRankRequest { room: *room }))
+            .await
+            .expect("resolve on any replica")
+            .into_inner();
+        assert_eq!(
+            (&resolved.prefill_worker, resolved.dp_size),
+            (worker, *dp_size)
+        );
+        assert_eq!(u64::from(resolved.dp_rank), room % u64::from(*dp_size));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_and_a_new_one_joining_never_repeat_a_room() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("kill-replica");
+    let mut a = replica(&etcd, &prefix, &[]);
+    let b = replica(&etcd, &prefix, &[]);
+    register(&a, &[("kill-dp2", 2), ("kill-dp5", 5)]).await;
+    let record = load::Shared::default();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for (server, on_error) in [(&a, OnError::Stop), (&b, OnError::Continue)] {
+        for (worker, dp_size) in [("kill-dp2", 2), ("kill-dp5", 5)] {
+            for lease in [false, true] {
+                let load = Load {
+                    url: server.url(),
+                    worker,
+                    dp_size,
+                    lease,
+                    until,
+                    on_error,
+                };
+                tasks.push(tokio::spawn(load.run(record.clone())));
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    a.kill9();
+    let c = replica(&etcd, &prefix, &[]);
+    for (worker, dp_size) in [("kill-dp2", 2), ("kill-dp5", 5)] {
+        let load = Load {
+            url: c.url(),
+            worker,
+            dp_size,
+            lease: false,
+            until,
+            on_error: OnError::Continue,
+        };
+        tasks.push(tokio::spawn(load.run(record.clone())));
+    }
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, _) in &record.errors {
+        // Only the killed replica's callers see errors.
+        assert!(load::server_went_away(*code, message), "{code:?} {message}");
+    }
+    assert!(
+        record.rooms.len() > 1000,
+        "load produced rooms: {}",
+        record.rooms.len()
+    );
+    let owner = check_unique(&record.rooms);
+    let mut client = c.client().await;
+    for (room, (worker, dp_size)) in owner.iter().step_by(97) {
+        let resolved = timed(client.resolve_rank(pb::ResolveRankRequest { room: *room }))
+            .await
+            .expect("resolve")
+            .into_inner();
+        assert_eq!(
+            (&resolved.prefill_worker, resolved.dp_size),
+            (worker, *dp_size)
+        );
+    }
+}
+
+async fn health_status(server: &ServerProcess) -> Option<i32> {
+    let mut health = HealthClient::new(server.channel().await);
+    timed(health.check(HealthCheckRequest {
+        service: String::new(),
+    }))
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+/// Polls until `done` or `limit` passes; returns how long it took.
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut done: impl FnMut() -> F,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_stopped_under_load_gives_only_unavailable_then_service_resumes() {
+    let Some(mut etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("etcd-outage");
+    let server = replica(
+        &etcd,
+        &prefix,
+        &["--store-timeout-secs", "2", "--etcd-staleness-secs", "3"],
+    );
+    register(&server, &[("outage-dp1", 1), ("outage-dp4", 4)]).await;
+    let record = load::Shared::default();
+    let until = Instant::now() + Duration::from_secs(60);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (worker, dp_size) in [("outage-dp1", 1), ("outage-dp4", 4)] {
+        for lease in [false, true] {
+            let load = Load {
+                url: server.url(),
+                worker,
+                dp_size,
+                lease,
+                until,
+                on_error: OnError::Continue,
+            };
+            let record = record.clone();
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = load.run(record) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_outage = record.lock().expect("lock").rooms.len();
+    assert!(before_outage > 0, "rooms before the outage");
+
+    etcd.kill9();
+    let not_serving = wait_until(Duration::from_secs(15), || async {
+        health_status(&server).await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
+    assert!(
+        not_serving.is_some(),
+        "health turned NOT_SERVING while etcd was down"
+    );
+    // Past the staleness window every allocation is refused.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let errors_during = record.lock().expect("lock").errors.len();
+    assert!(errors_during > 0, "calls failed while etcd was down");
+
+    etcd.resume();
+    let recovered = wait_until(Duration::from_secs(20), || async {
+        health_status(&server).await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "health back to SERVING after etcd returned"
+    );
+    let rooms_at_recovery = record.lock().expect("lock").rooms.len();
+    let served = wait_until(Duration::from_secs(20), || async {
+        record.lock().expect("lock").rooms.len() > rooms_at_recovery + 100
+    })
+    .await;
+    assert!(served.is_some(), "allocation resumed by itself");
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, took) in &record.errors {
+        assert_eq!(*code, Code::Unavailable, "{message}");
+        assert!(
+            *took < Duration::from_secs(5),
+            "a failure took {took:?}: {message}"
+        );
+    }
+    check_unique(&record.rooms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_skewed_config_and_clock_never_share_a_room() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("skew");
+    let a = replica(
+        &etcd,
+        &prefix,
+        &["--store-timeout-secs", "5", "--etcd-staleness-secs", "30"],
+    );
+    // B: other limits and timeouts, and (with libfaketime) a wall clock two
+    // hours behind; only etcd's compare-and-swap orders reservations.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = ServerProcess::try_start_with(
+        dir.path(),
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            &prefix,
+            "--store-timeout-secs",
+            "1",
+            "--etcd-staleness-secs",
+            "2",
+            "--max-room",
+            "1000000000000",
+        ],
+        |command| {
+            if let Some(lib) = common::faketime_library() {
+                command
+                    .env("LD_PRELOAD", lib)
+                    .env("FAKETIME", "-2h")
+                    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+            }
+        },
+    )
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    register(&a, &[("skew-dp3", 3), ("skew-dp7", 7)]).await;
+    let record = load::Shared::default();
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for server in [&a, &b] {
+        for (worker, dp_size) in [("skew-dp3", 3), ("skew-dp7", 7)] {
+            for lease in [false, true] {
+                let load = Load {
+                    url: server.url(),
+                    worker,
+                    dp_size,
+                    lease,
+                    until,
+                    on_error: OnError::Stop,
+                };
+                tasks.push(tokio::spawn(load.run(record.clone())));
+            }
+        }
+    }
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    assert!(record.errors.is_empty(), "{:?}", record.errors);
+    assert!(record.rooms.len() > 1000, "{}", record.rooms.len());
+    check_unique(&record.rooms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_worker_and_a_realignment_on_one_replica_reach_the_other_within_the_window() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("realign");
+    let a = replica(&etcd, &prefix, &[]);
+    let b = replica(&etcd, &prefix, &[]);
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let allocate = |dp_rank, dp_size| pb::AllocateRoomRequest {
+        prefill_worker: "moving".into(),
+        dp_rank,
+        dp_size,
+    };
+
+    timed(on_a.register_worker(pb::RegisterWorkerRequest {
+        prefill_worker: "moving".into(),
+        dp_size: 4,
+    }))
+    .await
+    .expect("register on A");
+    // A new worker: B serves it within 5 s.
+    let seen = wait_until(Duration::from_secs(5), || {
+        let mut on_b = on_b.clone();
+        async move { on_b.allocate_room(allocate(3, 0)).await.is_ok() }
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "B did not learn of the new worker within 5 s"
+    );
+    let old = timed(on_b.allocate_room(allocate(3, 0)))
+        .await
+        .expect("B")
+        .into_inner();
+    assert_eq!((old.room % 4, old.dp_size), (3, 4));
+
+    // Realign on A; B must switch to the new size within 10 s, and never
+    // go back once it has.
+    timed(on_a.register_worker(pb::RegisterWorkerRequest {
+        prefill_worker: "moving".into(),
+        dp_size: 8,
+    }))
+    .await
+    .expect("realign on A");
+    let started = Instant::now();
+    let mut switched = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        let room = timed(on_b.allocate_room(allocate(3, 0)))
+            .await
+            .expect("B")
+            .into_inner();
+        assert_eq!(room.room % u64::from(room.dp_size), 3);
+        match (switched, room.dp_size) {
+            (None, 8) => switched = Some(started.elapsed()),
+            (Some(_), 4) => panic!("B went back to the old dp_size"),
+            _ => {}
+        }
+        if switched.is_some_and(|at| started.elapsed() > at + Duration::from_millis(300)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let switched = switched.expect("B switched to dp_size 8 within 10 s");
+    eprintln!("B followed the realignment after {switched:?}");
+
+    // B now refuses a stale router's dp_size, and old rooms resolve with the old size.
+    let stale = timed(on_b.allocate_room(allocate(1, 4)))
+        .await
+        .expect_err("stale size");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let resolved = timed(on_a.resolve_rank(pb::ResolveRankRequest { room: old.room }))
+        .await
+        .expect("resolve on A")
+        .into_inner();
+    assert_eq!(resolved.dp_size, 4);
+}
