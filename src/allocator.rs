@@ -19,6 +19,7 @@
 //! [`space`]: crate::space
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use crate::metrics::{MethodLabels, Metrics, StoreLabels};
 use crate::space::{
     Base, BaseCursor, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
-use crate::store::{IssuedCount, Reservation, Snapshot, Store, StoreError, WorkerRecord};
+use crate::store::{unix_ms, IssuedCount, Reservation, Snapshot, Store, StoreError, WorkerRecord};
 
 /// Longest prefill_worker accepted: a DNS name, the longest name routers use.
 pub const MAX_WORKER_LEN: usize = 253;
@@ -70,6 +71,10 @@ pub enum Error {
     },
     #[error("room {room} was never issued: it lies in no reserved range")]
     UnknownRoom { room: u64 },
+    #[error(
+        "room {room} was issued more than the retention period ({retention:?}) ago and its range was pruned; rooms resolve for at least that long"
+    )]
+    Pruned { room: u64, retention: Duration },
     #[error("{limit} workers are registered, the configured --max-workers; deregister unused workers or raise the limit")]
     TooManyWorkers { limit: usize },
     #[error("the store cannot reserve rooms right now ({0}); retry with backoff")]
@@ -116,6 +121,10 @@ pub struct Limits {
     pub max_workers: usize,
     /// Longest a call waits for the store before it gets UNAVAILABLE.
     pub store_timeout: Duration,
+    /// Rooms come from a range for at most this long after it was reserved,
+    /// and ranges are pruned once twice this old: every room resolves for at
+    /// least this long.
+    pub retention: Duration,
 }
 
 /// The allocator handle; clones share state.
@@ -128,6 +137,8 @@ struct Inner {
     store: Arc<dyn Store>,
     workers: RwLock<HashMap<Arc<str>, Arc<Worker>>>,
     ranges: RwLock<RangeTable>,
+    /// Ranges ending at or below this were pruned.
+    pruned_below: AtomicU64,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
@@ -144,8 +155,8 @@ struct Worker {
 struct WorkerState {
     dp_size: DpSize,
     registered: bool,
-    current: Option<BaseCursor>,
-    next: Option<BaseCursor>,
+    current: Option<Held>,
+    next: Option<Held>,
     prefetching: bool,
     rooms_issued: u64,
     /// `rooms_issued` when the store was opened (what it already holds).
@@ -154,6 +165,19 @@ struct WorkerState {
     revision: i64,
     range_bases: u64,
     current_since: Instant,
+}
+
+/// A range being served, and when it was reserved (for retention).
+#[derive(Debug)]
+struct Held {
+    cursor: BaseCursor,
+    reserved_at: Instant,
+}
+
+impl Held {
+    fn remaining(&self) -> u64 {
+        self.cursor.remaining()
+    }
 }
 
 /// What a caller needs from a worker's cursors.
@@ -209,14 +233,30 @@ impl WorkerState {
     /// Takes `count` consecutive bases, moving on to the reserved-ahead range
     /// when the current one cannot serve them. The rest of a range too short
     /// for a block is skipped, never reissued.
-    fn take(&mut self, count: u64, now: Instant) -> Option<Base> {
-        if let Some(base) = self.current.as_mut().and_then(|c| c.take_block(count)) {
+    fn take(&mut self, count: u64, now: Instant, retention: Duration) -> Option<Base> {
+        // A range past retention is left: another replica may prune it soon.
+        for held in [&mut self.current, &mut self.next] {
+            if held
+                .as_ref()
+                .is_some_and(|h| now.saturating_duration_since(h.reserved_at) > retention)
+            {
+                *held = None;
+            }
+        }
+        if let Some(base) = self
+            .current
+            .as_mut()
+            .and_then(|c| c.cursor.take_block(count))
+        {
             return Some(base);
         }
         if self.next.as_ref().is_some_and(|n| n.remaining() >= count) {
             self.current = self.next.take();
             self.current_since = now;
-            return self.current.as_mut().and_then(|c| c.take_block(count));
+            return self
+                .current
+                .as_mut()
+                .and_then(|c| c.cursor.take_block(count));
         }
         None
     }
@@ -236,7 +276,7 @@ impl WorkerState {
         let low = self
             .current
             .as_ref()
-            .is_none_or(|c| c.remaining() <= c.range().bases() / 2);
+            .is_none_or(|c| c.remaining() <= c.cursor.range().bases() / 2);
         low && self.next.is_none() && !self.prefetching
     }
 
@@ -280,6 +320,7 @@ impl Allocator {
                 store,
                 workers: RwLock::new(workers),
                 ranges: RwLock::new(snapshot.ranges),
+                pruned_below: AtomicU64::new(snapshot.pruned_below),
                 limits,
                 metrics,
             }),
@@ -410,7 +451,7 @@ impl Allocator {
                     (true, _) => {
                         let checked = check(state.dp_size)?;
                         self.inner.store.check_fresh().map_err(Error::Store)?;
-                        if let Some(base) = state.take(count, now) {
+                        if let Some(base) = state.take(count, now, self.inner.limits.retention) {
                             state.rooms_issued += count;
                             let dp_size = state.dp_size;
                             if state.wants_prefetch() {
@@ -477,9 +518,12 @@ impl Allocator {
                 want_bases: want,
                 need_bases: need,
                 rooms_issued: state.rooms_issued,
+                created_unix_ms: unix_ms(),
             }
         };
         let dp_size = reservation.dp_size;
+        let created_unix_ms = reservation.created_unix_ms;
+        let reserved_at = Instant::now();
         let range = match self.inner.store.reserve(reservation).await {
             Err(StoreError::StaleRegistration {
                 worker: name,
@@ -521,11 +565,14 @@ impl Allocator {
             bases = range.bases(),
             "reserved range"
         );
-        self.record_range(&worker.name, range)?;
+        self.record_range(&worker.name, range, created_unix_ms)?;
         let mut state = WorkerState::lock(worker);
         // The refill lock kept registration changes out, so dp_size holds.
         debug_assert_eq!(state.dp_size, dp_size);
-        let cursor = range.cursor();
+        let cursor = Held {
+            cursor: range.cursor(),
+            reserved_at,
+        };
         match &state.current {
             Some(current) if current.remaining() > 0 => state.next = Some(cursor),
             _ => {
@@ -536,7 +583,12 @@ impl Allocator {
         Ok(())
     }
 
-    fn record_range(&self, worker: &Arc<str>, range: RoomRange) -> Result<(), Error> {
+    fn record_range(
+        &self,
+        worker: &Arc<str>,
+        range: RoomRange,
+        created_unix_ms: u64,
+    ) -> Result<(), Error> {
         let mut ranges = self
             .inner
             .ranges
@@ -546,6 +598,7 @@ impl Allocator {
             .insert(RangeOwner {
                 prefill_worker: worker.clone(),
                 range,
+                created_unix_ms,
             })
             .map_err(|overlap| {
                 // The store broke its one promise; refuse to serve from it.
@@ -569,7 +622,16 @@ impl Allocator {
             None => {
                 // Another replica may have reserved it; remember what we learn.
                 let found = self.with_store(self.inner.store.lookup(room)).await?;
-                let owner = found.ok_or(Error::UnknownRoom { room: room.get() })?;
+                let owner = found.ok_or_else(|| {
+                    if room.get() < self.inner.pruned_below.load(Ordering::Acquire) {
+                        Error::Pruned {
+                            room: room.get(),
+                            retention: self.inner.limits.retention,
+                        }
+                    } else {
+                        Error::UnknownRoom { room: room.get() }
+                    }
+                })?;
                 let _ = self
                     .inner
                     .ranges
@@ -585,6 +647,45 @@ impl Allocator {
             dp_rank: room.rank(dp_size),
             dp_size,
         })
+    }
+
+    /// Prunes ranges reserved more than twice the retention period ago.
+    pub async fn prune_expired(&self) -> Result<(), Error> {
+        let retention_ms =
+            u64::try_from(self.inner.limits.retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = unix_ms().saturating_sub(retention_ms.saturating_mul(2));
+        let below = self.with_store(self.inner.store.prune(cutoff)).await?;
+        self.inner.pruned_below.fetch_max(below, Ordering::AcqRel);
+        let pruned_here = self
+            .inner
+            .ranges
+            .write()
+            .expect("range table lock is never poisoned")
+            .prune(cutoff);
+        self.inner
+            .pruned_below
+            .fetch_max(pruned_here, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Prunes expired ranges every quarter of the retention period (between
+    /// 1 s and 10 min) until the store closes.
+    pub fn run_retention(&self) {
+        let interval = (self.inner.limits.retention / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let allocator = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match allocator.prune_expired().await {
+                    Ok(()) => {}
+                    Err(Error::Store(StoreError::Closed)) => return,
+                    Err(error) => warn!(%error, "pruning expired ranges failed; will retry"),
+                }
+            }
+        });
     }
 
     /// Follows registration changes made elsewhere (other replicas), if the
@@ -817,6 +918,9 @@ mod tests {
                 Err(e) => Box::pin(async move { Err(e) }),
             }
         }
+        fn prune(&self, cutoff: u64) -> crate::store::StoreFuture<'_, u64> {
+            self.inner.prune(cutoff)
+        }
         fn record_issued(&self, c: Vec<IssuedCount>) -> crate::store::StoreFuture<'_, ()> {
             self.inner.record_issued(c)
         }
@@ -842,6 +946,7 @@ mod tests {
                 space_end,
                 max_workers,
                 store_timeout: Duration::from_secs(5),
+                retention: Duration::from_secs(86_400),
             },
             Arc::new(Metrics::new()),
         )

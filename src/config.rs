@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -79,6 +80,13 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
           value_parser = clap::value_parser!(u64).range(1..=60))]
     pub store_timeout_secs: u64,
+
+    /// How long every issued room stays resolvable (e.g. 24h, 90m, 3600s).
+    /// Rooms come from a range for at most this long after it is reserved,
+    /// and ranges are pruned once twice this old. Keep it above any SGLang
+    /// bootstrap timeout.
+    #[arg(long, env = "ROOM_ALLOCATOR_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
 
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -188,4 +196,47 @@ pub struct EtcdArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_ETCD_STALENESS_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub etcd_staleness_secs: u64,
+}
+
+/// Parses `90s`, `15m`, `24h`, `7d` (or plain seconds); at least one second.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; use e.g. 90s, 15m, 24h or 7d"))?;
+    let seconds_per_unit = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}; use s, m, h or d"
+            ))
+        }
+    };
+    let seconds = number
+        .checked_mul(seconds_per_unit)
+        .filter(|s| *s >= 1)
+        .ok_or_else(|| format!("{text:?} is out of range; use 1s or more"))?;
+    Ok(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_nonsense() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("h").is_err());
+    }
 }

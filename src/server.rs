@@ -51,6 +51,7 @@ impl Server {
             space_end: config.max_room.saturating_add(1),
             max_workers: config.max_workers,
             store_timeout,
+            retention: config.retention,
         };
         let (store, snapshot): (Arc<dyn Store>, _) = if config.etcd.etcd_endpoints.is_empty() {
             let (store, snapshot) = EmbeddedStore::open(&config.data_dir, limits.space_end)?;
@@ -96,6 +97,7 @@ impl Server {
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
         self.allocator.follow_store();
+        self.allocator.run_retention();
         let (stop_health, health_stopped) = watch::channel(false);
         if let Some(reachable) = self.allocator.store_reachable() {
             tokio::spawn(follow_reachability(

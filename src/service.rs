@@ -28,7 +28,9 @@ impl From<Error> for Status {
                 | SpaceError::RoomZero
                 | SpaceError::RoomTooLarge { .. },
             ) => Code::InvalidArgument,
-            Error::UnknownWorker { .. } | Error::UnknownRoom { .. } => Code::NotFound,
+            Error::UnknownWorker { .. } | Error::UnknownRoom { .. } | Error::Pruned { .. } => {
+                Code::NotFound
+            }
             Error::DpSizeMismatch { .. } => Code::FailedPrecondition,
             Error::Space(SpaceError::Exhausted { .. }) | Error::TooManyWorkers { .. } => {
                 Code::ResourceExhausted

@@ -272,6 +272,8 @@ impl BaseCursor {
 pub struct RangeOwner {
     pub prefill_worker: Arc<str>,
     pub range: RoomRange,
+    /// Wall-clock reservation time, for retention.
+    pub created_unix_ms: u64,
 }
 
 /// Every reserved range, keyed by start, for `ResolveRank`.
@@ -320,6 +322,24 @@ impl RangeTable {
 
     pub fn len(&self) -> usize {
         self.by_start.len()
+    }
+
+    /// Drops ranges reserved before `cutoff_unix_ms`; returns the highest end
+    /// dropped (0 if none).
+    pub fn prune(&mut self, cutoff_unix_ms: u64) -> u64 {
+        let mut pruned_below = 0;
+        self.by_start.retain(|_, owner| {
+            let keep = owner.created_unix_ms >= cutoff_unix_ms;
+            if !keep {
+                pruned_below = pruned_below.max(owner.range.end);
+            }
+            keep
+        });
+        pruned_below
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &RangeOwner> {
+        self.by_start.values()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -388,12 +408,15 @@ mod tests {
         let owner = |start, end| RangeOwner {
             prefill_worker: Arc::from("w"),
             range: RoomRange::from_parts(start, end, dp(2)).expect("aligned"),
+            created_unix_ms: start,
         };
         table.insert(owner(2, 10)).expect("first");
         assert!(table.insert(owner(8, 12)).is_err());
         assert!(table.insert(owner(2, 4)).is_err());
         table.insert(owner(10, 12)).expect("adjacent is fine");
         assert_eq!(table.high_water(), 12);
+        assert_eq!(table.prune(5), 10, "drops the range created at 2");
+        assert_eq!(table.len(), 1);
     }
 
     proptest! {
@@ -466,7 +489,7 @@ mod tests {
                     .expect("small ranges fit");
                 prop_assert!(range.start() >= high_water);
                 high_water = range.end();
-                table.insert(RangeOwner { prefill_worker: Arc::from("w"), range })
+                table.insert(RangeOwner { prefill_worker: Arc::from("w"), range, created_unix_ms: 0 })
                     .expect("reservations never overlap");
                 prop_assert_eq!(table.high_water(), high_water);
             }
@@ -508,7 +531,7 @@ mod tests {
                     .expect("fits");
                 high_water = range.end();
                 reserved.push(range);
-                table.insert(RangeOwner { prefill_worker: Arc::from(format!("w{dp_size}")), range })
+                table.insert(RangeOwner { prefill_worker: Arc::from(format!("w{dp_size}")), range, created_unix_ms: 0 })
                     .expect("disjoint");
             }
             if let Ok(room) = Room::try_new(probe) {

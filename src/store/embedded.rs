@@ -11,15 +11,18 @@
 //! - `LOCK`: empty; an exclusive `flock` while a server runs, so two servers
 //!   never share one room space.
 //! - `rooms.log`: a 16-byte header, `b"RALLOCLG"`, format version (u32 LE),
-//!   zero (u32), then records. A record is `len: u32 LE`, `crc32: u32 LE` of
+//!   generation (u32 LE, +1 at each compaction), then records. A record is `len: u32 LE`, `crc32: u32 LE` of
 //!   the body, and a body of `len` bytes: `seq: u64 LE` (1, 2, 3, ... with no
 //!   gap), `kind: u8`, then fields (strings are `u16 LE` length + UTF-8):
 //!   - 1 register: worker, dp_size u32
 //!   - 2 deregister: worker
-//!   - 3 reserve: worker, dp_size u32, start u64, end u64, rooms_issued u64
+//!   - 3 reserve: worker, dp_size u32, start u64, end u64, rooms_issued u64,
+//!     created_unix_ms u64
 //!   - 4 issued: worker, rooms_issued u64
+//!   - 5 pruned: below u64 (ranges ending at or below it were dropped by
+//!     retention; the high-water mark is at least this)
 //! - `rooms.commit`: two 512-byte slots at offsets 0 and 512, each
-//!   `b"RALLOCCM"`, version u32, zero u32, `commit_seq: u64`,
+//!   `b"RALLOCCM"`, version u32, log generation u32, `commit_seq: u64`,
 //!   `log_len: u64`, crc32 of the preceding 32 bytes. Commit `n` goes to slot
 //!   `n % 2`, so the slot of the previous commit is never written over.
 //!
@@ -44,6 +47,16 @@
 //! write of an unacknowledged commit; it is ignored and later written over.
 //! A log holding only its header and no commit file is an interrupted first
 //! start and is initialised again; any other missing file is refused.
+//!
+//! # Compaction (retention)
+//! Pruning old ranges rewrites the log: the current registrations, counters,
+//! the ranges kept and a `pruned` record go to `rooms.log.compact` with the
+//! next generation, which is fsynced and renamed over `rooms.log` (and the
+//! directory fsynced) before the commit slot names the new generation. A log
+//! one generation ahead of the commit slot is therefore a compaction that
+//! finished its rename: it is complete, and every byte of it must be valid. A
+//! leftover `rooms.log.compact` is a compaction that did not get that far and
+//! is removed.
 //!
 //! # Media assumptions
 //! fsync (`sync_data`) makes written bytes durable; a torn write damages at
@@ -85,6 +98,8 @@ const KIND_REGISTER: u8 = 1;
 const KIND_DEREGISTER: u8 = 2;
 const KIND_RESERVE: u8 = 3;
 const KIND_ISSUED: u8 = 4;
+const KIND_PRUNED: u8 = 5;
+const COMPACT_FILE: &str = "rooms.log.compact";
 
 /// The embedded store handle: requests go to one writer thread.
 pub struct EmbeddedStore {
@@ -97,11 +112,13 @@ enum Op {
     Deregister(Arc<str>),
     Reserve(Reservation),
     Issued(Vec<(Arc<str>, u64)>),
+    Prune(u64),
 }
 
 enum Outcome {
     Done,
     Reserved(RoomRange),
+    Pruned(u64),
 }
 
 struct Request {
@@ -151,7 +168,12 @@ impl EmbeddedStore {
             .map_err(io_err(&log_path))?;
 
         let slot = read_commit(&commit, &commit_path)?;
-        let loaded = read_log(&log, &log_path, slot.log_len)?;
+        let loaded = read_log(&log, &log_path, slot)?;
+        let compact_path = dir.join(COMPACT_FILE);
+        if compact_path.exists() {
+            // A compaction that died before its rename; the log is intact.
+            fs::remove_file(&compact_path).map_err(io_err(&compact_path))?;
+        }
         if fresh {
             info!(dir = %dir.display(), "created a new embedded store");
         } else {
@@ -163,10 +185,10 @@ impl EmbeddedStore {
                 "opened the embedded store; resuming past every reserved range"
             );
         }
-        if loaded.end > slot.log_len {
+        if loaded.end > loaded.committed {
             warn!(
                 file = %log_path.display(),
-                bytes = loaded.end - slot.log_len,
+                bytes = loaded.end - loaded.committed,
                 "adopted durable records written after the last commit (a crash before acknowledging them); their rooms count as reserved"
             );
         }
@@ -188,8 +210,14 @@ impl EmbeddedStore {
             log_len: loaded.end,
             next_record_seq: loaded.next_seq,
             commit_seq: slot.commit_seq,
-            high_water: loaded.snapshot.ranges.high_water(),
+            generation: loaded.generation,
+            high_water: loaded
+                .snapshot
+                .ranges
+                .high_water()
+                .max(loaded.snapshot.pruned_below),
             limit,
+            dir: dir.to_path_buf(),
         };
         let (tx, rx) = mpsc::channel();
         let handle = thread::Builder::new()
@@ -241,7 +269,7 @@ impl Store for EmbeddedStore {
         Box::pin(async move {
             match done.await? {
                 Outcome::Reserved(range) => Ok(range),
-                Outcome::Done => unreachable!("the writer answers a reserve with a range"),
+                _ => unreachable!("the writer answers a reserve with a range"),
             }
         })
     }
@@ -253,6 +281,16 @@ impl Store for EmbeddedStore {
             .collect();
         let done = self.submit(Op::Issued(counts));
         Box::pin(async move { done.await.map(|_| ()) })
+    }
+
+    fn prune(&self, cutoff_unix_ms: u64) -> StoreFuture<'_, u64> {
+        let done = self.submit(Op::Prune(cutoff_unix_ms));
+        Box::pin(async move {
+            match done.await? {
+                Outcome::Pruned(below) => Ok(below),
+                _ => unreachable!("the writer answers a prune with a mark"),
+            }
+        })
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {
@@ -326,10 +364,7 @@ fn prepare_files(dir: &Path, log_path: &Path, commit_path: &Path) -> Result<bool
         }
         (None, false) => {}
     }
-    let mut header = Vec::with_capacity(16);
-    header.extend_from_slice(LOG_MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
+    let header = encode_log_header(0);
     let log = File::create(log_path).map_err(io_err(log_path))?;
     log.write_all_at(&header, 0).map_err(io_err(log_path))?;
     log.sync_all().map_err(io_err(log_path))?;
@@ -337,7 +372,7 @@ fn prepare_files(dir: &Path, log_path: &Path, commit_path: &Path) -> Result<bool
     let tmp = commit_path.with_extension("commit.tmp");
     let commit = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut slots = vec![0u8; 2 * SLOT_LEN as usize];
-    let first = encode_slot(0, LOG_HEADER_LEN);
+    let first = encode_slot(0, LOG_HEADER_LEN, 0);
     slots[..first.len()].copy_from_slice(&first);
     commit.write_all_at(&slots, 0).map_err(io_err(&tmp))?;
     commit.sync_all().map_err(io_err(&tmp))?;
@@ -352,13 +387,22 @@ fn prepare_files(dir: &Path, log_path: &Path, commit_path: &Path) -> Result<bool
 struct Slot {
     commit_seq: u64,
     log_len: u64,
+    generation: u32,
 }
 
-fn encode_slot(commit_seq: u64, log_len: u64) -> Vec<u8> {
+fn encode_log_header(generation: u32) -> Vec<u8> {
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(LOG_MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&generation.to_le_bytes());
+    header
+}
+
+fn encode_slot(commit_seq: u64, log_len: u64, generation: u32) -> Vec<u8> {
     let mut slot = Vec::with_capacity(SLOT_BODY_LEN + 4);
     slot.extend_from_slice(COMMIT_MAGIC);
     slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    slot.extend_from_slice(&0u32.to_le_bytes());
+    slot.extend_from_slice(&generation.to_le_bytes());
     slot.extend_from_slice(&commit_seq.to_le_bytes());
     slot.extend_from_slice(&log_len.to_le_bytes());
     let crc = crc32fast::hash(&slot);
@@ -396,7 +440,7 @@ fn read_commit(file: &File, path: &Path) -> Result<Slot, OpenError> {
     let mut best: Option<Slot> = None;
     for slot in slots {
         let mut reader = Reader::new(slot);
-        let (magic, version, _zero, commit_seq, log_len) = (
+        let (magic, version, generation, commit_seq, log_len) = (
             reader.bytes(8),
             reader.u32(),
             reader.u32(),
@@ -409,7 +453,8 @@ fn read_commit(file: &File, path: &Path) -> Result<Slot, OpenError> {
         if !valid {
             continue;
         }
-        let (Some(version), Some(commit_seq), Some(log_len)) = (version, commit_seq, log_len)
+        let (Some(version), Some(generation), Some(commit_seq), Some(log_len)) =
+            (version, generation, commit_seq, log_len)
         else {
             continue;
         };
@@ -424,6 +469,7 @@ fn read_commit(file: &File, path: &Path) -> Result<Slot, OpenError> {
             best = Some(Slot {
                 commit_seq,
                 log_len,
+                generation,
             });
         }
     }
@@ -441,9 +487,12 @@ struct Loaded {
     next_seq: u64,
     /// Bytes of an invalid (torn) tail past `end`.
     torn_tail: u64,
+    generation: u32,
+    /// Log bytes acknowledged by the commit slot (or a finished compaction).
+    committed: u64,
 }
 
-fn read_log(file: &File, path: &Path, committed: u64) -> Result<Loaded, OpenError> {
+fn read_log(file: &File, path: &Path, slot: Slot) -> Result<Loaded, OpenError> {
     let to_open_err = |source| OpenError::Io {
         path: path.to_path_buf(),
         source,
@@ -459,7 +508,8 @@ fn read_log(file: &File, path: &Path, committed: u64) -> Result<Loaded, OpenErro
             path: path.to_path_buf(),
         });
     }
-    let version = Reader::new(&bytes[8..]).u32();
+    let mut header = Reader::new(&bytes[8..]);
+    let version = header.u32();
     if version != Some(FORMAT_VERSION) {
         return Err(OpenError::UnsupportedVersion {
             path: path.to_path_buf(),
@@ -467,6 +517,23 @@ fn read_log(file: &File, path: &Path, committed: u64) -> Result<Loaded, OpenErro
             supported: FORMAT_VERSION,
         });
     }
+    let generation = header.u32().unwrap_or(u32::MAX);
+    let committed = if generation == slot.generation {
+        slot.log_len
+    } else if Some(generation) == slot.generation.checked_add(1) {
+        // A compaction renamed its complete, fsynced log into place but did
+        // not write the commit slot: all of it counts as acknowledged.
+        actual
+    } else {
+        return Err(OpenError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 12,
+            reason: format!(
+                "log generation {generation} does not match the commit's generation {}",
+                slot.generation
+            ),
+        });
+    };
     if actual < committed {
         return Err(OpenError::Truncated {
             path: path.to_path_buf(),
@@ -513,6 +580,8 @@ fn read_log(file: &File, path: &Path, committed: u64) -> Result<Loaded, OpenErro
         end: offset,
         next_seq,
         torn_tail: actual - offset,
+        generation,
+        committed,
     })
 }
 
@@ -523,8 +592,10 @@ enum Record {
         worker: Arc<str>,
         range: RoomRange,
         rooms_issued: u64,
+        created_unix_ms: u64,
     },
     Issued(Arc<str>, u64),
+    Pruned(u64),
 }
 
 fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String> {
@@ -560,7 +631,8 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
         KIND_RESERVE => {
             let worker = reader.string().ok_or_else(bad)?;
             let dp_size = reader.u32().and_then(|n| DpSize::try_new(n).ok());
-            let (start, end, rooms_issued) = (reader.u64(), reader.u64(), reader.u64());
+            let (start, end, rooms_issued, created) =
+                (reader.u64(), reader.u64(), reader.u64(), reader.u64());
             let range = match (dp_size, start, end) {
                 (Some(d), Some(start), Some(end)) => RoomRange::from_parts(start, end, d),
                 _ => None,
@@ -569,8 +641,10 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
                 worker,
                 range: range.ok_or_else(bad)?,
                 rooms_issued: rooms_issued.ok_or_else(bad)?,
+                created_unix_ms: created.ok_or_else(bad)?,
             }
         }
+        KIND_PRUNED => Record::Pruned(reader.u64().ok_or_else(bad)?),
         KIND_ISSUED => Record::Issued(
             reader.string().ok_or_else(bad)?,
             reader.u64().ok_or_else(bad)?,
@@ -588,6 +662,7 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
 struct Replay {
     workers: BTreeMap<Arc<str>, WorkerRecord>,
     ranges: RangeTable,
+    pruned_below: u64,
 }
 
 impl Replay {
@@ -607,6 +682,7 @@ impl Replay {
                 worker,
                 range,
                 rooms_issued,
+                created_unix_ms,
             } => {
                 let entry = self.worker(&worker, range.dp_size());
                 entry.rooms_issued = entry.rooms_issued.max(rooms_issued);
@@ -615,9 +691,11 @@ impl Replay {
                     .insert(RangeOwner {
                         prefill_worker,
                         range,
+                        created_unix_ms,
                     })
                     .map_err(|overlap| overlap.to_string())?;
             }
+            Record::Pruned(below) => self.pruned_below = self.pruned_below.max(below),
             Record::Issued(worker, rooms_issued) => {
                 if let Some(entry) = self.workers.get_mut(&worker) {
                     entry.rooms_issued = entry.rooms_issued.max(rooms_issued);
@@ -644,6 +722,7 @@ impl Replay {
         Snapshot {
             workers: self.workers.into_values().collect(),
             ranges: self.ranges,
+            pruned_below: self.pruned_below,
         }
     }
 }
@@ -659,8 +738,10 @@ struct Writer {
     log_len: u64,
     next_record_seq: u64,
     commit_seq: u64,
+    generation: u32,
     high_water: u64,
     limit: u64,
+    dir: PathBuf,
 }
 
 impl Writer {
@@ -682,6 +763,7 @@ impl Writer {
         let mut seq = self.next_record_seq;
         let mut high_water = self.high_water;
         let mut answers = Vec::with_capacity(batch.len());
+        let mut pending_prune = None;
         for Request { op, reply } in batch {
             let outcome = match op {
                 Op::Register(worker, dp_size) => {
@@ -705,17 +787,25 @@ impl Writer {
                     ) {
                         Ok(range) => {
                             high_water = range.end();
-                            encode_record(&mut buf, seq, KIND_RESERVE, |b| {
-                                put_str(b, &r.prefill_worker);
-                                b.extend_from_slice(&r.dp_size.get().to_le_bytes());
-                                b.extend_from_slice(&range.start().to_le_bytes());
-                                b.extend_from_slice(&range.end().to_le_bytes());
-                                b.extend_from_slice(&r.rooms_issued.to_le_bytes());
-                            });
+                            encode_reserve(
+                                &mut buf,
+                                seq,
+                                &r.prefill_worker,
+                                range,
+                                r.rooms_issued,
+                                r.created_unix_ms,
+                            );
                             Ok(Outcome::Reserved(range))
                         }
                         Err(space) => Err(StoreError::Space(space)),
                     }
+                }
+                Op::Prune(cutoff_unix_ms) => {
+                    // Compaction needs everything before it on disk first.
+                    answers.push((reply, Err(StoreError::Closed)));
+                    let index = answers.len() - 1;
+                    pending_prune = Some((index, cutoff_unix_ms));
+                    continue;
                 }
                 Op::Issued(counts) => {
                     for (worker, rooms_issued) in counts {
@@ -747,10 +837,112 @@ impl Writer {
             self.next_record_seq = seq;
             self.high_water = high_water;
         }
+        if let Some((index, cutoff_unix_ms)) = pending_prune {
+            answers[index].1 = self.compact(cutoff_unix_ms).map(Outcome::Pruned);
+        }
         for (reply, outcome) in answers {
             // A caller that gave up is fine: its range is simply skipped.
             let _ = reply.send(outcome);
         }
+    }
+
+    /// Rewrites the log without ranges reserved before `cutoff_unix_ms`;
+    /// returns the highest end pruned so far (see "Compaction" above).
+    fn compact(&mut self, cutoff_unix_ms: u64) -> Result<u64, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io {
+                path,
+                source: Arc::new(source),
+            }
+        };
+        let mut bytes = vec![0u8; usize::try_from(self.log_len).expect("the log fits in memory")];
+        self.log
+            .read_exact_at(&mut bytes, 0)
+            .map_err(io(&self.log_path))?;
+        let mut replay = Replay::default();
+        let mut offset = usize::try_from(LOG_HEADER_LEN).expect("small");
+        let mut seq = 1;
+        while offset < bytes.len() {
+            let len = parse_record(&bytes[offset..], seq)
+                .and_then(|(record, len)| replay.apply(record).map(|()| len))
+                .map_err(|reason| StoreError::Io {
+                    path: self.log_path.clone(),
+                    source: Arc::new(std::io::Error::new(std::io::ErrorKind::InvalidData, reason)),
+                })?;
+            offset += usize::try_from(len).expect("a record fits in memory");
+            seq += 1;
+        }
+        let pruned = replay.ranges.prune(cutoff_unix_ms);
+        if pruned == 0 {
+            return Ok(replay.pruned_below);
+        }
+        let pruned_below = replay.pruned_below.max(pruned);
+
+        let generation = self.generation + 1;
+        let mut log = encode_log_header(generation);
+        let mut seq = 1;
+        for worker in replay.workers.values() {
+            encode_record(&mut log, seq, KIND_REGISTER, |b| {
+                put_str(b, &worker.prefill_worker);
+                b.extend_from_slice(&worker.dp_size.get().to_le_bytes());
+            });
+            seq += 1;
+            if !worker.registered {
+                encode_record(&mut log, seq, KIND_DEREGISTER, |b| {
+                    put_str(b, &worker.prefill_worker)
+                });
+                seq += 1;
+            }
+            encode_record(&mut log, seq, KIND_ISSUED, |b| {
+                put_str(b, &worker.prefill_worker);
+                b.extend_from_slice(&worker.rooms_issued.to_le_bytes());
+            });
+            seq += 1;
+        }
+        for owner in replay.ranges.iter() {
+            encode_reserve(
+                &mut log,
+                seq,
+                &owner.prefill_worker,
+                owner.range,
+                0,
+                owner.created_unix_ms,
+            );
+            seq += 1;
+        }
+        encode_record(&mut log, seq, KIND_PRUNED, |b| {
+            b.extend_from_slice(&pruned_below.to_le_bytes())
+        });
+        seq += 1;
+
+        let compact_path = self.dir.join(COMPACT_FILE);
+        let compacted = File::create(&compact_path).map_err(io(&compact_path))?;
+        compacted.write_all_at(&log, 0).map_err(io(&compact_path))?;
+        compacted.sync_all().map_err(io(&compact_path))?;
+        fs::rename(&compact_path, &self.log_path).map_err(io(&self.log_path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        self.log = compacted;
+        let new_len = u64::try_from(log.len()).expect("fits");
+        let commit_seq = self.commit_seq + 1;
+        self.commit
+            .write_all_at(
+                &encode_slot(commit_seq, new_len, generation),
+                (commit_seq % 2) * SLOT_LEN,
+            )
+            .map_err(io(&self.commit_path))?;
+        self.commit.sync_data().map_err(io(&self.commit_path))?;
+        self.commit_seq = commit_seq;
+        self.generation = generation;
+        self.log_len = new_len;
+        self.next_record_seq = seq;
+        info!(
+            ranges_kept = replay.ranges.len(),
+            pruned_below, "compacted the embedded store's log"
+        );
+        Ok(pruned_below)
     }
 
     fn append_and_commit(&mut self, records: &[u8]) -> Result<(), StoreError> {
@@ -770,7 +962,10 @@ impl Writer {
             source: Arc::new(source),
         };
         self.commit
-            .write_all_at(&encode_slot(commit_seq, new_len), slot_offset)
+            .write_all_at(
+                &encode_slot(commit_seq, new_len, self.generation),
+                slot_offset,
+            )
             .map_err(commit_err)?;
         self.commit.sync_data().map_err(commit_err)?;
         self.log_len = new_len;
@@ -790,6 +985,24 @@ fn encode_record(buf: &mut Vec<u8>, seq: u64, kind: u8, fields: impl FnOnce(&mut
     let crc = crc32fast::hash(&buf[body_at..]);
     buf[header_at..header_at + 4].copy_from_slice(&len.to_le_bytes());
     buf[header_at + 4..body_at].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn encode_reserve(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    worker: &str,
+    range: RoomRange,
+    rooms_issued: u64,
+    created_unix_ms: u64,
+) {
+    encode_record(buf, seq, KIND_RESERVE, |b| {
+        put_str(b, worker);
+        b.extend_from_slice(&range.dp_size().get().to_le_bytes());
+        b.extend_from_slice(&range.start().to_le_bytes());
+        b.extend_from_slice(&range.end().to_le_bytes());
+        b.extend_from_slice(&rooms_issued.to_le_bytes());
+        b.extend_from_slice(&created_unix_ms.to_le_bytes());
+    });
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -865,6 +1078,7 @@ mod tests {
             want_bases: bases,
             need_bases: bases,
             rooms_issued: 7,
+            created_unix_ms: 1_000,
         }
     }
 
@@ -1078,8 +1292,73 @@ mod tests {
                 .insert(RangeOwner {
                     prefill_worker: Arc::from("w"),
                     range,
+                    created_unix_ms: 0,
                 })
                 .expect("disjoint");
         }
+    }
+
+    #[test]
+    fn compaction_prunes_old_ranges_and_keeps_the_high_water_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let (store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
+        let old = rt.block_on(async {
+            store
+                .register(Arc::from("w"), dp(2))
+                .await
+                .expect("register");
+            store.reserve(reservation("w", 2, 5)).await.expect("old")
+        });
+        let young = rt
+            .block_on(store.reserve(Reservation {
+                created_unix_ms: 9_000,
+                ..reservation("w", 2, 5)
+            }))
+            .expect("young");
+        let last_old = rt
+            .block_on(store.reserve(reservation("w", 2, 5)))
+            .expect("old again, after the young one");
+        // Pruning goes by reservation time alone: both old ranges go.
+        let below = rt.block_on(store.prune(5_000)).expect("prune");
+        assert_eq!(below, last_old.end());
+        let next = rt
+            .block_on(store.reserve(reservation("w", 2, 1)))
+            .expect("reserve after compaction");
+        assert!(next.start() >= last_old.end(), "never moves back");
+        drop(store);
+
+        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("reopen");
+        assert_eq!(snapshot.pruned_below, last_old.end());
+        assert_eq!(snapshot.ranges.len(), 2, "the young range and the new one");
+        let old_room = Room::try_new(old.start() + 1).expect("room");
+        assert!(snapshot.ranges.resolve(old_room).is_none());
+        let young_room = Room::try_new(young.start()).expect("room");
+        assert!(snapshot.ranges.resolve(young_room).is_some());
+        assert!(snapshot.workers[0].registered);
+    }
+
+    #[test]
+    fn a_compaction_interrupted_after_its_rename_is_adopted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let (store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
+        let old = rt
+            .block_on(store.reserve(reservation("w", 1, 3)))
+            .expect("old");
+        let commit_before = fs::read(dir.path().join(COMMIT_FILE)).expect("read");
+        rt.block_on(store.prune(5_000)).expect("prune");
+        drop(store);
+        // Put back the commit file as it was before the compaction's slot write.
+        fs::write(dir.path().join(COMMIT_FILE), &commit_before).expect("write");
+        fs::write(dir.path().join(COMPACT_FILE), b"half a compaction").expect("write");
+        let (store, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("adopts");
+        assert_eq!(snapshot.pruned_below, old.end());
+        assert!(snapshot.ranges.is_empty());
+        assert!(!dir.path().join(COMPACT_FILE).exists(), "leftover removed");
+        let next = rt
+            .block_on(store.reserve(reservation("w", 1, 1)))
+            .expect("reserve");
+        assert!(next.start() >= old.end());
     }
 }

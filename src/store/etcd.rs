@@ -7,6 +7,8 @@
 //! - `v1/workers/{prefill_worker}`: JSON `{"dp_size", "registered"}`.
 //! - `v1/issued/{prefill_worker}`: decimal u64, `rooms_issued` persisted by
 //!   replicas as they shut down.
+//! - `v1/pruned_below`: decimal u64; ranges ending at or below it were pruned
+//!   by retention (so ResolveRank can tell "pruned" from "never issued").
 //!
 //! # Reserving a range
 //! One transaction: if `high_water` still has the mod revision this replica
@@ -32,7 +34,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
@@ -108,6 +110,10 @@ impl Keys {
     fn issued(&self, name: &str) -> String {
         format!("{}issued/{name}", self.root)
     }
+
+    fn pruned_below(&self) -> String {
+        format!("{}pruned_below", self.root)
+    }
 }
 
 /// The registration a worker key holds; its exact bytes are compared in
@@ -133,13 +139,8 @@ fn decode_range(key_start: &str, value: &[u8]) -> Option<RangeOwner> {
     Some(RangeOwner {
         prefill_worker: Arc::from(worker),
         range: RoomRange::from_parts(start, end, dp_size)?,
+        created_unix_ms: value["created_unix_ms"].as_u64()?,
     })
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn unavailable(operation: &'static str, error: etcd_client::Error) -> StoreError {
@@ -307,7 +308,7 @@ impl EtcdStore {
                 "end": range.end(),
                 "dp_size": r.dp_size.get(),
                 "prefill_worker": &*r.prefill_worker,
-                "created_unix_ms": unix_ms(),
+                "created_unix_ms": r.created_unix_ms,
             })
             .to_string();
             let txn = Txn::new()
@@ -416,6 +417,81 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// Deletes ranges created before `cutoff_unix_ms`, oldest first, and
+    /// raises `pruned_below` in the same transaction.
+    async fn prune_ranges(&self, cutoff_unix_ms: u64) -> Result<u64, StoreError> {
+        const BATCH: i64 = 256;
+        let prefix = self.keys.ranges();
+        loop {
+            let mut kv = self.kv.clone();
+            let marker = self
+                .timed("read pruned_below", kv.get(self.keys.pruned_below(), None))
+                .await?;
+            let (old_below, guard) = match marker.kvs().first() {
+                Some(kv) => (
+                    parse_decimal(kv.value()).ok_or(StoreError::CorruptHighWater)?,
+                    Compare::mod_revision(
+                        self.keys.pruned_below(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    ),
+                ),
+                None => (
+                    0,
+                    Compare::create_revision(self.keys.pruned_below(), CompareOp::Equal, 0),
+                ),
+            };
+            let batch = self
+                .timed(
+                    "list old ranges",
+                    kv.get(
+                        prefix.clone(),
+                        Some(GetOptions::new().with_prefix().with_limit(BATCH)),
+                    ),
+                )
+                .await?;
+            let mut deletes = Vec::new();
+            let mut below = old_below;
+            for kv in batch.kvs() {
+                let Some(owner) = kv
+                    .key_str()
+                    .ok()
+                    .and_then(|key| key.strip_prefix(&prefix))
+                    .and_then(|start| decode_range(start, kv.value()))
+                else {
+                    continue;
+                };
+                // Ranges are reserved in order of start, so the first young
+                // one ends the old ones (up to clock skew, which only delays).
+                if owner.created_unix_ms >= cutoff_unix_ms {
+                    break;
+                }
+                below = below.max(owner.range.end());
+                deletes.push(TxnOp::delete(kv.key().to_vec(), None));
+            }
+            if deletes.is_empty() {
+                return Ok(old_below);
+            }
+            let count = deletes.len();
+            deletes.push(TxnOp::put(
+                self.keys.pruned_below(),
+                below.to_string(),
+                None,
+            ));
+            let txn = Txn::new().when([guard]).and_then(deletes);
+            if self.timed("prune ranges", kv.txn(txn)).await?.succeeded() {
+                info!(
+                    ranges = count,
+                    pruned_below = below,
+                    "pruned ranges past retention from etcd"
+                );
+                if i64::try_from(count).unwrap_or(i64::MAX) < BATCH {
+                    return Ok(below);
+                }
+            }
+        }
+    }
+
     async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
         let options = GetOptions::new()
             .with_range(self.keys.range(room.get().saturating_add(1)))
@@ -463,6 +539,10 @@ fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, OpenError> {
     Ok(tls)
 }
 
+fn parse_decimal(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 fn parse_high_water(kv: Option<&etcd_client::KeyValue>) -> Result<(u64, i64), StoreError> {
     match kv {
         None => Ok((crate::space::SPACE_START, 0)),
@@ -486,6 +566,7 @@ fn parse_snapshot(
     let mut workers = std::collections::BTreeMap::new();
     let mut issued = std::collections::HashMap::new();
     let mut high_water = None;
+    let mut pruned_below = 0;
     for kv in kvs {
         let key = kv
             .key_str()
@@ -493,7 +574,10 @@ fn parse_snapshot(
         let Some(name) = key.strip_prefix(&keys.root) else {
             continue;
         };
-        if name == "high_water" {
+        if name == "pruned_below" {
+            pruned_below =
+                parse_decimal(kv.value()).ok_or_else(|| corrupt(key, "not a decimal number"))?;
+        } else if name == "high_water" {
             high_water =
                 Some(parse_high_water(Some(kv)).map_err(|_| corrupt(key, "not a decimal number"))?);
         } else if let Some(start) = name.strip_prefix("ranges/") {
@@ -534,7 +618,14 @@ fn parse_snapshot(
             revision,
         })
         .collect();
-    Ok((Snapshot { workers, ranges }, high_water))
+    Ok((
+        Snapshot {
+            workers,
+            ranges,
+            pruned_below,
+        },
+        high_water,
+    ))
 }
 
 /// Follows `v1/workers/`: a watch for promptness, a reread every
@@ -690,6 +781,10 @@ impl Store for EtcdStore {
 
     fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()> {
         Box::pin(self.add_issued(counts))
+    }
+
+    fn prune(&self, cutoff_unix_ms: u64) -> StoreFuture<'_, u64> {
+        Box::pin(self.prune_ranges(cutoff_unix_ms))
     }
 
     fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>> {

@@ -41,6 +41,8 @@ pub struct Reservation {
     /// The worker's `rooms_issued` so far, persisted with the range so the
     /// count survives restarts (it may lag by the rooms issued since).
     pub rooms_issued: u64,
+    /// Wall-clock time of the reservation, for retention.
+    pub created_unix_ms: u64,
 }
 
 /// A worker as last persisted.
@@ -69,6 +71,8 @@ pub struct IssuedCount {
 pub struct Snapshot {
     pub workers: Vec<WorkerRecord>,
     pub ranges: RangeTable,
+    /// Ranges ending at or below this were pruned by retention.
+    pub pruned_below: u64,
 }
 
 /// Failures of a store; the allocator reports all but `Space` as UNAVAILABLE.
@@ -188,6 +192,10 @@ pub trait Store: Send + Sync + 'static {
     /// Persists `rooms_issued` counters, e.g. at shutdown.
     fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()>;
 
+    /// Drops ranges reserved before `cutoff_unix_ms` (retention); returns the
+    /// highest end pruned so far, 0 if none.
+    fn prune(&self, cutoff_unix_ms: u64) -> StoreFuture<'_, u64>;
+
     /// The range holding `room` if it is not in memory: another replica may
     /// have reserved it. Single-writer stores have everything in memory.
     fn lookup(&self, _room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
@@ -212,4 +220,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and releases the store; later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Milliseconds since the Unix epoch, for range timestamps.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
