@@ -38,6 +38,28 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// List registered workers; one JSON line per worker.
     Workers(ClientArgs),
+    /// Move an embedded store's high-water mark, ranges and registrations
+    /// into etcd, so that no room issued before can be issued again.
+    Migrate(Box<MigrateArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The embedded store to migrate (no server may be running on it).
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_DATA_DIR",
+        default_value = "./room-allocator-data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Bound on each etcd call.
+    #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub store_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -238,5 +260,22 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("h").is_err());
+    }
+}
+
+impl EtcdArgs {
+    /// The etcd store's settings, with `timeout` bounding each call.
+    pub fn store_config(&self, timeout: Duration) -> crate::store::EtcdConfig {
+        crate::store::EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            timeout,
+            staleness: Duration::from_secs(self.etcd_staleness_secs),
+        }
     }
 }

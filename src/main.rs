@@ -10,9 +10,11 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use room_allocator::cli;
-use room_allocator::config::{Cli, Command, LogFormat, ServeArgs};
+use room_allocator::config::{Cli, Command, LogFormat, MigrateArgs, ServeArgs};
 use room_allocator::server::Server;
 use room_allocator::service::code_name;
+use room_allocator::space::MAX_ROOM;
+use room_allocator::store::EmbeddedStore;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
             Command::Allocate(args) => cli::allocate(args).await,
             Command::Resolve(args) => cli::resolve(args).await,
             Command::Workers(args) => cli::workers(args).await,
+            Command::Migrate(args) => return migrate(*args).await,
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
@@ -114,5 +117,59 @@ async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     server.serve(grpc, metrics, shutdown).await?;
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> ExitCode {
+    match try_migrate(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("room-allocator: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn try_migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.etcd.etcd_endpoints.is_empty(),
+        "--etcd-endpoints is required: where to migrate to"
+    );
+    // Opening takes the data dir's lock: no server may issue rooms meanwhile.
+    let (store, snapshot) = EmbeddedStore::open(&args.data_dir, MAX_ROOM + 1)
+        .with_context(|| format!("cannot open --data-dir {}", args.data_dir.display()))?;
+    let config = args
+        .etcd
+        .store_config(std::time::Duration::from_secs(args.store_timeout_secs));
+    let report = room_allocator::store::etcd::import(&config, &snapshot)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot migrate into --etcd-endpoints {}",
+                config.endpoints.join(",")
+            )
+        })?;
+    drop(store);
+    let target = format!(
+        "etcd {} prefix {}",
+        config.endpoints.join(","),
+        config.prefix
+    );
+    EmbeddedStore::mark_migrated(&args.data_dir, &target).with_context(|| {
+        format!(
+            "migrated, but cannot mark --data-dir {} as migrated",
+            args.data_dir.display()
+        )
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "high_water": report.high_water,
+            "ranges": report.ranges,
+            "workers": report.workers,
+            "etcd_prefix": args.etcd.etcd_prefix,
+        })
+    );
+    info!("migrated; start the replicas with --etcd-endpoints (the data dir now refuses to serve)");
     Ok(())
 }

@@ -22,7 +22,7 @@ use crate::config::ServeArgs;
 use crate::metrics::{self, Metrics};
 use crate::pb;
 use crate::service::{RoomAllocatorServiceServer, Service};
-use crate::store::{EmbeddedStore, EtcdConfig, EtcdStore, OpenError, Store};
+use crate::store::{EmbeddedStore, EtcdStore, OpenError, Store};
 
 /// An opened store and allocator, ready to serve.
 pub struct Server {
@@ -57,18 +57,7 @@ impl Server {
             let (store, snapshot) = EmbeddedStore::open(&config.data_dir, limits.space_end)?;
             (Arc::new(store), snapshot)
         } else {
-            let etcd = &config.etcd;
-            let etcd_config = EtcdConfig {
-                endpoints: etcd.etcd_endpoints.clone(),
-                prefix: etcd.etcd_prefix.clone(),
-                username: etcd.etcd_username.clone(),
-                password: etcd.etcd_password.clone(),
-                ca: etcd.etcd_ca.clone(),
-                cert: etcd.etcd_cert.clone(),
-                key: etcd.etcd_key.clone(),
-                timeout: store_timeout,
-                staleness: Duration::from_secs(etcd.etcd_staleness_secs),
-            };
+            let etcd_config = config.etcd.store_config(store_timeout);
             let (store, snapshot) = EtcdStore::open(&etcd_config, limits.space_end).await?;
             (Arc::new(store), snapshot)
         };

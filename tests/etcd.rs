@@ -407,3 +407,142 @@ async fn a_new_worker_and_a_realignment_on_one_replica_reach_the_other_within_th
         .into_inner();
     assert_eq!(resolved.dp_size, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_ranges_from_etcd_and_every_replica_says_so() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("retention");
+    let a = replica(&etcd, &prefix, &["--retention", "1s"]);
+    let b = replica(&etcd, &prefix, &["--retention", "1h"]);
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let request = || pb::AllocateRoomRequest {
+        prefill_worker: "aging".into(),
+        dp_rank: 0,
+        dp_size: 1,
+    };
+    let old = timed(on_a.allocate_room(request()))
+        .await
+        .expect("allocate")
+        .into_inner()
+        .room;
+    timed(on_b.resolve_rank(pb::ResolveRankRequest { room: old }))
+        .await
+        .expect("B resolves A's young room");
+    let pruned = wait_until(Duration::from_secs(15), || {
+        let mut on_a = on_a.clone();
+        async move {
+            // A keeps allocating (from fresh ranges) and prunes the old one.
+            let _ = on_a.allocate_room(request()).await;
+            on_a.resolve_rank(pb::ResolveRankRequest { room: old })
+                .await
+                .is_err()
+        }
+    })
+    .await;
+    assert!(pruned.is_some(), "A pruned the old range");
+    let c = replica(&etcd, &prefix, &[]);
+    let status = timed(
+        c.client()
+            .await
+            .resolve_rank(pb::ResolveRankRequest { room: old }),
+    )
+    .await
+    .expect_err("pruned in etcd too");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("pruned"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_an_embedded_store_into_etcd_without_reissuing_a_room() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("migrate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut issued = Vec::new();
+    {
+        let mut embedded = ServerProcess::start(dir.path(), &[]);
+        let mut client = embedded.client().await;
+        for (worker, dp_size) in [("m-dp2", 2), ("m-dp3", 3)] {
+            for rank in 0..dp_size {
+                let room = timed(client.allocate_room(pb::AllocateRoomRequest {
+                    prefill_worker: worker.into(),
+                    dp_rank: rank,
+                    dp_size,
+                }))
+                .await
+                .expect("allocate")
+                .into_inner()
+                .room;
+                issued.push((room, worker, dp_size));
+            }
+        }
+        assert!(embedded.terminate().success());
+    }
+    let data_dir = dir.path().to_str().expect("utf-8 path");
+    let migrate = |extra: &[&str]| {
+        let mut args = vec![
+            "migrate",
+            "--data-dir",
+            data_dir,
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            &prefix,
+        ];
+        args.extend_from_slice(extra);
+        common::run_cli(&args)
+    };
+    let (code, out, err) = migrate(&[]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(report["workers"], 2);
+
+    // The data dir now refuses to serve, and a second migrate is refused too.
+    let Err(failure) = ServerProcess::try_start(dir.path(), &[]) else {
+        panic!("served from a migrated data dir");
+    };
+    assert!(failure.log.contains("migrated to etcd"), "{}", failure.log);
+    let (code, _, err) = migrate(&[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("migrated to etcd"), "{err}");
+
+    let replica = replica(&etcd, &prefix, &[]);
+    let mut client = replica.client().await;
+    let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
+        .await
+        .expect("list")
+        .into_inner();
+    let names: Vec<&str> = listed
+        .workers
+        .iter()
+        .map(|w| w.prefill_worker.as_str())
+        .collect();
+    assert_eq!(names, ["m-dp2", "m-dp3"]);
+    for (room, worker, dp_size) in &issued {
+        let resolved = timed(client.resolve_rank(pb::ResolveRankRequest { room: *room }))
+            .await
+            .expect("old rooms resolve from etcd")
+            .into_inner();
+        assert_eq!(
+            (resolved.prefill_worker.as_str(), resolved.dp_size),
+            (*worker, *dp_size)
+        );
+    }
+    let new = timed(client.allocate_room(pb::AllocateRoomRequest {
+        prefill_worker: "m-dp2".into(),
+        dp_rank: 1,
+        dp_size: 0,
+    }))
+    .await
+    .expect("allocate on etcd")
+    .into_inner()
+    .room;
+    assert!(
+        issued.iter().all(|(room, _, _)| *room < new),
+        "etcd resumes past the embedded space"
+    );
+}

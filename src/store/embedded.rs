@@ -10,6 +10,8 @@
 //! # Files in the data dir
 //! - `LOCK`: empty; an exclusive `flock` while a server runs, so two servers
 //!   never share one room space.
+//! - `MIGRATED`: written by `room-allocator migrate`, naming the etcd the
+//!   space moved to; the store then refuses to open.
 //! - `rooms.log`: a 16-byte header, `b"RALLOCLG"`, format version (u32 LE),
 //!   generation (u32 LE, +1 at each compaction), then records. A record is `len: u32 LE`, `crc32: u32 LE` of
 //!   the body, and a body of `len` bytes: `seq: u64 LE` (1, 2, 3, ... with no
@@ -100,6 +102,8 @@ const KIND_RESERVE: u8 = 3;
 const KIND_ISSUED: u8 = 4;
 const KIND_PRUNED: u8 = 5;
 const COMPACT_FILE: &str = "rooms.log.compact";
+/// Written by `migrate`: the dir's room space now lives in etcd.
+const MIGRATED_FILE: &str = "MIGRATED";
 
 /// The embedded store handle: requests go to one writer thread.
 pub struct EmbeddedStore {
@@ -153,6 +157,13 @@ impl EmbeddedStore {
             }
         }
 
+        let migrated_path = dir.join(MIGRATED_FILE);
+        if let Ok(target) = fs::read_to_string(&migrated_path) {
+            return Err(OpenError::Migrated {
+                path: migrated_path,
+                target: target.trim().to_owned(),
+            });
+        }
         let log_path = dir.join(LOG_FILE);
         let commit_path = dir.join(COMMIT_FILE);
         let fresh = prepare_files(dir, &log_path, &commit_path)?;
@@ -229,6 +240,15 @@ impl EmbeddedStore {
             writer: Mutex::new(Some(handle)),
         };
         Ok((store, loaded.snapshot))
+    }
+
+    /// Marks the dir as moved to etcd (`target`), durably; later opens refuse.
+    pub fn mark_migrated(dir: &Path, target: &str) -> std::io::Result<()> {
+        let path = dir.join(MIGRATED_FILE);
+        let file = File::create(&path)?;
+        file.write_all_at(format!("{target}\n").as_bytes(), 0)?;
+        file.sync_all()?;
+        File::open(dir)?.sync_all()
     }
 
     fn submit(&self, op: Op) -> StoreFuture<'_, Outcome> {

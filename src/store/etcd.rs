@@ -173,47 +173,16 @@ impl EtcdStore {
     /// registrations. Refuses to start if etcd cannot be reached in time or
     /// holds data this binary cannot trust.
     pub async fn open(config: &EtcdConfig, limit: u64) -> Result<(Self, Snapshot), OpenError> {
-        let endpoints = config.endpoints.join(",");
-        let etcd_err = |source: etcd_client::Error| OpenError::Etcd {
-            endpoints: endpoints.clone(),
-            source,
-        };
-        let mut options = ConnectOptions::new()
-            .with_timeout(config.timeout)
-            .with_connect_timeout(config.timeout)
-            .with_keep_alive(Duration::from_secs(5), config.timeout);
-        if let (Some(user), Some(password)) = (&config.username, &config.password) {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        if config.ca.is_some() || config.cert.is_some() {
-            options = options.with_tls(tls_options(config)?);
-        }
-        let client = tokio::time::timeout(
-            config.timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| OpenError::EtcdTimeout {
-            endpoints: endpoints.clone(),
-            after: config.timeout,
-        })?
-        .map_err(etcd_err)?;
-        let mut kv = client.kv_client();
-        let keys = Keys::new(&config.prefix);
-        let loaded = tokio::time::timeout(
-            config.timeout,
-            kv.get(keys.root.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(|_| OpenError::EtcdTimeout {
-            endpoints: endpoints.clone(),
-            after: config.timeout,
-        })?
-        .map_err(etcd_err)?;
-        let revision = loaded.header().map_or(0, |h| h.revision());
-        let (snapshot, high_water) = parse_snapshot(&keys, loaded.kvs())?;
+        let Loaded {
+            client,
+            keys,
+            snapshot,
+            high_water,
+            revision,
+        } = connect_and_load(config).await?;
+        let kv = client.kv_client();
         info!(
-            endpoints = %endpoints,
+            endpoints = %config.endpoints.join(","),
             prefix = %keys.root,
             ranges = snapshot.ranges.len(),
             workers = snapshot.workers.len(),
@@ -508,6 +477,184 @@ impl EtcdStore {
             owner.range.contains(room).then_some(owner)
         }))
     }
+}
+
+/// A connected client and everything under the prefix.
+struct Loaded {
+    client: Client,
+    keys: Keys,
+    snapshot: Snapshot,
+    high_water: Option<(u64, i64)>,
+    revision: i64,
+}
+
+async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, OpenError> {
+    let endpoints = config.endpoints.join(",");
+    let etcd_err = |source: etcd_client::Error| OpenError::Etcd {
+        endpoints: endpoints.clone(),
+        source,
+    };
+    let timeout_err = || OpenError::EtcdTimeout {
+        endpoints: endpoints.clone(),
+        after: config.timeout,
+    };
+    let mut options = ConnectOptions::new()
+        .with_timeout(config.timeout)
+        .with_connect_timeout(config.timeout)
+        .with_keep_alive(Duration::from_secs(5), config.timeout);
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    if config.ca.is_some() || config.cert.is_some() {
+        options = options.with_tls(tls_options(config)?);
+    }
+    let client = tokio::time::timeout(
+        config.timeout,
+        Client::connect(&config.endpoints, Some(options)),
+    )
+    .await
+    .map_err(|_| timeout_err())?
+    .map_err(etcd_err)?;
+    let mut kv = client.kv_client();
+    let keys = Keys::new(&config.prefix);
+    let loaded = tokio::time::timeout(
+        config.timeout,
+        kv.get(keys.root.clone(), Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .map_err(|_| timeout_err())?
+    .map_err(etcd_err)?;
+    let revision = loaded.header().map_or(0, |h| h.revision());
+    let (snapshot, high_water) = parse_snapshot(&keys, loaded.kvs())?;
+    Ok(Loaded {
+        client,
+        keys,
+        snapshot,
+        high_water,
+        revision,
+    })
+}
+
+/// What `migrate` moved into etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    pub high_water: u64,
+    pub ranges: usize,
+    pub workers: usize,
+}
+
+/// Moves an embedded store's state into etcd so that no room issued before
+/// can be issued again: first the high-water mark (compare-and-swap, only
+/// ever raised), then the range records (so old rooms resolve) and the
+/// registrations etcd does not have yet. Safe to run again.
+pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportReport, OpenError> {
+    let Loaded {
+        client,
+        keys,
+        snapshot: existing,
+        high_water,
+        ..
+    } = connect_and_load(config).await?;
+    let endpoints = config.endpoints.join(",");
+    let etcd_err = |source: etcd_client::Error| OpenError::Etcd {
+        endpoints: endpoints.clone(),
+        source,
+    };
+    let mut kv = client.kv_client();
+
+    // Ranges already in etcd must be the same ones (a rerun), never others
+    // over the same numbers: that would mean both stores issued them.
+    let mut merged = RangeTable::default();
+    for owner in existing.ranges.iter() {
+        let _ = merged.insert(owner.clone());
+    }
+    for owner in embedded.ranges.iter() {
+        let rerun = Room::try_new(owner.range.start())
+            .ok()
+            .and_then(|start| existing.ranges.resolve(start))
+            .is_some_and(|other| other == owner);
+        if !rerun {
+            merged.insert(owner.clone()).map_err(|overlap| OpenError::CorruptKey {
+                key: keys.range(overlap.other_start),
+                reason: format!(
+                    "etcd already holds a range over the embedded store's {}..{}; both stores issued those numbers, so refusing to merge them",
+                    overlap.start, overlap.end
+                ),
+            })?;
+        }
+    }
+
+    let target = embedded
+        .ranges
+        .high_water()
+        .max(embedded.pruned_below)
+        .max(high_water.map_or(0, |(hw, _)| hw));
+    let guard = match high_water {
+        Some((_, revision)) => Compare::mod_revision(keys.high_water(), CompareOp::Equal, revision),
+        None => Compare::create_revision(keys.high_water(), CompareOp::Equal, 0),
+    };
+    let raised = kv
+        .txn(Txn::new().when([guard]).and_then([TxnOp::put(
+            keys.high_water(),
+            target.to_string(),
+            None,
+        )]))
+        .await
+        .map_err(etcd_err)?;
+    if !raised.succeeded() {
+        return Err(OpenError::CorruptKey {
+            key: keys.high_water(),
+            reason: "it changed while migrating: a replica is reserving; stop the replicas and run migrate again".into(),
+        });
+    }
+
+    let mut ops = vec![TxnOp::put(
+        keys.pruned_below(),
+        existing.pruned_below.max(embedded.pruned_below).to_string(),
+        None,
+    )];
+    for owner in embedded.ranges.iter() {
+        let record = json!({
+            "end": owner.range.end(),
+            "dp_size": owner.range.dp_size().get(),
+            "prefill_worker": &*owner.prefill_worker,
+            "created_unix_ms": owner.created_unix_ms,
+        })
+        .to_string();
+        ops.push(TxnOp::put(keys.range(owner.range.start()), record, None));
+    }
+    let known: std::collections::HashSet<&str> = existing
+        .workers
+        .iter()
+        .map(|w| &*w.prefill_worker)
+        .collect();
+    let mut workers = 0;
+    for worker in &embedded.workers {
+        if known.contains(&*worker.prefill_worker) {
+            continue;
+        }
+        workers += 1;
+        ops.push(TxnOp::put(
+            keys.worker(&worker.prefill_worker),
+            encode_worker(worker.dp_size, worker.registered),
+            None,
+        ));
+        ops.push(TxnOp::put(
+            keys.issued(&worker.prefill_worker),
+            worker.rooms_issued.to_string(),
+            None,
+        ));
+    }
+    // etcd caps a transaction at 128 operations by default.
+    while !ops.is_empty() {
+        let batch: Vec<TxnOp> = ops.drain(..ops.len().min(100)).collect();
+        kv.txn(Txn::new().and_then(batch)).await.map_err(etcd_err)?;
+    }
+    Ok(ImportReport {
+        high_water: target,
+        ranges: embedded.ranges.len(),
+        workers,
+    })
 }
 
 fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, OpenError> {

@@ -154,6 +154,11 @@ pub enum OpenError {
         actual: u64,
     },
     #[error(
+        "{} says this data dir was migrated to etcd ({target}); serving from it again would issue its rooms twice. Run with --etcd-endpoints instead",
+        path.display()
+    )]
+    Migrated { path: PathBuf, target: String },
+    #[error(
         "cannot reach etcd at {endpoints}: {source}; check --etcd-endpoints and that etcd is up"
     )]
     Etcd {
