@@ -546,3 +546,67 @@ async fn migrate_moves_an_embedded_store_into_etcd_without_reissuing_a_room() {
         "etcd resumes past the embedded space"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_authentication_needs_the_credentials() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let admin = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .expect("connect to etcd");
+    let mut auth = admin.auth_client();
+    auth.user_add("root", "s3cret", None)
+        .await
+        .expect("add root");
+    auth.user_grant_role("root", "root")
+        .await
+        .expect("grant root");
+    auth.auth_enable().await.expect("enable auth");
+
+    let prefix = unique_prefix("auth");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = ServerProcess::try_start(
+        dir.path(),
+        &["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix],
+    );
+    let Err(failure) = refused else {
+        panic!("started without credentials on an etcd that requires them");
+    };
+    assert!(
+        failure.log.contains("cannot open the store"),
+        "{}",
+        failure.log
+    );
+
+    let server = ServerProcess::try_start_with(
+        dir.path(),
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            &prefix,
+            "--etcd-username",
+            "root",
+        ],
+        |command| {
+            // The password comes from the environment, never a flag in `ps`.
+            command.env("ROOM_ALLOCATOR_ETCD_PASSWORD", "s3cret");
+        },
+    )
+    .unwrap_or_else(|failure| panic!("start with credentials: {}", failure.log));
+    assert!(
+        !server.log().contains("s3cret"),
+        "the password is never logged"
+    );
+    let mut client = server.client().await;
+    let room = timed(client.allocate_room(pb::AllocateRoomRequest {
+        prefill_worker: "authed".into(),
+        dp_rank: 2,
+        dp_size: 4,
+    }))
+    .await
+    .expect("allocate")
+    .into_inner();
+    assert_eq!(room.room % 4, 2);
+}
