@@ -8,10 +8,12 @@
 //! - [`allocator`]: the contract's rules over a store.
 //! - [`service`]: the gRPC glue, and the one mapping of errors to statuses.
 //! - [`server`]: health, reflection, metrics endpoint, graceful shutdown.
+//! - [`client`]: `RoomClient`, rooms for routers with no RPC on the hot path.
 //! - [`config`], [`metrics`], [`cli`]: flags, metric definitions, client commands.
 
 pub mod allocator;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod server;

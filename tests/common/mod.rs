@@ -76,14 +76,16 @@ impl ServerProcess {
         adjust: impl FnOnce(&mut Command),
     ) -> Result<Self, StartFailure> {
         let mut command = Command::new(BIN);
+        command.arg("serve");
+        for (flag, default) in [
+            ("--listen", "127.0.0.1:0"),
+            ("--metrics-listen", "127.0.0.1:0"),
+        ] {
+            if !extra_args.contains(&flag) {
+                command.args([flag, default]);
+            }
+        }
         command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)
