@@ -132,8 +132,8 @@ async fn connect_retries_until_the_server_is_up() {
         .expect("join")
         .expect("connected after retries");
     assert_eq!(
-        timed(client.allocate("late", 0, 1)).await.expect("room") % 1,
-        0
+        timed(client.allocate("late", 1, 2)).await.expect("room") % 2,
+        1
     );
     drop(server);
 
