@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{info, warn};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::metrics::{MethodLabels, Metrics, StoreLabels};
 use crate::space::{
     Base, BaseCursor, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
@@ -141,6 +143,9 @@ struct Inner {
     pruned_below: AtomicU64,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Resolved once: label lookups would cost as much as the allocation.
+    allocated_rooms: Counter,
+    leased_bases: Counter,
 }
 
 struct Worker {
@@ -315,6 +320,13 @@ impl Allocator {
                 (record.prefill_worker, worker)
             })
             .collect();
+        let counter = |method| {
+            metrics
+                .rooms_issued
+                .get_or_create(&MethodLabels { method })
+                .clone()
+        };
+        let (allocated_rooms, leased_bases) = (counter("AllocateRoom"), counter("LeaseRooms"));
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -322,6 +334,8 @@ impl Allocator {
                 ranges: RwLock::new(snapshot.ranges),
                 pruned_below: AtomicU64::new(snapshot.pruned_below),
                 limits,
+                allocated_rooms,
+                leased_bases,
                 metrics,
             }),
         }
@@ -375,13 +389,7 @@ impl Allocator {
                 Rank::try_new(dp_rank, dp_size).map_err(Error::from)
             })
             .await?;
-        self.inner
-            .metrics
-            .rooms_issued
-            .get_or_create(&MethodLabels {
-                method: "AllocateRoom",
-            })
-            .inc();
+        self.inner.allocated_rooms.inc();
         Ok((base.room(rank), dp_size))
     }
 
@@ -394,13 +402,7 @@ impl Allocator {
         let (first_base, dp_size, ()) = self
             .take_bases(prefill_worker, 0, u64::from(count), |_| Ok(()))
             .await?;
-        self.inner
-            .metrics
-            .rooms_issued
-            .get_or_create(&MethodLabels {
-                method: "LeaseRooms",
-            })
-            .inc_by(u64::from(count));
+        self.inner.leased_bases.inc_by(u64::from(count));
         Ok(Lease {
             first_base,
             count,

@@ -110,6 +110,8 @@ pub struct RoomClient {
 struct Inner {
     rpc: RoomAllocatorServiceClient<Channel>,
     workers: RwLock<FastMap<Box<str>, Arc<WorkerLease>>>,
+    /// Where refills run, so `try_allocate` works from any thread.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 struct WorkerLease {
@@ -191,12 +193,15 @@ impl RoomClient {
         Self::connect_with_patience(url, Duration::from_secs(30)).await
     }
 
-    /// Uses an existing channel (e.g. with TLS or a load balancer).
+    /// Uses an existing channel (e.g. with TLS or a load balancer). Called
+    /// inside a tokio runtime, refills run there; otherwise they run in
+    /// whatever runtime calls [`allocate`](Self::allocate).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: Arc::new(Inner {
                 rpc: RoomAllocatorServiceClient::new(channel),
                 workers: RwLock::new(FastMap::default()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -364,8 +369,18 @@ impl RoomClient {
     }
 
     fn spawn_refill(&self, worker: Arc<WorkerLease>) {
+        let Some(runtime) = self
+            .inner
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
+            // No runtime to refill in: the next `allocate` leases inline.
+            worker.refilling.store(false, Ordering::Release);
+            return;
+        };
         let client = self.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let dp_size = worker.state.lock().expect("lease lock").dp_size;
             if let Err(error) = client.refill_leased(&worker, dp_size).await {
                 warn!(worker = %worker.name, %error, "refilling the room lease failed; allocation falls back to AllocateRoom");

@@ -38,6 +38,9 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// List registered workers; one JSON line per worker.
     Workers(ClientArgs),
+    /// Load a server in a closed loop and report rooms/s, latency and a check
+    /// of every room (see BENCHMARKS.md).
+    Bench(Box<crate::bench::BenchArgs>),
     /// Move an embedded store's high-water mark, ranges and registrations
     /// into etcd, so that no room issued before can be issued again.
     Migrate(Box<MigrateArgs>),

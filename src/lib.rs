@@ -9,9 +9,11 @@
 //! - [`service`]: the gRPC glue, and the one mapping of errors to statuses.
 //! - [`server`]: health, reflection, metrics endpoint, graceful shutdown.
 //! - [`client`]: `RoomClient`, rooms for routers with no RPC on the hot path.
-//! - [`config`], [`metrics`], [`cli`]: flags, metric definitions, client commands.
+//! - [`config`], [`metrics`], [`cli`], [`bench`]: flags, metric definitions,
+//!   client commands, the load generator.
 
 pub mod allocator;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -19,6 +19,16 @@ use room_allocator::store::EmbeddedStore;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    if let Command::Bench(args) = cli.command {
+        // The load generator sets up its own runtime (--worker-threads).
+        return match room_allocator::bench::run(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("room-allocator: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let worker_threads = match &cli.command {
         Command::Serve(args) => args.worker_threads,
         _ => Some(1),
@@ -42,6 +52,7 @@ fn main() -> ExitCode {
             Command::Resolve(args) => cli::resolve(args).await,
             Command::Workers(args) => cli::workers(args).await,
             Command::Migrate(args) => return migrate(*args).await,
+            Command::Bench(_) => unreachable!("bench runs before the runtime starts"),
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
