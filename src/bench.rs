@@ -392,7 +392,7 @@ async fn caller_loop(
         }
         calls += 1;
         // Let the progress task run on a single-threaded load generator.
-        if args.method == Method::Client && calls % 4096 == 0 {
+        if args.method == Method::Client && calls.is_multiple_of(4096) {
             tokio::task::yield_now().await;
         }
     }
