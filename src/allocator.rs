@@ -81,6 +81,8 @@ pub enum Error {
     TooManyWorkers { limit: usize },
     #[error("the store cannot reserve rooms right now ({0}); retry with backoff")]
     Store(StoreError),
+    #[error("{}; send `authorization: Bearer <token>` with the server's token", if *.presented { "the bearer token is wrong" } else { "this call needs a bearer token" })]
+    Unauthenticated { presented: bool },
 }
 
 impl From<StoreError> for Error {

@@ -4,18 +4,37 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_client::HealthClient;
 
-use crate::config::{AllocateArgs, ClientArgs, RegisterArgs, ResolveArgs};
+use crate::config::{AllocateArgs, ClientArgs, HealthArgs, RegisterArgs, ResolveArgs};
 use crate::pb;
 use crate::pb::room_allocator_service_client::RoomAllocatorServiceClient;
 
-type Client = RoomAllocatorServiceClient<Channel>;
+/// Adds `authorization: Bearer <token>` when a token was given.
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
 
-async fn connect(args: &ClientArgs) -> Result<Client, Status> {
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = RoomAllocatorServiceClient<InterceptedService<Channel, BearerToken>>;
+
+async fn channel(args: &ClientArgs) -> Result<Channel, Status> {
     let timeout = Duration::from_secs(args.timeout_secs);
-    let endpoint = Endpoint::from_shared(args.server.clone())
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
         .map_err(|error| {
             Status::invalid_argument(format!(
                 "--server {:?} is not a URL ({error}); use e.g. http://127.0.0.1:50051",
@@ -24,13 +43,56 @@ async fn connect(args: &ClientArgs) -> Result<Client, Status> {
         })?
         .connect_timeout(timeout)
         .timeout(timeout);
-    let channel = endpoint.connect().await.map_err(|error| {
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca).map_err(|error| {
+            Status::invalid_argument(format!("cannot read --tls-ca {}: {error}", ca.display()))
+        })?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|error| Status::invalid_argument(format!("bad TLS settings: {error}")))?;
+    }
+    endpoint.connect().await.map_err(|error| {
         Status::unavailable(format!(
             "cannot connect to {}: {error}; is `room-allocator serve` running there?",
             args.server
         ))
-    })?;
-    Ok(RoomAllocatorServiceClient::new(channel))
+    })
+}
+
+async fn connect(args: &ClientArgs) -> Result<Client, Status> {
+    let token = match &args.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::invalid_argument("--token must be printable ASCII"))?,
+        ),
+        None => None,
+    };
+    Ok(RoomAllocatorServiceClient::with_interceptor(
+        channel(args).await?,
+        BearerToken(token),
+    ))
+}
+
+pub async fn health(args: HealthArgs) -> Result<(), Status> {
+    let mut client = HealthClient::new(channel(&args.client).await?);
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await?
+        .into_inner()
+        .status();
+    print(json!({ "service": args.service, "status": status.as_str_name() }));
+    if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(Status::unavailable(format!(
+            "{:?} is {}",
+            args.service,
+            status.as_str_name()
+        )))
+    }
 }
 
 fn print(line: serde_json::Value) {

@@ -38,6 +38,9 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// List registered workers; one JSON line per worker.
     Workers(ClientArgs),
+    /// Ask grpc.health.v1 whether the server (or one service) is serving;
+    /// exits 0 only if it is.
+    Health(HealthArgs),
     /// Load a server in a closed loop and report rooms/s, latency and a check
     /// of every room (see BENCHMARKS.md).
     Bench(Box<crate::bench::BenchArgs>),
@@ -97,9 +100,55 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_MAX_WORKERS", default_value_t = 100_000)]
     pub max_workers: usize,
 
-    /// On SIGTERM/SIGINT, how long in-flight calls may take before the server exits anyway.
+    /// On SIGTERM/SIGINT, how long health reports NOT_SERVING while calls are
+    /// still served, so load balancers stop sending new ones first.
+    #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub drain_delay_secs: u64,
+
+    /// After the drain delay, how long in-flight calls may take before the server exits anyway.
     #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
+
+    /// Server certificate chain (PEM) for TLS on the gRPC port (with --tls-key).
+    /// Read at start; rotate by restarting (a rolling restart in etcd mode).
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC, e.g. P-256).
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) whose client certificates are required (mutual TLS).
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// File holding a bearer token that RegisterWorker and DeregisterWorker
+    /// require (`authorization: Bearer <token>`).
+    #[arg(long, env = "ROOM_ALLOCATOR_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Require the token for every call, allocation and resolve included.
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_AUTH_REQUIRED_FOR_ALLOCATION",
+        requires = "auth_token_file"
+    )]
+    pub auth_required_for_allocation: bool,
+
+    /// Per-call deadline; calls still running then are cancelled.
+    #[arg(long, env = "ROOM_ALLOCATOR_REQUEST_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_timeout_secs: u64,
+
+    /// Calls in flight at most; more are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing without bound.
+    #[arg(long, env = "ROOM_ALLOCATOR_MAX_CONCURRENT_REQUESTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_requests: u64,
+
+    /// Check the flags and exit: for deployment pipelines.
+    #[arg(long)]
+    pub check_config: bool,
 
     /// Bound on every store operation (fsync, etcd call); past it calls get UNAVAILABLE.
     #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
@@ -134,6 +183,23 @@ pub struct ClientArgs {
     /// Deadline for each call, in seconds.
     #[arg(long, env = "ROOM_ALLOCATOR_TIMEOUT_SECS", default_value_t = 10)]
     pub timeout_secs: u64,
+
+    /// CA (PEM) to verify an https:// server.
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Bearer token to send (for servers run with --auth-token-file).
+    #[arg(long, env = "ROOM_ALLOCATOR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The service to ask about; empty asks about the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
             Command::Allocate(args) => cli::allocate(args).await,
             Command::Resolve(args) => cli::resolve(args).await,
             Command::Workers(args) => cli::workers(args).await,
+            Command::Health(args) => cli::health(args).await,
             Command::Migrate(args) => return migrate(*args).await,
             Command::Bench(_) => unreachable!("bench runs before the runtime starts"),
         };
@@ -92,6 +93,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        eprintln!("room-allocator: configuration accepted");
+        return Ok(());
+    }
     // A full disk or a file-size limit must surface as an I/O error (and
     // UNAVAILABLE), not kill the process: take SIGXFSZ off its default action.
     let _xfsz =
@@ -107,7 +112,7 @@ async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let server = Server::open(&args)
         .await
-        .with_context(|| format!("cannot open the store ({store})"))?;
+        .with_context(|| format!("cannot start the server ({store})"))?;
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot bind --listen {}", args.listen))?;

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -21,14 +22,46 @@ use crate::allocator::{Allocator, Limits};
 use crate::config::ServeArgs;
 use crate::metrics::{self, Metrics};
 use crate::pb;
-use crate::service::{RoomAllocatorServiceServer, Service};
+use crate::service::{Auth, RoomAllocatorServiceServer, Service};
 use crate::store::{EmbeddedStore, EtcdStore, OpenError, Store};
 
 /// An opened store and allocator, ready to serve.
 pub struct Server {
     allocator: Allocator,
     metrics: Arc<Metrics>,
+    drain_delay: Duration,
     drain_timeout: Duration,
+    request_timeout: Duration,
+    max_concurrent_requests: usize,
+    tls: Option<ServerTlsConfig>,
+    auth: Option<Auth>,
+}
+
+/// Largest request accepted: every request of the contract is far smaller
+/// (a worker name is at most 253 bytes).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    #[error("cannot read {flag} {}: {source}", path.display())]
+    Read {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--auth-token-file {} is empty; put the token in it", path.display())]
+    EmptyToken { path: std::path::PathBuf },
+}
+
+fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::Read {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Failures while serving; opening failures are [`OpenError`]s.
@@ -43,9 +76,37 @@ pub enum ServeError {
 const SERVICE_NAME: &str = <RoomAllocatorServiceServer<Service> as NamedService>::NAME;
 
 impl Server {
-    /// Opens the store named by `config`: etcd if `--etcd-endpoints` is
-    /// set, else the embedded store. Refuses damaged, locked or unreachable data.
-    pub async fn open(config: &ServeArgs) -> Result<Self, OpenError> {
+    /// Reads TLS material and the token, then opens the store named by
+    /// `config`: etcd if `--etcd-endpoints` is set, else the embedded store.
+    /// Refuses damaged, locked or unreachable data.
+    pub async fn open(config: &ServeArgs) -> Result<Self, StartError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let identity = Identity::from_pem(
+                    read_file("--tls-cert", cert)?,
+                    read_file("--tls-key", key)?,
+                );
+                let mut tls = ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = &config.tls_client_ca {
+                    tls = tls
+                        .client_ca_root(Certificate::from_pem(read_file("--tls-client-ca", ca)?));
+                }
+                Some(tls)
+            }
+            _ => None,
+        };
+        let auth = match &config.auth_token_file {
+            Some(path) => {
+                let token = String::from_utf8_lossy(&read_file("--auth-token-file", path)?)
+                    .trim()
+                    .to_owned();
+                if token.is_empty() {
+                    return Err(StartError::EmptyToken { path: path.clone() });
+                }
+                Some(Auth::new(&token, config.auth_required_for_allocation))
+            }
+            None => None,
+        };
         let store_timeout = Duration::from_secs(config.store_timeout_secs);
         let limits = Limits {
             space_end: config.max_room.saturating_add(1),
@@ -66,7 +127,13 @@ impl Server {
         Ok(Self {
             allocator,
             metrics,
+            drain_delay: Duration::from_secs(config.drain_delay_secs),
             drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+            request_timeout: Duration::from_secs(config.request_timeout_secs),
+            max_concurrent_requests: usize::try_from(config.max_concurrent_requests)
+                .unwrap_or(usize::MAX),
+            tls,
+            auth,
         })
     }
 
@@ -106,29 +173,47 @@ impl Server {
         ));
 
         let (draining_tx, draining) = oneshot::channel::<()>();
+        let drain_delay = self.drain_delay;
         let signal = {
             let health = health.clone();
             async move {
                 shutdown.await;
                 let _ = stop_health.send(true);
-                info!("shutting down: health is NOT_SERVING, draining in-flight calls");
+                info!(
+                    ?drain_delay,
+                    "shutting down: health is NOT_SERVING; still serving for the drain delay"
+                );
                 for service in ["", SERVICE_NAME] {
                     health
                         .set_service_status(service, ServingStatus::NotServing)
                         .await;
                 }
+                // Load balancers see NOT_SERVING and move routers away first.
+                tokio::time::sleep(drain_delay).await;
+                info!("draining in-flight calls");
                 let _ = draining_tx.send(());
             }
         };
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let service = Service::new(self.allocator.clone(), self.metrics.clone());
-        let in_flight = InFlight::default();
-        let serving = tonic::transport::Server::builder()
+        let service = Service::new(
+            self.allocator.clone(),
+            self.metrics.clone(),
+            self.auth.clone(),
+        );
+        let in_flight = InFlight::new(self.max_concurrent_requests);
+        let mut builder = tonic::transport::Server::builder().timeout(self.request_timeout);
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
+        let serving = builder
             .layer(in_flight.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(RoomAllocatorServiceServer::new(service))
+            .add_service(
+                RoomAllocatorServiceServer::new(service)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, signal);
         // Idle client connections would hold tonic's graceful shutdown open
         // until they close by themselves; stop as soon as no call is in flight.
@@ -196,11 +281,19 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 /// Counts calls being served, so shutdown knows when the drain is done, and
 /// once closed refuses new calls: after the drain no call touches the
 /// allocator, so the counters persisted at shutdown are complete.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct InFlight {
     /// Calls in flight, plus [`CLOSED`] once the drain is over.
     calls: Arc<AtomicUsize>,
     idle: Arc<Notify>,
+    /// More calls than this are shed at once.
+    max: usize,
+}
+
+/// Why a call was refused before it reached a service.
+enum Refused {
+    Closed,
+    Overloaded(usize),
 }
 
 const CLOSED: usize = 1 << (usize::BITS - 1);
@@ -217,12 +310,24 @@ impl Drop for InFlightGuard {
 }
 
 impl InFlight {
-    fn enter(&self) -> Option<InFlightGuard> {
-        if self.calls.fetch_add(1, Ordering::AcqRel) & CLOSED != 0 {
-            self.calls.fetch_sub(1, Ordering::AcqRel);
-            return None;
+    fn new(max: usize) -> Self {
+        Self {
+            calls: Arc::default(),
+            idle: Arc::default(),
+            max: max.clamp(1, CLOSED - 1),
         }
-        Some(InFlightGuard(self.clone()))
+    }
+
+    fn enter(&self) -> Result<InFlightGuard, Refused> {
+        let before = self.calls.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlightGuard(self.clone());
+        if before & CLOSED != 0 {
+            return Err(Refused::Closed);
+        }
+        if before >= self.max {
+            return Err(Refused::Overloaded(self.max));
+        }
+        Ok(guard)
     }
 
     /// Waits until no call is in flight, then refuses new ones; false if
@@ -278,12 +383,19 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(guard) = self.in_flight.enter() else {
-            let refused = tonic::Status::unavailable(
-                "the server is shutting down; retry on another replica or once it is back",
-            )
-            .into_http();
-            return Box::pin(std::future::ready(Ok(refused)));
+        let guard = match self.in_flight.enter() {
+            Ok(guard) => guard,
+            Err(refused) => {
+                let status = match refused {
+                    Refused::Closed => tonic::Status::unavailable(
+                        "the server is shutting down; retry on another replica or once it is back",
+                    ),
+                    Refused::Overloaded(max) => tonic::Status::resource_exhausted(format!(
+                        "the server is overloaded ({max} calls in flight, --max-concurrent-requests); retry with backoff"
+                    )),
+                };
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
         };
         let response = self.inner.call(request);
         Box::pin(async move {

@@ -36,6 +36,7 @@ impl From<Error> for Status {
                 Code::ResourceExhausted
             }
             Error::Store(_) => Code::Unavailable,
+            Error::Unauthenticated { .. } => Code::Unauthenticated,
         };
         Status::new(code, error.to_string())
     }
@@ -64,15 +65,63 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// Who may call what: with a token, RegisterWorker and DeregisterWorker
+/// always need it, the other calls when `all` is set.
+#[derive(Clone)]
+pub struct Auth {
+    expected: String,
+    all: bool,
+}
+
+impl Auth {
+    pub fn new(token: &str, all: bool) -> Self {
+        Self {
+            expected: format!("Bearer {}", token.trim()),
+            all,
+        }
+    }
+
+    fn check<T>(&self, request: &Request<T>, admin: bool) -> Result<(), Error> {
+        if !admin && !self.all {
+            return Ok(());
+        }
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        match presented {
+            Some(value) if constant_time_eq(value, self.expected.as_bytes()) => Ok(()),
+            Some(_) => Err(Error::Unauthenticated { presented: true }),
+            None => Err(Error::Unauthenticated { presented: false }),
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 /// `RoomAllocatorService` over an [`Allocator`].
 pub struct Service {
     allocator: Allocator,
     metrics: Arc<Metrics>,
+    auth: Option<Auth>,
 }
 
 impl Service {
-    pub fn new(allocator: Allocator, metrics: Arc<Metrics>) -> Self {
-        Self { allocator, metrics }
+    pub fn new(allocator: Allocator, metrics: Arc<Metrics>, auth: Option<Auth>) -> Self {
+        Self {
+            allocator,
+            metrics,
+            auth,
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>, admin: bool) -> Result<(), Error> {
+        self.auth
+            .as_ref()
+            .map_or(Ok(()), |auth| auth.check(request, admin))
     }
 
     /// Counts and times one call, and logs its outcome at the level it deserves.
@@ -121,6 +170,9 @@ impl RoomAllocatorService for Service {
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let started = Instant::now();
+        if let Err(denied) = self.authorize(&request, true) {
+            return self.finish("RegisterWorker", started, Err(denied));
+        }
         let request = request.into_inner();
         let result = self
             .allocator
@@ -138,6 +190,9 @@ impl RoomAllocatorService for Service {
         request: Request<pb::AllocateRoomRequest>,
     ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
         let started = Instant::now();
+        if let Err(denied) = self.authorize(&request, false) {
+            return self.finish("AllocateRoom", started, Err(denied));
+        }
         let request = request.into_inner();
         let result = self
             .allocator
@@ -156,6 +211,9 @@ impl RoomAllocatorService for Service {
         request: Request<pb::LeaseRoomsRequest>,
     ) -> Result<Response<pb::LeaseRoomsResponse>, Status> {
         let started = Instant::now();
+        if let Err(denied) = self.authorize(&request, false) {
+            return self.finish("LeaseRooms", started, Err(denied));
+        }
         let request = request.into_inner();
         let result = self
             .allocator
@@ -175,6 +233,9 @@ impl RoomAllocatorService for Service {
         request: Request<pb::ResolveRankRequest>,
     ) -> Result<Response<pb::ResolveRankResponse>, Status> {
         let started = Instant::now();
+        if let Err(denied) = self.authorize(&request, false) {
+            return self.finish("ResolveRank", started, Err(denied));
+        }
         let result = self
             .allocator
             .resolve(request.get_ref().room)
@@ -190,9 +251,12 @@ impl RoomAllocatorService for Service {
     #[instrument(level = "debug", skip_all)]
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let started = Instant::now();
+        if let Err(denied) = self.authorize(&request, false) {
+            return self.finish("ListWorkers", started, Err(denied));
+        }
         let workers = self.allocator.list().into_iter().map(worker_info).collect();
         self.finish(
             "ListWorkers",
@@ -207,6 +271,9 @@ impl RoomAllocatorService for Service {
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
         let started = Instant::now();
+        if let Err(denied) = self.authorize(&request, true) {
+            return self.finish("DeregisterWorker", started, Err(denied));
+        }
         let result = self
             .allocator
             .deregister(&request.get_ref().prefill_worker)

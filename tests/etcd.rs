@@ -574,7 +574,7 @@ async fn etcd_with_authentication_needs_the_credentials() {
         panic!("started without credentials on an etcd that requires them");
     };
     assert!(
-        failure.log.contains("cannot open the store"),
+        failure.log.contains("cannot start the server"),
         "{}",
         failure.log
     );
