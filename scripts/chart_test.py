@@ -123,6 +123,23 @@ def common_checks(name, docs, rendered):
     return deployment, main, pod
 
 
+# Every chart value has a comment (values inside Kubernetes objects that are
+# passed through, such as resources, are that object's fields).
+PASSED_THROUGH = ("podSecurityContext", "securityContext", "resources", "routerPodLabels")
+lines = open(f"{CHART}/values.yaml").read().split("\n")
+parents = []
+for number, line in enumerate(lines, 1):
+    stripped = line.lstrip()
+    if not stripped or stripped.startswith("#") or ":" not in stripped or stripped.startswith("-"):
+        continue
+    indent = len(line) - len(stripped)
+    parents = [p for p in parents if p[0] < indent]
+    key = stripped.split(":")[0]
+    if not any(p[1] in PASSED_THROUGH for p in parents):
+        previous = next(l.strip() for l in reversed(lines[: number - 1]) if l.strip())
+        check(f"values.yaml:{number} {key} has a comment", previous.startswith("#"), line)
+    parents.append((indent, key))
+
 # The lint, strict, against Kubernetes 1.30.
 report = helm_python.lint(CHART, strict=True, kube_version=f"v{KUBE_VERSION}")
 problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]

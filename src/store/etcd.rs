@@ -122,11 +122,10 @@ fn encode_worker(dp_size: DpSize, registered: bool) -> String {
     json!({ "dp_size": dp_size.get(), "registered": registered }).to_string()
 }
 
-fn decode_worker(name: &str, value: &[u8]) -> Option<(DpSize, bool)> {
+fn decode_worker(value: &[u8]) -> Option<(DpSize, bool)> {
     let value: serde_json::Value = serde_json::from_slice(value).ok()?;
     let dp_size = u32::try_from(value["dp_size"].as_u64()?).ok()?;
     let registered = value["registered"].as_bool()?;
-    let _ = name;
     Some((DpSize::try_new(dp_size).ok()?, registered))
 }
 
@@ -326,14 +325,12 @@ impl EtcdStore {
             let worker_kv = current_worker.flatten();
             if worker_kv.as_ref().map(|kv| kv.value()) != Some(expected_worker.as_bytes()) {
                 let record = worker_kv.and_then(|kv| {
-                    decode_worker(&r.prefill_worker, kv.value()).map(|(dp_size, registered)| {
-                        WorkerRecord {
-                            prefill_worker: r.prefill_worker.clone(),
-                            dp_size,
-                            registered,
-                            rooms_issued: 0,
-                            revision: kv.mod_revision(),
-                        }
+                    decode_worker(kv.value()).map(|(dp_size, registered)| WorkerRecord {
+                        prefill_worker: r.prefill_worker.clone(),
+                        dp_size,
+                        registered,
+                        rooms_issued: 0,
+                        revision: kv.mod_revision(),
                     })
                 });
                 return Err(StoreError::StaleRegistration {
@@ -356,19 +353,8 @@ impl EtcdStore {
                 let current = self
                     .timed("read rooms_issued", kv.get(key.clone(), None))
                     .await?;
-                let (old, guard) = match current.kvs().first() {
-                    Some(kv) => (
-                        std::str::from_utf8(kv.value())
-                            .ok()
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .unwrap_or(0),
-                        Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
-                    ),
-                    None => (
-                        0,
-                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                    ),
-                };
+                let (old, guard) = counter_guard(current.kvs().first(), &key)
+                    .ok_or(StoreError::CorruptHighWater)?;
                 let new = old.saturating_add(count.since_open).to_string();
                 let txn = Txn::new()
                     .when([guard])
@@ -396,20 +382,8 @@ impl EtcdStore {
             let marker = self
                 .timed("read pruned_below", kv.get(self.keys.pruned_below(), None))
                 .await?;
-            let (old_below, guard) = match marker.kvs().first() {
-                Some(kv) => (
-                    parse_decimal(kv.value()).ok_or(StoreError::CorruptHighWater)?,
-                    Compare::mod_revision(
-                        self.keys.pruned_below(),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    ),
-                ),
-                None => (
-                    0,
-                    Compare::create_revision(self.keys.pruned_below(), CompareOp::Equal, 0),
-                ),
-            };
+            let (old_below, guard) = counter_guard(marker.kvs().first(), &self.keys.pruned_below())
+                .ok_or(StoreError::CorruptHighWater)?;
             let batch = self
                 .timed(
                     "list old ranges",
@@ -686,6 +660,18 @@ fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, OpenError> {
     Ok(tls)
 }
 
+/// A decimal counter key's value and the compare that guards its update
+/// (unchanged since read, or still absent); `None` if it is not a number.
+fn counter_guard(kv: Option<&etcd_client::KeyValue>, key: &str) -> Option<(u64, Compare)> {
+    Some(match kv {
+        Some(kv) => (
+            parse_decimal(kv.value())?,
+            Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
+        ),
+        None => (0, Compare::create_revision(key, CompareOp::Equal, 0)),
+    })
+}
+
 fn parse_decimal(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
@@ -734,7 +720,7 @@ fn parse_snapshot(
                 .insert(owner)
                 .map_err(|overlap| corrupt(key, &overlap.to_string()))?;
         } else if let Some(worker) = name.strip_prefix("workers/") {
-            let (dp_size, registered) = decode_worker(worker, kv.value())
+            let (dp_size, registered) = decode_worker(kv.value())
                 .ok_or_else(|| corrupt(key, "not a valid registration"))?;
             workers.insert(worker.to_owned(), (dp_size, registered, kv.mod_revision()));
         } else if let Some(worker) = name.strip_prefix("issued/") {
@@ -888,7 +874,7 @@ impl RegistrationSync {
         else {
             return;
         };
-        let record = match decode_worker(name, kv.value()) {
+        let record = match decode_worker(kv.value()) {
             Some((dp_size, registered)) => WorkerRecord {
                 prefill_worker: Arc::from(name),
                 dp_size,

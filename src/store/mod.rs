@@ -105,7 +105,7 @@ pub enum StoreError {
     },
     #[error("{attempts} reservation attempts in a row lost to other replicas")]
     Contention { attempts: usize },
-    #[error("the high-water mark in etcd is not a number; fix or restore the key")]
+    #[error("a counter key in etcd (high_water, pruned_below or issued/*) is not a number; fix or restore it")]
     CorruptHighWater,
     #[error("worker registrations were last confirmed with etcd {age:?} ago, over the {window:?} staleness window")]
     Stale { age: Duration, window: Duration },

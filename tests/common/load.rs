@@ -114,3 +114,18 @@ pub fn server_went_away(code: Code, message: &str) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
         || (code == Code::Internal && message.contains("h2 protocol error"))
 }
+
+/// Takes what the loads recorded, after checking that every error is one a
+/// dying server causes and that the load produced at least `min_rooms`.
+pub fn take_after_crashes(record: &Shared, min_rooms: usize) -> Record {
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, _) in &record.errors {
+        assert!(server_went_away(*code, message), "{code:?} {message}");
+    }
+    assert!(
+        record.rooms.len() >= min_rooms,
+        "the load produced {} rooms, expected at least {min_rooms}",
+        record.rooms.len()
+    );
+    record
+}

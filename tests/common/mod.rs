@@ -95,6 +95,16 @@ impl ServerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         adjust(&mut command);
+        Self::spawn(command, data_dir)
+    }
+
+    /// Spawns a prepared command (which must run `serve` with loopback
+    /// listeners and piped stderr) and waits until it logs its addresses.
+    pub fn spawn(mut command: Command, data_dir: &Path) -> Result<Self, StartFailure> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn room-allocator");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
