@@ -601,3 +601,42 @@ async fn etcd_with_authentication_needs_the_credentials() {
     .into_inner();
     assert_eq!(room.room % 4, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_stuck_on_a_frozen_etcd_ends_at_the_request_timeout() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("frozen");
+    let server = replica(
+        &etcd,
+        &prefix,
+        &["--request-timeout-secs", "1", "--store-timeout-secs", "20"],
+    );
+    let mut client = server.client().await;
+    timed(client.register_worker(pb::RegisterWorkerRequest {
+        prefill_worker: "frozen".into(),
+        dp_size: 1,
+    }))
+    .await
+    .expect("register");
+    etcd.signal(libc::SIGSTOP);
+    let started = Instant::now();
+    // A lease this large needs a new range, so it waits on the frozen etcd.
+    let stuck = timed(client.lease_rooms(pb::LeaseRoomsRequest {
+        prefill_worker: "frozen".into(),
+        count: 1_000_000,
+    }))
+    .await;
+    let took = started.elapsed();
+    etcd.signal(libc::SIGCONT);
+    let status = stuck.expect_err("no range while etcd is frozen");
+    assert!(
+        matches!(
+            status.code(),
+            Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable
+        ),
+        "{status:?}"
+    );
+    assert!(took < Duration::from_secs(5), "the call took {took:?}");
+}

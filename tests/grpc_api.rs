@@ -644,3 +644,17 @@ async fn json_logs_are_one_object_per_line() {
         .iter()
         .any(|l| l["fields"]["message"] == "listening" && l["fields"]["grpc_addr"].is_string()));
 }
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_and_the_server_carries_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(dir.path(), &[]);
+    let mut client = server.client().await;
+    let refused = timed(client.register_worker(register(&"x".repeat(100 * 1024), 1)))
+        .await
+        .expect_err("a 100 KiB request");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    timed(client.register_worker(register("after", 1)))
+        .await
+        .expect("still serving");
+}

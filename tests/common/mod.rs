@@ -333,6 +333,14 @@ impl EtcdProcess {
         }
     }
 
+    /// Sends `signal` (e.g. SIGSTOP to freeze etcd, SIGCONT to thaw it).
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("etcd is running");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        // SAFETY: signalling the etcd this harness started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal etcd");
+    }
+
     /// SIGKILL; the data dir stays for `resume`.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
