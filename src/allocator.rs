@@ -197,9 +197,9 @@ enum Demand {
 }
 
 impl Worker {
-    fn new(name: Arc<str>, record: &WorkerRecord, now: Instant) -> Self {
+    fn new(record: &WorkerRecord, now: Instant) -> Self {
         Self {
-            name,
+            name: record.prefill_worker.clone(),
             state: Mutex::new(WorkerState {
                 dp_size: record.dp_size,
                 registered: record.registered,
@@ -318,7 +318,7 @@ impl Allocator {
             .workers
             .into_iter()
             .map(|record| {
-                let worker = Arc::new(Worker::new(record.prefill_worker.clone(), &record, now));
+                let worker = Arc::new(Worker::new(&record, now));
                 (record.prefill_worker, worker)
             })
             .collect();
@@ -842,7 +842,7 @@ impl Allocator {
             rooms_issued: 0,
             revision: 0,
         };
-        let worker = Arc::new(Worker::new(name.clone(), &unregistered, Instant::now()));
+        let worker = Arc::new(Worker::new(&unregistered, Instant::now()));
         workers.insert(name, worker.clone());
         Ok(worker)
     }

@@ -404,20 +404,12 @@ async fn caller_loop(
 
 /// Advances a counter in etcd by compare-and-swap; retries lost races.
 async fn cas_increment(etcd: &etcd_client::Client, key: &str) -> Result<u64, String> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    use etcd_client::{Txn, TxnOp};
     let mut kv = etcd.kv_client();
     loop {
         let current = kv.get(key, None).await.map_err(|e| e.to_string())?;
-        let (value, guard) = match current.kvs().first() {
-            Some(kv) => (
-                std::str::from_utf8(kv.value())
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0),
-                Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
-            ),
-            None => (0, Compare::create_revision(key, CompareOp::Equal, 0)),
-        };
+        let (value, guard) = crate::store::etcd::counter_guard(current.kvs().first(), key)
+            .ok_or_else(|| format!("{key} is not a number"))?;
         let next = value + 1;
         let txn = Txn::new()
             .when([guard])

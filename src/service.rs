@@ -1,6 +1,7 @@
 //! The gRPC glue: requests in, allocator calls, responses out. Domain errors
 //! become statuses in exactly one place, `impl From<Error> for Status`.
 
+use std::future::Future;
 use std::time::Instant;
 
 use tonic::{Code, Request, Response, Status};
@@ -118,10 +119,28 @@ impl Service {
         }
     }
 
-    fn authorize<T>(&self, request: &Request<T>, admin: bool) -> Result<(), Error> {
-        self.auth
+    /// Every rpc: check the token, run `call` on the request, then count,
+    /// time and log the outcome.
+    async fn handle<R, T, F>(
+        &self,
+        method: &'static str,
+        admin: bool,
+        request: Request<R>,
+        call: impl FnOnce(R) -> F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        let started = Instant::now();
+        let authorized = self
+            .auth
             .as_ref()
-            .map_or(Ok(()), |auth| auth.check(request, admin))
+            .map_or(Ok(()), |auth| auth.check(&request, admin));
+        let result = match authorized {
+            Ok(()) => call(request.into_inner()).await,
+            Err(denied) => Err(denied),
+        };
+        self.finish(method, started, result)
     }
 
     /// Counts and times one call, and logs its outcome at the level it deserves.
@@ -169,19 +188,15 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        let started = Instant::now();
-        if let Err(denied) = self.authorize(&request, true) {
-            return self.finish("RegisterWorker", started, Err(denied));
-        }
-        let request = request.into_inner();
-        let result = self
-            .allocator
-            .register(&request.prefill_worker, request.dp_size)
-            .await
-            .map(|info| pb::RegisterWorkerResponse {
-                worker: Some(worker_info(info)),
-            });
-        self.finish("RegisterWorker", started, result)
+        self.handle("RegisterWorker", true, request, |request| async move {
+            self.allocator
+                .register(&request.prefill_worker, request.dp_size)
+                .await
+                .map(|info| pb::RegisterWorkerResponse {
+                    worker: Some(worker_info(info)),
+                })
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, dp_rank = request.get_ref().dp_rank, dp_size = request.get_ref().dp_size))]
@@ -189,20 +204,16 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::AllocateRoomRequest>,
     ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
-        let started = Instant::now();
-        if let Err(denied) = self.authorize(&request, false) {
-            return self.finish("AllocateRoom", started, Err(denied));
-        }
-        let request = request.into_inner();
-        let result = self
-            .allocator
-            .allocate(&request.prefill_worker, request.dp_rank, request.dp_size)
-            .await
-            .map(|(room, dp_size)| pb::AllocateRoomResponse {
-                room: room.get(),
-                dp_size: dp_size.get(),
-            });
-        self.finish("AllocateRoom", started, result)
+        self.handle("AllocateRoom", false, request, |request| async move {
+            self.allocator
+                .allocate(&request.prefill_worker, request.dp_rank, request.dp_size)
+                .await
+                .map(|(room, dp_size)| pb::AllocateRoomResponse {
+                    room: room.get(),
+                    dp_size: dp_size.get(),
+                })
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, count = request.get_ref().count))]
@@ -210,21 +221,17 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::LeaseRoomsRequest>,
     ) -> Result<Response<pb::LeaseRoomsResponse>, Status> {
-        let started = Instant::now();
-        if let Err(denied) = self.authorize(&request, false) {
-            return self.finish("LeaseRooms", started, Err(denied));
-        }
-        let request = request.into_inner();
-        let result = self
-            .allocator
-            .lease(&request.prefill_worker, request.count)
-            .await
-            .map(|lease| pb::LeaseRoomsResponse {
-                first_base: lease.first_base.get(),
-                count: lease.count,
-                dp_size: lease.dp_size.get(),
-            });
-        self.finish("LeaseRooms", started, result)
+        self.handle("LeaseRooms", false, request, |request| async move {
+            self.allocator
+                .lease(&request.prefill_worker, request.count)
+                .await
+                .map(|lease| pb::LeaseRoomsResponse {
+                    first_base: lease.first_base.get(),
+                    count: lease.count,
+                    dp_size: lease.dp_size.get(),
+                })
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all, fields(room = request.get_ref().room))]
@@ -232,20 +239,17 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ResolveRankRequest>,
     ) -> Result<Response<pb::ResolveRankResponse>, Status> {
-        let started = Instant::now();
-        if let Err(denied) = self.authorize(&request, false) {
-            return self.finish("ResolveRank", started, Err(denied));
-        }
-        let result = self
-            .allocator
-            .resolve(request.get_ref().room)
-            .await
-            .map(|resolved| pb::ResolveRankResponse {
-                prefill_worker: resolved.prefill_worker.to_string(),
-                dp_rank: resolved.dp_rank.get(),
-                dp_size: resolved.dp_size.get(),
-            });
-        self.finish("ResolveRank", started, result)
+        self.handle("ResolveRank", false, request, |request| async move {
+            self.allocator
+                .resolve(request.room)
+                .await
+                .map(|resolved| pb::ResolveRankResponse {
+                    prefill_worker: resolved.prefill_worker.to_string(),
+                    dp_rank: resolved.dp_rank.get(),
+                    dp_size: resolved.dp_size.get(),
+                })
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -253,16 +257,11 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let started = Instant::now();
-        if let Err(denied) = self.authorize(&request, false) {
-            return self.finish("ListWorkers", started, Err(denied));
-        }
-        let workers = self.allocator.list().into_iter().map(worker_info).collect();
-        self.finish(
-            "ListWorkers",
-            started,
-            Ok(pb::ListWorkersResponse { workers }),
-        )
+        self.handle("ListWorkers", false, request, |_| async move {
+            let workers = self.allocator.list().into_iter().map(worker_info).collect();
+            Ok(pb::ListWorkersResponse { workers })
+        })
+        .await
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker))]
@@ -270,15 +269,12 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        let started = Instant::now();
-        if let Err(denied) = self.authorize(&request, true) {
-            return self.finish("DeregisterWorker", started, Err(denied));
-        }
-        let result = self
-            .allocator
-            .deregister(&request.get_ref().prefill_worker)
-            .await
-            .map(|()| pb::DeregisterWorkerResponse {});
-        self.finish("DeregisterWorker", started, result)
+        self.handle("DeregisterWorker", true, request, |request| async move {
+            self.allocator
+                .deregister(&request.prefill_worker)
+                .await
+                .map(|()| pb::DeregisterWorkerResponse {})
+        })
+        .await
     }
 }

@@ -562,37 +562,20 @@ fn read_log(file: &File, path: &Path, slot: Slot) -> Result<Loaded, OpenError> {
         });
     }
 
-    let mut replay = Replay::default();
-    let mut offset = LOG_HEADER_LEN;
-    let mut next_seq = 1;
-    loop {
-        let rest = &bytes[usize::try_from(offset).expect("the log was read into memory")..];
-        if rest.is_empty() {
-            break;
-        }
-        let parsed = parse_record(rest, next_seq)
-            .and_then(|(record, len)| replay.apply(record).map(|()| len));
-        match parsed {
-            Ok(len) => {
-                offset += len;
-                next_seq += 1;
-            }
-            Err(reason) if offset < committed => {
-                return Err(OpenError::Corrupt {
-                    path: path.to_path_buf(),
-                    offset,
-                    reason,
-                })
-            }
-            Err(_) => break,
-        }
-    }
+    let Replayed {
+        replay,
+        end: offset,
+        next_seq,
+        stopped,
+    } = replay_log(&bytes);
     if offset < committed {
-        // The acknowledged region ended in the middle of a record.
+        // Damage (or the end of a record) inside the acknowledged region.
         return Err(OpenError::Corrupt {
             path: path.to_path_buf(),
             offset,
-            reason: format!("the last commit covers {committed} bytes but records end at {offset}"),
+            reason: stopped.unwrap_or_else(|| {
+                format!("the last commit covers {committed} bytes but records end at {offset}")
+            }),
         });
     }
     Ok(Loaded {
@@ -603,6 +586,48 @@ fn read_log(file: &File, path: &Path, slot: Slot) -> Result<Loaded, OpenError> {
         generation,
         committed,
     })
+}
+
+/// The state a log's records describe, up to the first record that does not
+/// parse or apply; whether that is damage or a torn tail is the caller's call.
+struct Replayed {
+    replay: Replay,
+    /// End of the last record applied.
+    end: u64,
+    next_seq: u64,
+    /// Why replay stopped before the end of `bytes`, if it did.
+    stopped: Option<String>,
+}
+
+fn replay_log(bytes: &[u8]) -> Replayed {
+    let mut replay = Replay::default();
+    let mut end = LOG_HEADER_LEN;
+    let mut next_seq = 1;
+    let mut stopped = None;
+    loop {
+        let rest = &bytes[usize::try_from(end).expect("the log was read into memory")..];
+        if rest.is_empty() {
+            break;
+        }
+        match parse_record(rest, next_seq)
+            .and_then(|(record, len)| replay.apply(record).map(|()| len))
+        {
+            Ok(len) => {
+                end += len;
+                next_seq += 1;
+            }
+            Err(reason) => {
+                stopped = Some(reason);
+                break;
+            }
+        }
+    }
+    Replayed {
+        replay,
+        end,
+        next_seq,
+        stopped,
+    }
 }
 
 enum Record {
@@ -880,18 +905,17 @@ impl Writer {
         self.log
             .read_exact_at(&mut bytes, 0)
             .map_err(io(&self.log_path))?;
-        let mut replay = Replay::default();
-        let mut offset = usize::try_from(LOG_HEADER_LEN).expect("small");
-        let mut seq = 1;
-        while offset < bytes.len() {
-            let len = parse_record(&bytes[offset..], seq)
-                .and_then(|(record, len)| replay.apply(record).map(|()| len))
-                .map_err(|reason| StoreError::Io {
-                    path: self.log_path.clone(),
-                    source: Arc::new(std::io::Error::new(std::io::ErrorKind::InvalidData, reason)),
-                })?;
-            offset += usize::try_from(len).expect("a record fits in memory");
-            seq += 1;
+        let Replayed {
+            mut replay,
+            stopped,
+            ..
+        } = replay_log(&bytes);
+        if let Some(reason) = stopped {
+            // Everything below log_len was written and read back by us.
+            return Err(StoreError::Io {
+                path: self.log_path.clone(),
+                source: Arc::new(std::io::Error::new(std::io::ErrorKind::InvalidData, reason)),
+            });
         }
         let pruned = replay.ranges.prune(cutoff_unix_ms);
         if pruned == 0 {

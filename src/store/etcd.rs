@@ -129,6 +129,29 @@ fn decode_worker(value: &[u8]) -> Option<(DpSize, bool)> {
     Some((DpSize::try_new(dp_size).ok()?, registered))
 }
 
+/// A range record's value; its start is in the key.
+fn encode_range(owner: &RangeOwner) -> String {
+    json!({
+        "end": owner.range.end(),
+        "dp_size": owner.range.dp_size().get(),
+        "prefill_worker": &*owner.prefill_worker,
+        "created_unix_ms": owner.created_unix_ms,
+    })
+    .to_string()
+}
+
+/// The registration a worker key holds, as the allocator applies it.
+fn worker_record(prefill_worker: Arc<str>, kv: &etcd_client::KeyValue) -> Option<WorkerRecord> {
+    let (dp_size, registered) = decode_worker(kv.value())?;
+    Some(WorkerRecord {
+        prefill_worker,
+        dp_size,
+        registered,
+        rooms_issued: 0,
+        revision: kv.mod_revision(),
+    })
+}
+
 fn decode_range(key_start: &str, value: &[u8]) -> Option<RangeOwner> {
     let start: u64 = key_start.parse().ok()?;
     let value: serde_json::Value = serde_json::from_slice(value).ok()?;
@@ -267,21 +290,14 @@ impl EtcdStore {
                 r.need_bases,
                 self.limit,
             )?;
-            let guard = if revision == 0 {
-                Compare::create_revision(hw_key.clone(), CompareOp::Equal, 0)
-            } else {
-                Compare::mod_revision(hw_key.clone(), CompareOp::Equal, revision)
-            };
-            let record = json!({
-                "end": range.end(),
-                "dp_size": r.dp_size.get(),
-                "prefill_worker": &*r.prefill_worker,
-                "created_unix_ms": r.created_unix_ms,
-            })
-            .to_string();
+            let record = encode_range(&RangeOwner {
+                prefill_worker: r.prefill_worker.clone(),
+                range,
+                created_unix_ms: r.created_unix_ms,
+            });
             let txn = Txn::new()
                 .when([
-                    guard,
+                    unchanged_since(&hw_key, revision),
                     Compare::value(
                         worker_key.clone(),
                         CompareOp::Equal,
@@ -324,15 +340,7 @@ impl EtcdStore {
             *cached = current_hw;
             let worker_kv = current_worker.flatten();
             if worker_kv.as_ref().map(|kv| kv.value()) != Some(expected_worker.as_bytes()) {
-                let record = worker_kv.and_then(|kv| {
-                    decode_worker(kv.value()).map(|(dp_size, registered)| WorkerRecord {
-                        prefill_worker: r.prefill_worker.clone(),
-                        dp_size,
-                        registered,
-                        rooms_issued: 0,
-                        revision: kv.mod_revision(),
-                    })
-                });
+                let record = worker_kv.and_then(|kv| worker_record(r.prefill_worker.clone(), &kv));
                 return Err(StoreError::StaleRegistration {
                     worker: r.prefill_worker.clone(),
                     current: record.map(Box::new),
@@ -353,8 +361,8 @@ impl EtcdStore {
                 let current = self
                     .timed("read rooms_issued", kv.get(key.clone(), None))
                     .await?;
-                let (old, guard) = counter_guard(current.kvs().first(), &key)
-                    .ok_or(StoreError::CorruptHighWater)?;
+                let (old, guard) =
+                    counter_guard(current.kvs().first(), &key).ok_or(StoreError::CorruptCounter)?;
                 let new = old.saturating_add(count.since_open).to_string();
                 let txn = Txn::new()
                     .when([guard])
@@ -383,7 +391,7 @@ impl EtcdStore {
                 .timed("read pruned_below", kv.get(self.keys.pruned_below(), None))
                 .await?;
             let (old_below, guard) = counter_guard(marker.kvs().first(), &self.keys.pruned_below())
-                .ok_or(StoreError::CorruptHighWater)?;
+                .ok_or(StoreError::CorruptCounter)?;
             let batch = self
                 .timed(
                     "list old ranges",
@@ -563,10 +571,7 @@ pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportRe
         .high_water()
         .max(embedded.pruned_below)
         .max(high_water.map_or(0, |(hw, _)| hw));
-    let guard = match high_water {
-        Some((_, revision)) => Compare::mod_revision(keys.high_water(), CompareOp::Equal, revision),
-        None => Compare::create_revision(keys.high_water(), CompareOp::Equal, 0),
-    };
+    let guard = unchanged_since(&keys.high_water(), high_water.map_or(0, |(_, rev)| rev));
     let raised = kv
         .txn(Txn::new().when([guard]).and_then([TxnOp::put(
             keys.high_water(),
@@ -588,14 +593,11 @@ pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportRe
         None,
     )];
     for owner in embedded.ranges.iter() {
-        let record = json!({
-            "end": owner.range.end(),
-            "dp_size": owner.range.dp_size().get(),
-            "prefill_worker": &*owner.prefill_worker,
-            "created_unix_ms": owner.created_unix_ms,
-        })
-        .to_string();
-        ops.push(TxnOp::put(keys.range(owner.range.start()), record, None));
+        ops.push(TxnOp::put(
+            keys.range(owner.range.start()),
+            encode_range(owner),
+            None,
+        ));
     }
     let known: std::collections::HashSet<&str> = existing
         .workers
@@ -662,14 +664,26 @@ fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, OpenError> {
 
 /// A decimal counter key's value and the compare that guards its update
 /// (unchanged since read, or still absent); `None` if it is not a number.
-fn counter_guard(kv: Option<&etcd_client::KeyValue>, key: &str) -> Option<(u64, Compare)> {
+pub(crate) fn counter_guard(
+    kv: Option<&etcd_client::KeyValue>,
+    key: &str,
+) -> Option<(u64, Compare)> {
     Some(match kv {
         Some(kv) => (
             parse_decimal(kv.value())?,
-            Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
+            unchanged_since(key, kv.mod_revision()),
         ),
-        None => (0, Compare::create_revision(key, CompareOp::Equal, 0)),
+        None => (0, unchanged_since(key, 0)),
     })
+}
+
+/// The compare that `key` still has `mod_revision` (0: it still does not exist).
+fn unchanged_since(key: &str, mod_revision: i64) -> Compare {
+    if mod_revision == 0 {
+        Compare::create_revision(key, CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key, CompareOp::Equal, mod_revision)
+    }
 }
 
 fn parse_decimal(value: &[u8]) -> Option<u64> {
@@ -679,11 +693,9 @@ fn parse_decimal(value: &[u8]) -> Option<u64> {
 fn parse_high_water(kv: Option<&etcd_client::KeyValue>) -> Result<(u64, i64), StoreError> {
     match kv {
         None => Ok((crate::space::SPACE_START, 0)),
-        Some(kv) => std::str::from_utf8(kv.value())
-            .ok()
-            .and_then(|v| v.parse().ok())
+        Some(kv) => parse_decimal(kv.value())
             .map(|hw| (hw, kv.mod_revision()))
-            .ok_or(StoreError::CorruptHighWater),
+            .ok_or(StoreError::CorruptCounter),
     }
 }
 
@@ -720,14 +732,12 @@ fn parse_snapshot(
                 .insert(owner)
                 .map_err(|overlap| corrupt(key, &overlap.to_string()))?;
         } else if let Some(worker) = name.strip_prefix("workers/") {
-            let (dp_size, registered) = decode_worker(kv.value())
+            let record = worker_record(Arc::from(worker), kv)
                 .ok_or_else(|| corrupt(key, "not a valid registration"))?;
-            workers.insert(worker.to_owned(), (dp_size, registered, kv.mod_revision()));
+            workers.insert(worker.to_owned(), record);
         } else if let Some(worker) = name.strip_prefix("issued/") {
-            let count = std::str::from_utf8(kv.value())
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| corrupt(key, "not a decimal number"))?;
+            let count =
+                parse_decimal(kv.value()).ok_or_else(|| corrupt(key, "not a decimal number"))?;
             issued.insert(worker.to_owned(), count);
         }
     }
@@ -743,12 +753,9 @@ fn parse_snapshot(
     }
     let workers = workers
         .into_iter()
-        .map(|(name, (dp_size, registered, revision))| WorkerRecord {
+        .map(|(name, record)| WorkerRecord {
             rooms_issued: issued.get(&name).copied().unwrap_or(0),
-            prefill_worker: Arc::from(name),
-            dp_size,
-            registered,
-            revision,
+            ..record
         })
         .collect();
     Ok((
@@ -874,20 +881,12 @@ impl RegistrationSync {
         else {
             return;
         };
-        let record = match decode_worker(kv.value()) {
-            Some((dp_size, registered)) => WorkerRecord {
-                prefill_worker: Arc::from(name),
-                dp_size,
-                registered,
-                rooms_issued: 0,
-                revision: kv.mod_revision(),
-            },
-            None => {
-                warn!(worker = name, "ignoring an unreadable registration in etcd");
-                return;
+        match worker_record(Arc::from(name), kv) {
+            Some(record) => {
+                let _ = self.updates.send(record);
             }
-        };
-        let _ = self.updates.send(record);
+            None => warn!(worker = name, "ignoring an unreadable registration in etcd"),
+        }
     }
 
     fn elapsed_ms(&self) -> u64 {

@@ -106,7 +106,7 @@ pub enum StoreError {
     #[error("{attempts} reservation attempts in a row lost to other replicas")]
     Contention { attempts: usize },
     #[error("a counter key in etcd (high_water, pruned_below or issued/*) is not a number; fix or restore it")]
-    CorruptHighWater,
+    CorruptCounter,
     #[error("worker registrations were last confirmed with etcd {age:?} ago, over the {window:?} staleness window")]
     Stale { age: Duration, window: Duration },
 }
