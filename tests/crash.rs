@@ -32,24 +32,18 @@ fn start_load(
     with_lease: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let until = Instant::now() + Duration::from_secs(60);
-    let mut tasks = Vec::new();
-    for (i, (worker, dp_size)) in WORKERS.into_iter().enumerate() {
-        for lease in [false, true] {
-            if lease && !(with_lease && i == 0) {
-                continue;
-            }
-            let load = Load {
-                url: server.url(),
-                worker,
-                dp_size,
-                lease,
-                until,
-                on_error: OnError::Stop,
-            };
-            tasks.push(tokio::spawn(load.run(record.clone())));
-        }
+    let url = server.url();
+    let mut loads = Load::each(&url, &WORKERS, &[false], until, OnError::Stop);
+    if with_lease {
+        loads.extend(Load::each(
+            &url,
+            &WORKERS[..1],
+            &[true],
+            until,
+            OnError::Stop,
+        ));
     }
-    tasks
+    load::spawn(loads, record)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,36 +96,21 @@ async fn a_replica_killed_under_load_and_a_new_one_joining_never_repeat_a_room()
     register(&a, &[("kill-dp2", 2), ("kill-dp5", 5)]).await;
     let record = load::Shared::default();
     let until = Instant::now() + Duration::from_secs(3);
-    let mut tasks = Vec::new();
-    for (server, on_error) in [(&a, OnError::Stop), (&b, OnError::Continue)] {
-        for (worker, dp_size) in [("kill-dp2", 2), ("kill-dp5", 5)] {
-            for lease in [false, true] {
-                let load = Load {
-                    url: server.url(),
-                    worker,
-                    dp_size,
-                    lease,
-                    until,
-                    on_error,
-                };
-                tasks.push(tokio::spawn(load.run(record.clone())));
-            }
-        }
-    }
+    let workers = [("kill-dp2", 2), ("kill-dp5", 5)];
+    let mut loads = Load::each(&a.url(), &workers, &[false, true], until, OnError::Stop);
+    loads.extend(Load::each(
+        &b.url(),
+        &workers,
+        &[false, true],
+        until,
+        OnError::Continue,
+    ));
+    let mut tasks = load::spawn(loads, &record);
     tokio::time::sleep(Duration::from_millis(700)).await;
     a.kill9();
     let c = replica(&etcd, &prefix, &[]);
-    for (worker, dp_size) in [("kill-dp2", 2), ("kill-dp5", 5)] {
-        let load = Load {
-            url: c.url(),
-            worker,
-            dp_size,
-            lease: false,
-            until,
-            on_error: OnError::Continue,
-        };
-        tasks.push(tokio::spawn(load.run(record.clone())));
-    }
+    let joining = Load::each(&c.url(), &workers, &[false], until, OnError::Continue);
+    tasks.extend(load::spawn(joining, &record));
     for task in tasks {
         timed(task).await.expect("load task");
     }
@@ -152,6 +137,18 @@ async fn health_status(server: &ServerProcess) -> Option<i32> {
     .await
     .ok()
     .map(|r| r.into_inner().status)
+}
+
+/// Polls the server's overall health until it reports `status`.
+async fn wait_for_health(
+    server: &ServerProcess,
+    status: ServingStatus,
+    limit: Duration,
+) -> Option<Duration> {
+    wait_until(limit, || async {
+        health_status(server).await == Some(status as i32)
+    })
+    .await
 }
 
 /// Polls until `done` or `limit` passes; returns how long it took.
@@ -184,36 +181,31 @@ async fn etcd_stopped_under_load_gives_only_unavailable_then_service_resumes() {
     let record = load::Shared::default();
     let until = Instant::now() + Duration::from_secs(60);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = [("outage-dp1", 1), ("outage-dp4", 4)];
     let mut tasks = Vec::new();
-    for (worker, dp_size) in [("outage-dp1", 1), ("outage-dp4", 4)] {
-        for lease in [false, true] {
-            let load = Load {
-                url: server.url(),
-                worker,
-                dp_size,
-                lease,
-                until,
-                on_error: OnError::Continue,
-            };
-            let record = record.clone();
-            let mut stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                tokio::select! {
-                    () = load.run(record) => {}
-                    _ = stop.wait_for(|s| *s) => {}
-                }
-            }));
-        }
+    for load in Load::each(
+        &server.url(),
+        &workers,
+        &[false, true],
+        until,
+        OnError::Continue,
+    ) {
+        let record = record.clone();
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = load.run(record) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before_outage = record.lock().expect("lock").rooms.len();
     assert!(before_outage > 0, "rooms before the outage");
 
     etcd.kill9();
-    let not_serving = wait_until(Duration::from_secs(15), || async {
-        health_status(&server).await == Some(ServingStatus::NotServing as i32)
-    })
-    .await;
+    let not_serving =
+        wait_for_health(&server, ServingStatus::NotServing, Duration::from_secs(15)).await;
     assert!(
         not_serving.is_some(),
         "health turned NOT_SERVING while etcd was down"
@@ -224,10 +216,7 @@ async fn etcd_stopped_under_load_gives_only_unavailable_then_service_resumes() {
     assert!(errors_during > 0, "calls failed while etcd was down");
 
     etcd.resume();
-    let recovered = wait_until(Duration::from_secs(20), || async {
-        health_status(&server).await == Some(ServingStatus::Serving as i32)
-    })
-    .await;
+    let recovered = wait_for_health(&server, ServingStatus::Serving, Duration::from_secs(20)).await;
     assert!(
         recovered.is_some(),
         "health back to SERVING after etcd returned"
@@ -295,22 +284,16 @@ async fn replicas_with_skewed_config_and_clock_never_share_a_room() {
     register(&a, &[("skew-dp3", 3), ("skew-dp7", 7)]).await;
     let record = load::Shared::default();
     let until = Instant::now() + Duration::from_secs(2);
-    let mut tasks = Vec::new();
-    for server in [&a, &b] {
-        for (worker, dp_size) in [("skew-dp3", 3), ("skew-dp7", 7)] {
-            for lease in [false, true] {
-                let load = Load {
-                    url: server.url(),
-                    worker,
-                    dp_size,
-                    lease,
-                    until,
-                    on_error: OnError::Stop,
-                };
-                tasks.push(tokio::spawn(load.run(record.clone())));
-            }
-        }
-    }
+    let workers = [("skew-dp3", 3), ("skew-dp7", 7)];
+    let mut loads = Load::each(&a.url(), &workers, &[false, true], until, OnError::Stop);
+    loads.extend(Load::each(
+        &b.url(),
+        &workers,
+        &[false, true],
+        until,
+        OnError::Stop,
+    ));
+    let tasks = load::spawn(loads, &record);
     for task in tasks {
         timed(task).await.expect("load task");
     }

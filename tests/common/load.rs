@@ -39,6 +39,31 @@ pub struct Load {
 }
 
 impl Load {
+    /// One load per worker and per mode (`false`: AllocateRoom, `true`:
+    /// LeaseRooms) against `url`.
+    pub fn each(
+        url: &str,
+        workers: &[(&'static str, u32)],
+        modes: &[bool],
+        until: Instant,
+        on_error: OnError,
+    ) -> Vec<Load> {
+        let mut loads = Vec::new();
+        for &(worker, dp_size) in workers {
+            for &lease in modes {
+                loads.push(Load {
+                    url: url.to_owned(),
+                    worker,
+                    dp_size,
+                    lease,
+                    until,
+                    on_error,
+                });
+            }
+        }
+        loads
+    }
+
     pub async fn run(self, record: Shared) {
         let channel = tonic::transport::Channel::from_shared(self.url.clone())
             .expect("url")
@@ -128,4 +153,12 @@ pub fn take_after_crashes(record: &Shared, min_rooms: usize) -> Record {
         record.rooms.len()
     );
     record
+}
+
+/// Runs each load in its own task, recording into `record`.
+pub fn spawn(loads: Vec<Load>, record: &Shared) -> Vec<tokio::task::JoinHandle<()>> {
+    loads
+        .into_iter()
+        .map(|load| tokio::spawn(load.run(record.clone())))
+        .collect()
 }
