@@ -93,10 +93,10 @@ async fn a_replica_killed_under_load_and_a_new_one_joining_never_repeat_a_room()
     let prefix = unique_prefix("kill-replica");
     let mut a = replica(&etcd, &prefix, &[]);
     let b = replica(&etcd, &prefix, &[]);
-    register(&a, &[("kill-dp2", 2), ("kill-dp5", 5)]).await;
+    let workers = [("kill-dp2", 2), ("kill-dp5", 5)];
+    register(&a, &workers).await;
     let record = load::Shared::default();
     let until = Instant::now() + Duration::from_secs(3);
-    let workers = [("kill-dp2", 2), ("kill-dp5", 5)];
     let mut loads = Load::each(&a.url(), &workers, &[false, true], until, OnError::Stop);
     loads.extend(Load::each(
         &b.url(),
@@ -281,10 +281,10 @@ async fn replicas_with_skewed_config_and_clock_never_share_a_room() {
         },
     )
     .unwrap_or_else(|failure| panic!("start: {}", failure.log));
-    register(&a, &[("skew-dp3", 3), ("skew-dp7", 7)]).await;
+    let workers = [("skew-dp3", 3), ("skew-dp7", 7)];
+    register(&a, &workers).await;
     let record = load::Shared::default();
     let until = Instant::now() + Duration::from_secs(2);
-    let workers = [("skew-dp3", 3), ("skew-dp7", 7)];
     let mut loads = Load::each(&a.url(), &workers, &[false, true], until, OnError::Stop);
     loads.extend(Load::each(
         &b.url(),
