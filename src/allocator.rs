@@ -432,17 +432,28 @@ impl Allocator {
             // Reject a bad request before it registers anyone.
             check(dp_size)?;
         }
+        // A worker this replica does not know as registered is looked up in
+        // the store once before any decision: another replica may have just
+        // registered it, and then its dp_size, not the caller's, is in force.
+        let mut asked_store = false;
         let worker = match (self.worker(prefill_worker), requested) {
             (Some(worker), _) => worker,
             (None, Some(_)) => self.worker_entry(prefill_worker)?,
-            (None, None) => return Err(unknown(prefill_worker)),
+            (None, None) => {
+                asked_store = true;
+                self.learn(prefill_worker).await?;
+                self.worker(prefill_worker)
+                    .ok_or_else(|| unknown(prefill_worker))?
+            }
         };
         loop {
             let now = Instant::now();
             let mut register_with = None;
+            let mut ask_store = false;
             {
                 let mut state = WorkerState::lock(&worker);
                 match (state.registered, requested) {
+                    (false, _) if !asked_store => ask_store = true,
                     (false, None) => return Err(unknown(prefill_worker)),
                     (false, Some(dp_size)) => register_with = Some(dp_size),
                     (true, Some(dp_size)) if dp_size != state.dp_size => {
@@ -467,6 +478,11 @@ impl Allocator {
                         }
                     }
                 }
+            }
+            if ask_store {
+                asked_store = true;
+                self.learn(prefill_worker).await?;
+                continue;
             }
             match register_with {
                 Some(dp_size) => {
@@ -706,6 +722,18 @@ impl Allocator {
         });
     }
 
+    /// Applies what the store holds for a worker this replica does not know
+    /// as registered (single-writer stores have nothing more to say).
+    async fn learn(&self, prefill_worker: &str) -> Result<(), Error> {
+        let stored = self
+            .with_store(self.inner.store.lookup_worker(prefill_worker))
+            .await?;
+        if let Some(record) = stored {
+            self.apply_update(record);
+        }
+        Ok(())
+    }
+
     fn apply_update(&self, record: WorkerRecord) {
         let worker = match self.worker_entry(&record.prefill_worker) {
             Ok(worker) => worker,
@@ -748,6 +776,13 @@ impl Allocator {
     /// Stops new rooms for `prefill_worker`; its rooms still resolve.
     pub async fn deregister(&self, prefill_worker: &str) -> Result<(), Error> {
         validate_worker(prefill_worker)?;
+        let known = self
+            .worker(prefill_worker)
+            .is_some_and(|worker| WorkerState::lock(&worker).registered);
+        if !known {
+            // Registered on another replica a moment ago, perhaps.
+            self.learn(prefill_worker).await?;
+        }
         let worker = self
             .worker(prefill_worker)
             .ok_or_else(|| unknown(prefill_worker))?;

@@ -623,3 +623,41 @@ async fn a_call_stuck_on_a_frozen_etcd_ends_at_the_request_timeout() {
     );
     assert!(took < Duration::from_secs(5), "the call took {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_asks_etcd_about_a_worker_registered_elsewhere_a_moment_ago() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("fresh-worker");
+    let a = replica(&etcd, &prefix, &[]);
+    let b = replica(&etcd, &prefix, &[]);
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    for i in 0..20 {
+        let worker = format!("fresh-{i}");
+        timed(on_a.register_worker(pb::RegisterWorkerRequest {
+            prefill_worker: worker.clone(),
+            dp_size: 8,
+        }))
+        .await
+        .expect("register on A");
+        // At once on B, before its watch can have delivered the registration.
+        let lease = timed(on_b.lease_rooms(pb::LeaseRoomsRequest {
+            prefill_worker: worker.clone(),
+            count: 4,
+        }))
+        .await
+        .expect("B leases for a worker registered on A")
+        .into_inner();
+        assert_eq!(lease.dp_size, 8);
+        let stale = timed(on_b.allocate_room(pb::AllocateRoomRequest {
+            prefill_worker: worker,
+            dp_rank: 1,
+            dp_size: 4,
+        }))
+        .await
+        .expect_err("a stale dp_size must not realign the worker");
+        assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    }
+}

@@ -919,6 +919,19 @@ impl Store for EtcdStore {
         Box::pin(self.prune_ranges(cutoff_unix_ms))
     }
 
+    fn lookup_worker(&self, prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
+        let key = self.keys.worker(prefill_worker);
+        let name: Arc<str> = Arc::from(prefill_worker);
+        Box::pin(async move {
+            let mut kv = self.kv.clone();
+            let response = self.timed("read a registration", kv.get(key, None)).await?;
+            Ok(response
+                .kvs()
+                .first()
+                .and_then(|kv| worker_record(name, kv)))
+        })
+    }
+
     fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
         Box::pin(self.find_range(room))
     }

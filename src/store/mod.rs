@@ -207,6 +207,13 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
+    /// A worker's registration as stored, for a worker not known in memory:
+    /// another replica may have registered it. Single-writer stores have
+    /// everything in memory.
+    fn lookup_worker(&self, _prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Whether rooms may be served from memory now: a shared store refuses
     /// once it could not confirm the registrations for too long.
     fn check_fresh(&self) -> Result<(), StoreError> {
