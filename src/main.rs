@@ -21,13 +21,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     if let Command::Bench(args) = cli.command {
         // The load generator sets up its own runtime (--worker-threads).
-        return match room_allocator::bench::run(*args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("room-allocator: {error:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return exit_code(room_allocator::bench::run(*args));
     }
     let worker_threads = match &cli.command {
         Command::Serve(args) => args.worker_threads,
@@ -52,7 +46,7 @@ fn main() -> ExitCode {
             Command::Resolve(args) => cli::resolve(args).await,
             Command::Workers(args) => cli::workers(args).await,
             Command::Health(args) => cli::health(args).await,
-            Command::Migrate(args) => return migrate(*args).await,
+            Command::Migrate(args) => return exit_code(try_migrate(*args).await),
             Command::Bench(_) => unreachable!("bench runs before the runtime starts"),
         };
         match outcome {
@@ -81,15 +75,24 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    match try_serve(args).await {
+/// Success, or the error with its context chain on standard error.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
             eprintln!("room-allocator: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let result = try_serve(args).await;
+    if let Err(error) = &result {
+        // Also in the log stream, for operators reading JSON logs.
+        tracing::error!("{error:#}");
+    }
+    exit_code(result)
 }
 
 async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -134,16 +137,6 @@ async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     server.serve(grpc, metrics, shutdown).await?;
     Ok(())
-}
-
-async fn migrate(args: MigrateArgs) -> ExitCode {
-    match try_migrate(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("room-allocator: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 async fn try_migrate(args: MigrateArgs) -> anyhow::Result<()> {
