@@ -322,10 +322,13 @@ impl RoomClient {
         status: Status,
     ) -> ClientError {
         let registered = registered.or_else(|| {
-            // "registered with dp_size N, not M" in the server's message.
-            let message = status.message();
-            let start = message.find("dp_size ")? + "dp_size ".len();
-            message[start..].split(',').next()?.trim().parse().ok()
+            status
+                .metadata()
+                .get(crate::service::REGISTERED_DP_SIZE)?
+                .to_str()
+                .ok()?
+                .parse()
+                .ok()
         });
         match registered {
             Some(registered) => ClientError::DpSizeMismatch {

@@ -16,6 +16,10 @@ use std::sync::Arc;
 
 pub use crate::pb::room_allocator_service_server::RoomAllocatorServiceServer;
 
+/// Metadata key on FAILED_PRECONDITION for a dp_size mismatch: the dp_size
+/// the worker is registered with.
+pub const REGISTERED_DP_SIZE: &str = "registered-dp-size";
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
@@ -39,7 +43,18 @@ impl From<Error> for Status {
             Error::Store(_) => Code::Unavailable,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
         };
-        Status::new(code, error.to_string())
+        let mut status = Status::new(code, error.to_string());
+        if let Error::DpSizeMismatch { registered, .. } = &error {
+            // Machine-readable too, so clients need not parse the message.
+            status.metadata_mut().insert(
+                REGISTERED_DP_SIZE,
+                registered
+                    .to_string()
+                    .parse()
+                    .expect("digits are valid metadata"),
+            );
+        }
+        status
     }
 }
 

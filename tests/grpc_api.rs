@@ -242,6 +242,19 @@ async fn registration_is_idempotent_realignment_moves_later_rooms_and_deregistra
         .expect("realign")
         .into_inner();
     assert_eq!(realigned.worker.expect("worker").dp_size, 8);
+    let stale = timed(client.allocate_room(allocate("p0", 1, 2)))
+        .await
+        .expect_err("a stale dp_size");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let registered = stale
+        .metadata()
+        .get("registered-dp-size")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    assert_eq!(
+        registered.as_deref(),
+        Some("8"),
+        "the registered size, machine-readable"
+    );
     let new = timed(client.allocate_room(allocate("p0", 5, 0)))
         .await
         .expect("allocate")
