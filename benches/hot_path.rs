@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use room_allocator::allocator::Registrar;
 use room_allocator::client::RoomClient;
 use room_allocator::config::Cli;
 use room_allocator::server::Server;
@@ -62,7 +63,7 @@ fn hot_path(c: &mut Criterion) {
                 for _ in 0..iters {
                     black_box(
                         allocator
-                            .allocate("bench-worker", 3, 0)
+                            .allocate("bench-worker", 3, 0, Registrar::Allowed)
                             .await
                             .expect("room"),
                     );
@@ -84,7 +85,7 @@ fn hot_path(c: &mut Criterion) {
         )
     });
     let url = format!("http://{}", grpc.local_addr().expect("addr"));
-    runtime.spawn(server.serve(grpc, metrics, std::future::pending()));
+    runtime.spawn(server.serve(grpc, metrics, None, std::future::pending()));
     let client = runtime
         .block_on(RoomClient::connect(&url))
         .expect("connect");

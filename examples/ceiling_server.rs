@@ -105,6 +105,7 @@ impl RoomAllocatorService for Ceiling {
             first_base: worker.slice_start + n * u64::from(worker.dp_size),
             count: request.count,
             dp_size: worker.dp_size,
+            valid_for_ms: 3_600_000,
         }))
     }
 
@@ -119,7 +120,7 @@ impl RoomAllocatorService for Ceiling {
         &self,
         _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        Ok(Response::new(pb::ListWorkersResponse { workers: vec![] }))
+        Ok(Response::new(pb::ListWorkersResponse::default()))
     }
 
     async fn deregister_worker(

@@ -45,8 +45,9 @@ grpcurl -version
 step "cargo fmt --check"
 cargo fmt --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
+step "cargo clippy --all-targets -- -D warnings (and with the failpoints compiled in)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets --features failpoints -- -D warnings
 
 step "buf lint"
 "$TOOLS/npm/node_modules/.bin/buf" lint
@@ -55,7 +56,7 @@ KUBE_SCHEMA_VERSION=1.30
 step "cargo test"
 log="$TOOLS/cargo-test.log"
 set +e
-cargo test --locked 2>&1 | tee "$log"
+cargo test --locked --workspace --features failpoints 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 step "helm chart: lint, render, Kubernetes $KUBE_SCHEMA_VERSION schemas, flags"

@@ -5,66 +5,89 @@
 //! as in Meituan's Leaf), so callers wait on the store only if demand outruns
 //! a whole range. Range sizes double while ranges last under
 //! [`TARGET_RANGE_LIFETIME`] and halve when they last much longer, so a busy
-//! worker fsyncs rarely and an idle one wastes little of the space.
+//! worker writes to the store rarely and an idle one wastes little space.
 //!
 //! Invariants:
-//! - A worker's cursors are always of its current dp_size: a realignment
-//!   drops them, and a range reserved for an older size is discarded (its
-//!   numbers are skipped, never reissued).
+//! - Every registration change goes through [`Allocator::apply_registration`]
+//!   under the worker's state lock: it applies only changes newer than what
+//!   the worker holds (by store revision), and a change of dp_size or of
+//!   registration bumps the worker's `epoch` and drops its ranges.
+//! - A reservation remembers the epoch it was made under. The store may have
+//!   committed it by the time it returns, so its range always enters the
+//!   [`RangeTable`] (ResolveRank must find it), but rooms come from it only if
+//!   the epoch is unchanged: a realignment that overtook the reservation in
+//!   flight never gets rooms of the old dp_size (they are skipped instead).
 //! - A range enters the [`RangeTable`] before any room from it is handed out,
 //!   so every room ever returned resolves.
-//! - One reservation per worker is in flight at a time (`Worker::refill`),
-//!   which also serializes registration changes with reservations.
+//! - One reservation per worker is in flight at a time (`Worker::refill`).
+//! - A range serves rooms for at most the retention period after it was
+//!   reserved (by this process's monotonic clock); stores keep ranges for at
+//!   least twice that, so every room resolves for at least the retention.
 //!
 //! [`space`]: crate::space
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tracing::{info, warn};
 
-use prometheus_client::metrics::counter::Counter;
-
-use crate::metrics::{MethodLabels, Metrics, StoreLabels};
+use crate::metrics::{Counter, Metrics};
 use crate::space::{
-    Base, BaseCursor, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
+    Base, BaseCursor, Bounds, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
-use crate::store::{unix_ms, IssuedCount, Reservation, Snapshot, Store, StoreError, WorkerRecord};
+use crate::store::{
+    unix_ms, IssuedCount, PruneRequest, Reservation, Snapshot, Store, StoreError, StoreUpdate,
+    WorkerRecord,
+};
 
-/// Longest prefill_worker accepted: a DNS name, the longest name routers use.
-pub const MAX_WORKER_LEN: usize = 253;
-/// Largest LeaseRooms block: a million bases is minutes of traffic for the
-/// busiest router, and bounds what one call can take from the space.
-pub const MAX_LEASE_COUNT: u32 = 1_000_000;
+pub use room_allocator_client::limits::{
+    DEFAULT_PAGE_SIZE, MAX_LEASE_COUNT, MAX_LEASE_NUMBERS, MAX_PAGE_SIZE, MAX_WORKER_LEN,
+};
+
 /// Smallest range reserved: a restart skips at most this many bases per worker.
 const MIN_RANGE_BASES: u64 = 1024;
-/// Largest range reserved: 2^26 bases is minutes of traffic at millions/s.
+/// Largest range reserved, in bases: minutes of traffic at millions/s...
 const MAX_RANGE_BASES: u64 = 1 << 26;
-/// Ranges are sized to last about this long, so fsyncs stay rare.
+/// ...and in numbers of the space, so a large dp_size does not eat it faster.
+const MAX_RANGE_NUMBERS: u64 = 1 << 32;
+/// Ranges are sized to last about this long, so store writes stay rare.
 const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(10);
+/// Rounds of "look at the worker, reserve or learn, look again" one call may
+/// take before it gives up with UNAVAILABLE (each round is a store call).
+const MAX_ROUNDS: usize = 8;
 
 /// Errors of the allocator. Each message says what was wrong and what to do.
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("prefill_worker is empty; pass the prefill worker's name as routers know it")]
+    #[error("prefill_worker is empty; pass the prefill worker's name as routers know it (e.g. its bootstrap host:port)")]
     EmptyWorker,
     #[error(
         "prefill_worker is {len} bytes, over the limit of {MAX_WORKER_LEN}; use a shorter name"
     )]
     WorkerTooLong { len: usize },
+    #[error("prefill_worker {worker} contains the control character U+{code:04X}; names are UTF-8 without control characters")]
+    WorkerControlCharacter { worker: String, code: u32 },
     #[error(transparent)]
     Space(#[from] SpaceError),
     #[error("count {count} is out of range; lease 1 to {MAX_LEASE_COUNT} bases at a time")]
     LeaseCount { count: u32 },
+    #[error("count {count} bases of dp_size {dp_size} is over {MAX_LEASE_NUMBERS} numbers of the room space per call; lease at most {max_count} bases at a time")]
+    LeaseTooLarge {
+        count: u32,
+        dp_size: u32,
+        max_count: u64,
+    },
     #[error(
-        "prefill_worker {worker:?} is not registered; call RegisterWorker first, or pass its dp_size in AllocateRoom"
+        "prefill_worker {worker} is not registered; call RegisterWorker first, or pass its dp_size in AllocateRoom"
     )]
     UnknownWorker { worker: String },
+    #[error("prefill_worker {worker} was deregistered; it gets no rooms until RegisterWorker brings it back")]
+    Deregistered { worker: String },
     #[error(
-        "prefill_worker {worker:?} is registered with dp_size {registered}, not {requested}; refresh the router's view of the worker, or call RegisterWorker to realign it"
+        "prefill_worker {worker} is registered with dp_size {registered}, not {requested}; refresh the router's view of the worker, or call RegisterWorker to realign it"
     )]
     DpSizeMismatch {
         worker: String,
@@ -74,15 +97,31 @@ pub enum Error {
     #[error("room {room} was never issued: it lies in no reserved range")]
     UnknownRoom { room: u64 },
     #[error(
-        "room {room} was issued more than the retention period ({retention:?}) ago and its range was pruned; rooms resolve for at least that long"
+        "room {room} lies in no range still kept: it was issued more than the retention period ({}) ago and its range was pruned, or never issued; rooms resolve for at least the retention period", humantime(*retention)
     )]
     Pruned { room: u64, retention: Duration },
     #[error("{limit} workers are registered, the configured --max-workers; deregister unused workers or raise the limit")]
     TooManyWorkers { limit: usize },
-    #[error("the store cannot reserve rooms right now ({0}); retry with backoff")]
+    #[error("page_size {page_size} is negative; pass 0 for the default of {DEFAULT_PAGE_SIZE}, or up to {MAX_PAGE_SIZE}")]
+    PageSize { page_size: i32 },
+    #[error("page_token is not one this server issued; pass the next_page_token of the previous page, or empty for the first page")]
+    PageToken,
+    #[error("the store cannot hand out rooms right now ({0}); retry with backoff")]
     Store(StoreError),
     #[error("{}; send `authorization: Bearer <token>` with the server's token", if *.presented { "the bearer token is wrong" } else { "this call needs a bearer token" })]
     Unauthenticated { presented: bool },
+    #[error("{} AllocateRoom with a dp_size would register prefill_worker {worker}, which needs the server's token; call RegisterWorker with the token first, or send `authorization: Bearer <token>`", if *.presented { "the bearer token is wrong:" } else { "no bearer token:" })]
+    RegistrationNeedsToken { worker: String, presented: bool },
+}
+
+fn humantime(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        s if s % 86_400 == 0 && s > 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 impl From<StoreError> for Error {
@@ -94,6 +133,14 @@ impl From<StoreError> for Error {
     }
 }
 
+/// Whether a call may register a worker as a side effect (AllocateRoom with
+/// a dp_size): with a token configured, only a caller that presented it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registrar {
+    Allowed,
+    Denied { presented: bool },
+}
+
 /// A worker as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
@@ -102,12 +149,23 @@ pub struct WorkerInfo {
     pub rooms_issued: u64,
 }
 
+/// One page of ListWorkers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerPage {
+    pub workers: Vec<WorkerInfo>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
 /// A block of leased bases: `first_base + i * dp_size` for `i < count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     pub first_base: Base,
     pub count: u32,
     pub dp_size: DpSize,
+    /// Use the bases within this long; later their rooms might not resolve
+    /// for the whole retention period.
+    pub valid_for: Duration,
 }
 
 /// Who a room belongs to.
@@ -120,15 +178,29 @@ pub struct Resolved {
 
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Exclusive end of the space this allocator hands out.
-    pub space_end: u64,
+    /// The part of the space this allocator hands out.
+    pub bounds: Bounds,
+    /// Most workers registered at once.
     pub max_workers: usize,
     /// Longest a call waits for the store before it gets UNAVAILABLE.
     pub store_timeout: Duration,
     /// Rooms come from a range for at most this long after it was reserved,
-    /// and ranges are pruned once twice this old: every room resolves for at
-    /// least this long.
+    /// and stores keep ranges for at least twice this: every room resolves
+    /// for at least this long.
     pub retention: Duration,
+}
+
+/// What the gauges show, read at scrape time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    pub workers_registered: usize,
+    pub workers_limit: usize,
+    pub space_used: u64,
+    pub space_size: u64,
+    pub ranges_held: usize,
+    pub store_reachable: bool,
+    pub registrations_confirmed_age: Option<Duration>,
+    pub ready: bool,
 }
 
 /// The allocator handle; clones share state.
@@ -139,22 +211,32 @@ pub struct Allocator {
 
 struct Inner {
     store: Arc<dyn Store>,
-    workers: RwLock<HashMap<Arc<str>, Arc<Worker>>>,
+    workers: RwLock<Workers>,
+    /// Workers registered now (not counting deregistered ones).
+    registered: AtomicUsize,
     ranges: RwLock<RangeTable>,
     /// Ranges ending at or below this were pruned.
     pruned_below: AtomicU64,
     limits: Limits,
     metrics: Arc<Metrics>,
     /// Resolved once: label lookups would cost as much as the allocation.
-    allocated_rooms: Counter,
-    leased_bases: Counter,
+    allocated_rooms: Arc<Counter>,
+    leased_bases: Arc<Counter>,
+}
+
+/// Every worker this process knows of (registered, or deregistered and kept
+/// while its ranges are), by name, and the names in order for paging.
+#[derive(Default)]
+struct Workers {
+    by_name: HashMap<Arc<str>, Arc<Worker>>,
+    names: BTreeSet<Arc<str>>,
 }
 
 struct Worker {
     name: Arc<str>,
     state: Mutex<WorkerState>,
-    /// Held while a reservation or registration change for this worker is in
-    /// flight; never held by the hot path.
+    /// Held while a reservation for this worker is in flight; never held by
+    /// the hot path, and never by registration changes (they bump `epoch`).
     refill: tokio::sync::Mutex<()>,
 }
 
@@ -162,118 +244,113 @@ struct Worker {
 struct WorkerState {
     dp_size: DpSize,
     registered: bool,
+    /// Store revision of the registration in force; older changes are ignored.
+    revision: i64,
+    /// Bumped whenever dp_size or the registration changes.
+    epoch: u64,
     current: Option<Held>,
     next: Option<Held>,
     prefetching: bool,
     rooms_issued: u64,
     /// `rooms_issued` when the store was opened (what it already holds).
     rooms_issued_at_open: u64,
-    /// Store revision of the registration in force; older updates are ignored.
-    revision: i64,
     range_bases: u64,
     current_since: Instant,
 }
 
-/// A range being served, and when it was reserved (for retention).
+/// A range being served, and until when.
 #[derive(Debug)]
 struct Held {
     cursor: BaseCursor,
-    reserved_at: Instant,
+    /// Past this (reservation + retention) no room comes from it.
+    serve_until: Instant,
 }
 
 impl Held {
     fn remaining(&self) -> u64 {
         self.cursor.remaining()
     }
+
+    /// Can serve `count` bases that stay usable for `validity` after `now`.
+    fn can_serve(&self, count: u64, now: Instant, validity: Duration) -> bool {
+        self.remaining() >= count && self.serve_until.saturating_duration_since(now) > validity
+    }
 }
 
 /// What a caller needs from a worker's cursors.
 #[derive(Debug, Clone, Copy)]
 enum Demand {
-    /// `count` consecutive bases.
-    Bases(u64),
+    /// `count` consecutive bases, usable for `validity` from now.
+    Bases { count: u64, validity: Duration },
     /// A range reserved ahead; nothing is taken.
     Prefetch,
 }
 
 impl Worker {
-    fn new(record: &WorkerRecord, now: Instant) -> Self {
+    fn new(name: Arc<str>, now: Instant) -> Self {
         Self {
-            name: record.prefill_worker.clone(),
+            name,
             state: Mutex::new(WorkerState {
-                dp_size: record.dp_size,
-                registered: record.registered,
+                dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
+                registered: false,
+                revision: i64::MIN,
+                epoch: 0,
                 current: None,
                 next: None,
                 prefetching: false,
-                rooms_issued: record.rooms_issued,
-                rooms_issued_at_open: record.rooms_issued,
-                revision: record.revision,
+                rooms_issued: 0,
+                rooms_issued_at_open: 0,
                 range_bases: MIN_RANGE_BASES,
                 current_since: now,
             }),
             refill: tokio::sync::Mutex::new(()),
         }
     }
-}
 
-impl WorkerState {
-    /// Applies a registration read from the store; true if anything changed.
-    fn apply(&mut self, dp_size: DpSize, registered: bool, revision: i64) -> bool {
-        self.revision = self.revision.max(revision);
-        let changed = self.dp_size != dp_size || self.registered != registered;
-        if changed {
-            self.drop_ranges();
-        }
-        self.dp_size = dp_size;
-        self.registered = registered;
-        changed
-    }
-
-    fn lock(worker: &Worker) -> std::sync::MutexGuard<'_, WorkerState> {
-        worker
-            .state
+    fn lock(&self) -> std::sync::MutexGuard<'_, WorkerState> {
+        self.state
             .lock()
             .expect("worker state lock is never poisoned: nothing panics while holding it")
     }
+}
 
-    /// Takes `count` consecutive bases, moving on to the reserved-ahead range
-    /// when the current one cannot serve them. The rest of a range too short
-    /// for a block is skipped, never reissued.
-    fn take(&mut self, count: u64, now: Instant, retention: Duration) -> Option<Base> {
-        // A range past retention is left: another replica may prune it soon.
+impl WorkerState {
+    /// Takes `count` consecutive bases usable for `validity`, moving on to
+    /// the reserved-ahead range when the current one cannot serve them. The
+    /// rest of a range that cannot is skipped, never reissued. Returns the
+    /// first base and how long the bases stay usable.
+    fn take(&mut self, count: u64, now: Instant, validity: Duration) -> Option<(Base, Duration)> {
         for held in [&mut self.current, &mut self.next] {
-            if held
-                .as_ref()
-                .is_some_and(|h| now.saturating_duration_since(h.reserved_at) > retention)
-            {
+            if held.as_ref().is_some_and(|h| h.serve_until <= now) {
                 *held = None;
             }
         }
-        if let Some(base) = self
+        if !self
             .current
-            .as_mut()
-            .and_then(|c| c.cursor.take_block(count))
+            .as_ref()
+            .is_some_and(|c| c.can_serve(count, now, validity))
         {
-            return Some(base);
-        }
-        if self.next.as_ref().is_some_and(|n| n.remaining() >= count) {
+            if !self
+                .next
+                .as_ref()
+                .is_some_and(|n| n.can_serve(count, now, validity))
+            {
+                return None;
+            }
             self.current = self.next.take();
             self.current_since = now;
-            return self
-                .current
-                .as_mut()
-                .and_then(|c| c.cursor.take_block(count));
         }
-        None
+        let current = self.current.as_mut()?;
+        let base = current.cursor.take_block(count)?;
+        Some((base, current.serve_until.saturating_duration_since(now)))
     }
 
-    fn has(&self, demand: Demand) -> bool {
+    fn has(&self, demand: Demand, now: Instant) -> bool {
         match demand {
-            Demand::Bases(count) => [&self.current, &self.next]
+            Demand::Bases { count, validity } => [&self.current, &self.next]
                 .into_iter()
                 .flatten()
-                .any(|c| c.remaining() >= count),
+                .any(|held| held.can_serve(count, now, validity)),
             Demand::Prefetch => self.next.is_some(),
         }
     }
@@ -295,7 +372,8 @@ impl WorkerState {
         } else if lifetime > TARGET_RANGE_LIFETIME * 4 {
             self.range_bases /= 2;
         }
-        self.range_bases = self.range_bases.clamp(MIN_RANGE_BASES, MAX_RANGE_BASES);
+        let max = (MAX_RANGE_NUMBERS / u64::from(self.dp_size.get())).clamp(1, MAX_RANGE_BASES);
+        self.range_bases = self.range_bases.clamp(MIN_RANGE_BASES.min(max), max);
         self.range_bases
     }
 
@@ -303,6 +381,20 @@ impl WorkerState {
         self.current = None;
         self.next = None;
     }
+
+    fn held_starts(&self) -> impl Iterator<Item = u64> + '_ {
+        [&self.current, &self.next]
+            .into_iter()
+            .flatten()
+            .map(|held| held.cursor.range().start())
+    }
+}
+
+/// What one look at a worker decided.
+enum Step<T> {
+    Done(T),
+    AskStore,
+    Refill,
 }
 
 impl Allocator {
@@ -313,116 +405,297 @@ impl Allocator {
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let now = Instant::now();
-        let workers = snapshot
-            .workers
-            .into_iter()
-            .map(|record| {
-                let worker = Arc::new(Worker::new(&record, now));
-                (record.prefill_worker, worker)
-            })
-            .collect();
-        let counter = |method| {
-            metrics
-                .rooms_issued
-                .get_or_create(&MethodLabels { method })
-                .clone()
-        };
-        let (allocated_rooms, leased_bases) = (counter("AllocateRoom"), counter("LeaseRooms"));
-        Self {
+        let allocated_rooms = metrics.rooms_issued.get(&["AllocateRoom"]);
+        let leased_bases = metrics.rooms_issued.get(&["LeaseRooms"]);
+        let allocator = Self {
             inner: Arc::new(Inner {
                 store,
-                workers: RwLock::new(workers),
+                workers: RwLock::default(),
+                registered: AtomicUsize::new(0),
                 ranges: RwLock::new(snapshot.ranges),
                 pruned_below: AtomicU64::new(snapshot.pruned_below),
                 limits,
+                metrics,
                 allocated_rooms,
                 leased_bases,
-                metrics,
             }),
+        };
+        for record in snapshot.workers {
+            let rooms_issued = record.rooms_issued;
+            if let Some(worker) = allocator.apply_registration(&record, false) {
+                let mut state = worker.lock();
+                state.rooms_issued = rooms_issued;
+                state.rooms_issued_at_open = rooms_issued;
+            }
         }
+        let registered = allocator.inner.registered.load(Ordering::Acquire);
+        if registered > allocator.inner.limits.max_workers {
+            warn!(
+                registered,
+                max_workers = allocator.inner.limits.max_workers,
+                "more workers are registered than --max-workers; new registrations are refused until some are deregistered"
+            );
+        }
+        allocator
     }
 
     pub fn store_kind(&self) -> &'static str {
         self.inner.store.kind()
     }
 
-    /// Whether the store can be reached, if it can tell.
-    pub fn store_reachable(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
-        self.inner.store.reachable()
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Whether this process can hand out rooms now (readiness).
+    pub fn check_ready(&self) -> Result<(), StoreError> {
+        self.inner.store.check_ready()
+    }
+
+    /// The gauges' values now.
+    pub fn gauges(&self) -> Gauges {
+        let workers: Vec<Arc<Worker>> = self.read_workers().by_name.values().cloned().collect();
+        let ranges_held = workers
+            .iter()
+            .map(|worker| worker.lock().held_starts().count())
+            .sum();
+        let bounds = self.inner.limits.bounds;
+        Gauges {
+            workers_registered: self.inner.registered.load(Ordering::Acquire),
+            workers_limit: self.inner.limits.max_workers,
+            space_used: bounds.used(self.inner.store.high_water()),
+            space_size: bounds.size(),
+            ranges_held,
+            store_reachable: self.inner.store.reachable(),
+            registrations_confirmed_age: self.inner.store.confirmed_ago(),
+            ready: self.check_ready().is_ok(),
+        }
     }
 
     /// Registers `prefill_worker` with `dp_size`, or realigns it.
     pub async fn register(&self, prefill_worker: &str, dp_size: u32) -> Result<WorkerInfo, Error> {
         validate_worker(prefill_worker)?;
         let dp_size = DpSize::try_new(dp_size)?;
-        let worker = self.worker_entry(prefill_worker)?;
-        self.register_worker(&worker, dp_size).await
+        self.register_worker(prefill_worker, dp_size).await
     }
 
-    async fn register_worker(&self, worker: &Worker, dp_size: DpSize) -> Result<WorkerInfo, Error> {
-        let _refill = worker.refill.lock().await;
-        let unchanged = {
-            let state = WorkerState::lock(worker);
-            (state.registered && state.dp_size == dp_size).then(|| info_of(worker, &state))
-        };
-        if let Some(info) = unchanged {
-            return Ok(info);
+    async fn register_worker(
+        &self,
+        prefill_worker: &str,
+        dp_size: DpSize,
+    ) -> Result<WorkerInfo, Error> {
+        let known = self.worker(prefill_worker);
+        let registered_here = known.as_ref().map(|worker| {
+            let state = worker.lock();
+            (state.registered, state.dp_size)
+        });
+        if !self.inner.store.shared() && registered_here == Some((true, dp_size)) {
+            // A single writer: memory is the truth, nothing to write.
+            let worker = known.expect("known above");
+            return Ok(info_of(&worker, &worker.lock()));
         }
-        let revision = self
-            .with_store(self.inner.store.register(worker.name.clone(), dp_size))
-            .await?;
-        let mut state = WorkerState::lock(worker);
-        let old = state.registered.then_some(state.dp_size.get());
-        state.apply(dp_size, true, revision);
-        info!(worker = %worker.name, dp_size = dp_size.get(), old_dp_size = ?old, "registered worker");
-        Ok(info_of(worker, &state))
+        // A new registration takes a slot of --max-workers before it is
+        // written, so concurrent registrations cannot overshoot the limit.
+        let takes_slot = !registered_here.is_some_and(|(registered, _)| registered);
+        if takes_slot && !self.take_slot() {
+            return Err(Error::TooManyWorkers {
+                limit: self.inner.limits.max_workers,
+            });
+        }
+        let name: Arc<str> = known.map_or_else(|| Arc::from(prefill_worker), |w| w.name.clone());
+        let revision = match self
+            .with_store(self.inner.store.register(name.clone(), dp_size))
+            .await
+        {
+            Ok(revision) => revision,
+            Err(error) => {
+                if takes_slot {
+                    self.inner.registered.fetch_sub(1, Ordering::AcqRel);
+                }
+                return Err(error);
+            }
+        };
+        let record = WorkerRecord {
+            prefill_worker: name.clone(),
+            dp_size,
+            registered: true,
+            rooms_issued: 0,
+            revision,
+        };
+        let old = registered_here.filter(|(registered, _)| *registered);
+        let worker = self
+            .apply_registration(&record, takes_slot)
+            .ok_or(Error::TooManyWorkers {
+                limit: self.inner.limits.max_workers,
+            })?;
+        let state = worker.lock();
+        info!(
+            worker = %Escaped(&name),
+            dp_size = dp_size.get(),
+            old_dp_size = old.map(|(_, old)| old.get()),
+            "registered worker"
+        );
+        Ok(info_of(&worker, &state))
     }
 
-    /// One room for (`prefill_worker`, `dp_rank`); `dp_size` 0 means "as registered".
+    /// Takes a slot of --max-workers; false if none is left.
+    fn take_slot(&self) -> bool {
+        let max = self.inner.limits.max_workers;
+        self.inner
+            .registered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// The one place registration changes are applied (see the invariants
+    /// above); `slot_taken` says the caller already counted a new
+    /// registration. Returns the worker, unless the record is about a worker
+    /// this process does not know and need not learn (a deregistration).
+    fn apply_registration(&self, record: &WorkerRecord, slot_taken: bool) -> Option<Arc<Worker>> {
+        let worker = match self.worker(&record.prefill_worker) {
+            Some(worker) => worker,
+            None => self.insert_worker(&record.prefill_worker),
+        };
+        let mut state = worker.lock();
+        let was_registered = state.registered;
+        if record.revision < state.revision {
+            // Older than what is applied (a late watch event).
+            drop(state);
+            if slot_taken {
+                self.inner.registered.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Some(worker);
+        }
+        state.revision = record.revision;
+        let changed = state.dp_size != record.dp_size || was_registered != record.registered;
+        if changed {
+            state.epoch += 1;
+            state.drop_ranges();
+            state.dp_size = record.dp_size;
+            state.registered = record.registered;
+            if was_registered && !record.registered {
+                info!(worker = %Escaped(&worker.name), "worker deregistered");
+            }
+        }
+        drop(state);
+        match (was_registered, record.registered) {
+            (false, true) if slot_taken => {}
+            (false, true) => {
+                self.inner.registered.fetch_add(1, Ordering::AcqRel);
+            }
+            (true, false) => {
+                self.inner.registered.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ if slot_taken => {
+                self.inner.registered.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+        Some(worker)
+    }
+
+    /// Forgets a worker the store dropped, unless a registration newer than
+    /// `revision` brought it back.
+    fn forget(&self, prefill_worker: &str, revision: i64) {
+        let mut workers = self.write_workers();
+        let Some(worker) = workers.by_name.get(prefill_worker).cloned() else {
+            return;
+        };
+        let state = worker.lock();
+        if state.revision > revision {
+            return;
+        }
+        if state.registered {
+            self.inner.registered.fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(state);
+        workers.by_name.remove(prefill_worker);
+        workers.names.remove(prefill_worker);
+    }
+
+    /// One room for (`prefill_worker`, `dp_rank`); `dp_size` 0 means "as
+    /// registered", another value registers a worker never registered (if
+    /// `registrar` allows) and must match the registered one.
     pub async fn allocate(
         &self,
         prefill_worker: &str,
         dp_rank: u32,
         dp_size: u32,
+        registrar: Registrar,
     ) -> Result<(Room, DpSize), Error> {
-        let (base, dp_size, rank) = self
-            .take_bases(prefill_worker, dp_size, 1, |dp_size| {
-                Rank::try_new(dp_rank, dp_size).map_err(Error::from)
-            })
+        let (base, dp_size, rank, _) = self
+            .take_bases(
+                prefill_worker,
+                dp_size,
+                Some(registrar),
+                Demand::Bases {
+                    count: 1,
+                    validity: Duration::ZERO,
+                },
+                |dp_size| Rank::try_new(dp_rank, dp_size).map_err(Error::from),
+            )
             .await?;
         self.inner.allocated_rooms.inc();
         Ok((base.room(rank), dp_size))
     }
 
-    /// A block of `count` bases for `prefill_worker`.
-    pub async fn lease(&self, prefill_worker: &str, count: u32) -> Result<Lease, Error> {
+    /// A block of `count` bases for `prefill_worker`; `dp_size` 0 means "as
+    /// registered", another value must match it. Never registers.
+    pub async fn lease(
+        &self,
+        prefill_worker: &str,
+        count: u32,
+        dp_size: u32,
+    ) -> Result<Lease, Error> {
         if count == 0 || count > MAX_LEASE_COUNT {
             validate_worker(prefill_worker)?;
             return Err(Error::LeaseCount { count });
         }
-        let (first_base, dp_size, ()) = self
-            .take_bases(prefill_worker, 0, u64::from(count), |_| Ok(()))
+        // A lease is usable for at least half the retention.
+        let validity = self.inner.limits.retention / 2;
+        let check = |dp_size: DpSize| {
+            let max_count = MAX_LEASE_NUMBERS / u64::from(dp_size.get());
+            if u64::from(count) > max_count {
+                return Err(Error::LeaseTooLarge {
+                    count,
+                    dp_size: dp_size.get(),
+                    max_count,
+                });
+            }
+            Ok(())
+        };
+        let demand = Demand::Bases {
+            count: u64::from(count),
+            validity,
+        };
+        let (first_base, dp_size, (), valid_for) = self
+            .take_bases(prefill_worker, dp_size, None, demand, check)
             .await?;
         self.inner.leased_bases.inc_by(u64::from(count));
         Ok(Lease {
             first_base,
             count,
             dp_size,
+            valid_for,
         })
     }
 
-    /// Takes `count` bases for the worker, registering it first when the
-    /// caller named a dp_size for an unknown worker. `check` validates the
-    /// request against the dp_size in force, under the same lock as the take,
-    /// so a concurrent realignment cannot slip between them.
+    /// Takes bases for the worker. `check` validates the request against the
+    /// dp_size in force, under the same lock as the take, so a concurrent
+    /// realignment cannot slip between them. A worker this process does not
+    /// know, or knows with another dp_size or as deregistered, is looked up
+    /// in a shared store once before any refusal: another replica may have
+    /// changed it a moment ago.
     async fn take_bases<T>(
         &self,
         prefill_worker: &str,
         requested_dp_size: u32,
-        count: u64,
+        registrar: Option<Registrar>,
+        demand: Demand,
         check: impl Fn(DpSize) -> Result<T, Error>,
-    ) -> Result<(Base, DpSize, T), Error> {
+    ) -> Result<(Base, DpSize, T, Duration), Error> {
         validate_worker(prefill_worker)?;
         let requested = match requested_dp_size {
             0 => None,
@@ -432,41 +705,54 @@ impl Allocator {
             // Reject a bad request before it registers anyone.
             check(dp_size)?;
         }
-        // A worker this replica does not know as registered is looked up in
-        // the store once before any decision: another replica may have just
-        // registered it, and then its dp_size, not the caller's, is in force.
-        let mut asked_store = false;
-        let worker = match (self.worker(prefill_worker), requested) {
-            (Some(worker), _) => worker,
-            (None, Some(_)) => self.worker_entry(prefill_worker)?,
-            (None, None) => {
-                asked_store = true;
-                self.learn(prefill_worker).await?;
-                self.worker(prefill_worker)
-                    .ok_or_else(|| unknown(prefill_worker))?
-            }
+        let Demand::Bases { count, validity } = demand else {
+            unreachable!("callers take bases");
         };
-        loop {
-            let now = Instant::now();
-            let mut register_with = None;
-            let mut ask_store = false;
-            {
-                let mut state = WorkerState::lock(&worker);
-                match (state.registered, requested) {
-                    (false, _) if !asked_store => ask_store = true,
-                    (false, None) => return Err(unknown(prefill_worker)),
-                    (false, Some(dp_size)) => register_with = Some(dp_size),
-                    (true, Some(dp_size)) if dp_size != state.dp_size => {
-                        return Err(Error::DpSizeMismatch {
-                            worker: prefill_worker.to_owned(),
-                            registered: state.dp_size.get(),
-                            requested: dp_size.get(),
+        let shared = self.inner.store.shared();
+        let mut asked_store = false;
+        for _ in 0..MAX_ROUNDS {
+            let Some(worker) = self.worker(prefill_worker) else {
+                if shared && !asked_store {
+                    asked_store = true;
+                    self.learn(prefill_worker).await?;
+                    continue;
+                }
+                match (requested, registrar) {
+                    (Some(dp_size), Some(Registrar::Allowed)) => {
+                        self.register_worker(prefill_worker, dp_size).await?;
+                        continue;
+                    }
+                    (Some(_), Some(Registrar::Denied { presented })) => {
+                        return Err(Error::RegistrationNeedsToken {
+                            worker: Escaped(prefill_worker).to_string(),
+                            presented,
                         })
                     }
-                    (true, _) => {
-                        let checked = check(state.dp_size)?;
-                        self.inner.store.check_fresh().map_err(Error::Store)?;
-                        if let Some(base) = state.take(count, now, self.inner.limits.retention) {
+                    _ => return Err(unknown(prefill_worker)),
+                }
+            };
+            let now = Instant::now();
+            let step = {
+                let mut state = worker.lock();
+                let stale_view =
+                    !state.registered || requested.is_some_and(|dp_size| dp_size != state.dp_size);
+                if stale_view && shared && !asked_store {
+                    Step::AskStore
+                } else if !state.registered {
+                    return Err(Error::Deregistered {
+                        worker: Escaped(prefill_worker).to_string(),
+                    });
+                } else if let Some(dp_size) = requested.filter(|d| *d != state.dp_size) {
+                    return Err(Error::DpSizeMismatch {
+                        worker: Escaped(prefill_worker).to_string(),
+                        registered: state.dp_size.get(),
+                        requested: dp_size.get(),
+                    });
+                } else {
+                    let checked = check(state.dp_size)?;
+                    self.inner.store.check_fresh().map_err(Error::Store)?;
+                    match state.take(count, now, validity) {
+                        Some((base, valid_for)) => {
                             state.rooms_issued += count;
                             let dp_size = state.dp_size;
                             if state.wants_prefetch() {
@@ -474,23 +760,24 @@ impl Allocator {
                                 drop(state);
                                 self.spawn_prefetch(worker.clone());
                             }
-                            return Ok((base, dp_size, checked));
+                            Step::Done((base, dp_size, checked, valid_for))
                         }
+                        None => Step::Refill,
                     }
                 }
-            }
-            if ask_store {
-                asked_store = true;
-                self.learn(prefill_worker).await?;
-                continue;
-            }
-            match register_with {
-                Some(dp_size) => {
-                    self.register_worker(&worker, dp_size).await?;
+            };
+            match step {
+                Step::Done(taken) => return Ok(taken),
+                Step::AskStore => {
+                    asked_store = true;
+                    self.learn(prefill_worker).await?;
                 }
-                None => self.refill(&worker, Demand::Bases(count)).await?,
+                Step::Refill => self.refill(&worker, demand).await?,
             }
         }
+        Err(Error::Store(StoreError::Contention {
+            attempts: MAX_ROUNDS,
+        }))
     }
 
     fn spawn_prefetch(&self, worker: Arc<Worker>) {
@@ -499,15 +786,15 @@ impl Allocator {
             if let Err(error) = allocator.refill(&worker, Demand::Prefetch).await {
                 // Callers will retry the reservation themselves when the
                 // current range runs dry, and get the error then.
-                warn!(worker = %worker.name, %error, "reserving a range ahead failed");
+                warn!(worker = %Escaped(&worker.name), %error, "reserving a range ahead failed");
             }
-            WorkerState::lock(&worker).prefetching = false;
+            worker.lock().prefetching = false;
         });
     }
 
     /// Reserves a range for `worker` unless one that meets `demand` appeared
     /// while waiting for the worker's refill lock.
-    async fn refill(&self, worker: &Worker, demand: Demand) -> Result<(), Error> {
+    async fn refill(&self, worker: &Arc<Worker>, demand: Demand) -> Result<(), Error> {
         let timeout = self.inner.limits.store_timeout;
         tokio::time::timeout(timeout, self.refill_locked(worker, demand))
             .await
@@ -517,86 +804,90 @@ impl Allocator {
             })))
     }
 
-    async fn refill_locked(&self, worker: &Worker, demand: Demand) -> Result<(), Error> {
+    async fn refill_locked(&self, worker: &Arc<Worker>, demand: Demand) -> Result<(), Error> {
         let _refill = worker.refill.lock().await;
-        let reservation = {
-            let mut state = WorkerState::lock(worker);
-            if !state.registered {
-                return Err(unknown(&worker.name));
-            }
-            if state.has(demand) {
+        let (reservation, epoch, serve_until) = {
+            let mut state = worker.lock();
+            let now = Instant::now();
+            if !state.registered || state.has(demand, now) {
+                // The caller looks again and acts on what it sees.
                 return Ok(());
             }
             let need = match demand {
-                Demand::Bases(count) => count,
+                Demand::Bases { count, .. } => count,
                 Demand::Prefetch => 1,
             };
-            let want = state.next_range_bases(Instant::now()).max(need);
-            Reservation {
+            let want = state.next_range_bases(now).max(need);
+            let reservation = Reservation {
                 prefill_worker: worker.name.clone(),
                 dp_size: state.dp_size,
+                revision: state.revision,
                 want_bases: want,
                 need_bases: need,
                 rooms_issued: state.rooms_issued,
                 created_unix_ms: unix_ms(),
-            }
+            };
+            // Timed from before the store call: the store keeps the range
+            // for twice the retention from a moment after this.
+            (reservation, state.epoch, now + self.inner.limits.retention)
         };
         let dp_size = reservation.dp_size;
         let created_unix_ms = reservation.created_unix_ms;
-        let reserved_at = Instant::now();
         let range = match self.inner.store.reserve(reservation).await {
-            Err(StoreError::StaleRegistration {
-                worker: name,
-                current,
-            }) => {
-                // Another replica changed the registration: follow it, and let
-                // the caller look again under the new one.
-                let mut state = WorkerState::lock(worker);
-                let changed = match current {
-                    Some(record) => state.apply(record.dp_size, record.registered, record.revision),
-                    None => {
-                        let (dp_size, revision) = (state.dp_size, state.revision);
-                        state.apply(dp_size, false, revision)
+            Err(StoreError::StaleRegistration { current, .. }) => {
+                // Another replica changed the registration: follow it, and
+                // let the caller look again under the new one.
+                match current {
+                    Some(record) => {
+                        info!(worker = %Escaped(&worker.name), dp_size = record.dp_size.get(), registered = record.registered, "registration changed on another replica");
+                        self.apply_registration(&record, false);
                     }
-                };
-                info!(worker = %name, dp_size = state.dp_size.get(), registered = state.registered, "registration changed on another replica");
-                if changed {
-                    return Ok(());
+                    None => {
+                        let revision = worker.lock().revision;
+                        info!(worker = %Escaped(&worker.name), "worker is gone from the store");
+                        self.forget(&worker.name, revision);
+                    }
                 }
-                return Err(Error::Store(StoreError::StaleRegistration {
-                    worker: name,
-                    current: None,
-                }));
+                return Ok(());
             }
             other => self.with_store(std::future::ready(other)).await?,
         };
         self.inner
             .metrics
             .ranges_reserved
-            .get_or_create(&StoreLabels {
-                store: self.inner.store.kind(),
-            })
+            .get(&[self.inner.store.kind()])
             .inc();
+        // The store committed it: it resolves whatever happens next.
+        self.record_range(&worker.name, range, created_unix_ms)?;
+        let mut state = worker.lock();
+        if state.epoch != epoch {
+            // A registration change overtook this reservation: its rooms
+            // would be aligned to the old dp_size. Skip them.
+            info!(
+                worker = %Escaped(&worker.name),
+                dp_size = dp_size.get(),
+                start = range.start(),
+                end = range.end(),
+                "a registration change overtook this reservation; its rooms are skipped"
+            );
+            return Ok(());
+        }
         info!(
-            worker = %worker.name,
+            worker = %Escaped(&worker.name),
             dp_size = dp_size.get(),
             start = range.start(),
             end = range.end(),
             bases = range.bases(),
             "reserved range"
         );
-        self.record_range(&worker.name, range, created_unix_ms)?;
-        let mut state = WorkerState::lock(worker);
-        // The refill lock kept registration changes out, so dp_size holds.
-        debug_assert_eq!(state.dp_size, dp_size);
-        let cursor = Held {
+        let held = Held {
             cursor: range.cursor(),
-            reserved_at,
+            serve_until,
         };
         match &state.current {
-            Some(current) if current.remaining() > 0 => state.next = Some(cursor),
+            Some(current) if current.remaining() > 0 => state.next = Some(held),
             _ => {
-                state.current = Some(cursor);
+                state.current = Some(held);
                 state.current_since = Instant::now();
             }
         }
@@ -609,12 +900,10 @@ impl Allocator {
         range: RoomRange,
         created_unix_ms: u64,
     ) -> Result<(), Error> {
-        let mut ranges = self
-            .inner
+        self.inner
             .ranges
             .write()
-            .expect("range table lock is never poisoned");
-        ranges
+            .expect("range table lock is never poisoned")
             .insert(RangeOwner {
                 prefill_worker: worker.clone(),
                 range,
@@ -643,7 +932,9 @@ impl Allocator {
                 // Another replica may have reserved it; remember what we learn.
                 let found = self.with_store(self.inner.store.lookup(room)).await?;
                 let owner = found.ok_or_else(|| {
-                    if room.get() < self.inner.pruned_below.load(Ordering::Acquire) {
+                    let pruned = room.get() < self.inner.pruned_below.load(Ordering::Acquire)
+                        || self.inner.store.missing_is_pruned(room);
+                    if pruned {
                         Error::Pruned {
                             room: room.get(),
                             retention: self.inner.limits.retention,
@@ -669,28 +960,55 @@ impl Allocator {
         })
     }
 
-    /// Prunes ranges reserved more than twice the retention period ago.
+    /// Drops what retention no longer needs: ranges reserved more than twice
+    /// the retention ago (never one still served from), and deregistered
+    /// workers none of whose ranges is left.
     pub async fn prune_expired(&self) -> Result<(), Error> {
         let retention_ms =
             u64::try_from(self.inner.limits.retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = unix_ms().saturating_sub(retention_ms.saturating_mul(2));
-        let below = self.with_store(self.inner.store.prune(cutoff)).await?;
-        self.inner.pruned_below.fetch_max(below, Ordering::AcqRel);
-        let pruned_here = self
+        let held = self.held_starts();
+        let pruned = self
+            .with_store(self.inner.store.prune(PruneRequest {
+                cutoff_unix_ms: cutoff,
+                held: held.clone(),
+            }))
+            .await?;
+        self.inner
+            .pruned_below
+            .fetch_max(pruned.pruned_below, Ordering::AcqRel);
+        for name in &pruned.forgotten {
+            self.forget(name, pruned.revision);
+        }
+        let mut ranges = self
             .inner
             .ranges
             .write()
-            .expect("range table lock is never poisoned")
-            .prune(cutoff);
-        self.inner
-            .pruned_below
-            .fetch_max(pruned_here, Ordering::AcqRel);
+            .expect("range table lock is never poisoned");
+        if self.inner.store.shared() {
+            // Only a cache of what the store holds, which expires ranges by
+            // itself a lease bucket later; an entry dropped early is looked
+            // up again.
+            let margin_ms = (retention_ms / 8).clamp(1000, 3_600_000);
+            ranges.prune(cutoff.saturating_sub(margin_ms), &held);
+        } else {
+            let below = ranges.prune(cutoff, &held);
+            self.inner.pruned_below.fetch_max(below, Ordering::AcqRel);
+        }
         Ok(())
+    }
+
+    fn held_starts(&self) -> BTreeSet<u64> {
+        let workers: Vec<Arc<Worker>> = self.read_workers().by_name.values().cloned().collect();
+        workers
+            .iter()
+            .flat_map(|worker| worker.lock().held_starts().collect::<Vec<_>>())
+            .collect()
     }
 
     /// Prunes expired ranges every quarter of the retention period (between
     /// 1 s and 10 min) until the store closes.
-    pub fn run_retention(&self) {
+    pub fn run_retention(&self) -> tokio::task::JoinHandle<()> {
         let interval = (self.inner.limits.retention / 4)
             .clamp(Duration::from_secs(1), Duration::from_secs(600));
         let allocator = self.clone();
@@ -705,100 +1023,123 @@ impl Allocator {
                     Err(error) => warn!(%error, "pruning expired ranges failed; will retry"),
                 }
             }
-        });
+        })
     }
 
     /// Follows registration changes made elsewhere (other replicas), if the
     /// store reports any. Runs until the store closes.
-    pub fn follow_store(&self) {
-        let Some(mut updates) = self.inner.store.take_updates() else {
-            return;
-        };
+    pub fn follow_store(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut updates = self.inner.store.take_updates()?;
         let allocator = self.clone();
-        tokio::spawn(async move {
-            while let Some(record) = updates.recv().await {
-                allocator.apply_update(record);
+        Some(tokio::spawn(async move {
+            while let Some(update) = updates.recv().await {
+                allocator.apply_update(update);
             }
-        });
+        }))
     }
 
-    /// Applies what the store holds for a worker this replica does not know
-    /// as registered (single-writer stores have nothing more to say).
+    /// Applies one change the store reported.
+    pub fn apply_update(&self, update: StoreUpdate) {
+        crate::failpoint!("allocator::apply_update");
+        match update {
+            StoreUpdate::Registration(record) => {
+                self.apply_registration(&record, false);
+            }
+            StoreUpdate::Forgotten {
+                prefill_worker,
+                revision,
+            } => self.forget(&prefill_worker, revision),
+        }
+    }
+
+    /// Applies what the store holds for a worker (shared stores only).
     async fn learn(&self, prefill_worker: &str) -> Result<(), Error> {
         let stored = self
             .with_store(self.inner.store.lookup_worker(prefill_worker))
             .await?;
         if let Some(record) = stored {
-            self.apply_update(record);
+            self.apply_registration(&record, false);
         }
         Ok(())
     }
 
-    fn apply_update(&self, record: WorkerRecord) {
-        let worker = match self.worker_entry(&record.prefill_worker) {
-            Ok(worker) => worker,
-            Err(error) => {
-                warn!(worker = %record.prefill_worker, %error, "cannot follow a registration");
-                return;
-            }
+    /// One page of registered workers, sorted by name (AIP-158).
+    pub fn list(&self, page_size: i32, page_token: &str) -> Result<WorkerPage, Error> {
+        let page_size = match page_size {
+            n if n < 0 => return Err(Error::PageSize { page_size }),
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
         };
-        let mut state = WorkerState::lock(&worker);
-        if record.revision <= state.revision {
-            return;
+        let page_size = usize::try_from(page_size).expect("positive");
+        let after = match page_token {
+            "" => None,
+            token => Some(decode_page_token(token).ok_or(Error::PageToken)?),
+        };
+        let workers = self.read_workers();
+        let candidates = match &after {
+            Some(name) => workers.names.range::<str, _>((
+                std::ops::Bound::Excluded(name.as_str()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => workers.names.range::<str, _>(..),
+        };
+        let mut page = Vec::with_capacity(page_size.min(1024));
+        let mut more = false;
+        for name in candidates {
+            let Some(worker) = workers.by_name.get(name) else {
+                continue;
+            };
+            let state = worker.lock();
+            if !state.registered {
+                continue;
+            }
+            if page.len() == page_size {
+                more = true;
+                break;
+            }
+            page.push(info_of(worker, &state));
         }
-        let old = (state.dp_size.get(), state.registered);
-        if state.apply(record.dp_size, record.registered, record.revision) {
-            info!(
-                worker = %worker.name,
-                dp_size = record.dp_size.get(),
-                registered = record.registered,
-                old_dp_size = old.0,
-                was_registered = old.1,
-                "registration changed in the store"
-            );
-        }
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => encode_page_token(&last.prefill_worker),
+            _ => String::new(),
+        };
+        Ok(WorkerPage {
+            workers: page,
+            next_page_token,
+        })
     }
 
-    /// Registered workers, sorted by name.
-    pub fn list(&self) -> Vec<WorkerInfo> {
-        let workers: Vec<Arc<Worker>> = self.read_workers().values().cloned().collect();
-        let mut infos: Vec<WorkerInfo> = workers
-            .iter()
-            .filter_map(|worker| {
-                let state = WorkerState::lock(worker);
-                state.registered.then(|| info_of(worker, &state))
-            })
-            .collect();
-        infos.sort_by(|a, b| a.prefill_worker.cmp(&b.prefill_worker));
-        infos
-    }
-
-    /// Stops new rooms for `prefill_worker`; its rooms still resolve.
+    /// Stops new rooms for `prefill_worker` until it registers again; its
+    /// rooms still resolve. Deregistering a deregistered worker is a no-op.
     pub async fn deregister(&self, prefill_worker: &str) -> Result<(), Error> {
         validate_worker(prefill_worker)?;
-        let known = self
-            .worker(prefill_worker)
-            .is_some_and(|worker| WorkerState::lock(&worker).registered);
-        if !known {
-            // Registered on another replica a moment ago, perhaps.
+        if self.inner.store.shared() {
+            // Registered (or realigned) on another replica a moment ago, perhaps.
             self.learn(prefill_worker).await?;
         }
         let worker = self
             .worker(prefill_worker)
             .ok_or_else(|| unknown(prefill_worker))?;
-        let _refill = worker.refill.lock().await;
-        let dp_size = {
-            let state = WorkerState::lock(&worker);
-            if !state.registered {
-                return Err(unknown(prefill_worker));
-            }
-            state.dp_size
+        let (registered, dp_size) = {
+            let state = worker.lock();
+            (state.registered, state.dp_size)
         };
+        if !registered {
+            return Ok(());
+        }
         let revision = self
             .with_store(self.inner.store.deregister(worker.name.clone(), dp_size))
             .await?;
-        WorkerState::lock(&worker).apply(dp_size, false, revision);
-        info!(worker = %worker.name, "deregistered worker");
+        self.apply_registration(
+            &WorkerRecord {
+                prefill_worker: worker.name.clone(),
+                dp_size,
+                registered: false,
+                rooms_issued: 0,
+                revision,
+            },
+            false,
+        );
         Ok(())
     }
 
@@ -806,14 +1147,15 @@ impl Allocator {
     pub async fn shutdown(&self) -> Result<(), Error> {
         let counts = self
             .read_workers()
+            .by_name
             .values()
-            .map(|worker| {
-                let state = WorkerState::lock(worker);
-                IssuedCount {
+            .filter_map(|worker| {
+                let state = worker.lock();
+                state.registered.then(|| IssuedCount {
                     prefill_worker: worker.name.clone(),
                     total: state.rooms_issued,
                     since_open: state.rooms_issued - state.rooms_issued_at_open,
-                }
+                })
             })
             .collect();
         let recorded = self.inner.store.record_issued(counts).await;
@@ -826,60 +1168,51 @@ impl Allocator {
         operation: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, Error> {
         operation.await.map_err(|error| {
-            if !matches!(error, StoreError::Space(_)) {
+            if !matches!(
+                error,
+                StoreError::Space(_) | StoreError::StaleRegistration { .. }
+            ) {
                 warn!(store = self.inner.store.kind(), %error, "store operation failed");
                 self.inner
                     .metrics
                     .store_errors
-                    .get_or_create(&StoreLabels {
-                        store: self.inner.store.kind(),
-                    })
+                    .get(&[self.inner.store.kind()])
                     .inc();
             }
             Error::from(error)
         })
     }
 
-    fn read_workers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Worker>>> {
+    fn read_workers(&self) -> std::sync::RwLockReadGuard<'_, Workers> {
         self.inner
             .workers
             .read()
             .expect("worker map lock is never poisoned")
     }
 
-    fn worker(&self, prefill_worker: &str) -> Option<Arc<Worker>> {
-        self.read_workers().get(prefill_worker).cloned()
-    }
-
-    /// The worker's entry, created unregistered if new.
-    fn worker_entry(&self, prefill_worker: &str) -> Result<Arc<Worker>, Error> {
-        if let Some(worker) = self.worker(prefill_worker) {
-            return Ok(worker);
-        }
-        let mut workers = self
-            .inner
+    fn write_workers(&self) -> std::sync::RwLockWriteGuard<'_, Workers> {
+        self.inner
             .workers
             .write()
-            .expect("worker map lock is never poisoned");
-        if let Some(worker) = workers.get(prefill_worker) {
-            return Ok(worker.clone());
+            .expect("worker map lock is never poisoned")
+    }
+
+    fn worker(&self, prefill_worker: &str) -> Option<Arc<Worker>> {
+        self.read_workers().by_name.get(prefill_worker).cloned()
+    }
+
+    /// The worker's entry, created (unregistered, revision -inf) if new.
+    fn insert_worker(&self, prefill_worker: &Arc<str>) -> Arc<Worker> {
+        let mut workers = self.write_workers();
+        if let Some(worker) = workers.by_name.get(prefill_worker) {
+            return worker.clone();
         }
-        if workers.len() >= self.inner.limits.max_workers {
-            return Err(Error::TooManyWorkers {
-                limit: self.inner.limits.max_workers,
-            });
-        }
-        let name: Arc<str> = Arc::from(prefill_worker);
-        let unregistered = WorkerRecord {
-            prefill_worker: name.clone(),
-            dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
-            registered: false,
-            rooms_issued: 0,
-            revision: 0,
-        };
-        let worker = Arc::new(Worker::new(&unregistered, Instant::now()));
-        workers.insert(name, worker.clone());
-        Ok(worker)
+        let worker = Arc::new(Worker::new(prefill_worker.clone(), Instant::now()));
+        workers
+            .by_name
+            .insert(prefill_worker.clone(), worker.clone());
+        workers.names.insert(prefill_worker.clone());
+        worker
     }
 }
 
@@ -893,408 +1226,63 @@ fn info_of(worker: &Worker, state: &WorkerState) -> WorkerInfo {
 
 fn unknown(prefill_worker: &str) -> Error {
     Error::UnknownWorker {
-        worker: prefill_worker.to_owned(),
+        worker: Escaped(prefill_worker).to_string(),
     }
 }
 
-fn validate_worker(prefill_worker: &str) -> Result<(), Error> {
-    match prefill_worker.len() {
-        0 => Err(Error::EmptyWorker),
-        len if len > MAX_WORKER_LEN => Err(Error::WorkerTooLong { len }),
-        _ => Ok(()),
+/// A name as logs and messages show it: quoted, control characters escaped,
+/// so a hostile name cannot split a log line.
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{}\"", self.0.escape_debug())
     }
+}
+
+/// A prefill_worker: 1 to 253 bytes of UTF-8 without control characters
+/// (U+0000-U+001F, U+007F-U+009F).
+pub fn validate_worker(prefill_worker: &str) -> Result<(), Error> {
+    match prefill_worker.len() {
+        0 => return Err(Error::EmptyWorker),
+        len if len > MAX_WORKER_LEN => return Err(Error::WorkerTooLong { len }),
+        _ => {}
+    }
+    if let Some(c) = prefill_worker.chars().find(|c| c.is_control()) {
+        return Err(Error::WorkerControlCharacter {
+            worker: Escaped(prefill_worker).to_string(),
+            code: u32::from(c),
+        });
+    }
+    Ok(())
+}
+
+/// Page tokens: hex of a version byte, the name's CRC-32 and the name, so a
+/// token the server did not issue (or a truncated one) is refused, and any
+/// replica accepts any other's.
+fn encode_page_token(last: &str) -> String {
+    let mut bytes = vec![1u8];
+    bytes.extend_from_slice(&crc32fast::hash(last.as_bytes()).to_le_bytes());
+    bytes.extend_from_slice(last.as_bytes());
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_page_token(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) || token.len() > 2 * (5 + MAX_WORKER_LEN) {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let (&version, rest) = bytes.split_first()?;
+    let (crc, name) = rest.split_at_checked(4)?;
+    let name = std::str::from_utf8(name).ok()?;
+    (version == 1
+        && crc == crc32fast::hash(name.as_bytes()).to_le_bytes()
+        && validate_worker(name).is_ok())
+    .then(|| name.to_owned())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::space::MAX_ROOM;
-    use crate::store::EmbeddedStore;
-    use proptest::prelude::*;
-    use std::collections::BTreeMap;
-    use std::path::Path;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    /// Wraps the embedded store and fails every write after the first `budget`,
-    /// as a full disk would.
-    struct FailingStore {
-        inner: EmbeddedStore,
-        budget: AtomicU64,
-    }
-
-    impl FailingStore {
-        fn spend(&self) -> Result<(), StoreError> {
-            let ok = self
-                .budget
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
-                .is_ok();
-            ok.then_some(()).ok_or_else(|| StoreError::Io {
-                path: "rooms.log".into(),
-                source: Arc::new(std::io::Error::from_raw_os_error(28)),
-            })
-        }
-    }
-
-    impl Store for FailingStore {
-        fn kind(&self) -> &'static str {
-            "failing"
-        }
-        fn register(&self, w: Arc<str>, d: DpSize) -> crate::store::StoreFuture<'_, i64> {
-            match self.spend() {
-                Ok(()) => self.inner.register(w, d),
-                Err(e) => Box::pin(async move { Err(e) }),
-            }
-        }
-        fn deregister(&self, w: Arc<str>, d: DpSize) -> crate::store::StoreFuture<'_, i64> {
-            match self.spend() {
-                Ok(()) => self.inner.deregister(w, d),
-                Err(e) => Box::pin(async move { Err(e) }),
-            }
-        }
-        fn reserve(&self, r: Reservation) -> crate::store::StoreFuture<'_, RoomRange> {
-            match self.spend() {
-                Ok(()) => self.inner.reserve(r),
-                Err(e) => Box::pin(async move { Err(e) }),
-            }
-        }
-        fn prune(&self, cutoff: u64) -> crate::store::StoreFuture<'_, u64> {
-            self.inner.prune(cutoff)
-        }
-        fn record_issued(&self, c: Vec<IssuedCount>) -> crate::store::StoreFuture<'_, ()> {
-            self.inner.record_issued(c)
-        }
-        fn close(&self) -> crate::store::StoreFuture<'_, ()> {
-            self.inner.close()
-        }
-    }
-
-    fn open(dir: &Path, budget: u64, space_end: u64) -> Allocator {
-        open_with(dir, budget, space_end, 16)
-    }
-
-    fn open_with(dir: &Path, budget: u64, space_end: u64, max_workers: usize) -> Allocator {
-        let (store, snapshot) = EmbeddedStore::open(dir, space_end).expect("open store");
-        let store = FailingStore {
-            inner: store,
-            budget: AtomicU64::new(budget),
-        };
-        Allocator::new(
-            Arc::new(store),
-            snapshot,
-            Limits {
-                space_end,
-                max_workers,
-                store_timeout: Duration::from_secs(5),
-                retention: Duration::from_secs(86_400),
-            },
-            Arc::new(Metrics::new()),
-        )
-    }
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Register(usize, u32),
-        Allocate(usize, u32, u32),
-        Lease(usize, u32),
-        Resolve(u64),
-        Deregister(usize),
-        Restart,
-    }
-
-    const WORKERS: [&str; 5] = ["a", "b", "c", "d", "e"];
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            2 => (0..5usize, 0u32..6).prop_map(|(w, d)| Op::Register(w, d)),
-            8 => (0..5usize, 0u32..6, 0u32..6).prop_map(|(w, r, d)| Op::Allocate(w, r, d)),
-            2 => (0..5usize, 0u32..3000).prop_map(|(w, c)| Op::Lease(w, c)),
-            2 => (0u64..40_000).prop_map(Op::Resolve),
-            1 => (0..5usize).prop_map(Op::Deregister),
-            1 => Just(Op::Restart),
-        ]
-    }
-
-    /// What the contract says must hold, kept the simplest way.
-    #[derive(Default)]
-    struct Model {
-        /// Registered workers and their dp_size.
-        workers: BTreeMap<&'static str, u32>,
-        /// Every number handed out (a room, or every room of a leased base),
-        /// with its owner and dp_size.
-        issued: BTreeMap<u64, (&'static str, u32)>,
-    }
-
-    impl Model {
-        fn issue(&mut self, number: u64, owner: (&'static str, u32)) -> Result<(), TestCaseError> {
-            prop_assert!(
-                self.issued.insert(number, owner).is_none(),
-                "number {number} handed out twice"
-            );
-            Ok(())
-        }
-    }
-
-    fn run_ops(ops: Vec<Op>, budget: u64, space_end: u64) -> Result<(), TestCaseError> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let mut allocator = open(dir.path(), budget, space_end);
-            let mut model = Model::default();
-            for op in ops {
-                match op {
-                    Op::Register(w, d) => {
-                        let name = WORKERS[w];
-                        let result = allocator.register(name, d).await;
-                        match result {
-                            Ok(info) => {
-                                prop_assert_eq!(info.dp_size.get(), d);
-                                model.workers.insert(name, d);
-                            }
-                            Err(Error::Space(SpaceError::DpSizeZero)) => prop_assert_eq!(d, 0),
-                            Err(Error::Store(_)) => {}
-                            Err(other) => prop_assert!(false, "register: {other}"),
-                        }
-                    }
-                    Op::Allocate(w, r, d) => {
-                        let name = WORKERS[w];
-                        let registered = model.workers.get(name).copied();
-                        match allocator.allocate(name, r, d).await {
-                            Ok((room, dp_size)) => {
-                                let size = dp_size.get();
-                                prop_assert!(registered.is_none_or(|s| s == size));
-                                prop_assert!(d == 0 || d == size);
-                                prop_assert_eq!(room.get() % u64::from(size), u64::from(r));
-                                prop_assert!(room.get() >= 1 && room.get() <= MAX_ROOM);
-                                model.workers.insert(name, size);
-                                model.issue(room.get(), (name, size))?;
-                            }
-                            Err(Error::UnknownWorker { .. }) => {
-                                prop_assert!(registered.is_none() && d == 0)
-                            }
-                            Err(Error::DpSizeMismatch {
-                                registered: reg,
-                                requested,
-                                ..
-                            }) => {
-                                prop_assert_eq!(Some(reg), registered);
-                                prop_assert_eq!(requested, d);
-                            }
-                            Err(Error::Space(SpaceError::RankOutOfRange { dp_size, .. })) => {
-                                prop_assert!(r >= dp_size);
-                            }
-                            Err(
-                                error @ (Error::Space(SpaceError::Exhausted { .. })
-                                | Error::Store(_)),
-                            ) => {
-                                if matches!(error, Error::Space(_)) {
-                                    prop_assert!(space_end <= MAX_ROOM);
-                                }
-                                // A registration by dp_size is durable before the
-                                // reservation that failed; take it from the truth.
-                                if registered.is_none() && d != 0 {
-                                    if let Some(info) = allocator
-                                        .list()
-                                        .into_iter()
-                                        .find(|i| i.prefill_worker == name)
-                                    {
-                                        prop_assert_eq!(info.dp_size.get(), d);
-                                        model.workers.insert(name, d);
-                                    }
-                                }
-                            }
-                            Err(other) => prop_assert!(false, "allocate: {other}"),
-                        }
-                    }
-                    Op::Lease(w, count) => {
-                        let name = WORKERS[w];
-                        match allocator.lease(name, count).await {
-                            Ok(lease) => {
-                                let size = lease.dp_size.get();
-                                prop_assert_eq!(Some(size), model.workers.get(name).copied());
-                                prop_assert_eq!(lease.first_base.get() % u64::from(size), 0);
-                                for i in 0..u64::from(count) {
-                                    let base = lease.first_base.get() + i * u64::from(size);
-                                    for rank in 0..u64::from(size) {
-                                        model.issue(base + rank, (name, size))?;
-                                    }
-                                }
-                            }
-                            Err(Error::LeaseCount { .. }) => prop_assert_eq!(count, 0),
-                            Err(Error::UnknownWorker { .. }) => {
-                                prop_assert!(!model.workers.contains_key(name))
-                            }
-                            Err(Error::Space(SpaceError::Exhausted { .. })) => {
-                                prop_assert!(space_end <= MAX_ROOM)
-                            }
-                            Err(Error::Store(_)) => {}
-                            Err(other) => prop_assert!(false, "lease: {other}"),
-                        }
-                    }
-                    Op::Resolve(room) => match allocator.resolve(room).await {
-                        Ok(resolved) => {
-                            if let Some((name, size)) = model.issued.get(&room) {
-                                prop_assert_eq!(&*resolved.prefill_worker, *name);
-                                prop_assert_eq!(resolved.dp_size.get(), *size);
-                                prop_assert_eq!(
-                                    u64::from(resolved.dp_rank.get()),
-                                    room % u64::from(*size)
-                                );
-                            }
-                        }
-                        Err(Error::Space(SpaceError::RoomZero)) => prop_assert_eq!(room, 0),
-                        Err(Error::UnknownRoom { .. }) => {
-                            prop_assert!(!model.issued.contains_key(&room))
-                        }
-                        Err(other) => prop_assert!(false, "resolve: {other}"),
-                    },
-                    Op::Deregister(w) => {
-                        let name = WORKERS[w];
-                        match allocator.deregister(name).await {
-                            Ok(()) => {
-                                prop_assert!(model.workers.remove(name).is_some())
-                            }
-                            Err(Error::UnknownWorker { .. }) => {
-                                prop_assert!(!model.workers.contains_key(name))
-                            }
-                            Err(Error::Store(_)) => {}
-                            Err(other) => prop_assert!(false, "deregister: {other}"),
-                        }
-                    }
-                    Op::Restart => {
-                        allocator.shutdown().await.expect("shutdown");
-                        drop(allocator);
-                        allocator = open(dir.path(), budget, space_end);
-                        // Registrations survive the restart.
-                        let listed: BTreeMap<String, u32> = allocator
-                            .list()
-                            .into_iter()
-                            .map(|w| (w.prefill_worker, w.dp_size.get()))
-                            .collect();
-                        let expected: BTreeMap<String, u32> = model
-                            .workers
-                            .iter()
-                            .map(|(w, d)| (w.to_string(), *d))
-                            .collect();
-                        prop_assert_eq!(listed, expected);
-                    }
-                }
-            }
-            // Every room ever handed out still resolves to its owner.
-            for (room, (name, size)) in model.issued.iter().step_by(97) {
-                let resolved = allocator
-                    .resolve(*room)
-                    .await
-                    .expect("issued rooms resolve");
-                prop_assert_eq!(&*resolved.prefill_worker, *name);
-                prop_assert_eq!(resolved.dp_size.get(), *size);
-            }
-            Ok(())
-        })
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-        #[test]
-        fn random_operations_with_restarts_match_the_model(
-            ops in proptest::collection::vec(op(), 1..80),
-        ) {
-            run_ops(ops, u64::MAX, MAX_ROOM + 1)?;
-        }
-
-        #[test]
-        fn a_store_that_starts_failing_gives_unavailable_and_never_a_duplicate(
-            ops in proptest::collection::vec(op(), 1..80),
-            budget in 0u64..8,
-        ) {
-            run_ops(ops, budget, MAX_ROOM + 1)?;
-        }
-
-        #[test]
-        fn a_small_configured_space_is_exhausted_cleanly(
-            ops in proptest::collection::vec(op(), 1..80),
-        ) {
-            run_ops(ops, u64::MAX, 30_000)?;
-        }
-    }
-
-    #[tokio::test]
-    async fn realignment_changes_later_rooms_and_keeps_earlier_ones_resolving() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let allocator = open(dir.path(), u64::MAX, MAX_ROOM + 1);
-        allocator.register("w", 4).await.expect("register");
-        let (old, _) = allocator.allocate("w", 3, 0).await.expect("allocate");
-        allocator.register("w", 8).await.expect("realign");
-        let (new, size) = allocator.allocate("w", 7, 0).await.expect("allocate");
-        assert_eq!((new.get() % 8, size.get()), (7, 8));
-        assert_eq!(
-            allocator
-                .resolve(old.get())
-                .await
-                .expect("old")
-                .dp_size
-                .get(),
-            4
-        );
-        assert_eq!(
-            allocator
-                .resolve(new.get())
-                .await
-                .expect("new")
-                .dp_size
-                .get(),
-            8
-        );
-        assert!(matches!(
-            allocator.allocate("w", 1, 4).await,
-            Err(Error::DpSizeMismatch {
-                registered: 8,
-                requested: 4,
-                ..
-            })
-        ));
-    }
-
-    #[tokio::test]
-    async fn the_worker_limit_is_resource_exhausted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let allocator = open_with(dir.path(), u64::MAX, MAX_ROOM + 1, 4);
-        for name in ["a", "b", "c", "d"] {
-            allocator.register(name, 1).await.expect("register");
-        }
-        assert!(matches!(
-            allocator.register("e", 1).await,
-            Err(Error::TooManyWorkers { limit: 4 })
-        ));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_callers_never_share_a_room() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let allocator = open(dir.path(), u64::MAX, MAX_ROOM + 1);
-        allocator.register("w", 3).await.expect("register");
-        let tasks: Vec<_> = (0..8u32)
-            .map(|task| {
-                let allocator = allocator.clone();
-                tokio::spawn(async move {
-                    let mut rooms = Vec::new();
-                    for _ in 0..5000 {
-                        let (room, _) = allocator.allocate("w", task % 3, 0).await.expect("room");
-                        rooms.push(room.get());
-                    }
-                    rooms
-                })
-            })
-            .collect();
-        let mut all = std::collections::HashSet::new();
-        for task in tasks {
-            for room in task.await.expect("task") {
-                assert!(all.insert(room), "room {room} twice");
-            }
-        }
-        assert_eq!(all.len(), 40_000);
-    }
-}
+mod tests;

@@ -13,9 +13,10 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::client::RoomClient;
 use crate::pb;
 use crate::pb::room_allocator_service_client::RoomAllocatorServiceClient;
+use crate::store::etcd::client::{pb as etcd_pb, txn, ConnectOptions, EtcdClient};
+use room_allocator_client::RoomClient;
 
 /// Rooms kept for the uniqueness check; past it rooms are counted only, so a
 /// run at millions of rooms per second stays within memory.
@@ -32,13 +33,17 @@ pub enum Method {
     /// A counter in etcd advanced by compare-and-swap (what a router could
     /// build without this service); needs --etcd-endpoints.
     EtcdCas,
+    /// RegisterWorker of a new worker, then one AllocateRoom for it: a
+    /// start-up storm of registrations (rooms/s counts registrations).
+    Register,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// The allocator (or reference server) to load.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    /// The allocator (or reference server) to load; several, comma-separated,
+    /// spread the connections over replicas.
+    #[arg(long, default_value = "http://127.0.0.1:50051", value_delimiter = ',')]
+    pub server: Vec<String>,
     #[arg(long, value_enum, default_value_t = Method::Allocate)]
     pub method: Method,
     /// Calls in flight at once (closed loop: each caller waits for its answer).
@@ -103,6 +108,37 @@ fn worker_name(i: u32) -> String {
     format!("bench-worker-{i}")
 }
 
+/// Registers the `--workers` workers, 64 at a time over every connection
+/// (a store folds concurrent registrations into few writes).
+async fn register_all(channels: &[Channel], args: &BenchArgs) -> anyhow::Result<()> {
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..args.workers {
+        if pending.len() >= 64 {
+            pending
+                .join_next()
+                .await
+                .expect("a task is pending")
+                .context("a registration task panicked")??;
+        }
+        let mut rpc =
+            RoomAllocatorServiceClient::new(channels[i as usize % channels.len()].clone());
+        let dp_size = args.dp_size;
+        pending.spawn(async move {
+            rpc.register_worker(pb::RegisterWorkerRequest {
+                prefill_worker: worker_name(i),
+                dp_size,
+            })
+            .await
+            .map(drop)
+            .context("RegisterWorker failed")
+        });
+    }
+    while let Some(done) = pending.join_next().await {
+        done.context("a registration task panicked")??;
+    }
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
@@ -118,23 +154,18 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut channels = Vec::new();
     if args.method != Method::EtcdCas {
-        for _ in 0..args.connections {
-            let channel = Endpoint::from_shared(args.server.clone())
+        for connection in 0..args.connections.max(args.server.len()) {
+            let server = &args.server[connection % args.server.len()];
+            let channel = Endpoint::from_shared(server.clone())
                 .context("--server is not a URL")?
                 .tcp_nodelay(true)
                 .connect()
                 .await
-                .with_context(|| format!("cannot connect to --server {}", args.server))?;
+                .with_context(|| format!("cannot connect to --server {server}"))?;
             channels.push(channel);
         }
-        let mut rpc = RoomAllocatorServiceClient::new(channels[0].clone());
-        for i in 0..args.workers {
-            rpc.register_worker(pb::RegisterWorkerRequest {
-                prefill_worker: worker_name(i),
-                dp_size: args.dp_size,
-            })
-            .await
-            .context("RegisterWorker failed")?;
+        if args.method != Method::Register {
+            register_all(&channels, &args).await?;
         }
     }
     let room_client =
@@ -144,8 +175,13 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
             if args.etcd_endpoints.is_empty() {
                 bail!("--method etcd-cas needs --etcd-endpoints");
             }
+            let options = ConnectOptions {
+                endpoints: args.etcd_endpoints.clone(),
+                timeout: Duration::from_secs(5),
+                ..ConnectOptions::default()
+            };
             Some(
-                etcd_client::Client::connect(&args.etcd_endpoints, None)
+                EtcdClient::connect(&options)
                     .await
                     .context("cannot connect to --etcd-endpoints")?,
             )
@@ -163,12 +199,13 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         stop: AtomicBool::new(false),
         checked: AtomicU64::new(0),
     });
+    // Each call takes the next worker in turn, so load spreads over all.
+    let names: Arc<Vec<String>> = Arc::new((0..args.workers).map(worker_name).collect());
     let mut callers = Vec::new();
     for caller in 0..args.concurrency {
         let shared = shared.clone();
         let args = args.clone();
-        let worker_index = u32::try_from(caller).unwrap_or(0) % args.workers;
-        let worker = worker_name(worker_index);
+        let names = names.clone();
         let rpc = channels
             .get(caller % channels.len().max(1))
             .map(|c| RoomAllocatorServiceClient::new(c.clone()));
@@ -176,17 +213,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
         let etcd = etcd.clone();
         let cas_key = cas_key.clone();
         callers.push(tokio::spawn(async move {
-            caller_loop(
-                caller,
-                args,
-                worker,
-                rpc,
-                room_client,
-                etcd,
-                cas_key,
-                shared,
-            )
-            .await
+            caller_loop(caller, args, names, rpc, room_client, etcd, cas_key, shared).await
         }));
     }
 
@@ -244,7 +271,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
     let quantile_us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let report = json!({
         "method": format!("{:?}", args.method).to_lowercase(),
-        "server": args.server,
+        "server": args.server.join(","),
         "concurrency": args.concurrency,
         "connections": args.connections,
         "worker_threads": args.worker_threads,
@@ -285,10 +312,10 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<()> {
 async fn caller_loop(
     caller: usize,
     args: BenchArgs,
-    worker: String,
+    names: Arc<Vec<String>>,
     rpc: Option<RoomAllocatorServiceClient<Channel>>,
     room_client: Option<RoomClient>,
-    etcd: Option<etcd_client::Client>,
+    etcd: Option<EtcdClient>,
     cas_key: String,
     shared: Arc<Shared>,
 ) -> CallerResult {
@@ -308,6 +335,8 @@ async fn caller_loop(
             break;
         }
         rank = (rank + 1) % args.dp_size;
+        let index = (caller as u64 + calls * args.concurrency as u64) % names.len() as u64;
+        let worker = &names[usize::try_from(index).expect("fits")];
         let started = Instant::now();
         let outcome: Result<(u64, u64, u32), String> = match args.method {
             Method::Allocate => rpc
@@ -330,6 +359,7 @@ async fn caller_loop(
                 .lease_rooms(pb::LeaseRoomsRequest {
                     prefill_worker: worker.clone(),
                     count: args.lease_count,
+                    dp_size: args.dp_size,
                 })
                 .await
                 .map(|r| {
@@ -345,13 +375,16 @@ async fn caller_loop(
             Method::Client => room_client
                 .as_ref()
                 .expect("a client")
-                .allocate(&worker, rank, args.dp_size)
+                .allocate(worker, rank, args.dp_size)
                 .await
                 .map(|room| (room, 1, args.dp_size))
                 .map_err(|e| e.to_string()),
             Method::EtcdCas => cas_increment(etcd.as_ref().expect("etcd"), &cas_key)
                 .await
                 .map(|value| (value, 1, 1)),
+            Method::Register => {
+                register_and_allocate(rpc.clone().expect("a channel"), caller, calls, &args).await
+            }
         };
         let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         match outcome {
@@ -361,10 +394,9 @@ async fn caller_loop(
                     shared.rooms.fetch_add(count, Ordering::Relaxed);
                     let _ = result.histogram.record(elapsed.max(1));
                 }
-                let expected_rank = if args.method == Method::EtcdCas {
-                    0
-                } else {
-                    rank
+                let expected_rank = match args.method {
+                    Method::EtcdCas | Method::Register => 0,
+                    _ => rank,
                 };
                 if dp_size == 0
                     || room % u64::from(dp_size) != u64::from(expected_rank % dp_size.max(1))
@@ -402,19 +434,57 @@ async fn caller_loop(
     result
 }
 
+/// Registers a new worker (named after the caller and call, and this
+/// process, so runs never collide) and allocates one room for it, rank 0.
+async fn register_and_allocate(
+    mut rpc: RoomAllocatorServiceClient<Channel>,
+    caller: usize,
+    call: u64,
+    args: &BenchArgs,
+) -> Result<(u64, u64, u32), String> {
+    let worker = format!("bench-{}-{caller}-{call}", std::process::id());
+    rpc.register_worker(pb::RegisterWorkerRequest {
+        prefill_worker: worker.clone(),
+        dp_size: args.dp_size,
+    })
+    .await
+    .map_err(|s| s.to_string())?;
+    let room = rpc
+        .allocate_room(pb::AllocateRoomRequest {
+            prefill_worker: worker,
+            dp_rank: 0,
+            dp_size: args.dp_size,
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    Ok((room.room, 1, room.dp_size))
+}
+
 /// Advances a counter in etcd by compare-and-swap; retries lost races.
-async fn cas_increment(etcd: &etcd_client::Client, key: &str) -> Result<u64, String> {
-    use etcd_client::{Txn, TxnOp};
-    let mut kv = etcd.kv_client();
+async fn cas_increment(etcd: &EtcdClient, key: &str) -> Result<u64, String> {
     loop {
-        let current = kv.get(key, None).await.map_err(|e| e.to_string())?;
-        let (value, guard) = crate::store::etcd::counter_guard(current.kvs().first(), key)
+        let current = etcd
+            .range(etcd_pb::RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let (value, guard) = crate::store::etcd::counter_guard(current.kvs.first(), key)
             .ok_or_else(|| format!("{key} is not a number"))?;
         let next = value + 1;
-        let txn = Txn::new()
-            .when([guard])
-            .and_then([TxnOp::put(key, next.to_string(), None)]);
-        if kv.txn(txn).await.map_err(|e| e.to_string())?.succeeded() {
+        let request = etcd_pb::TxnRequest {
+            compare: vec![guard],
+            success: vec![txn::put(key, next.to_string(), 0)],
+            failure: Vec::new(),
+        };
+        if etcd
+            .txn(request)
+            .await
+            .map_err(|e| e.to_string())?
+            .succeeded
+        {
             return Ok(next);
         }
     }

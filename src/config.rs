@@ -1,5 +1,12 @@
-//! Command-line flags. Every flag can also come from the environment as
-//! `ROOM_ALLOCATOR_<FLAG>`, which is how the Helm chart configures the server.
+//! Command-line flags. Every flag of `serve`, `migrate`, `retention` and the
+//! client commands can also come from the environment as
+//! `ROOM_ALLOCATOR_<FLAG>` (how the Helm chart configures the server);
+//! `bench` flags have no variables.
+//!
+//! Numeric bounds live in [`BOUNDS`] and the duration grammar in
+//! [`DURATION_PATTERN`]: clap enforces them, and `room-allocator
+//! config-schema` prints them, so the Helm chart's schema is tested against
+//! the binary's own limits.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +14,53 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::space::MAX_ROOM;
+use crate::space::{Bounds, MAX_ROOM};
+
+/// Inclusive bounds of every numeric `serve` flag: (flag, min, max).
+pub const BOUNDS: &[(&str, u64, u64)] = &[
+    ("--max-workers", 1, 10_000_000),
+    ("--drain-delay-secs", 0, 3600),
+    ("--drain-timeout-secs", 0, 3600),
+    ("--request-timeout-secs", 1, 300),
+    ("--max-concurrent-requests", 1, 1_000_000),
+    ("--store-timeout-secs", 1, 60),
+    ("--etcd-staleness-secs", 2, 3600),
+    ("--worker-threads", 1, 1024),
+    ("--min-room", 1, MAX_ROOM),
+    ("--max-room", 1, MAX_ROOM),
+];
+
+/// The bounds of `flag` from [`BOUNDS`].
+const fn bound(flag: &str) -> (u64, u64) {
+    let mut i = 0;
+    while i < BOUNDS.len() {
+        let (name, min, max) = BOUNDS[i];
+        if str_eq(name, flag) {
+            return (min, max);
+        }
+        i += 1;
+    }
+    panic!("a flag without bounds")
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The grammar of durations (`--retention`): 1 to 6 digits, no leading zero,
+/// and an optional unit (s, m, h, d). The chart's schema uses the same.
+pub const DURATION_PATTERN: &str = "^[1-9][0-9]{0,5}[smhd]?$";
 
 #[derive(Debug, Parser)]
 #[command(name = "room-allocator", version, about, propagate_version = true)]
@@ -34,10 +87,14 @@ pub enum Command {
     Register(RegisterArgs),
     /// Allocate rooms for a worker and rank; one JSON line per room.
     Allocate(AllocateArgs),
+    /// Lease a block of bases for a worker; one JSON line.
+    Lease(LeaseArgs),
     /// Tell which worker, rank and dp_size a room belongs to.
     Resolve(ResolveArgs),
-    /// List registered workers; one JSON line per worker.
+    /// List registered workers (every page); one JSON line per worker.
     Workers(ClientArgs),
+    /// Deregister a worker: no new rooms for it until it registers again.
+    Deregister(DeregisterArgs),
     /// Ask grpc.health.v1 whether the server (or one service) is serving;
     /// exits 0 only if it is.
     Health(HealthArgs),
@@ -47,6 +104,12 @@ pub enum Command {
     /// Move an embedded store's high-water mark, ranges and registrations
     /// into etcd, so that no room issued before can be issued again.
     Migrate(Box<MigrateArgs>),
+    /// Show the fleet's retention stored in etcd, or change it with --set
+    /// (replicas take it when they start).
+    Retention(Box<RetentionArgs>),
+    /// Print the flags' bounds as JSON (the Helm chart's tests use it).
+    #[command(hide = true)]
+    ConfigSchema,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -58,6 +121,25 @@ pub struct MigrateArgs {
         default_value = "./room-allocator-data"
     )]
     pub data_dir: PathBuf,
+
+    /// Bound on each etcd call.
+    #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub store_timeout_secs: u64,
+
+    /// The fleet's retention, if etcd has none yet (see `serve --retention`).
+    #[arg(long, env = "ROOM_ALLOCATOR_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RetentionArgs {
+    /// The new retention for every replica of the prefix (e.g. 48h).
+    #[arg(long, value_parser = parse_duration)]
+    pub set: Option<Duration>,
 
     /// Bound on each etcd call.
     #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
@@ -90,27 +172,41 @@ pub struct ServeArgs {
     )]
     pub metrics_listen: SocketAddr,
 
-    /// Highest room this server may hand out; lower it to split the space
-    /// between deployments that must never collide.
+    /// Address of a plaintext listener serving only grpc.health.v1, for
+    /// kubelet gRPC probes when the gRPC port has TLS. Off by default.
+    #[arg(long, env = "ROOM_ALLOCATOR_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// Lowest room this deployment hands out. Deployments with disjoint
+    /// [--min-room, --max-room] never share a room.
+    #[arg(long, env = "ROOM_ALLOCATOR_MIN_ROOM", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(bound("--min-room").0..=bound("--min-room").1))]
+    pub min_room: u64,
+
+    /// Highest room this deployment hands out (inclusive).
     #[arg(long, env = "ROOM_ALLOCATOR_MAX_ROOM", default_value_t = MAX_ROOM,
-          value_parser = clap::value_parser!(u64).range(1..=MAX_ROOM))]
+          value_parser = clap::value_parser!(u64).range(bound("--max-room").0..=bound("--max-room").1))]
     pub max_room: u64,
 
-    /// Most workers the server keeps (registered or deregistered); bounds memory.
-    #[arg(long, env = "ROOM_ALLOCATOR_MAX_WORKERS", default_value_t = 100_000)]
-    pub max_workers: usize,
+    /// Most workers registered at once (deregistered ones do not count);
+    /// more registrations get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ROOM_ALLOCATOR_MAX_WORKERS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(bound("--max-workers").0..=bound("--max-workers").1))]
+    pub max_workers: u64,
 
     /// On SIGTERM/SIGINT, how long health reports NOT_SERVING while calls are
     /// still served, so load balancers stop sending new ones first.
-    #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_DELAY_SECS", default_value_t = 0)]
+    #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_DELAY_SECS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(bound("--drain-delay-secs").0..=bound("--drain-delay-secs").1))]
     pub drain_delay_secs: u64,
 
     /// After the drain delay, how long in-flight calls may take before the server exits anyway.
-    #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    #[arg(long, env = "ROOM_ALLOCATOR_DRAIN_TIMEOUT_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(bound("--drain-timeout-secs").0..=bound("--drain-timeout-secs").1))]
     pub drain_timeout_secs: u64,
 
     /// Server certificate chain (PEM) for TLS on the gRPC port (with --tls-key).
-    /// Read at start; rotate by restarting (a rolling restart in etcd mode).
+    /// Reloaded when the file changes (new connections use the new one).
     #[arg(long, env = "ROOM_ALLOCATOR_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
@@ -122,8 +218,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// File holding a bearer token that RegisterWorker and DeregisterWorker
-    /// require (`authorization: Bearer <token>`).
+    /// File holding a bearer token that RegisterWorker, DeregisterWorker and
+    /// registering through AllocateRoom require (`authorization: Bearer
+    /// <token>`). Reloaded when the file changes.
     #[arg(long, env = "ROOM_ALLOCATOR_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
 
@@ -137,28 +234,30 @@ pub struct ServeArgs {
 
     /// Per-call deadline; calls still running then are cancelled.
     #[arg(long, env = "ROOM_ALLOCATOR_REQUEST_TIMEOUT_SECS", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=300))]
+          value_parser = clap::value_parser!(u64).range(bound("--request-timeout-secs").0..=bound("--request-timeout-secs").1))]
     pub request_timeout_secs: u64,
 
     /// Calls in flight at most; more are refused at once with
     /// RESOURCE_EXHAUSTED instead of queueing without bound.
     #[arg(long, env = "ROOM_ALLOCATOR_MAX_CONCURRENT_REQUESTS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(bound("--max-concurrent-requests").0..=bound("--max-concurrent-requests").1))]
     pub max_concurrent_requests: u64,
 
-    /// Check the flags and exit: for deployment pipelines.
-    #[arg(long)]
+    /// Check everything a start would (flags, files, TLS pair, endpoints)
+    /// and exit: for deployment pipelines.
+    #[arg(long, env = "ROOM_ALLOCATOR_CHECK_CONFIG")]
     pub check_config: bool,
 
     /// Bound on every store operation (fsync, etcd call); past it calls get UNAVAILABLE.
     #[arg(long, env = "ROOM_ALLOCATOR_STORE_TIMEOUT_SECS", default_value_t = 3,
-          value_parser = clap::value_parser!(u64).range(1..=60))]
+          value_parser = clap::value_parser!(u64).range(bound("--store-timeout-secs").0..=bound("--store-timeout-secs").1))]
     pub store_timeout_secs: u64,
 
     /// How long every issued room stays resolvable (e.g. 24h, 90m, 3600s).
     /// Rooms come from a range for at most this long after it is reserved,
     /// and ranges are pruned once twice this old. Keep it above any SGLang
-    /// bootstrap timeout.
+    /// bootstrap timeout. On etcd, the fleet's value in etcd wins (see
+    /// `room-allocator retention`).
     #[arg(long, env = "ROOM_ALLOCATOR_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
 
@@ -166,13 +265,22 @@ pub struct ServeArgs {
     pub etcd: EtcdArgs,
 
     /// Tokio worker threads; default: one per core.
-    #[arg(long, env = "ROOM_ALLOCATOR_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    #[arg(long, env = "ROOM_ALLOCATOR_WORKER_THREADS",
+          value_parser = clap::value_parser!(u64).range(bound("--worker-threads").0..=bound("--worker-threads").1))]
+    pub worker_threads: Option<u64>,
+}
+
+impl ServeArgs {
+    /// `--max-workers` as a count.
+    pub fn max_workers(&self) -> usize {
+        usize::try_from(self.max_workers).unwrap_or(usize::MAX)
+    }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The allocator's URL.
+    /// The allocator: `host:port` (plaintext), `http://host:port`, or
+    /// `https://host:port` (with --tls-ca).
     #[arg(
         long,
         env = "ROOM_ALLOCATOR_SERVER",
@@ -181,12 +289,25 @@ pub struct ClientArgs {
     pub server: String,
 
     /// Deadline for each call, in seconds.
-    #[arg(long, env = "ROOM_ALLOCATOR_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "ROOM_ALLOCATOR_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout_secs: u64,
 
-    /// CA (PEM) to verify an https:// server.
+    /// CA (PEM) to verify the server's certificate; `host:port` then means https.
     #[arg(long, env = "ROOM_ALLOCATOR_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a server that requires mutual TLS (with --tls-key).
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS (with --tls-cert).
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry, if not the host in --server.
+    #[arg(long, env = "ROOM_ALLOCATOR_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 
     /// Bearer token to send (for servers run with --auth-token-file).
     #[arg(long, env = "ROOM_ALLOCATOR_TOKEN", hide_env_values = true)]
@@ -197,8 +318,9 @@ pub struct ClientArgs {
 pub struct HealthArgs {
     #[command(flatten)]
     pub client: ClientArgs,
-    /// The service to ask about; empty asks about the whole server.
-    #[arg(long, default_value = "")]
+    /// The service to ask about; empty asks about the whole server
+    /// (liveness), room_allocator.v1.RoomAllocatorService about readiness.
+    #[arg(long, env = "ROOM_ALLOCATOR_HEALTH_SERVICE", default_value = "")]
     pub service: String,
 }
 
@@ -207,11 +329,20 @@ pub struct RegisterArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The prefill worker's name.
-    #[arg(long)]
+    #[arg(long, env = "ROOM_ALLOCATOR_WORKER")]
     pub worker: String,
     /// The prefill worker's data-parallel size.
-    #[arg(long)]
+    #[arg(long, env = "ROOM_ALLOCATOR_DP_SIZE")]
     pub dp_size: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeregisterArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The prefill worker's name.
+    #[arg(long, env = "ROOM_ALLOCATOR_WORKER")]
+    pub worker: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -219,17 +350,34 @@ pub struct AllocateArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The prefill worker's name.
-    #[arg(long)]
+    #[arg(long, env = "ROOM_ALLOCATOR_WORKER")]
     pub worker: String,
     /// The prefill rank the room is for.
-    #[arg(long)]
+    #[arg(long, env = "ROOM_ALLOCATOR_RANK")]
     pub rank: u32,
     /// The dp_size the caller expects; registers an unknown worker. 0 = as registered.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "ROOM_ALLOCATOR_DP_SIZE", default_value_t = 0)]
     pub dp_size: u32,
-    /// How many rooms to allocate.
-    #[arg(long, default_value_t = 1)]
+    /// How many rooms to allocate (at least 1).
+    #[arg(long, env = "ROOM_ALLOCATOR_COUNT", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub count: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The prefill worker's name.
+    #[arg(long, env = "ROOM_ALLOCATOR_WORKER")]
+    pub worker: String,
+    /// How many bases to lease (1 to 1,000,000; at most 2^24 / dp_size).
+    #[arg(long, env = "ROOM_ALLOCATOR_COUNT",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub count: u32,
+    /// The dp_size the caller expects; 0 = as registered.
+    #[arg(long, env = "ROOM_ALLOCATOR_DP_SIZE", default_value_t = 0)]
+    pub dp_size: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -285,41 +433,43 @@ pub struct EtcdArgs {
     /// registrations with etcd; bounds how long a dp_size change made on
     /// another replica can go unseen.
     #[arg(long, env = "ROOM_ALLOCATOR_ETCD_STALENESS_SECS", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(2..=3600))]
+          value_parser = clap::value_parser!(u64).range(bound("--etcd-staleness-secs").0..=bound("--etcd-staleness-secs").1))]
     pub etcd_staleness_secs: u64,
 }
 
-/// Parses `90s`, `15m`, `24h`, `7d` (or plain seconds); at least one second.
+/// Parses `90s`, `15m`, `24h`, `7d` (or plain seconds): [`DURATION_PATTERN`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+    let bad = || {
+        format!(
+            "{text:?} is not a duration; use 1 to 6 digits and a unit, e.g. 90s, 15m, 24h or 7d"
+        )
+    };
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; use e.g. 90s, 15m, 24h or 7d"))?;
+    if number.is_empty() || number.len() > 6 || number.starts_with('0') {
+        return Err(bad());
+    }
+    let number: u64 = number.parse().map_err(|_| bad())?;
     let seconds_per_unit = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?}; use s, m, h or d"
-            ))
-        }
+        _ => return Err(bad()),
     };
-    let seconds = number
-        .checked_mul(seconds_per_unit)
-        .filter(|s| *s >= 1)
-        .ok_or_else(|| format!("{text:?} is out of range; use 1s or more"))?;
-    Ok(Duration::from_secs(seconds))
+    Ok(Duration::from_secs(number * seconds_per_unit))
 }
 
 impl EtcdArgs {
     /// The etcd store's settings, with `timeout` bounding each call.
-    pub fn store_config(&self, timeout: Duration) -> crate::store::EtcdConfig {
+    pub fn store_config(
+        &self,
+        timeout: Duration,
+        retention: Duration,
+        bounds: Bounds,
+    ) -> crate::store::EtcdConfig {
         crate::store::EtcdConfig {
             endpoints: self.etcd_endpoints.clone(),
             prefix: self.etcd_prefix.clone(),
@@ -330,8 +480,60 @@ impl EtcdArgs {
             key: self.etcd_key.clone(),
             timeout,
             staleness: Duration::from_secs(self.etcd_staleness_secs),
+            retention,
+            bounds,
         }
     }
+}
+
+/// A regular expression for decimal numbers in `1..=max` without leading
+/// zeros: for schemas that hold numbers too large for JSON (and Helm's
+/// float64 values) as strings.
+pub fn decimal_at_most_pattern(max: u64) -> String {
+    let digits: Vec<u32> = max
+        .to_string()
+        .chars()
+        .map(|c| c.to_digit(10).expect("a digit"))
+        .collect();
+    let n = digits.len();
+    let mut alternatives = Vec::new();
+    if n > 1 {
+        alternatives.push(format!("[1-9][0-9]{{0,{}}}", n - 2));
+    }
+    // n digits, equal to `max` up to position i, lower at i, anything after.
+    for i in 0..n {
+        let low = if i == 0 { 1 } else { 0 };
+        if digits[i] > low {
+            let prefix: String = digits[..i].iter().map(|d| d.to_string()).collect();
+            let below = format!("[{low}-{}]", digits[i] - 1);
+            let rest = if n - i - 1 > 0 {
+                format!("[0-9]{{{}}}", n - i - 1)
+            } else {
+                String::new()
+            };
+            alternatives.push(format!("{prefix}{below}{rest}"));
+        }
+    }
+    alternatives.push(max.to_string());
+    format!("^({})$", alternatives.join("|"))
+}
+
+/// The JSON `config-schema` prints: every numeric bound, and the patterns.
+pub fn schema_json() -> serde_json::Value {
+    let bounds: serde_json::Map<String, serde_json::Value> = BOUNDS
+        .iter()
+        .map(|(flag, min, max)| {
+            (
+                (*flag).to_owned(),
+                serde_json::json!({ "minimum": min, "maximum": max }),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "bounds": bounds,
+        "duration_pattern": DURATION_PATTERN,
+        "room_pattern": decimal_at_most_pattern(MAX_ROOM),
+    })
 }
 
 #[cfg(test)]
@@ -343,8 +545,94 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("h").is_err());
+        assert_eq!(
+            parse_duration("999999d").map(|d| d.as_secs()),
+            Ok(86_399_913_600)
+        );
+        for bad in [
+            "0s",
+            "0",
+            "5 parsecs",
+            "h",
+            "",
+            "1000000s",
+            "01s",
+            " 1s",
+            "1s ",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_room_pattern_accepts_exactly_one_to_the_maximum() {
+        let pattern = decimal_at_most_pattern(MAX_ROOM);
+        let matches = |s: &str| {
+            // A tiny matcher for the pattern's shape is overkill; compare
+            // with the numeric truth on edge cases via the alternatives.
+            let body = pattern.trim_start_matches("^(").trim_end_matches(")$");
+            body.split('|')
+                .any(|alternative| matches_simple(alternative, s))
+        };
+        for ok in [
+            "1",
+            "9",
+            "10",
+            "9223372036854775807",
+            "9223372036854775799",
+            "999999999999999999",
+            "1000000000000000000",
+        ] {
+            assert!(matches(ok), "{ok} {pattern}");
+        }
+        for bad in [
+            "0",
+            "01",
+            "9223372036854775808",
+            "9300000000000000000",
+            "10000000000000000000",
+            "",
+        ] {
+            assert!(!matches(bad), "{bad} {pattern}");
+        }
+    }
+
+    /// Matches the pattern's alternatives: literal digits, `[a-b]`, and
+    /// `[0-9]{n}` / `[0-9]{0,n}`.
+    fn matches_simple(alternative: &str, text: &str) -> bool {
+        let mut rest = text.as_bytes();
+        let mut pattern = alternative.as_bytes();
+        while !pattern.is_empty() {
+            if pattern[0] == b'[' {
+                let (lo, hi) = (pattern[1], pattern[3]);
+                pattern = &pattern[5..];
+                let (min, max) = if pattern.first() == Some(&b'{') {
+                    let close = pattern.iter().position(|b| *b == b'}').expect("}");
+                    let inner = std::str::from_utf8(&pattern[1..close]).expect("utf8");
+                    pattern = &pattern[close + 1..];
+                    match inner.split_once(',') {
+                        Some((a, b)) => (a.parse().expect("n"), b.parse().expect("n")),
+                        None => (inner.parse().expect("n"), inner.parse().expect("n")),
+                    }
+                } else {
+                    (1, 1)
+                };
+                let mut taken = 0;
+                while taken < max && rest.first().is_some_and(|c| (lo..=hi).contains(c)) {
+                    rest = &rest[1..];
+                    taken += 1;
+                }
+                if taken < min {
+                    return false;
+                }
+            } else {
+                if rest.first() != Some(&pattern[0]) {
+                    return false;
+                }
+                rest = &rest[1..];
+                pattern = &pattern[1..];
+            }
+        }
+        rest.is_empty()
     }
 }

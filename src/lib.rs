@@ -3,28 +3,37 @@
 //! twice, for every router process and replica that shares it.
 //!
 //! Modules, from the arithmetic up:
-//! - [`space`]: rooms, bases, ranges and the range table; pure arithmetic.
-//! - [`store`]: durable registrations and range reservations ([`store::EmbeddedStore`]).
+//! - [`space`]: rooms, bases, ranges, bounds and the range table; pure arithmetic.
+//! - [`store`]: durable registrations and range reservations: the embedded
+//!   log ([`store::EmbeddedStore`]) or etcd ([`store::EtcdStore`]).
 //! - [`allocator`]: the contract's rules over a store.
 //! - [`service`]: the gRPC glue, and the one mapping of errors to statuses.
-//! - [`server`]: health, reflection, metrics endpoint, graceful shutdown.
-//! - [`client`]: `RoomClient`, rooms for routers with no RPC on the hot path.
+//! - [`server`]: health, reflection, metrics endpoint, TLS and token reload,
+//!   graceful shutdown.
 //! - [`config`], [`metrics`], [`cli`], [`bench`]: flags, metric definitions,
-//!   client commands, the load generator.
+//!   client commands, the load generator; [`failpoint`]: test-only faults.
+//!
+//! The Rust client is its own crate, `room-allocator-client` (`client/`);
+//! [`client`] re-exports it.
 
 pub mod allocator;
 pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod config;
+pub mod failpoint;
 pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod space;
 pub mod store;
 
-/// Generated gRPC types and the descriptor set that reflection serves.
+pub use room_allocator_client as client;
+
+/// gRPC types: the messages and client of `room-allocator-client`, the
+/// server stubs, and the descriptor set that reflection serves.
 pub mod pb {
+    pub use room_allocator_client::pb::*;
+
     tonic::include_proto!("room_allocator.v1");
 
     /// Encoded `FileDescriptorSet` of `room_allocator.v1`, with comments.

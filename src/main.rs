@@ -10,21 +10,28 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use room_allocator::cli;
-use room_allocator::config::{Cli, Command, LogFormat, MigrateArgs, ServeArgs};
-use room_allocator::server::Server;
-use room_allocator::service::code_name;
-use room_allocator::space::MAX_ROOM;
+use room_allocator::config::{Cli, Command, LogFormat, MigrateArgs, RetentionArgs, ServeArgs};
+use room_allocator::server::{self, Server};
+use room_allocator::space::Bounds;
+use room_allocator::store::embedded::EmbeddedOptions;
 use room_allocator::store::EmbeddedStore;
 
 fn main() -> ExitCode {
+    room_allocator::failpoint::setup();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    if let Command::Bench(args) = cli.command {
+    let format = cli.log_format;
+    match cli.command {
         // The load generator sets up its own runtime (--worker-threads).
-        return exit_code(room_allocator::bench::run(*args));
+        Command::Bench(args) => return exit_code(format, room_allocator::bench::run(*args)),
+        Command::ConfigSchema => {
+            println!("{}", room_allocator::config::schema_json());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let worker_threads = match &cli.command {
-        Command::Serve(args) => args.worker_threads,
+        Command::Serve(args) => args.worker_threads.map(|n| usize::try_from(n).unwrap_or(1)),
         _ => Some(1),
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -40,23 +47,31 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let outcome = match cli.command {
-            Command::Serve(args) => return serve(*args).await,
+            Command::Serve(args) => return exit_code(format, serve(*args).await),
+            Command::Migrate(args) => return exit_code(format, migrate(*args).await),
+            Command::Retention(args) => return exit_code(format, retention(*args).await),
             Command::Register(args) => cli::register(args).await,
+            Command::Deregister(args) => cli::deregister(args).await,
             Command::Allocate(args) => cli::allocate(args).await,
+            Command::Lease(args) => cli::lease(args).await,
             Command::Resolve(args) => cli::resolve(args).await,
             Command::Workers(args) => cli::workers(args).await,
             Command::Health(args) => cli::health(args).await,
-            Command::Migrate(args) => return exit_code(try_migrate(*args).await),
-            Command::Bench(_) => unreachable!("bench runs before the runtime starts"),
+            Command::Bench(_) | Command::ConfigSchema => unreachable!("handled above"),
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
-            Err(status) => {
-                eprintln!(
-                    "room-allocator: {}: {}",
-                    code_name(status.code()),
-                    status.message()
-                );
+            Err(error) => {
+                // Always the status code name, as grpcurl prints it.
+                match &error {
+                    room_allocator::client::Error::Status(_) => {
+                        eprintln!("room-allocator: {error}")
+                    }
+                    _ => eprintln!(
+                        "room-allocator: {}: {error}",
+                        room_allocator::client::code_name(error.code())
+                    ),
+                }
                 ExitCode::FAILURE
             }
         }
@@ -71,33 +86,29 @@ fn init_tracing(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 
-/// Success, or the error with its context chain on standard error.
-fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+/// Success, or the error (with its context chain) printed once: as a JSON
+/// log line when logs are JSON, else as one line on standard error.
+fn exit_code(format: LogFormat, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("room-allocator: {error:#}");
+            match format {
+                LogFormat::Json => tracing::error!(error = %format!("{error:#}"), "exiting"),
+                LogFormat::Text => eprintln!("room-allocator: {error:#}"),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    let result = try_serve(args).await;
-    if let Err(error) = &result {
-        // Also in the log stream, for operators reading JSON logs.
-        tracing::error!("{error:#}");
-    }
-    exit_code(result)
-}
-
-async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.check_config {
-        eprintln!("room-allocator: configuration accepted");
+        server::check_config(&args)?;
+        info!("configuration accepted");
         return Ok(());
     }
     // A full disk or a file-size limit must surface as an I/O error (and
@@ -108,23 +119,25 @@ async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
 
-    let store = if args.etcd.etcd_endpoints.is_empty() {
-        format!("--data-dir {}", args.data_dir.display())
-    } else {
-        format!("--etcd-endpoints {}", args.etcd.etcd_endpoints.join(","))
-    };
-    let server = Server::open(&args)
-        .await
-        .with_context(|| format!("cannot start the server ({store})"))?;
+    let server = Server::open(&args).await?;
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot bind --listen {}", args.listen))?;
     let metrics = TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot bind --metrics-listen {}", args.metrics_listen))?;
+    let health = match args.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind --health-listen {addr}"))?,
+        ),
+        None => None,
+    };
     info!(
         grpc_addr = %grpc.local_addr().context("gRPC listener address")?,
         metrics_addr = %metrics.local_addr().context("metrics listener address")?,
+        health_addr = health.as_ref().and_then(server::bound).map(|a| a.to_string()),
         data_dir = %args.data_dir.display(),
         store = server.allocator().store_kind(),
         "listening"
@@ -135,41 +148,62 @@ async fn try_serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => info!("received SIGINT"),
         }
     };
-    server.serve(grpc, metrics, shutdown).await?;
+    server.serve(grpc, metrics, health, shutdown).await?;
     Ok(())
 }
 
-async fn try_migrate(args: MigrateArgs) -> anyhow::Result<()> {
+/// Moves the embedded store into etcd. The data dir is marked `MIGRATED`
+/// (durably, while its lock is held) before anything is copied, so from that
+/// moment no server serves it again, whatever happens next; a failed or
+/// interrupted run is finished by running it again.
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.etcd.etcd_endpoints.is_empty(),
         "--etcd-endpoints is required: where to migrate to"
     );
-    // Opening takes the data dir's lock: no server may issue rooms meanwhile.
-    let (store, snapshot) = EmbeddedStore::open(&args.data_dir, MAX_ROOM + 1)
-        .with_context(|| format!("cannot open --data-dir {}", args.data_dir.display()))?;
-    let config = args
-        .etcd
-        .store_config(std::time::Duration::from_secs(args.store_timeout_secs));
-    let report = room_allocator::store::etcd::import(&config, &snapshot)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot migrate into --etcd-endpoints {}",
-                config.endpoints.join(",")
-            )
-        })?;
-    drop(store);
+    let (store, snapshot) = EmbeddedStore::open_with(
+        &args.data_dir,
+        EmbeddedOptions {
+            bounds: Bounds::FULL,
+            for_migration: true,
+        },
+    )
+    .with_context(|| format!("cannot open --data-dir {}", args.data_dir.display()))?;
+    let config = args.etcd.store_config(
+        std::time::Duration::from_secs(args.store_timeout_secs),
+        args.retention,
+        Bounds::FULL,
+    );
     let target = format!(
         "etcd {} prefix {}",
         config.endpoints.join(","),
         config.prefix
     );
-    EmbeddedStore::mark_migrated(&args.data_dir, &target).with_context(|| {
-        format!(
-            "migrated, but cannot mark --data-dir {} as migrated",
-            args.data_dir.display()
-        )
-    })?;
+    store
+        .mark_migrated(&args.data_dir, &target, false)
+        .with_context(|| {
+            format!(
+                "cannot mark --data-dir {} as migrated",
+                args.data_dir.display()
+            )
+        })?;
+    let report = room_allocator::store::etcd::import(&config, &snapshot)
+        .await
+        .with_context(|| {
+            format!(
+                "the data dir is marked migrated but the copy into --etcd-endpoints {} failed; run migrate again to finish",
+                config.endpoints.join(",")
+            )
+        })?;
+    store
+        .mark_migrated(&args.data_dir, &target, true)
+        .with_context(|| {
+            format!(
+                "migrated, but cannot mark --data-dir {} complete; run migrate again",
+                args.data_dir.display()
+            )
+        })?;
+    drop(store);
     println!(
         "{}",
         serde_json::json!({
@@ -180,5 +214,29 @@ async fn try_migrate(args: MigrateArgs) -> anyhow::Result<()> {
         })
     );
     info!("migrated; start the replicas with --etcd-endpoints (the data dir now refuses to serve)");
+    Ok(())
+}
+
+async fn retention(args: RetentionArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.etcd.etcd_endpoints.is_empty(),
+        "--etcd-endpoints is required: the fleet's retention lives in etcd"
+    );
+    let config = args.etcd.store_config(
+        std::time::Duration::from_secs(args.store_timeout_secs),
+        room_allocator::config::parse_duration("24h").map_err(anyhow::Error::msg)?,
+        Bounds::FULL,
+    );
+    let retention = room_allocator::store::etcd::retention(&config, args.set)
+        .await
+        .with_context(|| format!("--etcd-endpoints {}", config.endpoints.join(",")))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "retention_secs": retention.as_secs(),
+            "etcd_prefix": args.etcd.etcd_prefix,
+            "set": args.set.is_some(),
+        })
+    );
     Ok(())
 }

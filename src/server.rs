@@ -1,29 +1,291 @@
 //! The server: the allocator service plus `grpc.health.v1`, reflection (v1 and
-//! v1alpha, which grpcurl 1.8 speaks), the metrics endpoint, and a graceful
-//! shutdown that turns health NOT_SERVING, lets in-flight calls finish within
-//! the drain timeout, and persists the counters before the store closes.
+//! v1alpha, which grpcurl 1.8 speaks), the metrics endpoint, TLS whose
+//! certificates (and the bearer token) are reloaded when their files change,
+//! and a graceful shutdown that turns health NOT_SERVING, lets in-flight calls
+//! finish within the drain timeout, and persists the counters before the
+//! store closes.
+//!
+//! Health service names:
+//! - `""` (the whole server): liveness. SERVING from start until shutdown
+//!   begins; a process that answers at all is alive.
+//! - `room_allocator.v1.RoomAllocatorService`: readiness. SERVING while this
+//!   process can hand out rooms: the embedded store's writes succeed; on etcd,
+//!   registrations were confirmed within `--etcd-staleness-secs` (an etcd
+//!   outage shorter than that keeps it SERVING: reserved ranges still serve).
+//!   NOT_SERVING from shutdown on.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio_rustls::rustls;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::allocator::{Allocator, Limits};
 use crate::config::ServeArgs;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Histogram, Metrics};
 use crate::pb;
 use crate::service::{Auth, RoomAllocatorServiceServer, Service};
+use crate::space::{Bounds, SpaceError};
 use crate::store::{EmbeddedStore, EtcdStore, OpenError, Store};
+
+/// Largest request accepted: every request of the contract is far smaller
+/// (a worker name is at most 253 bytes).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How often the certificate and token files are checked for changes: a
+/// rotated Secret is in use well within 10 s.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// How often readiness follows the store.
+const READINESS_INTERVAL: Duration = Duration::from_millis(250);
+/// A TLS handshake that takes longer is dropped (a stalled client must not
+/// hold a connection slot).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const SERVICE_NAME: &str = <RoomAllocatorServiceServer<Service> as NamedService>::NAME;
+
+/// Why the server cannot start; each names the flag it comes from.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{flag} {value}: {source}")]
+    Store {
+        flag: &'static str,
+        value: String,
+        source: OpenError,
+    },
+    #[error("cannot read {flag} {}: {source}", path.display())]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--auth-token-file {} is empty; put the token in it", path.display())]
+    EmptyToken { path: PathBuf },
+    #[error("--auth-token-file {}: the token must be printable ASCII (it travels as an HTTP header)", path.display())]
+    BadToken { path: PathBuf },
+    #[error("{flag}: {reason}")]
+    Tls { flag: &'static str, reason: String },
+    #[error("--min-room/--max-room: {0}")]
+    Bounds(SpaceError),
+    #[error(
+        "--etcd-endpoints {value:?}: {reason}; use e.g. http://127.0.0.1:2379,http://10.0.0.2:2379"
+    )]
+    Endpoint { value: String, reason: String },
+    #[error("--data-dir {}: exists and is not a directory", path.display())]
+    DataDirNotDir { path: PathBuf },
+    #[error("--etcd-cert and --etcd-key go together; pass both")]
+    EtcdIdentity,
+}
+
+/// Failures while serving; opening failures are [`StartError`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::Read {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The TLS files, as flags name them.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<TlsMaterial, StartError> {
+        Ok(TlsMaterial {
+            cert: read_file("--tls-cert", &self.cert)?,
+            key: read_file("--tls-key", &self.key)?,
+            client_ca: self
+                .client_ca
+                .as_ref()
+                .map(|ca| read_file("--tls-client-ca", ca))
+                .transpose()?,
+        })
+    }
+}
+
+/// The bytes of the TLS files, to build a config from and to notice changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TlsMaterial {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl TlsMaterial {
+    /// A rustls server config: the certificate must parse and match the key,
+    /// the client CA (mutual TLS) must hold a usable certificate.
+    fn config(&self) -> Result<Arc<rustls::ServerConfig>, StartError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = |flag, reason: String| StartError::Tls { flag, reason };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| tls("--tls-cert", format!("not a PEM certificate chain ({e})")))?;
+        if certs.is_empty() {
+            return Err(tls("--tls-cert", "holds no PEM certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| {
+            tls(
+                "--tls-key",
+                format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+            )
+        })?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls("--tls-cert", e.to_string()))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| {
+                        tls("--tls-client-ca", format!("not a PEM certificate ({e})"))
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        tls("--tls-client-ca", format!("unusable CA certificate: {e}"))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(tls("--tls-client-ca", "holds no PEM certificate".into()));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| tls("--tls-client-ca", e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            tls(
+                "--tls-cert/--tls-key",
+                format!("the certificate and key do not go together: {e}"),
+            )
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Everything a start needs that can be checked without opening the store
+/// or binding a port: `--check-config` runs exactly this.
+struct Checked {
+    bounds: Bounds,
+    tls: Option<(TlsFiles, TlsMaterial, Arc<rustls::ServerConfig>)>,
+    token: Option<(PathBuf, String)>,
+}
+
+fn read_token(path: &Path) -> Result<String, StartError> {
+    let bytes = read_file("--auth-token-file", path)?;
+    let token = String::from_utf8_lossy(&bytes).trim().to_owned();
+    if token.is_empty() {
+        return Err(StartError::EmptyToken {
+            path: path.to_path_buf(),
+        });
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(StartError::BadToken {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(token)
+}
+
+fn check(config: &ServeArgs) -> Result<Checked, StartError> {
+    let bounds = Bounds::try_new(config.min_room, config.max_room).map_err(StartError::Bounds)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            };
+            let material = files.read()?;
+            let server_config = material.config()?;
+            Some((files, material, server_config))
+        }
+        _ => None,
+    };
+    let token = config
+        .auth_token_file
+        .as_ref()
+        .map(|path| read_token(path).map(|token| (path.clone(), token)))
+        .transpose()?;
+    let etcd = &config.etcd;
+    if etcd.etcd_endpoints.is_empty() {
+        if config.data_dir.exists() && !config.data_dir.is_dir() {
+            return Err(StartError::DataDirNotDir {
+                path: config.data_dir.clone(),
+            });
+        }
+    } else {
+        for endpoint in &etcd.etcd_endpoints {
+            let reason = match endpoint.parse::<http::Uri>() {
+                Err(error) => Some(error.to_string()),
+                Ok(uri) if uri.host().is_none() => Some("no host".to_owned()),
+                Ok(uri) if !matches!(uri.scheme_str(), None | Some("http" | "https")) => {
+                    Some("the scheme must be http or https".to_owned())
+                }
+                Ok(_) => None,
+            };
+            if let Some(reason) = reason {
+                return Err(StartError::Endpoint {
+                    value: endpoint.clone(),
+                    reason,
+                });
+            }
+        }
+        if etcd.etcd_cert.is_some() != etcd.etcd_key.is_some() {
+            return Err(StartError::EtcdIdentity);
+        }
+        for (flag, path) in [
+            ("--etcd-ca", &etcd.etcd_ca),
+            ("--etcd-cert", &etcd.etcd_cert),
+            ("--etcd-key", &etcd.etcd_key),
+        ] {
+            if let Some(path) = path {
+                read_file(flag, path)?;
+            }
+        }
+    }
+    Ok(Checked { bounds, tls, token })
+}
+
+/// Validates `config` as a start would, without opening the store or
+/// binding a port (`serve --check-config`).
+pub fn check_config(config: &ServeArgs) -> Result<(), StartError> {
+    check(config).map(drop)
+}
+
+/// The TLS setup in force, swapped when the files change.
+struct Tls {
+    files: TlsFiles,
+    current: RwLock<(TlsMaterial, Arc<rustls::ServerConfig>)>,
+}
 
 /// An opened store and allocator, ready to serve.
 pub struct Server {
@@ -33,97 +295,63 @@ pub struct Server {
     drain_timeout: Duration,
     request_timeout: Duration,
     max_concurrent_requests: usize,
-    tls: Option<ServerTlsConfig>,
-    auth: Option<Auth>,
+    tls: Option<Arc<Tls>>,
+    auth: Option<(Auth, PathBuf, String)>,
 }
-
-/// Largest request accepted: every request of the contract is far smaller
-/// (a worker name is at most 253 bytes).
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-/// Why the server cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Store(#[from] OpenError),
-    #[error("cannot read {flag} {}: {source}", path.display())]
-    Read {
-        flag: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("--auth-token-file {} is empty; put the token in it", path.display())]
-    EmptyToken { path: std::path::PathBuf },
-}
-
-fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|source| StartError::Read {
-        flag,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Failures while serving; opening failures are [`OpenError`]s.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("cannot build the reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-}
-
-const SERVICE_NAME: &str = <RoomAllocatorServiceServer<Service> as NamedService>::NAME;
 
 impl Server {
-    /// Reads TLS material and the token, then opens the store named by
-    /// `config`: etcd if `--etcd-endpoints` is set, else the embedded store.
-    /// Refuses damaged, locked or unreachable data.
+    /// Checks the flags, then opens the store they name: etcd if
+    /// `--etcd-endpoints` is set, else the embedded store. Refuses damaged,
+    /// locked or unreachable data.
     pub async fn open(config: &ServeArgs) -> Result<Self, StartError> {
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => {
-                let identity = Identity::from_pem(
-                    read_file("--tls-cert", cert)?,
-                    read_file("--tls-key", key)?,
-                );
-                let mut tls = ServerTlsConfig::new().identity(identity);
-                if let Some(ca) = &config.tls_client_ca {
-                    tls = tls
-                        .client_ca_root(Certificate::from_pem(read_file("--tls-client-ca", ca)?));
-                }
-                Some(tls)
-            }
-            _ => None,
-        };
-        let auth = match &config.auth_token_file {
-            Some(path) => {
-                let token = String::from_utf8_lossy(&read_file("--auth-token-file", path)?)
-                    .trim()
-                    .to_owned();
-                if token.is_empty() {
-                    return Err(StartError::EmptyToken { path: path.clone() });
-                }
-                Some(Auth::new(&token, config.auth_required_for_allocation))
-            }
-            None => None,
-        };
+        let Checked { bounds, tls, token } = check(config)?;
         let store_timeout = Duration::from_secs(config.store_timeout_secs);
-        let limits = Limits {
-            space_end: config.max_room.saturating_add(1),
-            max_workers: config.max_workers,
-            store_timeout,
-            retention: config.retention,
-        };
         let (store, snapshot): (Arc<dyn Store>, _) = if config.etcd.etcd_endpoints.is_empty() {
-            let (store, snapshot) = EmbeddedStore::open(&config.data_dir, limits.space_end)?;
+            let (store, mut snapshot) =
+                EmbeddedStore::open(&config.data_dir, bounds).map_err(|source| {
+                    StartError::Store {
+                        flag: "--data-dir",
+                        value: config.data_dir.display().to_string(),
+                        source,
+                    }
+                })?;
+            snapshot.retention = config.retention;
             (Arc::new(store), snapshot)
         } else {
-            let etcd_config = config.etcd.store_config(store_timeout);
-            let (store, snapshot) = EtcdStore::open(&etcd_config, limits.space_end).await?;
+            let etcd_config = config
+                .etcd
+                .store_config(store_timeout, config.retention, bounds);
+            let (store, snapshot) =
+                EtcdStore::open(&etcd_config)
+                    .await
+                    .map_err(|source| StartError::Store {
+                        flag: "--etcd-endpoints",
+                        value: config.etcd.etcd_endpoints.join(","),
+                        source,
+                    })?;
             (Arc::new(store), snapshot)
         };
-        let metrics = Arc::new(Metrics::new());
+        let limits = Limits {
+            bounds,
+            max_workers: config.max_workers(),
+            store_timeout,
+            retention: snapshot.retention,
+        };
+        let metrics = Arc::new(Metrics::new(store.kind()));
         let allocator = Allocator::new(store, snapshot, limits, metrics.clone());
+        let tls = tls.map(|(files, material, server_config)| {
+            Arc::new(Tls {
+                files,
+                current: RwLock::new((material, server_config)),
+            })
+        });
+        let auth = token.map(|(path, token)| {
+            (
+                Auth::new(&token, config.auth_required_for_allocation),
+                path,
+                token,
+            )
+        });
         Ok(Self {
             allocator,
             metrics,
@@ -142,35 +370,68 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then drains and closes the store.
+    /// `health` is an optional plaintext listener serving only
+    /// `grpc.health.v1` (for kubelet probes when the gRPC port has TLS).
     pub async fn serve(
         self,
         grpc: TcpListener,
         metrics_listener: TcpListener,
+        health_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-            .await;
-        self.allocator.follow_store();
-        self.allocator.run_retention();
-        let (stop_health, health_stopped) = watch::channel(false);
-        if let Some(reachable) = self.allocator.store_reachable() {
-            tokio::spawn(follow_reachability(
-                reachable,
-                health.clone(),
-                health_stopped,
-            ));
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        let health = Arc::new(Health {
+            reporter,
+            shutting_down: tokio::sync::Mutex::new(false),
+        });
+        health.set_ready(self.allocator.check_ready().is_ok()).await;
+        let mut tasks = vec![self.allocator.run_retention()];
+        tasks.extend(self.allocator.follow_store());
+        tasks.push(tokio::spawn(follow_readiness(
+            self.allocator.clone(),
+            health.clone(),
+            self.metrics.clone(),
+        )));
+        if self.tls.is_some() || self.auth.is_some() {
+            tasks.push(tokio::spawn(reload_files(
+                self.tls.clone(),
+                self.auth.clone(),
+                self.metrics.clone(),
+            )));
         }
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let (stop_metrics, metrics_stopped) = watch::channel(false);
+        let (stop_side, side_stopped) = watch::channel(false);
+        let refresh = {
+            let allocator = self.allocator.clone();
+            let metrics = self.metrics.clone();
+            Arc::new(move || refresh_gauges(&allocator, &metrics)) as Arc<dyn Fn() + Send + Sync>
+        };
         let metrics_task = tokio::spawn(metrics::serve(
             metrics_listener,
             self.metrics.clone(),
-            metrics_stopped,
+            refresh,
+            side_stopped.clone(),
         ));
+        let health_task = health_listener.map(|listener| {
+            let mut stopped = side_stopped.clone();
+            let service = health_service.clone();
+            tokio::spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    })
+                    .await;
+                if let Err(error) = served {
+                    error!(%error, "the health listener failed");
+                }
+            })
+        });
 
         let (draining_tx, draining) = oneshot::channel::<()>();
         let drain_delay = self.drain_delay;
@@ -178,34 +439,26 @@ impl Server {
             let health = health.clone();
             async move {
                 shutdown.await;
-                let _ = stop_health.send(true);
+                health.shut_down().await;
                 info!(
-                    ?drain_delay,
+                    drain_delay_secs = drain_delay.as_secs_f64(),
                     "shutting down: health is NOT_SERVING; still serving for the drain delay"
                 );
-                for service in ["", SERVICE_NAME] {
-                    health
-                        .set_service_status(service, ServingStatus::NotServing)
-                        .await;
-                }
                 // Load balancers see NOT_SERVING and move routers away first.
                 tokio::time::sleep(drain_delay).await;
                 info!("draining in-flight calls");
                 let _ = draining_tx.send(());
             }
         };
-        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let service = Service::new(
             self.allocator.clone(),
             self.metrics.clone(),
-            self.auth.clone(),
+            self.auth.as_ref().map(|(auth, ..)| auth.clone()),
         );
         let in_flight = InFlight::new(self.max_concurrent_requests);
-        let mut builder = tonic::transport::Server::builder().timeout(self.request_timeout);
-        if let Some(tls) = self.tls.clone() {
-            builder = builder.tls_config(tls)?;
-        }
-        let serving = builder
+        let router = tonic::transport::Server::builder()
+            .timeout(self.request_timeout)
+            .layer(GrpcMetricsLayer(self.metrics.clone()))
             .layer(in_flight.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -213,8 +466,22 @@ impl Server {
             .add_service(
                 RoomAllocatorServiceServer::new(service)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
-            )
-            .serve_with_incoming_shutdown(incoming, signal);
+            );
+        let serving: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match &self.tls {
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                    signal,
+                )),
+                Some(tls) => {
+                    let (connections, incoming) = mpsc::channel(64);
+                    tasks.push(tokio::spawn(accept_tls(grpc, tls.clone(), connections)));
+                    Box::pin(router.serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::ReceiverStream::new(incoming),
+                        signal,
+                    ))
+                }
+            };
         // Idle client connections would hold tonic's graceful shutdown open
         // until they close by themselves; stop as soon as no call is in flight.
         let drain_timeout = self.drain_timeout;
@@ -224,7 +491,7 @@ impl Server {
             }
             if !in_flight.drain(drain_timeout).await {
                 warn!(
-                    ?drain_timeout,
+                    drain_timeout_secs = drain_timeout.as_secs_f64(),
                     "drain timeout passed; dropping calls still in flight"
                 );
             }
@@ -234,8 +501,15 @@ impl Server {
             () = drained => {}
         }
 
-        let _ = stop_metrics.send(true);
+        // Every background task stops here, before the store closes.
+        for task in &tasks {
+            task.abort();
+        }
+        let _ = stop_side.send(true);
         let _ = metrics_task.await;
+        if let Some(task) = health_task {
+            let _ = task.await;
+        }
         match self.allocator.shutdown().await {
             Ok(()) => info!("store closed; bye"),
             // Nothing is lost but the latest rooms_issued counts: every range
@@ -246,29 +520,188 @@ impl Server {
     }
 }
 
-/// Health follows the store: NOT_SERVING while no range can be reserved, so
-/// load balancers send routers to replicas that can. Stops at shutdown.
-async fn follow_reachability(
-    mut reachable: watch::Receiver<bool>,
-    health: tonic_health::server::HealthReporter,
-    mut stopped: watch::Receiver<bool>,
-) {
-    loop {
-        let status = if *reachable.borrow_and_update() {
+/// The health reporter behind one lock with the shutdown flag, so readiness
+/// can never turn SERVING again after shutdown turned it NOT_SERVING.
+struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    shutting_down: tokio::sync::Mutex<bool>,
+}
+
+impl Health {
+    async fn set_ready(&self, ready: bool) {
+        let shutting_down = self.shutting_down.lock().await;
+        if *shutting_down {
+            return;
+        }
+        let status = if ready {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        if *stopped.borrow() {
-            return;
-        }
+        self.reporter.set_service_status(SERVICE_NAME, status).await;
+    }
+
+    async fn shut_down(&self) {
+        let mut shutting_down = self.shutting_down.lock().await;
+        *shutting_down = true;
         for service in ["", SERVICE_NAME] {
-            health.set_service_status(service, status).await;
+            self.reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
         }
-        tokio::select! {
-            changed = reachable.changed() => if changed.is_err() { return },
-            _ = stopped.wait_for(|stop| *stop) => return,
+    }
+}
+
+/// Readiness follows whether the allocator can hand out rooms.
+async fn follow_readiness(allocator: Allocator, health: Arc<Health>, metrics: Arc<Metrics>) {
+    let mut ready = allocator.check_ready().is_ok();
+    let mut ticker = tokio::time::interval(READINESS_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let now = allocator.check_ready();
+        metrics.ready.set(if now.is_ok() { 1.0 } else { 0.0 });
+        if now.is_ok() != ready {
+            ready = now.is_ok();
+            match &now {
+                Ok(()) => info!("ready: can hand out rooms again"),
+                Err(error) => warn!(%error, "not ready: cannot hand out rooms"),
+            }
+            health.set_ready(ready).await;
         }
+    }
+}
+
+fn refresh_gauges(allocator: &Allocator, metrics: &Metrics) {
+    let gauges = allocator.gauges();
+    metrics
+        .workers_registered
+        .set(gauges.workers_registered as f64);
+    metrics.workers_limit.set(gauges.workers_limit as f64);
+    metrics.space_used.set(gauges.space_used as f64);
+    metrics.space_size.set(gauges.space_size as f64);
+    metrics.ranges_held.set(gauges.ranges_held as f64);
+    metrics
+        .store_reachable
+        .set(if gauges.store_reachable { 1.0 } else { 0.0 });
+    metrics.registrations_confirmed_age.set(
+        gauges
+            .registrations_confirmed_age
+            .map_or(0.0, |age| age.as_secs_f64()),
+    );
+    metrics.ready.set(if gauges.ready { 1.0 } else { 0.0 });
+}
+
+/// Rereads the TLS files and the token file every [`RELOAD_INTERVAL`]; a
+/// changed file that builds a usable config replaces the old one for new
+/// connections, a bad one is logged and counted and the old one stays.
+async fn reload_files(
+    tls: Option<Arc<Tls>>,
+    auth: Option<(Auth, PathBuf, String)>,
+    metrics: Arc<Metrics>,
+) {
+    let mut last_tls_attempt = tls.as_ref().map(|tls| {
+        tls.current
+            .read()
+            .expect("tls lock is never poisoned")
+            .0
+            .clone()
+    });
+    let mut last_token = auth.as_ref().map(|(_, _, token)| token.clone());
+    let mut last_token_failure: Option<String> = None;
+    let mut ticker = tokio::time::interval(RELOAD_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Some(tls) = &tls {
+            match tls.files.read() {
+                Ok(material) if Some(&material) != last_tls_attempt.as_ref() => {
+                    last_tls_attempt = Some(material.clone());
+                    match material.config() {
+                        Ok(config) => {
+                            *tls.current.write().expect("tls lock is never poisoned") =
+                                (material, config);
+                            metrics.reloads.get(&["tls", "success"]).inc();
+                            info!("reloaded the TLS certificate; new connections use it");
+                        }
+                        Err(error) => {
+                            metrics.reloads.get(&["tls", "failure"]).inc();
+                            error!(%error, "the new TLS files are unusable; keeping the previous certificate");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    // Mid-swap, or gone: try again next tick; count once.
+                    if last_tls_attempt.take().is_some() {
+                        metrics.reloads.get(&["tls", "failure"]).inc();
+                        error!(%error, "cannot read the TLS files; keeping the previous certificate");
+                    }
+                }
+            }
+        }
+        if let Some((auth, path, _)) = &auth {
+            match read_token(path) {
+                Ok(token) if Some(&token) != last_token.as_ref() => {
+                    auth.replace(&token);
+                    last_token = Some(token);
+                    last_token_failure = None;
+                    metrics.reloads.get(&["token", "success"]).inc();
+                    info!("reloaded the bearer token");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let text = error.to_string();
+                    if last_token_failure.as_ref() != Some(&text) {
+                        metrics.reloads.get(&["token", "failure"]).inc();
+                        error!(%error, "the token file is unusable; keeping the previous token");
+                        last_token_failure = Some(text);
+                        // Reload the same token again once the file is fixed.
+                        last_token = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes with the config in
+/// force at that moment, feeding finished connections to the server.
+async fn accept_tls(
+    listener: TcpListener,
+    tls: Arc<Tls>,
+    connections: mpsc::Sender<
+        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    >,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "the gRPC listener failed to accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let config = tls
+            .current
+            .read()
+            .expect("tls lock is never poisoned")
+            .1
+            .clone();
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let _ = connections.send(Ok(stream)).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
     }
 }
 
@@ -368,6 +801,17 @@ pub struct InFlightService<S> {
     in_flight: InFlight,
 }
 
+type BoxResponseFuture<S, B> = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    <S as tower::Service<http::Request<B>>>::Response,
+                    <S as tower::Service<http::Request<B>>>::Error,
+                >,
+            > + Send,
+    >,
+>;
+
 impl<S, B> tower::Service<http::Request<B>> for InFlightService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -376,7 +820,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = BoxResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -403,5 +847,177 @@ where
             drop(guard);
             response
         })
+    }
+}
+
+/// go-grpc-middleware's server metrics for every call to every service.
+#[derive(Clone)]
+struct GrpcMetricsLayer(Arc<Metrics>);
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// The (type, service, method) labels of a request path; bounded: paths this
+/// server does not serve are all "unknown".
+fn grpc_labels(path: &str) -> (&'static str, &'static str, &'static str) {
+    const KNOWN: &[(&str, &str, &str)] = &[
+        ("unary", metrics::SERVICE, "RegisterWorker"),
+        ("unary", metrics::SERVICE, "AllocateRoom"),
+        ("unary", metrics::SERVICE, "LeaseRooms"),
+        ("unary", metrics::SERVICE, "ResolveRank"),
+        ("unary", metrics::SERVICE, "ListWorkers"),
+        ("unary", metrics::SERVICE, "DeregisterWorker"),
+        ("unary", "grpc.health.v1.Health", "Check"),
+        ("server_stream", "grpc.health.v1.Health", "Watch"),
+        (
+            "bidi_stream",
+            "grpc.reflection.v1.ServerReflection",
+            "ServerReflectionInfo",
+        ),
+        (
+            "bidi_stream",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+        ),
+    ];
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    KNOWN
+        .iter()
+        .find(|(_, s, m)| *s == service && *m == method)
+        .copied()
+        .unwrap_or(("unary", "unknown", "unknown"))
+}
+
+/// A gRPC code as grpc-go's `codes.Code.String()` prints it.
+fn grpc_go_code(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (kind, service, method) = grpc_labels(request.uri().path());
+        let metrics = self.metrics.clone();
+        metrics.grpc_started.get(&[kind, service, method]).inc();
+        let histogram: Arc<Histogram> = metrics.grpc_handling.get(&[kind, service, method]);
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            // An error answers trailers-only: its code is in the headers. A
+            // unary success carries grpc-status 0 in its trailers.
+            let code = match &response {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from),
+                Err(_) => tonic::Code::Unknown,
+            };
+            histogram.observe(started.elapsed());
+            metrics
+                .grpc_handled
+                .get(&[kind, service, method, grpc_go_code(code)])
+                .inc();
+            response
+        })
+    }
+}
+
+/// The address a listener actually bound, for the "listening" log line.
+pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_cannot_turn_serving_after_shutdown_turned_it_off() {
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let health = Health {
+            reporter,
+            shutting_down: tokio::sync::Mutex::new(false),
+        };
+        health.set_ready(true).await;
+        health.shut_down().await;
+        // The follower's late update, the check-then-act window of old.
+        health.set_ready(true).await;
+        use tonic_health::pb::health_server::Health as _;
+        let status = service
+            .check(tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            }))
+            .await
+            .expect("known service")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::NotServing as i32);
+    }
+
+    #[test]
+    fn grpc_labels_are_bounded_and_codes_are_grpc_gos() {
+        assert_eq!(
+            grpc_labels("/room_allocator.v1.RoomAllocatorService/AllocateRoom"),
+            ("unary", metrics::SERVICE, "AllocateRoom")
+        );
+        assert_eq!(
+            grpc_labels("/evil.Service/x"),
+            ("unary", "unknown", "unknown")
+        );
+        assert_eq!(grpc_go_code(tonic::Code::Cancelled), "Canceled");
+        assert_eq!(
+            grpc_go_code(tonic::Code::FailedPrecondition),
+            "FailedPrecondition"
+        );
     }
 }

@@ -2,48 +2,63 @@
 //! become statuses in exactly one place, `impl From<Error> for Status`.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tonic::{Code, Request, Response, Status};
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
-use crate::allocator::{Allocator, Error, WorkerInfo};
+use crate::allocator::{Allocator, Error, Escaped, Registrar, WorkerInfo};
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::room_allocator_service_server::RoomAllocatorService;
 use crate::space::SpaceError;
-use std::sync::Arc;
 
 pub use crate::pb::room_allocator_service_server::RoomAllocatorServiceServer;
+pub use room_allocator_client::{code_name, ERROR_REASON, REGISTERED_DP_SIZE};
 
-/// Metadata key on FAILED_PRECONDITION for a dp_size mismatch: the dp_size
-/// the worker is registered with.
-pub const REGISTERED_DP_SIZE: &str = "registered-dp-size";
+/// The status code of an error and its machine-readable reason, sent as
+/// `error-reason` metadata.
+fn classify(error: &Error) -> (Code, &'static str) {
+    match error {
+        Error::EmptyWorker
+        | Error::WorkerTooLong { .. }
+        | Error::WorkerControlCharacter { .. }
+        | Error::LeaseCount { .. }
+        | Error::LeaseTooLarge { .. }
+        | Error::PageSize { .. }
+        | Error::PageToken
+        | Error::Space(
+            SpaceError::DpSizeZero
+            | SpaceError::DpSizeTooLarge { .. }
+            | SpaceError::RankOutOfRange { .. }
+            | SpaceError::RoomZero
+            | SpaceError::RoomTooLarge { .. }
+            | SpaceError::EmptyBounds { .. },
+        ) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        Error::UnknownWorker { .. } => (Code::NotFound, "WORKER_NOT_FOUND"),
+        Error::Deregistered { .. } => (Code::FailedPrecondition, "WORKER_DEREGISTERED"),
+        Error::DpSizeMismatch { .. } => (Code::FailedPrecondition, "DP_SIZE_MISMATCH"),
+        Error::UnknownRoom { .. } => (Code::NotFound, "ROOM_NOT_FOUND"),
+        Error::Pruned { .. } => (Code::NotFound, "ROOM_PRUNED"),
+        Error::Space(SpaceError::Exhausted { .. }) => (Code::ResourceExhausted, "SPACE_EXHAUSTED"),
+        Error::TooManyWorkers { .. } => (Code::ResourceExhausted, "TOO_MANY_WORKERS"),
+        Error::Store(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+        Error::Unauthenticated { .. } | Error::RegistrationNeedsToken { .. } => {
+            (Code::Unauthenticated, "UNAUTHENTICATED")
+        }
+    }
+}
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        let code = match &error {
-            Error::EmptyWorker
-            | Error::WorkerTooLong { .. }
-            | Error::LeaseCount { .. }
-            | Error::Space(
-                SpaceError::DpSizeZero
-                | SpaceError::DpSizeTooLarge { .. }
-                | SpaceError::RankOutOfRange { .. }
-                | SpaceError::RoomZero
-                | SpaceError::RoomTooLarge { .. },
-            ) => Code::InvalidArgument,
-            Error::UnknownWorker { .. } | Error::UnknownRoom { .. } | Error::Pruned { .. } => {
-                Code::NotFound
-            }
-            Error::DpSizeMismatch { .. } => Code::FailedPrecondition,
-            Error::Space(SpaceError::Exhausted { .. }) | Error::TooManyWorkers { .. } => {
-                Code::ResourceExhausted
-            }
-            Error::Store(_) => Code::Unavailable,
-            Error::Unauthenticated { .. } => Code::Unauthenticated,
-        };
+        let (code, reason) = classify(&error);
         let mut status = Status::new(code, error.to_string());
+        status.metadata_mut().insert(
+            ERROR_REASON,
+            reason.parse().expect("reasons are valid metadata"),
+        );
         if let Error::DpSizeMismatch { registered, .. } = &error {
             // Machine-readable too, so clients need not parse the message.
             status.metadata_mut().insert(
@@ -58,42 +73,39 @@ impl From<Error> for Status {
     }
 }
 
-/// The canonical name of a gRPC code, as grpcurl and other stacks print it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// Who may call what: with a token, RegisterWorker and DeregisterWorker
-/// always need it, the other calls when `all` is set.
+/// always need it, and so does registering through AllocateRoom; the other
+/// calls need it when `all` is set. The token can be replaced while serving.
 #[derive(Clone)]
 pub struct Auth {
-    expected: String,
+    expected: Arc<RwLock<String>>,
     all: bool,
 }
 
 impl Auth {
     pub fn new(token: &str, all: bool) -> Self {
         Self {
-            expected: format!("Bearer {}", token.trim()),
+            expected: Arc::new(RwLock::new(bearer(token))),
             all,
+        }
+    }
+
+    /// Takes a new token (a rotated `--auth-token-file`) for later calls.
+    pub fn replace(&self, token: &str) {
+        *self.expected.write().expect("token lock is never poisoned") = bearer(token);
+    }
+
+    /// Whether the request carries the token: `Err` says how it fails.
+    fn verify<T>(&self, request: &Request<T>) -> Result<(), Error> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        let expected = self.expected.read().expect("token lock is never poisoned");
+        match presented {
+            Some(value) if constant_time_eq(value, expected.as_bytes()) => Ok(()),
+            Some(_) => Err(Error::Unauthenticated { presented: true }),
+            None => Err(Error::Unauthenticated { presented: false }),
         }
     }
 
@@ -101,16 +113,21 @@ impl Auth {
         if !admin && !self.all {
             return Ok(());
         }
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.as_bytes());
-        match presented {
-            Some(value) if constant_time_eq(value, self.expected.as_bytes()) => Ok(()),
-            Some(_) => Err(Error::Unauthenticated { presented: true }),
-            None => Err(Error::Unauthenticated { presented: false }),
+        self.verify(request)
+    }
+
+    /// Whether AllocateRoom may register a worker for this caller.
+    fn registrar<T>(&self, request: &Request<T>) -> Registrar {
+        match self.verify(request) {
+            Ok(()) => Registrar::Allowed,
+            Err(Error::Unauthenticated { presented }) => Registrar::Denied { presented },
+            Err(_) => Registrar::Denied { presented: true },
         }
     }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {}", token.trim())
 }
 
 /// Compares without an early exit, so timing does not reveal the token.
@@ -118,11 +135,50 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
+/// At most [`REFUSED_LOGS_PER_SECOND`] "request refused" lines a second; the
+/// rest are counted and the count is logged with the next line let through.
+struct RefusalLog {
+    second: AtomicU64,
+    logged: AtomicU64,
+    suppressed: AtomicU64,
+    epoch: Instant,
+}
+
+/// Refused calls logged per second at most: a misconfigured router retrying
+/// in a loop must not flood the log (the metrics count every one).
+const REFUSED_LOGS_PER_SECOND: u64 = 10;
+
+impl RefusalLog {
+    fn new() -> Self {
+        Self {
+            second: AtomicU64::new(0),
+            logged: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// `Some(suppressed so far)` if this line may be logged.
+    fn admit(&self) -> Option<u64> {
+        let now = self.epoch.elapsed().as_secs();
+        if self.second.swap(now, Ordering::AcqRel) != now {
+            self.logged.store(0, Ordering::Release);
+        }
+        if self.logged.fetch_add(1, Ordering::AcqRel) < REFUSED_LOGS_PER_SECOND {
+            Some(self.suppressed.swap(0, Ordering::AcqRel))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
 /// `RoomAllocatorService` over an [`Allocator`].
 pub struct Service {
     allocator: Allocator,
     metrics: Arc<Metrics>,
     auth: Option<Auth>,
+    refusals: RefusalLog,
 }
 
 impl Service {
@@ -131,6 +187,7 @@ impl Service {
             allocator,
             metrics,
             auth,
+            refusals: RefusalLog::new(),
         }
     }
 
@@ -141,24 +198,25 @@ impl Service {
         method: &'static str,
         admin: bool,
         request: Request<R>,
-        call: impl FnOnce(R) -> F,
+        call: impl FnOnce(R, Registrar) -> F,
     ) -> Result<Response<T>, Status>
     where
         F: Future<Output = Result<T, Error>>,
     {
         let started = Instant::now();
-        let authorized = self
-            .auth
-            .as_ref()
-            .map_or(Ok(()), |auth| auth.check(&request, admin));
+        let (authorized, registrar) = match &self.auth {
+            None => (Ok(()), Registrar::Allowed),
+            Some(auth) => (auth.check(&request, admin), auth.registrar(&request)),
+        };
         let result = match authorized {
-            Ok(()) => call(request.into_inner()).await,
+            Ok(()) => call(request.into_inner(), registrar).await,
             Err(denied) => Err(denied),
         };
         self.finish(method, started, result)
     }
 
-    /// Counts and times one call, and logs its outcome at the level it deserves.
+    /// Counts and times one call, and logs its outcome at the level it
+    /// deserves: store failures at warn, refusals at info (rate-limited).
     fn finish<T>(
         &self,
         method: &'static str,
@@ -170,19 +228,24 @@ impl Service {
         self.metrics
             .observe_request(method, code_name(code), started.elapsed());
         match &result {
-            Err(status) if code == Code::Unavailable => {
-                warn!(
-                    code = code_name(code),
-                    message = status.message(),
-                    "request failed"
-                )
-            }
-            Err(status) => debug!(
+            Err(status) if code == Code::Unavailable => warn!(
+                method,
                 code = code_name(code),
-                message = status.message(),
-                "request refused"
+                error = status.message(),
+                "request failed"
             ),
-            Ok(_) => debug!("request served"),
+            Err(status) => {
+                if let Some(suppressed) = self.refusals.admit() {
+                    info!(
+                        method,
+                        code = code_name(code),
+                        error = status.message(),
+                        suppressed_since_last = suppressed,
+                        "request refused"
+                    );
+                }
+            }
+            Ok(_) => debug!(method, "request served"),
         }
         result.map(Response::new)
     }
@@ -198,12 +261,12 @@ fn worker_info(info: WorkerInfo) -> pb::WorkerInfo {
 
 #[tonic::async_trait]
 impl RoomAllocatorService for Service {
-    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, dp_size = request.get_ref().dp_size))]
+    #[instrument(level = "debug", skip_all, fields(worker = %Escaped(&request.get_ref().prefill_worker), dp_size = request.get_ref().dp_size))]
     async fn register_worker(
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        self.handle("RegisterWorker", true, request, |request| async move {
+        self.handle("RegisterWorker", true, request, |request, _| async move {
             self.allocator
                 .register(&request.prefill_worker, request.dp_size)
                 .await
@@ -214,36 +277,47 @@ impl RoomAllocatorService for Service {
         .await
     }
 
-    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, dp_rank = request.get_ref().dp_rank, dp_size = request.get_ref().dp_size))]
+    #[instrument(level = "debug", skip_all, fields(worker = %Escaped(&request.get_ref().prefill_worker), dp_rank = request.get_ref().dp_rank, dp_size = request.get_ref().dp_size))]
     async fn allocate_room(
         &self,
         request: Request<pb::AllocateRoomRequest>,
     ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
-        self.handle("AllocateRoom", false, request, |request| async move {
-            self.allocator
-                .allocate(&request.prefill_worker, request.dp_rank, request.dp_size)
-                .await
-                .map(|(room, dp_size)| pb::AllocateRoomResponse {
-                    room: room.get(),
-                    dp_size: dp_size.get(),
-                })
-        })
+        self.handle(
+            "AllocateRoom",
+            false,
+            request,
+            |request, registrar| async move {
+                self.allocator
+                    .allocate(
+                        &request.prefill_worker,
+                        request.dp_rank,
+                        request.dp_size,
+                        registrar,
+                    )
+                    .await
+                    .map(|(room, dp_size)| pb::AllocateRoomResponse {
+                        room: room.get(),
+                        dp_size: dp_size.get(),
+                    })
+            },
+        )
         .await
     }
 
-    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker, count = request.get_ref().count))]
+    #[instrument(level = "debug", skip_all, fields(worker = %Escaped(&request.get_ref().prefill_worker), count = request.get_ref().count, dp_size = request.get_ref().dp_size))]
     async fn lease_rooms(
         &self,
         request: Request<pb::LeaseRoomsRequest>,
     ) -> Result<Response<pb::LeaseRoomsResponse>, Status> {
-        self.handle("LeaseRooms", false, request, |request| async move {
+        self.handle("LeaseRooms", false, request, |request, _| async move {
             self.allocator
-                .lease(&request.prefill_worker, request.count)
+                .lease(&request.prefill_worker, request.count, request.dp_size)
                 .await
                 .map(|lease| pb::LeaseRoomsResponse {
                     first_base: lease.first_base.get(),
                     count: lease.count,
                     dp_size: lease.dp_size.get(),
+                    valid_for_ms: u64::try_from(lease.valid_for.as_millis()).unwrap_or(u64::MAX),
                 })
         })
         .await
@@ -254,7 +328,7 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ResolveRankRequest>,
     ) -> Result<Response<pb::ResolveRankResponse>, Status> {
-        self.handle("ResolveRank", false, request, |request| async move {
+        self.handle("ResolveRank", false, request, |request, _| async move {
             self.allocator
                 .resolve(request.room)
                 .await
@@ -267,29 +341,71 @@ impl RoomAllocatorService for Service {
         .await
     }
 
-    #[instrument(level = "debug", skip_all)]
+    #[instrument(level = "debug", skip_all, fields(page_size = request.get_ref().page_size))]
     async fn list_workers(
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        self.handle("ListWorkers", false, request, |_| async move {
-            let workers = self.allocator.list().into_iter().map(worker_info).collect();
-            Ok(pb::ListWorkersResponse { workers })
+        self.handle("ListWorkers", false, request, |request, _| async move {
+            let page = self
+                .allocator
+                .list(request.page_size, &request.page_token)?;
+            Ok(pb::ListWorkersResponse {
+                workers: page.workers.into_iter().map(worker_info).collect(),
+                next_page_token: page.next_page_token,
+            })
         })
         .await
     }
 
-    #[instrument(level = "debug", skip_all, fields(worker = %request.get_ref().prefill_worker))]
+    #[instrument(level = "debug", skip_all, fields(worker = %Escaped(&request.get_ref().prefill_worker)))]
     async fn deregister_worker(
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        self.handle("DeregisterWorker", true, request, |request| async move {
+        self.handle("DeregisterWorker", true, request, |request, _| async move {
             self.allocator
                 .deregister(&request.prefill_worker)
                 .await
                 .map(|()| pb::DeregisterWorkerResponse {})
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_logs_are_rate_limited_and_count_what_they_drop() {
+        let log = RefusalLog::new();
+        let admitted = (0..100).filter(|_| log.admit().is_some()).count();
+        assert_eq!(admitted as u64, REFUSED_LOGS_PER_SECOND);
+        assert_eq!(
+            log.suppressed.load(Ordering::Acquire),
+            100 - REFUSED_LOGS_PER_SECOND
+        );
+    }
+
+    #[test]
+    fn every_error_carries_its_reason() {
+        let status = Status::from(Error::DpSizeMismatch {
+            worker: "\"w\"".into(),
+            registered: 4,
+            requested: 8,
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.metadata().get(ERROR_REASON).map(|v| v.to_str().ok()),
+            Some(Some("DP_SIZE_MISMATCH"))
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get(REGISTERED_DP_SIZE)
+                .map(|v| v.to_str().ok()),
+            Some(Some("4"))
+        );
     }
 }

@@ -11,16 +11,17 @@
 //! The [`RangeTable`] maps every reserved range back to its owner, which is how
 //! `ResolveRank` works with memory proportional to ranges, not rooms.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use thiserror::Error;
 
-/// Largest room SGLang accepts: it masks bootstrap rooms to 63 bits.
-pub const MAX_ROOM: u64 = (1 << 63) - 1;
 /// Largest dp_size accepted; far above any real deployment, low enough that
 /// `bases * dp_size` arithmetic stays comfortably inside u64.
-pub const MAX_DP_SIZE: u32 = 65536;
+pub use room_allocator_client::limits::MAX_DP_SIZE;
+/// Largest room: routers mask bootstrap rooms to 63 bits (signed 64-bit
+/// fields elsewhere).
+pub use room_allocator_client::limits::MAX_ROOM;
 /// Where the space starts: room 0 means "not ready" to SGLang, so the first
 /// range begins at the first multiple of its dp_size that is at least 1.
 pub const SPACE_START: u64 = 1;
@@ -45,14 +46,67 @@ pub enum SpaceError {
     )]
     RoomTooLarge { room: u64 },
     #[error(
-        "the room space is used up: {bases} bases of dp_size {dp_size} do not fit between {high_water} and the limit {limit}"
+        "the room space is used up: {bases} bases of dp_size {dp_size} do not fit between {high_water} and --max-room {max_room}; raise --max-room, or start a new space (a new --etcd-prefix or data dir) with bounds disjoint from this one"
     )]
     Exhausted {
         bases: u64,
         dp_size: u32,
         high_water: u64,
-        limit: u64,
+        max_room: u64,
     },
+    #[error("--min-room {min_room} is above --max-room {max_room}; the bounds are inclusive and min <= max")]
+    EmptyBounds { min_room: u64, max_room: u64 },
+}
+
+/// The part of the space one deployment hands out: rooms in
+/// `min_room..=max_room`. Two deployments with disjoint bounds never share a
+/// room, whatever their stores hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    min_room: u64,
+    max_room: u64,
+}
+
+impl Bounds {
+    /// The whole space, `1..=2^63-1`.
+    pub const FULL: Bounds = Bounds {
+        min_room: SPACE_START,
+        max_room: MAX_ROOM,
+    };
+
+    pub fn try_new(min_room: u64, max_room: u64) -> Result<Self, SpaceError> {
+        let min_room = Room::try_new(min_room)?.get();
+        let max_room = Room::try_new(max_room)?.get();
+        if min_room > max_room {
+            return Err(SpaceError::EmptyBounds { min_room, max_room });
+        }
+        Ok(Self { min_room, max_room })
+    }
+
+    pub fn min_room(&self) -> u64 {
+        self.min_room
+    }
+
+    pub fn max_room(&self) -> u64 {
+        self.max_room
+    }
+
+    /// Exclusive end: ranges end at or below it.
+    pub fn end(&self) -> u64 {
+        self.max_room + 1
+    }
+
+    /// Numbers in the bounds.
+    pub fn size(&self) -> u64 {
+        self.max_room - self.min_room + 1
+    }
+
+    /// Numbers of the bounds at or below `high_water` (used or skipped).
+    pub fn used(&self, high_water: u64) -> u64 {
+        high_water
+            .clamp(self.min_room, self.end())
+            .saturating_sub(self.min_room)
+    }
 }
 
 /// A prefill worker's data-parallel size, `1..=MAX_DP_SIZE`.
@@ -152,25 +206,25 @@ pub struct RoomRange {
 }
 
 impl RoomRange {
-    /// The next range for `dp_size` at or after `high_water`, ending no later
-    /// than `limit` (exclusive, capped at `MAX_ROOM + 1`): `want` bases, or as
-    /// many as fit but at least `need`.
+    /// The next range for `dp_size` at or after `high_water` and inside
+    /// `bounds`: `want` bases, or as many as fit but at least `need`.
     pub fn reserve_after(
         high_water: u64,
         dp_size: DpSize,
         want: u64,
         need: u64,
-        limit: u64,
+        bounds: Bounds,
     ) -> Result<Self, SpaceError> {
         let exhausted = SpaceError::Exhausted {
             bases: need,
             dp_size: dp_size.get(),
             high_water,
-            limit,
+            max_room: bounds.max_room(),
         };
-        let limit = limit.min(MAX_ROOM + 1);
+        let limit = bounds.end();
         let d = dp_size.as_u64();
-        let Some(start) = high_water.max(SPACE_START).checked_next_multiple_of(d) else {
+        let from = high_water.max(bounds.min_room()).max(SPACE_START);
+        let Some(start) = from.checked_next_multiple_of(d) else {
             return Err(exhausted);
         };
         let fits = limit.saturating_sub(start) / d;
@@ -324,18 +378,32 @@ impl RangeTable {
         self.by_start.len()
     }
 
-    /// Drops ranges reserved before `cutoff_unix_ms`; returns the highest end
-    /// dropped (0 if none).
-    pub fn prune(&mut self, cutoff_unix_ms: u64) -> u64 {
+    /// Drops ranges reserved before `cutoff_unix_ms`, except those starting at
+    /// one of `held` (still being served from: a wall clock that jumped must
+    /// not prune them); returns the highest end dropped (0 if none).
+    pub fn prune(&mut self, cutoff_unix_ms: u64, held: &BTreeSet<u64>) -> u64 {
         let mut pruned_below = 0;
-        self.by_start.retain(|_, owner| {
-            let keep = owner.created_unix_ms >= cutoff_unix_ms;
+        self.by_start.retain(|start, owner| {
+            let keep = owner.created_unix_ms >= cutoff_unix_ms || held.contains(start);
             if !keep {
                 pruned_below = pruned_below.max(owner.range.end);
             }
             keep
         });
         pruned_below
+    }
+
+    /// The workers that own at least one range.
+    pub fn owners(&self) -> std::collections::HashSet<&str> {
+        self.by_start
+            .values()
+            .map(|owner| &*owner.prefill_worker)
+            .collect()
+    }
+
+    /// The lowest range, if any.
+    pub fn first(&self) -> Option<&RangeOwner> {
+        self.by_start.values().next()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &RangeOwner> {
@@ -383,23 +451,23 @@ mod tests {
 
     #[test]
     fn first_range_skips_room_zero() {
-        let range = RoomRange::reserve_after(0, dp(1), 4, 4, MAX_ROOM + 1).expect("fits");
+        let range = RoomRange::reserve_after(0, dp(1), 4, 4, Bounds::FULL).expect("fits");
         assert_eq!((range.start(), range.end()), (1, 5));
-        let range = RoomRange::reserve_after(SPACE_START, dp(8), 2, 2, MAX_ROOM + 1).expect("fits");
+        let range = RoomRange::reserve_after(SPACE_START, dp(8), 2, 2, Bounds::FULL).expect("fits");
         assert_eq!((range.start(), range.end()), (8, 24));
     }
 
     #[test]
     fn last_room_of_the_space_is_reachable_and_the_next_is_not() {
         let d = dp(1);
-        let range = RoomRange::reserve_after(MAX_ROOM, d, 1, 1, MAX_ROOM + 1).expect("one fits");
+        let range = RoomRange::reserve_after(MAX_ROOM, d, 1, 1, Bounds::FULL).expect("one fits");
         let mut cursor = range.cursor();
         let base = cursor.take().expect("one base");
         assert_eq!(
             base.room(Rank::try_new(0, d).expect("rank")).get(),
             MAX_ROOM
         );
-        assert!(RoomRange::reserve_after(range.end(), d, 1, 1, MAX_ROOM + 1).is_err());
+        assert!(RoomRange::reserve_after(range.end(), d, 1, 1, Bounds::FULL).is_err());
     }
 
     #[test]
@@ -415,7 +483,16 @@ mod tests {
         assert!(table.insert(owner(2, 4)).is_err());
         table.insert(owner(10, 12)).expect("adjacent is fine");
         assert_eq!(table.high_water(), 12);
-        assert_eq!(table.prune(5), 10, "drops the range created at 2");
+        assert_eq!(
+            table.prune(5, &BTreeSet::from([2])),
+            0,
+            "a held range stays, however old"
+        );
+        assert_eq!(
+            table.prune(5, &BTreeSet::new()),
+            10,
+            "drops the range created at 2"
+        );
         assert_eq!(table.len(), 1);
     }
 
@@ -429,7 +506,7 @@ mod tests {
         ) {
             let d = dp(dp_size);
             let rank = Rank::try_new(rank_seed % dp_size, d).expect("reduced rank");
-            match RoomRange::reserve_after(high_water, d, bases, bases, MAX_ROOM + 1) {
+            match RoomRange::reserve_after(high_water, d, bases, bases, Bounds::FULL) {
                 Ok(range) => {
                     prop_assert_eq!(range.start() % u64::from(dp_size), 0);
                     prop_assert!(range.start() >= high_water);
@@ -461,18 +538,26 @@ mod tests {
             dp_size in 1u32..=64,
             want in 1u64..500,
             need_seed in any::<u64>(),
+            min_room in 1u64..5_000,
             limit in 1u64..20_000,
         ) {
             let need = 1 + need_seed % want;
-            match RoomRange::reserve_after(high_water, dp(dp_size), want, need, limit) {
+            let Ok(bounds) = Bounds::try_new(min_room, limit) else {
+                prop_assert!(min_room > limit);
+                return Ok(());
+            };
+            match RoomRange::reserve_after(high_water, dp(dp_size), want, need, bounds) {
                 Ok(range) => {
-                    prop_assert!(range.end() <= limit);
+                    prop_assert!(range.end() <= limit + 1);
+                    prop_assert!(range.start() >= min_room);
                     prop_assert!(range.bases() >= need && range.bases() <= want);
                     prop_assert!(range.start() >= high_water);
+                    // Every room of every base, rank included, lies in the bounds.
+                    prop_assert!(range.end() - 1 <= bounds.max_room());
                 }
                 Err(SpaceError::Exhausted { .. }) => {
-                    let start = high_water.next_multiple_of(u64::from(dp_size));
-                    prop_assert!(start + need * u64::from(dp_size) > limit);
+                    let start = high_water.max(min_room).next_multiple_of(u64::from(dp_size));
+                    prop_assert!(start + need * u64::from(dp_size) > limit + 1);
                 }
                 Err(other) => prop_assert!(false, "unexpected {other}"),
             }
@@ -485,7 +570,7 @@ mod tests {
             let mut table = RangeTable::default();
             let mut high_water = SPACE_START;
             for (dp_size, bases) in sizes {
-                let range = RoomRange::reserve_after(high_water, dp(dp_size), bases, bases, MAX_ROOM + 1)
+                let range = RoomRange::reserve_after(high_water, dp(dp_size), bases, bases, Bounds::FULL)
                     .expect("small ranges fit");
                 prop_assert!(range.start() >= high_water);
                 high_water = range.end();
@@ -501,7 +586,7 @@ mod tests {
             takes in proptest::collection::vec(1u64..8, 1..50),
         ) {
             let d = dp(dp_size);
-            let range = RoomRange::reserve_after(SPACE_START, d, 100, 100, MAX_ROOM + 1).expect("fits");
+            let range = RoomRange::reserve_after(SPACE_START, d, 100, 100, Bounds::FULL).expect("fits");
             let mut cursor = range.cursor();
             let mut seen = std::collections::BTreeSet::new();
             for count in takes {
@@ -527,7 +612,7 @@ mod tests {
             let mut high_water = SPACE_START;
             let mut reserved = Vec::new();
             for (dp_size, bases, gap) in ranges {
-                let range = RoomRange::reserve_after(high_water + gap, dp(dp_size), bases, bases, MAX_ROOM + 1)
+                let range = RoomRange::reserve_after(high_water + gap, dp(dp_size), bases, bases, Bounds::FULL)
                     .expect("fits");
                 high_water = range.end();
                 reserved.push(range);

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{timed, ServerProcess};
-use room_allocator::client::{ClientError, RoomClient};
+use room_allocator::client::{Error, RoomClient};
 
 fn metric(server: &ServerProcess, line_start: &str) -> u64 {
     let mut stream = std::net::TcpStream::connect(server.metrics_addr).expect("metrics");
@@ -85,7 +85,7 @@ async fn a_stale_dp_size_is_a_typed_error_and_realignment_drops_the_old_lease() 
     timed(client.register("w", 4)).await.expect("register");
     let before = timed(client.allocate("w", 1, 4)).await.expect("room");
     match timed(client.allocate("w", 1, 8)).await {
-        Err(ClientError::DpSizeMismatch {
+        Err(Error::DpSizeMismatch {
             registered: 4,
             requested: 8,
             ..
@@ -102,7 +102,7 @@ async fn a_stale_dp_size_is_a_typed_error_and_realignment_drops_the_old_lease() 
     );
     assert!(matches!(
         client.allocate("w", 8, 8).await,
-        Err(ClientError::RankOutOfRange {
+        Err(Error::RankOutOfRange {
             dp_rank: 8,
             dp_size: 8
         })
@@ -121,7 +121,10 @@ async fn connect_retries_until_the_server_is_up() {
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let connecting = tokio::spawn(async move {
-        RoomClient::connect_with_patience(&url, Duration::from_secs(20)).await
+        RoomClient::builder([url])
+            .connect_patience(Duration::from_secs(20))
+            .connect()
+            .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -137,9 +140,11 @@ async fn connect_retries_until_the_server_is_up() {
     );
     drop(server);
 
-    let refused =
-        RoomClient::connect_with_patience("http://127.0.0.1:1", Duration::from_millis(200)).await;
-    assert!(matches!(refused, Err(ClientError::Connect { .. })));
+    let refused = RoomClient::builder(["http://127.0.0.1:1"])
+        .connect_patience(Duration::from_millis(200))
+        .connect()
+        .await;
+    assert!(matches!(refused, Err(Error::Connect { .. })));
 }
 
 #[test]

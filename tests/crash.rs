@@ -112,7 +112,7 @@ async fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
     let record = load::take_after_crashes(&record, 1);
     let server = ServerProcess::start(dir.path(), &[]);
     let mut client = server.client().await;
-    let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
+    let listed = timed(client.list_workers(pb::ListWorkersRequest::default()))
         .await
         .expect("list")
         .into_inner();

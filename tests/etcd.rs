@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::load::{self, Load, OnError};
 use common::{router, timed, unique_prefix, EtcdProcess, ServerProcess};
 use room_allocator::pb;
+use room_allocator::store::etcd::client::{ConnectOptions, EtcdClient};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -129,24 +130,27 @@ async fn a_replica_killed_under_load_and_a_new_one_joining_never_repeat_a_room()
     }
 }
 
-async fn health_status(server: &ServerProcess) -> Option<i32> {
+/// The allocator service's health: readiness.
+const READINESS: &str = "room_allocator.v1.RoomAllocatorService";
+
+async fn health_status(server: &ServerProcess, service: &str) -> Option<i32> {
     let mut health = HealthClient::new(server.channel().await);
     timed(health.check(HealthCheckRequest {
-        service: String::new(),
+        service: service.to_owned(),
     }))
     .await
     .ok()
     .map(|r| r.into_inner().status)
 }
 
-/// Polls the server's overall health until it reports `status`.
+/// Polls the server's readiness until it reports `status`.
 async fn wait_for_health(
     server: &ServerProcess,
     status: ServingStatus,
     limit: Duration,
 ) -> Option<Duration> {
     wait_until(limit, || async {
-        health_status(server).await == Some(status as i32)
+        health_status(server, READINESS).await == Some(status as i32)
     })
     .await
 }
@@ -204,11 +208,30 @@ async fn etcd_stopped_under_load_gives_only_unavailable_then_service_resumes() {
     assert!(before_outage > 0, "rooms before the outage");
 
     etcd.kill9();
+    let killed = Instant::now();
+    // Within the staleness window the replica still hands out rooms from
+    // its reserved ranges: readiness stays SERVING, so an etcd outage does
+    // not empty the Service at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        health_status(&server, READINESS).await,
+        Some(ServingStatus::Serving as i32),
+        "ready within the staleness window"
+    );
     let not_serving =
         wait_for_health(&server, ServingStatus::NotServing, Duration::from_secs(15)).await;
     assert!(
         not_serving.is_some(),
-        "health turned NOT_SERVING while etcd was down"
+        "readiness turned NOT_SERVING once the staleness window passed"
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(2),
+        "not before the window"
+    );
+    assert_eq!(
+        health_status(&server, "").await,
+        Some(ServingStatus::Serving as i32),
+        "liveness stays SERVING"
     );
     // Past the staleness window every allocation is refused.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -475,18 +498,19 @@ async fn migrate_moves_an_embedded_store_into_etcd_without_reissuing_a_room() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(report["workers"], 2);
 
-    // The data dir now refuses to serve, and a second migrate is refused too.
+    // The data dir now refuses to serve, and a second migrate is refused
+    // too (a finished migration is not rerun over a live etcd).
     let Err(failure) = ServerProcess::try_start(dir.path(), &[]) else {
         panic!("served from a migrated data dir");
     };
     assert!(failure.log.contains("migrated to etcd"), "{}", failure.log);
     let (code, _, err) = migrate(&[]);
     assert_ne!(code, 0);
-    assert!(err.contains("migrated to etcd"), "{err}");
+    assert!(err.contains("already migrated"), "{err}");
 
     let replica = replica(&etcd, &prefix, &[]);
     let mut client = replica.client().await;
-    let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
+    let listed = timed(client.list_workers(pb::ListWorkersRequest::default()))
         .await
         .expect("list")
         .into_inner();
@@ -526,17 +550,19 @@ async fn etcd_with_authentication_needs_the_credentials() {
     let Some(etcd) = EtcdProcess::start() else {
         return;
     };
-    let admin = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
-        .await
-        .expect("connect to etcd");
-    let mut auth = admin.auth_client();
-    auth.user_add("root", "s3cret", None)
-        .await
-        .expect("add root");
-    auth.user_grant_role("root", "root")
+    let admin = EtcdClient::connect(&ConnectOptions {
+        endpoints: vec![etcd.endpoint.clone()],
+        timeout: Duration::from_secs(5),
+        ..ConnectOptions::default()
+    })
+    .await
+    .expect("connect to etcd");
+    admin.user_add("root", "s3cret").await.expect("add root");
+    admin
+        .user_grant_role("root", "root")
         .await
         .expect("grant root");
-    auth.auth_enable().await.expect("enable auth");
+    admin.auth_enable().await.expect("enable auth");
 
     let prefix = unique_prefix("auth");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -548,8 +574,8 @@ async fn etcd_with_authentication_needs_the_credentials() {
         panic!("started without credentials on an etcd that requires them");
     };
     assert!(
-        failure.log.contains("cannot start the server"),
-        "{}",
+        failure.log.contains("--etcd-endpoints"),
+        "the error names the flag: {}",
         failure.log
     );
 
@@ -609,6 +635,7 @@ async fn a_call_stuck_on_a_frozen_etcd_ends_at_the_request_timeout() {
     let stuck = timed(client.lease_rooms(pb::LeaseRoomsRequest {
         prefill_worker: "frozen".into(),
         count: 1_000_000,
+        dp_size: 0,
     }))
     .await;
     let took = started.elapsed();
@@ -646,6 +673,7 @@ async fn a_replica_asks_etcd_about_a_worker_registered_elsewhere_a_moment_ago() 
         let lease = timed(on_b.lease_rooms(pb::LeaseRoomsRequest {
             prefill_worker: worker.clone(),
             count: 4,
+            dp_size: 0,
         }))
         .await
         .expect("B leases for a worker registered on A")

@@ -36,6 +36,7 @@ fn lease(worker: &str, count: u32) -> pb::LeaseRoomsRequest {
     pb::LeaseRoomsRequest {
         prefill_worker: worker.into(),
         count,
+        dp_size: 0,
     }
 }
 
@@ -280,7 +281,7 @@ async fn registration_is_idempotent_realignment_moves_later_rooms_and_deregistra
         assert_eq!(u64::from(resolved.dp_rank), room % u64::from(size));
     }
 
-    let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
+    let listed = timed(client.list_workers(pb::ListWorkersRequest::default()))
         .await
         .expect("list")
         .into_inner();
@@ -298,16 +299,26 @@ async fn registration_is_idempotent_realignment_moves_later_rooms_and_deregistra
     }))
     .await
     .expect("deregister");
-    let refused = timed(client.allocate_room(allocate("p0", 0, 0)))
-        .await
-        .expect_err("no rooms after deregistration");
-    assert_eq!(refused.code(), Code::NotFound);
+    for dp_size in [0, 8, 2] {
+        let refused = timed(client.allocate_room(allocate("p0", 0, dp_size)))
+            .await
+            .expect_err("no rooms after deregistration, whatever dp_size");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(
+            refused
+                .metadata()
+                .get("error-reason")
+                .map(|v| v.to_str().ok()),
+            Some(Some("WORKER_DEREGISTERED"))
+        );
+        assert!(refused.message().contains("RegisterWorker"), "{refused:?}");
+    }
     let still = timed(client.resolve_rank(pb::ResolveRankRequest { room: old.room }))
         .await
         .expect("old rooms still resolve")
         .into_inner();
     assert_eq!(still.prefill_worker, "p0");
-    let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
+    let listed = timed(client.list_workers(pb::ListWorkersRequest::default()))
         .await
         .expect("list")
         .into_inner();
@@ -350,7 +361,7 @@ async fn registrations_realignments_and_counts_survive_a_restart() {
 
     let server = ServerProcess::start(dir.path(), &[]);
     let mut client = server.client().await;
-    let listed = timed(client.list_workers(pb::ListWorkersRequest {}))
+    let listed = timed(client.list_workers(pb::ListWorkersRequest::default()))
         .await
         .expect("list")
         .into_inner();
@@ -509,7 +520,7 @@ async fn metrics_count_rooms_ranges_and_requests_by_method_and_code() {
         "room_allocator_requests_total{method=\"AllocateRoom\",code=\"OK\"} 3",
         "room_allocator_requests_total{method=\"AllocateRoom\",code=\"NOT_FOUND\"} 1",
         "room_allocator_request_duration_seconds_bucket{",
-        "# HELP room_allocator_rooms_issued Rooms handed out",
+        "# HELP room_allocator_rooms_issued_total Rooms handed out",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
@@ -648,6 +659,9 @@ async fn json_logs_are_one_object_per_line() {
     timed(client.allocate_room(allocate("json", 0, 1)))
         .await
         .expect("allocate");
+    let _ = timed(client.allocate_room(allocate("unknown-worker", 0, 0))).await;
+    // Let the log reader take the last lines.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let log = server.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
@@ -655,7 +669,29 @@ async fn json_logs_are_one_object_per_line() {
         .collect();
     assert!(lines
         .iter()
-        .any(|l| l["fields"]["message"] == "listening" && l["fields"]["grpc_addr"].is_string()));
+        .any(|l| l["message"] == "listening" && l["grpc_addr"].is_string()));
+    // A refused request: at info, one "message" key, plain JSON values.
+    let refused = log
+        .lines()
+        .find(|line| line.contains("request refused"))
+        .unwrap_or_else(|| panic!("no refusal logged in\n{log}"));
+    assert_eq!(refused.matches("\"message\":").count(), 1, "{refused}");
+    let refused: serde_json::Value = serde_json::from_str(refused).expect("JSON");
+    assert_eq!(refused["level"], "INFO");
+    assert_eq!(refused["code"], "NOT_FOUND");
+    assert!(refused["error"]
+        .as_str()
+        .expect("error")
+        .contains("not registered"));
+    // Numbers are numbers, not Debug strings.
+    let reserved = lines
+        .iter()
+        .find(|l| l["message"] == "reserved range")
+        .expect("a reservation logged");
+    assert!(
+        reserved["start"].is_u64() && reserved["dp_size"].is_u64(),
+        "{reserved}"
+    );
 }
 
 #[tokio::test]

@@ -304,6 +304,7 @@ async fn calls_over_the_concurrency_limit_are_shed_with_resource_exhausted() {
                     .lease_rooms(pb::LeaseRoomsRequest {
                         prefill_worker: "busy".into(),
                         count: 1_000_000,
+                        dp_size: 0,
                     })
                     .await
             })

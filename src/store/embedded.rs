@@ -4,39 +4,55 @@
 //! The state is tiny (registrations and one record per reserved range) and is
 //! only ever appended to. redb would work, but it repairs a file in place after
 //! an unclean shutdown, while we want every damaged file left exactly as found
-//! and a refusal to start. A 300-line format we fully control gives that, with
-//! no extra dependency and a commit protocol that fits on one screen.
+//! and a refusal to start. A format we fully control gives that, with no extra
+//! dependency and a commit protocol that fits on one screen.
 //!
 //! # Files in the data dir
 //! - `LOCK`: empty; an exclusive `flock` while a server runs, so two servers
 //!   never share one room space.
-//! - `MIGRATED`: written by `room-allocator migrate`, naming the etcd the
-//!   space moved to; the store then refuses to open.
+//! - `MIGRATED`: written by `room-allocator migrate` before it copies anything
+//!   into etcd (`pending <target>`), and again once the copy is complete
+//!   (`complete <target>`); the store then refuses to serve (and so does an
+//!   unreadable `MIGRATED`: fail closed). `migrate` reruns a pending
+//!   migration and refuses a complete one.
 //! - `rooms.log`: a 16-byte header, `b"RALLOCLG"`, format version (u32 LE),
-//!   generation (u32 LE, +1 at each compaction), then records. A record is `len: u32 LE`, `crc32: u32 LE` of
-//!   the body, and a body of `len` bytes: `seq: u64 LE` (1, 2, 3, ... with no
-//!   gap), `kind: u8`, then fields (strings are `u16 LE` length + UTF-8):
+//!   generation (u32 LE, +1 at each compaction), then records. A record is
+//!   `len: u32 LE`, `crc32: u32 LE` of the body, and a body of `len` bytes:
+//!   `seq: u64 LE` (1, 2, 3, ... with no gap), `kind: u8`, then fields
+//!   (strings are `u16 LE` length + UTF-8):
 //!   - 1 register: worker, dp_size u32
-//!   - 2 deregister: worker
+//!   - 2 deregister: worker (written by 0.1; read as deregistered at time 0)
 //!   - 3 reserve: worker, dp_size u32, start u64, end u64, rooms_issued u64,
 //!     created_unix_ms u64
 //!   - 4 issued: worker, rooms_issued u64
 //!   - 5 pruned: below u64 (ranges ending at or below it were dropped by
 //!     retention; the high-water mark is at least this)
+//!   - 6 deregister: worker, deregistered_unix_ms u64
+//!   - 7 probe: nothing (a write that checks the disk takes writes again)
 //! - `rooms.commit`: two 512-byte slots at offsets 0 and 512, each
 //!   `b"RALLOCCM"`, version u32, log generation u32, `commit_seq: u64`,
 //!   `log_len: u64`, crc32 of the preceding 32 bytes. Commit `n` goes to slot
 //!   `n % 2`, so the slot of the previous commit is never written over.
+//!
+//! A registration's revision is `generation << 40 | seq` of its record: it
+//! only grows, across compactions too.
 //!
 //! # Commit protocol
 //! A writer thread takes every queued request (group commit), appends their
 //! records at the end of the log, fsyncs the log, then writes the other
 //! commit slot with the new `log_len` and fsyncs it. Only then are callers
 //! answered, so a range is durable before any room in it leaves the process.
-//! On an I/O error nothing is answered with success and the in-memory state is
-//! left as before; the next attempt writes over the failed bytes.
 //!
-//! # Opening, and the crash cases
+//! # Failures while running
+//! After any failed write or fsync the writer no longer trusts its idea of the
+//! files (a failed fsync may or may not have reached the disk): it answers
+//! UNAVAILABLE, stops taking writes, and every second reads the files back
+//! exactly as a restart would ("settling" them, below). Once that succeeds it
+//! takes writes again, past everything the files hold. So a caller is told a
+//! range is reserved only when it is durable, and a range that may be durable
+//! is never reserved again.
+//!
+//! # Opening (and settling after a failure), and the crash cases
 //! The valid slot with the highest `commit_seq` says how many log bytes were
 //! acknowledged. Every record below `log_len` must parse and checksum, and the
 //! file must be at least that long: otherwise the store refuses to open (corrupt
@@ -46,9 +62,13 @@
 //! newest slot damaged after its acknowledgment looks the same, so counting
 //! them as reserved is the answer that is safe in both cases (at worst some
 //! numbers are skipped). The first invalid record past `log_len` is a torn
-//! write of an unacknowledged commit; it is ignored and later written over.
-//! A log holding only its header and no commit file is an interrupted first
-//! start and is initialised again; any other missing file is refused.
+//! write of an unacknowledged commit: the file is cut there, so stray bytes
+//! of it can never be read as records later. A log holding only its header
+//! and no commit file is an interrupted first start and is initialised again;
+//! any other missing file is refused. Whenever opening adopted anything (records
+//! past the commit, or a compacted log, below), it writes a commit slot for
+//! what it adopted before taking writes, so a later torn append is never
+//! inside the acknowledged region.
 //!
 //! # Compaction (retention)
 //! Pruning old ranges rewrites the log: the current registrations, counters,
@@ -58,31 +78,45 @@
 //! one generation ahead of the commit slot is therefore a compaction that
 //! finished its rename: it is complete, and every byte of it must be valid. A
 //! leftover `rooms.log.compact` is a compaction that did not get that far and
-//! is removed.
+//! is removed. A failure before the rename leaves the live log as it was; a
+//! failure after it halts the writer until the files are settled (above).
+//! Deregistered workers are dropped by compaction once their deregistration
+//! is older than the cutoff and none of their ranges is left.
 //!
 //! # Media assumptions
-//! fsync (`sync_data`) makes written bytes durable; a torn write damages at
-//! most the bytes being written; the two slots lie in different 512-byte
-//! sectors. Checksums catch torn or rotted bytes; they are not cryptographic.
+//! fsync (`sync_data`) makes written bytes durable, and a directory fsync
+//! makes a rename durable; unsynced writes may be lost or reordered; a torn
+//! write damages at most the bytes being written; the two slots lie in
+//! different 512-byte sectors. Checksums catch torn or rotted bytes; they are
+//! not cryptographic. `sim_fs` tests the protocol against a file system that
+//! loses and reorders whatever was not synced.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use super::fs::{Fs, FsFile, RealFs};
 use super::{
-    IssuedCount, OpenError, Reservation, Snapshot, Store, StoreError, StoreFuture, WorkerRecord,
+    IssuedCount, OpenError, PruneRequest, Pruned, Reservation, Snapshot, Store, StoreError,
+    StoreFuture, WorkerRecord,
 };
-use crate::space::{DpSize, RangeOwner, RangeTable, RoomRange};
+use crate::failpoint;
+use crate::failpoint::io_error;
+use crate::space::{Bounds, DpSize, RangeOwner, RangeTable, RoomRange};
 
 const LOG_FILE: &str = "rooms.log";
 const COMMIT_FILE: &str = "rooms.commit";
+const COMPACT_FILE: &str = "rooms.log.compact";
 const LOCK_FILE: &str = "LOCK";
+/// Written by `migrate`: the dir's room space now lives in etcd.
+const MIGRATED_FILE: &str = "MIGRATED";
 const LOG_MAGIC: &[u8; 8] = b"RALLOCLG";
 const COMMIT_MAGIC: &[u8; 8] = b"RALLOCCM";
 const FORMAT_VERSION: u32 = 1;
@@ -95,34 +129,50 @@ const SLOT_BODY_LEN: usize = 32;
 const MAX_RECORD_LEN: u32 = 4096;
 /// Most requests folded into one group commit; bounds the batch's memory.
 const MAX_BATCH: usize = 1024;
+/// How often a halted or failing writer reads its files back or probes.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// Revisions are `generation << REVISION_SHIFT | seq`.
+const REVISION_SHIFT: u32 = 40;
 
 const KIND_REGISTER: u8 = 1;
-const KIND_DEREGISTER: u8 = 2;
+const KIND_DEREGISTER_V0: u8 = 2;
 const KIND_RESERVE: u8 = 3;
 const KIND_ISSUED: u8 = 4;
 const KIND_PRUNED: u8 = 5;
-const COMPACT_FILE: &str = "rooms.log.compact";
-/// Written by `migrate`: the dir's room space now lives in etcd.
-const MIGRATED_FILE: &str = "MIGRATED";
+const KIND_DEREGISTER: u8 = 6;
+const KIND_PROBE: u8 = 7;
 
 /// The embedded store handle: requests go to one writer thread.
 pub struct EmbeddedStore {
     requests: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    status: Arc<WriterStatus>,
+}
+
+/// What the writer thread tells the rest of the process.
+#[derive(Debug, Default)]
+struct WriterStatus {
+    /// The last write failed (or the writer is halted) and nothing has
+    /// succeeded since.
+    failing: AtomicBool,
+    /// The writer thread has ended.
+    gone: AtomicBool,
+    high_water: AtomicU64,
 }
 
 enum Op {
     Register(Arc<str>, DpSize),
-    Deregister(Arc<str>),
+    Deregister { worker: Arc<str>, unix_ms: u64 },
     Reserve(Reservation),
     Issued(Vec<(Arc<str>, u64)>),
-    Prune(u64),
+    Prune(PruneRequest),
 }
 
 enum Outcome {
-    Done,
+    Revision(i64),
     Reserved(RoomRange),
-    Pruned(u64),
+    Pruned(Pruned),
+    Done,
 }
 
 struct Request {
@@ -130,15 +180,34 @@ struct Request {
     reply: oneshot::Sender<Result<Outcome, StoreError>>,
 }
 
+/// How to open the store.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedOptions {
+    pub bounds: Bounds,
+    /// `migrate` opens a dir whose migration is pending (to finish it).
+    pub for_migration: bool,
+}
+
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`, returning what it holds.
-    /// `limit` is the exclusive end of the space this store may reserve.
-    pub fn open(dir: &Path, limit: u64) -> Result<(Self, Snapshot), OpenError> {
+    /// Opens (or creates) the store in `dir` for a server, returning what it
+    /// holds; rooms are reserved inside `bounds`.
+    pub fn open(dir: &Path, bounds: Bounds) -> Result<(Self, Snapshot), OpenError> {
+        Self::open_with(
+            dir,
+            EmbeddedOptions {
+                bounds,
+                for_migration: false,
+            },
+        )
+    }
+
+    /// Opens the store with options (see [`EmbeddedOptions`]).
+    pub fn open_with(dir: &Path, options: EmbeddedOptions) -> Result<(Self, Snapshot), OpenError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| OpenError::Io { path, source }
         };
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
@@ -156,98 +225,98 @@ impl EmbeddedStore {
                 })
             }
         }
+        check_not_migrated(dir, options.for_migration)?;
+        Self::open_on(Arc::new(RealFs), dir, options.bounds, Some(lock))
+    }
 
-        let migrated_path = dir.join(MIGRATED_FILE);
-        if let Ok(target) = fs::read_to_string(&migrated_path) {
-            return Err(OpenError::Migrated {
-                path: migrated_path,
-                target: target.trim().to_owned(),
-            });
-        }
-        let log_path = dir.join(LOG_FILE);
-        let commit_path = dir.join(COMMIT_FILE);
-        let fresh = prepare_files(dir, &log_path, &commit_path)?;
-        let commit = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&commit_path)
-            .map_err(io_err(&commit_path))?;
-        let log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&log_path)
-            .map_err(io_err(&log_path))?;
-
-        let slot = read_commit(&commit, &commit_path)?;
-        let loaded = read_log(&log, &log_path, slot)?;
-        let compact_path = dir.join(COMPACT_FILE);
-        if compact_path.exists() {
+    /// Opens the store on any file system (tests use one that loses unsynced
+    /// writes); `lock` is held for the life of the writer.
+    pub fn open_on(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        bounds: Bounds,
+        lock: Option<File>,
+    ) -> Result<(Self, Snapshot), OpenError> {
+        let files = Files::new(dir);
+        fs.create_dir_all(dir).map_err(io_err_of(dir))?;
+        let fresh = prepare_files(&*fs, &files)?;
+        if fs
+            .file_len(&files.compact)
+            .map_err(io_err_of(&files.compact))?
+            .is_some()
+        {
             // A compaction that died before its rename; the log is intact.
-            fs::remove_file(&compact_path).map_err(io_err(&compact_path))?;
+            fs.remove_file(&files.compact)
+                .map_err(io_err_of(&files.compact))?;
         }
+        let Settled {
+            loaded,
+            log,
+            commit,
+            commit_seq,
+        } = settle(&*fs, &files)?;
+        let high_water = loaded.high_water();
+        super::check_bounds(high_water, bounds)?;
         if fresh {
             info!(dir = %dir.display(), "created a new embedded store");
         } else {
             info!(
                 dir = %dir.display(),
-                ranges = loaded.snapshot.ranges.len(),
-                workers = loaded.snapshot.workers.len(),
-                high_water = loaded.snapshot.ranges.high_water(),
+                ranges = loaded.replay.ranges.len(),
+                workers = loaded.replay.workers.len(),
+                high_water,
                 "opened the embedded store; resuming past every reserved range"
             );
         }
-        if loaded.end > loaded.committed {
-            warn!(
-                file = %log_path.display(),
-                bytes = loaded.end - loaded.committed,
-                "adopted durable records written after the last commit (a crash before acknowledging them); their rooms count as reserved"
-            );
-        }
-        if loaded.torn_tail > 0 {
-            warn!(
-                file = %log_path.display(),
-                offset = loaded.end,
-                bytes = loaded.torn_tail,
-                "ignoring a torn, never acknowledged write at the end of the log"
-            );
-        }
-
+        let status = Arc::new(WriterStatus::default());
+        status.high_water.store(high_water, Ordering::Release);
         let writer = Writer {
+            fs,
+            files,
             log,
             commit,
-            log_path,
-            commit_path,
             _lock: lock,
             log_len: loaded.end,
-            next_record_seq: loaded.next_seq,
-            commit_seq: slot.commit_seq,
+            next_seq: loaded.next_seq,
+            commit_seq,
             generation: loaded.generation,
-            high_water: loaded
-                .snapshot
-                .ranges
-                .high_water()
-                .max(loaded.snapshot.pruned_below),
-            limit,
-            dir: dir.to_path_buf(),
+            high_water,
+            bounds,
+            halted: None,
+            status: status.clone(),
         };
+        let snapshot = loaded.replay.into_snapshot();
         let (tx, rx) = mpsc::channel();
         let handle = thread::Builder::new()
             .name("room-allocator-store".into())
             .spawn(move || writer.run(rx))
-            .map_err(io_err(dir))?;
+            .map_err(io_err_of(dir))?;
         let store = Self {
             requests: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
+            status,
         };
-        Ok((store, loaded.snapshot))
+        Ok((store, snapshot))
     }
 
-    /// Marks the dir as moved to etcd (`target`), durably; later opens refuse.
-    pub fn mark_migrated(dir: &Path, target: &str) -> std::io::Result<()> {
+    /// Marks the dir as moved to etcd (`target`), durably, while this store
+    /// holds its lock: no server can open it from here on. `migrate` marks
+    /// it pending before copying anything, so a crash at any later point
+    /// leaves a dir that refuses to serve (rerun `migrate` to finish), and
+    /// complete once the copy is done.
+    pub fn mark_migrated(&self, dir: &Path, target: &str, complete: bool) -> std::io::Result<()> {
+        failpoint!("migrate::mark", io_error("migrate::mark"));
         let path = dir.join(MIGRATED_FILE);
-        let file = File::create(&path)?;
-        file.write_all_at(format!("{target}\n").as_bytes(), 0)?;
+        let tmp = dir.join("MIGRATED.tmp");
+        let state = if complete { "complete" } else { "pending" };
+        let file = File::create(&tmp)?;
+        std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            format!("{state} {target}\n").as_bytes(),
+            0,
+        )?;
         file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
         File::open(dir)?.sync_all()
     }
 
@@ -269,6 +338,31 @@ impl EmbeddedStore {
     }
 }
 
+/// Refuses a dir that `migrate` marked (a server), or marked complete
+/// (`migrate` itself), and one whose mark cannot be read.
+fn check_not_migrated(dir: &Path, for_migration: bool) -> Result<(), OpenError> {
+    let path = dir.join(MIGRATED_FILE);
+    match std::fs::read(&path) {
+        Ok(mark) => {
+            let mark = String::from_utf8_lossy(&mark).trim().to_owned();
+            if for_migration && !mark.starts_with("complete") {
+                return Ok(());
+            }
+            if for_migration {
+                return Err(OpenError::AlreadyMigrated { path, target: mark });
+            }
+            Err(OpenError::Migrated { path, target: mark })
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(OpenError::MigratedUnreadable { path, source }),
+    }
+}
+
+fn io_err_of(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError {
+    let path = path.to_path_buf();
+    move |source| OpenError::Io { path, source }
+}
+
 impl Store for EmbeddedStore {
     fn kind(&self) -> &'static str {
         "embedded"
@@ -276,12 +370,25 @@ impl Store for EmbeddedStore {
 
     fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
         let done = self.submit(Op::Register(prefill_worker, dp_size));
-        Box::pin(async move { done.await.map(|_| 0) })
+        Box::pin(async move {
+            match done.await? {
+                Outcome::Revision(revision) => Ok(revision),
+                _ => unreachable!("the writer answers a registration with its revision"),
+            }
+        })
     }
 
     fn deregister(&self, prefill_worker: Arc<str>, _dp_size: DpSize) -> StoreFuture<'_, i64> {
-        let done = self.submit(Op::Deregister(prefill_worker));
-        Box::pin(async move { done.await.map(|_| 0) })
+        let done = self.submit(Op::Deregister {
+            worker: prefill_worker,
+            unix_ms: super::unix_ms(),
+        });
+        Box::pin(async move {
+            match done.await? {
+                Outcome::Revision(revision) => Ok(revision),
+                _ => unreachable!("the writer answers a deregistration with its revision"),
+            }
+        })
     }
 
     fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange> {
@@ -303,14 +410,30 @@ impl Store for EmbeddedStore {
         Box::pin(async move { done.await.map(|_| ()) })
     }
 
-    fn prune(&self, cutoff_unix_ms: u64) -> StoreFuture<'_, u64> {
-        let done = self.submit(Op::Prune(cutoff_unix_ms));
+    fn prune(&self, request: PruneRequest) -> StoreFuture<'_, Pruned> {
+        let done = self.submit(Op::Prune(request));
         Box::pin(async move {
             match done.await? {
-                Outcome::Pruned(below) => Ok(below),
-                _ => unreachable!("the writer answers a prune with a mark"),
+                Outcome::Pruned(pruned) => Ok(pruned),
+                _ => unreachable!("the writer answers a prune with what it pruned"),
             }
         })
+    }
+
+    fn check_ready(&self) -> Result<(), StoreError> {
+        if self.status.gone.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        if self.status.failing.load(Ordering::Acquire) {
+            return Err(StoreError::Halted {
+                reason: "a failed write".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn high_water(&self) -> u64 {
+        self.status.high_water.load(Ordering::Acquire)
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {
@@ -350,56 +473,76 @@ impl Drop for EmbeddedStore {
     }
 }
 
+/// The store's paths.
+#[derive(Debug, Clone)]
+struct Files {
+    dir: PathBuf,
+    log: PathBuf,
+    commit: PathBuf,
+    compact: PathBuf,
+}
+
+impl Files {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            log: dir.join(LOG_FILE),
+            commit: dir.join(COMMIT_FILE),
+            compact: dir.join(COMPACT_FILE),
+        }
+    }
+}
+
 /// Makes sure both files exist; returns true if they were just created.
-fn prepare_files(dir: &Path, log_path: &Path, commit_path: &Path) -> Result<bool, OpenError> {
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| OpenError::Io { path, source }
-    };
-    let log_meta = fs::metadata(log_path).ok();
-    let commit_exists = commit_path.exists();
-    match (log_meta, commit_exists) {
-        (Some(_), true) => return Ok(false),
-        (None, true) => {
+fn prepare_files(fs: &dyn Fs, files: &Files) -> Result<bool, OpenError> {
+    let log_len = fs.file_len(&files.log).map_err(io_err_of(&files.log))?;
+    let commit_len = fs
+        .file_len(&files.commit)
+        .map_err(io_err_of(&files.commit))?;
+    match (log_len, commit_len) {
+        (Some(_), Some(_)) => return Ok(false),
+        (None, Some(_)) => {
             return Err(OpenError::Missing {
-                missing: log_path.to_path_buf(),
-                present: commit_path.to_path_buf(),
+                missing: files.log.clone(),
+                present: files.commit.clone(),
             })
         }
-        (Some(meta), false) if meta.len() > LOG_HEADER_LEN => {
+        (Some(len), None) if len > LOG_HEADER_LEN => {
             return Err(OpenError::Missing {
-                missing: commit_path.to_path_buf(),
-                present: log_path.to_path_buf(),
+                missing: files.commit.clone(),
+                present: files.log.clone(),
             })
         }
-        (Some(_), false) => {
+        (Some(_), None) => {
             // At most a header: a first start that died before its first
             // commit, so nothing was ever issued. Foreign content is refused.
-            let bytes = fs::read(log_path).map_err(io_err(log_path))?;
+            let bytes = fs
+                .open(&files.log)
+                .and_then(|f| f.read_all())
+                .map_err(io_err_of(&files.log))?;
             if !LOG_MAGIC.starts_with(&bytes[..bytes.len().min(LOG_MAGIC.len())]) {
                 return Err(OpenError::Foreign {
-                    path: log_path.to_path_buf(),
+                    path: files.log.clone(),
                 });
             }
         }
-        (None, false) => {}
+        (None, None) => {}
     }
-    let header = encode_log_header(0);
-    let log = File::create(log_path).map_err(io_err(log_path))?;
-    log.write_all_at(&header, 0).map_err(io_err(log_path))?;
-    log.sync_all().map_err(io_err(log_path))?;
+    let log = fs.create(&files.log).map_err(io_err_of(&files.log))?;
+    log.write_all_at(&encode_log_header(0), 0)
+        .map_err(io_err_of(&files.log))?;
+    log.sync_data().map_err(io_err_of(&files.log))?;
     // The commit file appears whole or not at all: write aside, then rename.
-    let tmp = commit_path.with_extension("commit.tmp");
-    let commit = File::create(&tmp).map_err(io_err(&tmp))?;
+    let tmp = files.commit.with_extension("commit.tmp");
+    let commit = fs.create(&tmp).map_err(io_err_of(&tmp))?;
     let mut slots = vec![0u8; 2 * SLOT_LEN as usize];
     let first = encode_slot(0, LOG_HEADER_LEN, 0);
     slots[..first.len()].copy_from_slice(&first);
-    commit.write_all_at(&slots, 0).map_err(io_err(&tmp))?;
-    commit.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, commit_path).map_err(io_err(commit_path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
+    commit.write_all_at(&slots, 0).map_err(io_err_of(&tmp))?;
+    commit.sync_data().map_err(io_err_of(&tmp))?;
+    fs.rename(&tmp, &files.commit)
+        .map_err(io_err_of(&files.commit))?;
+    fs.sync_dir(&files.dir).map_err(io_err_of(&files.dir))?;
     Ok(true)
 }
 
@@ -430,34 +573,29 @@ fn encode_slot(commit_seq: u64, log_len: u64, generation: u32) -> Vec<u8> {
     slot
 }
 
-fn read_commit(file: &File, path: &Path) -> Result<Slot, OpenError> {
-    let mut bytes = [0u8; 2 * SLOT_LEN as usize];
-    let len = file
-        .metadata()
-        .map_err(|source| OpenError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+/// Why a commit file is unusable; `read_commit` turns it into an [`OpenError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CommitProblem {
+    TooShort(u64),
+    Foreign,
+    Version(u32),
+    BothDamaged,
+}
+
+/// The newest valid slot of a commit file's bytes. A fuzz target: never
+/// panics, and accepts only slots whose checksum holds.
+pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProblem> {
+    let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     if len < 2 * SLOT_LEN {
-        return Err(OpenError::Truncated {
-            path: path.to_path_buf(),
-            committed: 2 * SLOT_LEN,
-            actual: len,
-        });
+        return Err(CommitProblem::TooShort(len));
     }
-    file.read_exact_at(&mut bytes, 0)
-        .map_err(|source| OpenError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let slots: Vec<&[u8]> = bytes.chunks(SLOT_LEN as usize).collect();
+    let slots: Vec<&[u8]> = bytes[..2 * SLOT_LEN as usize]
+        .chunks(SLOT_LEN as usize)
+        .collect();
     if slots.iter().all(|slot| &slot[..8] != COMMIT_MAGIC) {
-        return Err(OpenError::Foreign {
-            path: path.to_path_buf(),
-        });
+        return Err(CommitProblem::Foreign);
     }
-    let mut best: Option<Slot> = None;
+    let mut best: Option<(u64, u32, u64)> = None;
     for slot in slots {
         let mut reader = Reader::new(slot);
         let (magic, version, generation, commit_seq, log_len) = (
@@ -470,38 +608,55 @@ fn read_commit(file: &File, path: &Path) -> Result<Slot, OpenError> {
         let crc = reader.u32();
         let valid = magic == Some(&COMMIT_MAGIC[..])
             && crc == Some(crc32fast::hash(&slot[..SLOT_BODY_LEN]));
-        if !valid {
-            continue;
-        }
-        let (Some(version), Some(generation), Some(commit_seq), Some(log_len)) =
-            (version, generation, commit_seq, log_len)
+        let (true, Some(version), Some(generation), Some(commit_seq), Some(log_len)) =
+            (valid, version, generation, commit_seq, log_len)
         else {
             continue;
         };
         if version != FORMAT_VERSION {
-            return Err(OpenError::UnsupportedVersion {
-                path: path.to_path_buf(),
-                found: version,
-                supported: FORMAT_VERSION,
-            });
+            return Err(CommitProblem::Version(version));
         }
-        if best.is_none_or(|b| commit_seq > b.commit_seq) {
-            best = Some(Slot {
-                commit_seq,
-                log_len,
-                generation,
-            });
+        if best.is_none_or(|(seq, ..)| commit_seq > seq) {
+            best = Some((commit_seq, generation, log_len));
         }
     }
-    best.ok_or_else(|| OpenError::Corrupt {
-        path: path.to_path_buf(),
-        offset: 0,
-        reason: "both commit slots fail their checksum".into(),
-    })
+    best.ok_or(CommitProblem::BothDamaged)
 }
 
+fn read_commit(file: &dyn FsFile, path: &Path) -> Result<Slot, OpenError> {
+    let bytes = file.read_all().map_err(io_err_of(path))?;
+    match decode_commit(&bytes) {
+        Ok((commit_seq, generation, log_len)) => Ok(Slot {
+            commit_seq,
+            log_len,
+            generation,
+        }),
+        Err(CommitProblem::TooShort(actual)) => Err(OpenError::Truncated {
+            path: path.to_path_buf(),
+            committed: 2 * SLOT_LEN,
+            actual,
+        }),
+        Err(CommitProblem::Foreign) => Err(OpenError::Foreign {
+            path: path.to_path_buf(),
+        }),
+        Err(CommitProblem::Version(found)) => Err(OpenError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found,
+            supported: FORMAT_VERSION,
+        }),
+        Err(CommitProblem::BothDamaged) => Err(OpenError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: "both commit slots fail their checksum".into(),
+        }),
+    }
+}
+
+/// What the files hold, read as a restart reads them.
 struct Loaded {
-    snapshot: Snapshot,
+    /// The log's bytes up to `end`.
+    bytes: Vec<u8>,
+    replay: Replay,
     /// End of the last valid record: where the next commit writes.
     end: u64,
     next_seq: u64,
@@ -510,19 +665,24 @@ struct Loaded {
     generation: u32,
     /// Log bytes acknowledged by the commit slot (or a finished compaction).
     committed: u64,
+    slot: Slot,
 }
 
-fn read_log(file: &File, path: &Path, slot: Slot) -> Result<Loaded, OpenError> {
-    let to_open_err = |source| OpenError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let actual = file.metadata().map_err(to_open_err)?.len();
-    let mut bytes = Vec::new();
-    {
-        use std::io::Read;
-        (&*file).read_to_end(&mut bytes).map_err(to_open_err)?;
+impl Loaded {
+    fn high_water(&self) -> u64 {
+        self.replay.high_water()
     }
+
+    /// The commit slot lags what was adopted: a compaction's rename, or
+    /// durable records past the last commit.
+    fn needs_commit(&self) -> bool {
+        self.generation != self.slot.generation || self.end != self.slot.log_len
+    }
+}
+
+fn read_log(file: &dyn FsFile, path: &Path, slot: Slot) -> Result<Loaded, OpenError> {
+    let bytes = file.read_all().map_err(io_err_of(path))?;
+    let actual = u64::try_from(bytes.len()).expect("a file length fits in u64");
     if bytes.len() < LOG_MAGIC.len() || &bytes[..8] != LOG_MAGIC {
         return Err(OpenError::Foreign {
             path: path.to_path_buf(),
@@ -561,30 +721,111 @@ fn read_log(file: &File, path: &Path, slot: Slot) -> Result<Loaded, OpenError> {
             actual,
         });
     }
-
     let Replayed {
         replay,
-        end: offset,
+        end,
         next_seq,
         stopped,
-    } = replay_log(&bytes);
-    if offset < committed {
+    } = replay_log(&bytes, generation);
+    if end < committed {
         // Damage (or the end of a record) inside the acknowledged region.
         return Err(OpenError::Corrupt {
             path: path.to_path_buf(),
-            offset,
+            offset: end,
             reason: stopped.unwrap_or_else(|| {
-                format!("the last commit covers {committed} bytes but records end at {offset}")
+                format!("the last commit covers {committed} bytes but records end at {end}")
             }),
         });
     }
+    let mut bytes = bytes;
+    bytes.truncate(usize::try_from(end).expect("the log was read into memory"));
     Ok(Loaded {
-        snapshot: replay.finish(),
-        end: offset,
+        bytes,
+        replay,
+        end,
         next_seq,
-        torn_tail: actual - offset,
+        torn_tail: actual - end,
         generation,
         committed,
+        slot,
+    })
+}
+
+/// The files read back and made consistent: ready for the next append.
+struct Settled {
+    loaded: Loaded,
+    log: Box<dyn FsFile>,
+    commit: Box<dyn FsFile>,
+    commit_seq: u64,
+}
+
+/// Reads the files as a restart does, cuts a torn tail, and commits what was
+/// adopted (see "Opening" above). Used at open and after any failed write.
+fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
+    let commit = fs.open(&files.commit).map_err(io_err_of(&files.commit))?;
+    let log = fs.open(&files.log).map_err(io_err_of(&files.log))?;
+    let slot = read_commit(&*commit, &files.commit)?;
+    let loaded = read_log(&*log, &files.log, slot)?;
+    let io = |path: &Path| io_err_of(path);
+    if loaded.end > loaded.committed {
+        warn!(
+            file = %files.log.display(),
+            bytes = loaded.end - loaded.committed,
+            "adopted durable records written after the last commit (a crash before acknowledging them); their rooms count as reserved"
+        );
+    }
+    if loaded.torn_tail > 0 {
+        warn!(
+            file = %files.log.display(),
+            offset = loaded.end,
+            bytes = loaded.torn_tail,
+            "cutting a torn, never acknowledged write from the end of the log"
+        );
+        failpoint!(
+            "embedded::settle_truncate",
+            OpenError::Io {
+                path: files.log.clone(),
+                source: io_error("embedded::settle_truncate"),
+            }
+        );
+        log.set_len(loaded.end).map_err(io(&files.log))?;
+        log.sync_data().map_err(io(&files.log))?;
+    }
+    let mut commit_seq = slot.commit_seq;
+    if loaded.needs_commit() {
+        if loaded.end > loaded.committed {
+            // Read back, but perhaps only from the page cache (after a
+            // failed fsync Linux keeps the pages and forgets they were not
+            // written): write them again and sync before committing them.
+            let from = usize::try_from(loaded.committed).expect("in memory");
+            log.write_all_at(&loaded.bytes[from..], loaded.committed)
+                .map_err(io(&files.log))?;
+            log.sync_data().map_err(io(&files.log))?;
+        }
+        // A compaction's rename may not be durable yet: make it so before
+        // a commit slot names its generation.
+        fs.sync_dir(&files.dir).map_err(io(&files.dir))?;
+        failpoint!(
+            "embedded::settle_commit",
+            OpenError::Io {
+                path: files.commit.clone(),
+                source: io_error("embedded::settle_commit"),
+            }
+        );
+        commit_seq += 1;
+        commit
+            .write_all_at(
+                &encode_slot(commit_seq, loaded.end, loaded.generation),
+                (commit_seq % 2) * SLOT_LEN,
+            )
+            .map_err(io(&files.commit))?;
+        commit.sync_data().map_err(io(&files.commit))?;
+    }
+    Ok(Settled {
+        loaded,
+        log,
+        commit,
+        commit_seq,
     })
 }
 
@@ -599,8 +840,8 @@ struct Replayed {
     stopped: Option<String>,
 }
 
-fn replay_log(bytes: &[u8]) -> Replayed {
-    let mut replay = Replay::default();
+fn replay_log(bytes: &[u8], generation: u32) -> Replayed {
+    let mut replay = Replay::new(generation);
     let mut end = LOG_HEADER_LEN;
     let mut next_seq = 1;
     let mut stopped = None;
@@ -610,7 +851,7 @@ fn replay_log(bytes: &[u8]) -> Replayed {
             break;
         }
         match parse_record(rest, next_seq)
-            .and_then(|(record, len)| replay.apply(record).map(|()| len))
+            .and_then(|(record, len)| replay.apply(next_seq, record).map(|()| len))
         {
             Ok(len) => {
                 end += len;
@@ -630,9 +871,14 @@ fn replay_log(bytes: &[u8]) -> Replayed {
     }
 }
 
-enum Record {
+/// One log record, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Record {
     Register(Arc<str>, DpSize),
-    Deregister(Arc<str>),
+    Deregister {
+        worker: Arc<str>,
+        unix_ms: u64,
+    },
     Reserve {
         worker: Arc<str>,
         range: RoomRange,
@@ -641,9 +887,14 @@ enum Record {
     },
     Issued(Arc<str>, u64),
     Pruned(u64),
+    Probe,
 }
 
-fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String> {
+/// Parses the record at the start of `bytes`, which must carry sequence
+/// number `expected_seq`; returns it and its length. A fuzz target: never
+/// panics, and accepts only a record whose checksum holds and whose fields
+/// are valid (a range aligned to its dp_size, names of at most 253 bytes).
+pub(crate) fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String> {
     let mut header = Reader::new(bytes);
     let (Some(len), Some(crc)) = (header.u32(), header.u32()) else {
         return Err("a record header is cut short".into());
@@ -666,15 +917,22 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
     let bad = || format!("record {seq} of kind {kind} has bad fields");
     let record = match kind {
         KIND_REGISTER => Record::Register(
-            reader.string().ok_or_else(bad)?,
+            reader.worker().ok_or_else(bad)?,
             reader
                 .u32()
                 .and_then(|n| DpSize::try_new(n).ok())
                 .ok_or_else(bad)?,
         ),
-        KIND_DEREGISTER => Record::Deregister(reader.string().ok_or_else(bad)?),
+        KIND_DEREGISTER_V0 => Record::Deregister {
+            worker: reader.worker().ok_or_else(bad)?,
+            unix_ms: 0,
+        },
+        KIND_DEREGISTER => Record::Deregister {
+            worker: reader.worker().ok_or_else(bad)?,
+            unix_ms: reader.u64().ok_or_else(bad)?,
+        },
         KIND_RESERVE => {
-            let worker = reader.string().ok_or_else(bad)?;
+            let worker = reader.worker().ok_or_else(bad)?;
             let dp_size = reader.u32().and_then(|n| DpSize::try_new(n).ok());
             let (start, end, rooms_issued, created) =
                 (reader.u64(), reader.u64(), reader.u64(), reader.u64());
@@ -691,9 +949,10 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
         }
         KIND_PRUNED => Record::Pruned(reader.u64().ok_or_else(bad)?),
         KIND_ISSUED => Record::Issued(
-            reader.string().ok_or_else(bad)?,
+            reader.worker().ok_or_else(bad)?,
             reader.u64().ok_or_else(bad)?,
         ),
+        KIND_PROBE => Record::Probe,
         _ => return Err(format!("record {seq} has unknown kind {kind}")),
     };
     if !reader.is_empty() {
@@ -702,25 +961,101 @@ fn parse_record(bytes: &[u8], expected_seq: u64) -> Result<(Record, u64), String
     Ok((record, 8 + u64::from(len)))
 }
 
+/// Encodes `record` with sequence number `seq` (the inverse of `parse_record`).
+pub(crate) fn encode_record(buf: &mut Vec<u8>, seq: u64, record: &Record) {
+    let header_at = buf.len();
+    buf.extend_from_slice(&[0u8; 8]);
+    let body_at = buf.len();
+    buf.extend_from_slice(&seq.to_le_bytes());
+    match record {
+        Record::Register(worker, dp_size) => {
+            buf.push(KIND_REGISTER);
+            put_str(buf, worker);
+            buf.extend_from_slice(&dp_size.get().to_le_bytes());
+        }
+        Record::Deregister { worker, unix_ms } => {
+            buf.push(KIND_DEREGISTER);
+            put_str(buf, worker);
+            buf.extend_from_slice(&unix_ms.to_le_bytes());
+        }
+        Record::Reserve {
+            worker,
+            range,
+            rooms_issued,
+            created_unix_ms,
+        } => {
+            buf.push(KIND_RESERVE);
+            put_str(buf, worker);
+            buf.extend_from_slice(&range.dp_size().get().to_le_bytes());
+            buf.extend_from_slice(&range.start().to_le_bytes());
+            buf.extend_from_slice(&range.end().to_le_bytes());
+            buf.extend_from_slice(&rooms_issued.to_le_bytes());
+            buf.extend_from_slice(&created_unix_ms.to_le_bytes());
+        }
+        Record::Issued(worker, rooms_issued) => {
+            buf.push(KIND_ISSUED);
+            put_str(buf, worker);
+            buf.extend_from_slice(&rooms_issued.to_le_bytes());
+        }
+        Record::Pruned(below) => {
+            buf.push(KIND_PRUNED);
+            buf.extend_from_slice(&below.to_le_bytes());
+        }
+        Record::Probe => buf.push(KIND_PROBE),
+    }
+    let len = u32::try_from(buf.len() - body_at).expect("records are far below 4 GiB");
+    let crc = crc32fast::hash(&buf[body_at..]);
+    buf[header_at..header_at + 4].copy_from_slice(&len.to_le_bytes());
+    buf[header_at + 4..body_at].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).expect("worker names are validated to 253 bytes");
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+/// A worker as the log describes it.
+#[derive(Debug, Clone)]
+struct LoggedWorker {
+    record: WorkerRecord,
+    /// When it was deregistered (wall clock, ms), if it is.
+    deregistered_unix_ms: Option<u64>,
+}
+
 /// Rebuilds the state a log describes, in order.
-#[derive(Default)]
 struct Replay {
-    workers: BTreeMap<Arc<str>, WorkerRecord>,
+    generation: u32,
+    workers: BTreeMap<Arc<str>, LoggedWorker>,
     ranges: RangeTable,
     pruned_below: u64,
 }
 
 impl Replay {
-    fn apply(&mut self, record: Record) -> Result<(), String> {
+    fn new(generation: u32) -> Self {
+        Self {
+            generation,
+            workers: BTreeMap::new(),
+            ranges: RangeTable::default(),
+            pruned_below: 0,
+        }
+    }
+
+    fn apply(&mut self, seq: u64, record: Record) -> Result<(), String> {
+        let revision = revision(self.generation, seq);
         match record {
             Record::Register(worker, dp_size) => {
                 let entry = self.worker(&worker, dp_size);
-                entry.dp_size = dp_size;
-                entry.registered = true;
+                entry.record.dp_size = dp_size;
+                entry.record.registered = true;
+                entry.record.revision = revision;
+                entry.deregistered_unix_ms = None;
             }
-            Record::Deregister(worker) => {
+            Record::Deregister { worker, unix_ms } => {
                 if let Some(entry) = self.workers.get_mut(&worker) {
-                    entry.registered = false;
+                    entry.record.registered = false;
+                    entry.record.revision = revision;
+                    entry.deregistered_unix_ms = Some(unix_ms);
                 }
             }
             Record::Reserve {
@@ -730,8 +1065,8 @@ impl Replay {
                 created_unix_ms,
             } => {
                 let entry = self.worker(&worker, range.dp_size());
-                entry.rooms_issued = entry.rooms_issued.max(rooms_issued);
-                let prefill_worker = entry.prefill_worker.clone();
+                entry.record.rooms_issued = entry.record.rooms_issued.max(rooms_issued);
+                let prefill_worker = entry.record.prefill_worker.clone();
                 self.ranges
                     .insert(RangeOwner {
                         prefill_worker,
@@ -743,147 +1078,229 @@ impl Replay {
             Record::Pruned(below) => self.pruned_below = self.pruned_below.max(below),
             Record::Issued(worker, rooms_issued) => {
                 if let Some(entry) = self.workers.get_mut(&worker) {
-                    entry.rooms_issued = entry.rooms_issued.max(rooms_issued);
+                    entry.record.rooms_issued = entry.record.rooms_issued.max(rooms_issued);
                 }
             }
+            Record::Probe => {}
         }
         Ok(())
     }
 
     /// The worker's entry; one created by a range alone is not registered.
-    fn worker(&mut self, worker: &Arc<str>, dp_size: DpSize) -> &mut WorkerRecord {
+    fn worker(&mut self, worker: &Arc<str>, dp_size: DpSize) -> &mut LoggedWorker {
         self.workers
             .entry(worker.clone())
-            .or_insert_with(|| WorkerRecord {
-                prefill_worker: worker.clone(),
-                dp_size,
-                registered: false,
-                rooms_issued: 0,
-                revision: 0,
+            .or_insert_with(|| LoggedWorker {
+                record: WorkerRecord {
+                    prefill_worker: worker.clone(),
+                    dp_size,
+                    registered: false,
+                    rooms_issued: 0,
+                    revision: 0,
+                },
+                deregistered_unix_ms: Some(0),
             })
     }
 
-    fn finish(self) -> Snapshot {
+    fn high_water(&self) -> u64 {
+        self.ranges.high_water().max(self.pruned_below)
+    }
+
+    fn into_snapshot(self) -> Snapshot {
         Snapshot {
-            workers: self.workers.into_values().collect(),
+            high_water: self.high_water(),
+            workers: self.workers.into_values().map(|w| w.record).collect(),
             ranges: self.ranges,
             pruned_below: self.pruned_below,
+            retention: Duration::ZERO,
         }
     }
 }
 
+fn revision(generation: u32, seq: u64) -> i64 {
+    let revision = (u64::from(generation) << REVISION_SHIFT) | (seq & ((1 << REVISION_SHIFT) - 1));
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
 /// Owns the files; the only code that writes them.
 struct Writer {
-    log: File,
-    commit: File,
-    log_path: PathBuf,
-    commit_path: PathBuf,
+    fs: Arc<dyn Fs>,
+    files: Files,
+    log: Box<dyn FsFile>,
+    commit: Box<dyn FsFile>,
     /// Held for the life of the writer: the flock on `LOCK`.
-    _lock: File,
+    _lock: Option<File>,
     log_len: u64,
-    next_record_seq: u64,
+    next_seq: u64,
     commit_seq: u64,
     generation: u32,
     high_water: u64,
-    limit: u64,
-    dir: PathBuf,
+    bounds: Bounds,
+    /// Why writes stopped, until the files are settled again.
+    halted: Option<String>,
+    status: Arc<WriterStatus>,
 }
 
 impl Writer {
     fn run(mut self, requests: mpsc::Receiver<Request>) {
-        while let Ok(first) = requests.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
+        loop {
+            match requests.recv_timeout(RECOVERY_INTERVAL) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match requests.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.halted.is_some() {
+                        self.recover();
+                    }
+                    match self.halted.clone() {
+                        Some(reason) => {
+                            for request in batch {
+                                let _ = request.reply.send(Err(StoreError::Halted {
+                                    reason: reason.clone(),
+                                }));
+                            }
+                        }
+                        None => self.commit_batch(batch),
+                    }
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.tick(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            self.commit_batch(batch);
+        }
+        self.status.gone.store(true, Ordering::Release);
+    }
+
+    /// Idle: a halted writer settles its files, a failing one probes the
+    /// disk, so readiness comes back without waiting for a caller.
+    fn tick(&mut self) {
+        if self.halted.is_some() {
+            self.recover();
+        } else if self.status.failing.load(Ordering::Acquire) {
+            let mut probe = Vec::new();
+            encode_record(&mut probe, self.next_seq, &Record::Probe);
+            if self.append_and_commit(&probe).is_ok() {
+                self.next_seq += 1;
+            }
+        }
+    }
+
+    /// Stops writes until the files are settled; readiness stays off until
+    /// a write succeeds again.
+    fn halt(&mut self, reason: String) {
+        error!(%reason, "the embedded store stopped taking writes until it has read its files back");
+        self.halted = Some(reason);
+        self.status.failing.store(true, Ordering::Release);
+    }
+
+    /// Reads the files back as a restart would and resumes past everything
+    /// they hold (see "Failures while running").
+    fn recover(&mut self) {
+        match settle(&*self.fs, &self.files) {
+            Ok(settled) => {
+                let loaded = &settled.loaded;
+                if loaded.high_water() < self.high_water {
+                    // A range acknowledged in this process is not on disk:
+                    // the disk broke its promise. Never go below it anyway.
+                    error!(
+                        on_disk = loaded.high_water(),
+                        in_memory = self.high_water,
+                        "the log lost acknowledged reservations; keeping the in-memory high-water mark"
+                    );
+                }
+                self.high_water = self.high_water.max(loaded.high_water());
+                self.log_len = loaded.end;
+                self.next_seq = loaded.next_seq;
+                self.generation = loaded.generation;
+                self.commit_seq = settled.commit_seq;
+                self.log = settled.log;
+                self.commit = settled.commit;
+                self.status
+                    .high_water
+                    .store(self.high_water, Ordering::Release);
+                // Readiness returns with the next successful write (a probe).
+                self.halted = None;
+                info!(
+                    high_water = self.high_water,
+                    "the embedded store read its files back and takes writes again"
+                );
+            }
+            Err(error) => {
+                warn!(%error, "the embedded store cannot read its files back yet; retrying");
+            }
         }
     }
 
     fn commit_batch(&mut self, batch: Vec<Request>) {
         let mut buf = Vec::new();
-        let mut seq = self.next_record_seq;
+        let mut seq = self.next_seq;
         let mut high_water = self.high_water;
         let mut answers = Vec::with_capacity(batch.len());
         let mut pending_prune = None;
         for Request { op, reply } in batch {
-            let outcome = match op {
-                Op::Register(worker, dp_size) => {
-                    encode_record(&mut buf, seq, KIND_REGISTER, |b| {
-                        put_str(b, &worker);
-                        b.extend_from_slice(&dp_size.get().to_le_bytes());
-                    });
-                    Ok(Outcome::Done)
-                }
-                Op::Deregister(worker) => {
-                    encode_record(&mut buf, seq, KIND_DEREGISTER, |b| put_str(b, &worker));
-                    Ok(Outcome::Done)
-                }
-                Op::Reserve(r) => {
-                    match RoomRange::reserve_after(
-                        high_water,
-                        r.dp_size,
-                        r.want_bases,
-                        r.need_bases,
-                        self.limit,
-                    ) {
-                        Ok(range) => {
-                            high_water = range.end();
-                            encode_reserve(
-                                &mut buf,
-                                seq,
-                                &r.prefill_worker,
-                                range,
-                                r.rooms_issued,
-                                r.created_unix_ms,
-                            );
-                            Ok(Outcome::Reserved(range))
-                        }
-                        Err(space) => Err(StoreError::Space(space)),
+            let record = match op {
+                Op::Register(worker, dp_size) => Ok(Record::Register(worker, dp_size)),
+                Op::Deregister { worker, unix_ms } => Ok(Record::Deregister { worker, unix_ms }),
+                Op::Reserve(r) => RoomRange::reserve_after(
+                    high_water,
+                    r.dp_size,
+                    r.want_bases,
+                    r.need_bases,
+                    self.bounds,
+                )
+                .map(|range| {
+                    high_water = range.end();
+                    Record::Reserve {
+                        worker: r.prefill_worker,
+                        range,
+                        rooms_issued: r.rooms_issued,
+                        created_unix_ms: r.created_unix_ms,
                     }
-                }
-                Op::Prune(cutoff_unix_ms) => {
+                })
+                .map_err(StoreError::Space),
+                Op::Prune(request) => {
                     // Compaction needs everything before it on disk first.
                     answers.push((reply, Err(StoreError::Closed)));
-                    let index = answers.len() - 1;
-                    pending_prune = Some((index, cutoff_unix_ms));
+                    pending_prune = Some((answers.len() - 1, request));
                     continue;
                 }
                 Op::Issued(counts) => {
                     for (worker, rooms_issued) in counts {
-                        encode_record(&mut buf, seq, KIND_ISSUED, |b| {
-                            put_str(b, &worker);
-                            b.extend_from_slice(&rooms_issued.to_le_bytes());
-                        });
+                        encode_record(&mut buf, seq, &Record::Issued(worker, rooms_issued));
                         seq += 1;
                     }
-                    // `seq` already advanced past this op's records.
                     answers.push((reply, Ok(Outcome::Done)));
                     continue;
                 }
             };
-            if outcome.is_ok() {
+            let outcome = record.map(|record| {
+                encode_record(&mut buf, seq, &record);
+                let outcome = match record {
+                    Record::Reserve { range, .. } => Outcome::Reserved(range),
+                    _ => Outcome::Revision(revision(self.generation, seq)),
+                };
                 seq += 1;
-            }
+                outcome
+            });
             answers.push((reply, outcome));
         }
 
         if !buf.is_empty() {
             if let Err(error) = self.append_and_commit(&buf) {
-                warn!(error = %error, "embedded store write failed; nothing in this batch was acknowledged");
                 for (reply, _) in answers {
                     let _ = reply.send(Err(error.clone()));
                 }
                 return;
             }
-            self.next_record_seq = seq;
+            self.next_seq = seq;
             self.high_water = high_water;
+            self.status.high_water.store(high_water, Ordering::Release);
         }
-        if let Some((index, cutoff_unix_ms)) = pending_prune {
-            answers[index].1 = self.compact(cutoff_unix_ms).map(Outcome::Pruned);
+        if let Some((index, request)) = pending_prune {
+            answers[index].1 = self.compact(&request).map(Outcome::Pruned);
         }
         for (reply, outcome) in answers {
             // A caller that gave up is fine: its range is simply skipped.
@@ -891,168 +1308,244 @@ impl Writer {
         }
     }
 
-    /// Rewrites the log without ranges reserved before `cutoff_unix_ms`;
-    /// returns the highest end pruned so far (see "Compaction" above).
-    fn compact(&mut self, cutoff_unix_ms: u64) -> Result<u64, StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io {
-                path,
-                source: Arc::new(source),
+    fn io_error(&self, path: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// Appends `records` and commits them; on any failure halts (the files'
+    /// state is then unknown until settled again).
+    fn append_and_commit(&mut self, records: &[u8]) -> Result<(), StoreError> {
+        let result = self.try_append_and_commit(records);
+        match &result {
+            Ok(()) => {
+                if self.status.failing.swap(false, Ordering::AcqRel) {
+                    info!("the embedded store's writes succeed again");
+                }
             }
-        };
+            Err(error) => {
+                warn!(%error, "embedded store write failed; nothing in this batch was acknowledged");
+                self.halt(error.to_string());
+            }
+        }
+        result
+    }
+
+    fn try_append_and_commit(&mut self, records: &[u8]) -> Result<(), StoreError> {
+        let log = self.files.log.clone();
+        let commit = self.files.commit.clone();
+        failpoint!(
+            "embedded::log_write",
+            self.io_error(&log, io_error("embedded::log_write"))
+        );
+        self.log
+            .write_all_at(records, self.log_len)
+            .map_err(|e| self.io_error(&log, e))?;
+        failpoint!(
+            "embedded::log_fsync",
+            self.io_error(&log, io_error("embedded::log_fsync"))
+        );
+        self.log.sync_data().map_err(|e| self.io_error(&log, e))?;
+        let new_len = self.log_len + u64::try_from(records.len()).expect("a batch fits in u64");
+        let commit_seq = self.commit_seq + 1;
+        failpoint!(
+            "embedded::slot_write",
+            self.io_error(&commit, io_error("embedded::slot_write"))
+        );
+        self.commit
+            .write_all_at(
+                &encode_slot(commit_seq, new_len, self.generation),
+                (commit_seq % 2) * SLOT_LEN,
+            )
+            .map_err(|e| self.io_error(&commit, e))?;
+        failpoint!(
+            "embedded::slot_fsync",
+            self.io_error(&commit, io_error("embedded::slot_fsync"))
+        );
+        self.commit
+            .sync_data()
+            .map_err(|e| self.io_error(&commit, e))?;
+        failpoint!(
+            "embedded::committed",
+            StoreError::Injected("embedded::committed")
+        );
+        self.log_len = new_len;
+        self.commit_seq = commit_seq;
+        Ok(())
+    }
+
+    /// Rewrites the log without what retention no longer needs (see
+    /// "Compaction" above); the new log state is assigned once, at the end.
+    fn compact(&mut self, request: &PruneRequest) -> Result<Pruned, StoreError> {
+        let log_path = self.files.log.clone();
         let mut bytes = vec![0u8; usize::try_from(self.log_len).expect("the log fits in memory")];
         self.log
             .read_exact_at(&mut bytes, 0)
-            .map_err(io(&self.log_path))?;
+            .map_err(|e| self.io_error(&log_path, e))?;
         let Replayed {
             mut replay,
             stopped,
             ..
-        } = replay_log(&bytes);
+        } = replay_log(&bytes, self.generation);
         if let Some(reason) = stopped {
             // Everything below log_len was written and read back by us.
-            return Err(StoreError::Io {
-                path: self.log_path.clone(),
-                source: Arc::new(std::io::Error::new(std::io::ErrorKind::InvalidData, reason)),
+            return Err(self.io_error(
+                &log_path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+            ));
+        }
+        let pruned = replay.ranges.prune(request.cutoff_unix_ms, &request.held);
+        let owners: std::collections::HashSet<Arc<str>> = replay
+            .ranges
+            .iter()
+            .map(|owner| owner.prefill_worker.clone())
+            .collect();
+        let forgotten: Vec<Arc<str>> = replay
+            .workers
+            .values()
+            .filter(|w| {
+                w.deregistered_unix_ms
+                    .is_some_and(|at| at < request.cutoff_unix_ms)
+                    && !owners.contains(&w.record.prefill_worker)
+            })
+            .map(|w| w.record.prefill_worker.clone())
+            .collect();
+        if pruned == 0 && forgotten.is_empty() {
+            return Ok(Pruned {
+                pruned_below: replay.pruned_below,
+                forgotten,
+                revision: revision(self.generation, self.next_seq),
             });
         }
-        let pruned = replay.ranges.prune(cutoff_unix_ms);
-        if pruned == 0 {
-            return Ok(replay.pruned_below);
+        for name in &forgotten {
+            replay.workers.remove(name);
         }
         let pruned_below = replay.pruned_below.max(pruned);
-
         let generation = self.generation + 1;
         let mut log = encode_log_header(generation);
         let mut seq = 1;
+        let mut push = |log: &mut Vec<u8>, record: Record| {
+            encode_record(log, seq, &record);
+            seq += 1;
+        };
         for worker in replay.workers.values() {
-            encode_record(&mut log, seq, KIND_REGISTER, |b| {
-                put_str(b, &worker.prefill_worker);
-                b.extend_from_slice(&worker.dp_size.get().to_le_bytes());
-            });
-            seq += 1;
-            if !worker.registered {
-                encode_record(&mut log, seq, KIND_DEREGISTER, |b| {
-                    put_str(b, &worker.prefill_worker)
-                });
-                seq += 1;
+            let name = worker.record.prefill_worker.clone();
+            push(
+                &mut log,
+                Record::Register(name.clone(), worker.record.dp_size),
+            );
+            if let Some(unix_ms) = worker.deregistered_unix_ms {
+                push(
+                    &mut log,
+                    Record::Deregister {
+                        worker: name.clone(),
+                        unix_ms,
+                    },
+                );
             }
-            encode_record(&mut log, seq, KIND_ISSUED, |b| {
-                put_str(b, &worker.prefill_worker);
-                b.extend_from_slice(&worker.rooms_issued.to_le_bytes());
-            });
-            seq += 1;
+            push(&mut log, Record::Issued(name, worker.record.rooms_issued));
         }
         for owner in replay.ranges.iter() {
-            encode_reserve(
+            push(
                 &mut log,
-                seq,
-                &owner.prefill_worker,
-                owner.range,
-                0,
-                owner.created_unix_ms,
+                Record::Reserve {
+                    worker: owner.prefill_worker.clone(),
+                    range: owner.range,
+                    rooms_issued: 0,
+                    created_unix_ms: owner.created_unix_ms,
+                },
             );
-            seq += 1;
         }
-        encode_record(&mut log, seq, KIND_PRUNED, |b| {
-            b.extend_from_slice(&pruned_below.to_le_bytes())
-        });
-        seq += 1;
+        push(&mut log, Record::Pruned(pruned_below));
 
-        let compact_path = self.dir.join(COMPACT_FILE);
-        let compacted = File::create(&compact_path).map_err(io(&compact_path))?;
-        compacted.write_all_at(&log, 0).map_err(io(&compact_path))?;
-        compacted.sync_all().map_err(io(&compact_path))?;
-        fs::rename(&compact_path, &self.log_path).map_err(io(&self.log_path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        let compacted = self.write_compacted(&log)?;
+        // The new log is in place: from here any failure leaves the files in
+        // a state only reading them back can tell.
+        if let Err(error) = self.commit_compaction(generation, &log) {
+            self.halt(error.to_string());
+            return Err(error);
+        }
         self.log = compacted;
-        let new_len = u64::try_from(log.len()).expect("fits");
+        self.log_len = u64::try_from(log.len()).expect("fits");
+        self.next_seq = seq;
+        self.generation = generation;
+        info!(
+            ranges_kept = replay.ranges.len(),
+            workers_forgotten = forgotten.len(),
+            pruned_below,
+            log_bytes = self.log_len,
+            "compacted the embedded store's log"
+        );
+        Ok(Pruned {
+            pruned_below,
+            forgotten,
+            revision: revision(generation, 0),
+        })
+    }
+
+    /// Writes the compacted log aside, fsyncs it and renames it over the
+    /// live log. A failure before the rename leaves the live log as it was.
+    fn write_compacted(&mut self, log: &[u8]) -> Result<Box<dyn FsFile>, StoreError> {
+        let path = self.files.compact.clone();
+        let written = (|| {
+            failpoint!("compact::write", io_error("compact::write"));
+            let file = self.fs.create(&path)?;
+            file.write_all_at(log, 0)?;
+            failpoint!("compact::fsync", io_error("compact::fsync"));
+            file.sync_data()?;
+            Ok(file)
+        })();
+        let file = match written {
+            Ok(file) => file,
+            Err(error) => {
+                let _ = self.fs.remove_file(&path);
+                return Err(self.io_error(&path, error));
+            }
+        };
+        failpoint!(
+            "compact::rename",
+            self.io_error(&self.files.log, io_error("compact::rename"))
+        );
+        if let Err(error) = self.fs.rename(&path, &self.files.log) {
+            let _ = self.fs.remove_file(&path);
+            return Err(self.io_error(&self.files.log, error));
+        }
+        Ok(file)
+    }
+
+    /// Makes the rename durable, then commits the new generation.
+    fn commit_compaction(&mut self, generation: u32, log: &[u8]) -> Result<(), StoreError> {
+        let dir = self.files.dir.clone();
+        let commit = self.files.commit.clone();
+        failpoint!(
+            "compact::dir_fsync",
+            self.io_error(&dir, io_error("compact::dir_fsync"))
+        );
+        self.fs.sync_dir(&dir).map_err(|e| self.io_error(&dir, e))?;
         let commit_seq = self.commit_seq + 1;
+        let new_len = u64::try_from(log.len()).expect("fits");
+        failpoint!(
+            "compact::slot_write",
+            self.io_error(&commit, io_error("compact::slot_write"))
+        );
         self.commit
             .write_all_at(
                 &encode_slot(commit_seq, new_len, generation),
                 (commit_seq % 2) * SLOT_LEN,
             )
-            .map_err(io(&self.commit_path))?;
-        self.commit.sync_data().map_err(io(&self.commit_path))?;
-        self.commit_seq = commit_seq;
-        self.generation = generation;
-        self.log_len = new_len;
-        self.next_record_seq = seq;
-        info!(
-            ranges_kept = replay.ranges.len(),
-            pruned_below, "compacted the embedded store's log"
+            .map_err(|e| self.io_error(&commit, e))?;
+        failpoint!(
+            "compact::slot_fsync",
+            self.io_error(&commit, io_error("compact::slot_fsync"))
         );
-        Ok(pruned_below)
-    }
-
-    fn append_and_commit(&mut self, records: &[u8]) -> Result<(), StoreError> {
-        let log_err = |source| StoreError::Io {
-            path: self.log_path.clone(),
-            source: Arc::new(source),
-        };
-        self.log
-            .write_all_at(records, self.log_len)
-            .map_err(log_err)?;
-        self.log.sync_data().map_err(log_err)?;
-        let new_len = self.log_len + u64::try_from(records.len()).expect("a batch fits in u64");
-        let commit_seq = self.commit_seq + 1;
-        let slot_offset = (commit_seq % 2) * SLOT_LEN;
-        let commit_err = |source| StoreError::Io {
-            path: self.commit_path.clone(),
-            source: Arc::new(source),
-        };
         self.commit
-            .write_all_at(
-                &encode_slot(commit_seq, new_len, self.generation),
-                slot_offset,
-            )
-            .map_err(commit_err)?;
-        self.commit.sync_data().map_err(commit_err)?;
-        self.log_len = new_len;
+            .sync_data()
+            .map_err(|e| self.io_error(&commit, e))?;
         self.commit_seq = commit_seq;
         Ok(())
     }
-}
-
-fn encode_record(buf: &mut Vec<u8>, seq: u64, kind: u8, fields: impl FnOnce(&mut Vec<u8>)) {
-    let header_at = buf.len();
-    buf.extend_from_slice(&[0u8; 8]);
-    let body_at = buf.len();
-    buf.extend_from_slice(&seq.to_le_bytes());
-    buf.push(kind);
-    fields(buf);
-    let len = u32::try_from(buf.len() - body_at).expect("records are far below 4 GiB");
-    let crc = crc32fast::hash(&buf[body_at..]);
-    buf[header_at..header_at + 4].copy_from_slice(&len.to_le_bytes());
-    buf[header_at + 4..body_at].copy_from_slice(&crc.to_le_bytes());
-}
-
-fn encode_reserve(
-    buf: &mut Vec<u8>,
-    seq: u64,
-    worker: &str,
-    range: RoomRange,
-    rooms_issued: u64,
-    created_unix_ms: u64,
-) {
-    encode_record(buf, seq, KIND_RESERVE, |b| {
-        put_str(b, worker);
-        b.extend_from_slice(&range.dp_size().get().to_le_bytes());
-        b.extend_from_slice(&range.start().to_le_bytes());
-        b.extend_from_slice(&range.end().to_le_bytes());
-        b.extend_from_slice(&rooms_issued.to_le_bytes());
-        b.extend_from_slice(&created_unix_ms.to_le_bytes());
-    });
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    let len = u16::try_from(s.len()).expect("worker names are validated to 253 bytes");
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(s.as_bytes());
 }
 
 /// Little-endian reads that return None instead of running off the end.
@@ -1087,10 +1580,13 @@ impl<'a> Reader<'a> {
         self.array().map(u64::from_le_bytes)
     }
 
-    fn string(&mut self) -> Option<Arc<str>> {
+    /// A worker name: UTF-8 that passes the same checks as a request's.
+    fn worker(&mut self) -> Option<Arc<str>> {
         let len = self.array().map(u16::from_le_bytes)?;
         let bytes = self.bytes(usize::from(len))?;
-        std::str::from_utf8(bytes).ok().map(Arc::from)
+        let name = std::str::from_utf8(bytes).ok()?;
+        crate::allocator::validate_worker(name).ok()?;
+        Some(Arc::from(name))
     }
 
     fn is_empty(&self) -> bool {
@@ -1099,310 +1595,4 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::space::{Room, MAX_ROOM};
-
-    const LIMIT: u64 = MAX_ROOM + 1;
-
-    fn dp(n: u32) -> DpSize {
-        DpSize::try_new(n).expect("valid dp_size")
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("test runtime")
-    }
-
-    fn reservation(worker: &str, dp_size: u32, bases: u64) -> Reservation {
-        Reservation {
-            prefill_worker: Arc::from(worker),
-            dp_size: dp(dp_size),
-            want_bases: bases,
-            need_bases: bases,
-            rooms_issued: 7,
-            created_unix_ms: 1_000,
-        }
-    }
-
-    /// Opens the store, registers a worker and reserves two ranges; returns them.
-    fn populate(dir: &Path) -> Vec<RoomRange> {
-        let (store, _) = EmbeddedStore::open(dir, LIMIT).expect("open");
-        runtime().block_on(async {
-            store
-                .register(Arc::from("w"), dp(4))
-                .await
-                .expect("register");
-            let a = store
-                .reserve(reservation("w", 4, 10))
-                .await
-                .expect("reserve");
-            let b = store
-                .reserve(reservation("w", 4, 10))
-                .await
-                .expect("reserve");
-            store.close().await.expect("close");
-            vec![a, b]
-        })
-    }
-
-    fn open_err(dir: &Path) -> OpenError {
-        match EmbeddedStore::open(dir, LIMIT) {
-            Ok(_) => panic!("the store opened but should have refused"),
-            Err(error) => error,
-        }
-    }
-
-    #[test]
-    fn reopening_resumes_past_every_reserved_range() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ranges = populate(dir.path());
-        let (store, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("reopen");
-        assert_eq!(snapshot.ranges.len(), 2);
-        assert_eq!(snapshot.ranges.high_water(), ranges[1].end());
-        assert_eq!(snapshot.workers.len(), 1);
-        assert!(snapshot.workers[0].registered);
-        assert_eq!(snapshot.workers[0].rooms_issued, 7);
-        let room = Room::try_new(ranges[0].start() + 1).expect("room");
-        assert_eq!(
-            &*snapshot
-                .ranges
-                .resolve(room)
-                .expect("resolves")
-                .prefill_worker,
-            "w"
-        );
-        let next = runtime()
-            .block_on(store.reserve(reservation("w", 4, 1)))
-            .expect("reserve");
-        assert!(next.start() >= ranges[1].end());
-    }
-
-    #[test]
-    fn a_second_open_of_the_same_dir_is_refused_while_the_first_runs() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (_store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
-        assert!(matches!(open_err(dir.path()), OpenError::Locked { .. }));
-    }
-
-    #[test]
-    fn a_torn_unacknowledged_tail_is_ignored_and_written_over() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ranges = populate(dir.path());
-        let log_path = dir.path().join(LOG_FILE);
-        let mut bytes = fs::read(&log_path).expect("read");
-        // Half a record, as a crash in the middle of an append leaves it.
-        bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
-        fs::write(&log_path, &bytes).expect("write");
-        let (store, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("torn tail opens");
-        assert_eq!(snapshot.ranges.high_water(), ranges[1].end());
-        runtime()
-            .block_on(store.reserve(reservation("w", 4, 1)))
-            .expect("writes over the tail");
-        drop(store);
-        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("reopen");
-        assert_eq!(snapshot.ranges.len(), 3);
-    }
-
-    #[test]
-    fn durable_records_past_the_last_commit_are_adopted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ranges = populate(dir.path());
-        // Lose the newest commit slot, as a crash during its write would.
-        let commit_path = dir.path().join(COMMIT_FILE);
-        let mut commit = fs::read(&commit_path).expect("read");
-        let newest = usize::from(commit[SLOT_LEN as usize + 16] > commit[16]);
-        commit[newest * SLOT_LEN as usize + 20] ^= 0xff;
-        fs::write(&commit_path, &commit).expect("write");
-        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("opens");
-        assert_eq!(snapshot.ranges.high_water(), ranges[1].end());
-    }
-
-    #[test]
-    fn damage_inside_the_acknowledged_log_refuses_to_start_and_leaves_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        populate(dir.path());
-        let log_path = dir.path().join(LOG_FILE);
-        let mut bytes = fs::read(&log_path).expect("read");
-        bytes[30] ^= 0x01;
-        fs::write(&log_path, &bytes).expect("write");
-        let error = open_err(dir.path());
-        assert!(matches!(error, OpenError::Corrupt { .. }), "{error}");
-        assert!(error.to_string().contains("rooms.log"), "{error}");
-        assert_eq!(
-            fs::read(&log_path).expect("read"),
-            bytes,
-            "file left as found"
-        );
-    }
-
-    #[test]
-    fn a_truncated_log_refuses_to_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        populate(dir.path());
-        let log_path = dir.path().join(LOG_FILE);
-        let bytes = fs::read(&log_path).expect("read");
-        fs::write(&log_path, &bytes[..bytes.len() - 3]).expect("write");
-        let error = open_err(dir.path());
-        assert!(matches!(error, OpenError::Truncated { .. }), "{error}");
-        let error_msg = error.to_string();
-        assert!(error_msg.contains("truncated"), "{error_msg}");
-    }
-
-    #[test]
-    fn foreign_files_refuse_to_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        populate(dir.path());
-        let log_path = dir.path().join(LOG_FILE);
-        fs::write(&log_path, b"hello, I am somebody else's file").expect("write");
-        assert!(matches!(open_err(dir.path()), OpenError::Foreign { .. }));
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        populate(dir.path());
-        fs::write(dir.path().join(COMMIT_FILE), vec![7u8; 1024]).expect("write");
-        assert!(matches!(open_err(dir.path()), OpenError::Foreign { .. }));
-    }
-
-    #[test]
-    fn a_missing_file_refuses_to_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        populate(dir.path());
-        fs::remove_file(dir.path().join(COMMIT_FILE)).expect("remove");
-        assert!(matches!(open_err(dir.path()), OpenError::Missing { .. }));
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        populate(dir.path());
-        fs::remove_file(dir.path().join(LOG_FILE)).expect("remove");
-        assert!(matches!(open_err(dir.path()), OpenError::Missing { .. }));
-    }
-
-    #[test]
-    fn an_interrupted_first_start_is_initialised_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        fs::write(dir.path().join(LOG_FILE), &LOG_MAGIC[..5]).expect("write");
-        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("opens");
-        assert!(snapshot.ranges.is_empty());
-    }
-
-    #[test]
-    fn the_space_limit_is_enforced_and_reported() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = EmbeddedStore::open(dir.path(), 100).expect("open");
-        let rt = runtime();
-        let range = rt
-            .block_on(store.reserve(Reservation {
-                want_bases: 1000,
-                need_bases: 1,
-                ..reservation("w", 8, 0)
-            }))
-            .expect("shrinks to fit");
-        assert_eq!((range.start(), range.end()), (8, 96));
-        let error = rt
-            .block_on(store.reserve(reservation("w", 8, 1)))
-            .expect_err("nothing fits");
-        assert!(matches!(error, StoreError::Space(_)), "{error}");
-    }
-
-    #[test]
-    fn concurrent_reservations_share_commits_and_never_overlap() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
-        let store = Arc::new(store);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .expect("runtime");
-        let ranges = rt.block_on(async {
-            let tasks: Vec<_> = (0..64)
-                .map(|i| {
-                    let store = store.clone();
-                    tokio::spawn(async move {
-                        store
-                            .reserve(reservation(&format!("w{i}"), 1 + i % 5, 3))
-                            .await
-                    })
-                })
-                .collect();
-            let mut ranges = Vec::new();
-            for task in tasks {
-                ranges.push(task.await.expect("task").expect("reserve"));
-            }
-            ranges
-        });
-        let mut table = RangeTable::default();
-        for range in ranges {
-            table
-                .insert(RangeOwner {
-                    prefill_worker: Arc::from("w"),
-                    range,
-                    created_unix_ms: 0,
-                })
-                .expect("disjoint");
-        }
-    }
-
-    #[test]
-    fn compaction_prunes_old_ranges_and_keeps_the_high_water_mark() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let rt = runtime();
-        let (store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
-        let old = rt.block_on(async {
-            store
-                .register(Arc::from("w"), dp(2))
-                .await
-                .expect("register");
-            store.reserve(reservation("w", 2, 5)).await.expect("old")
-        });
-        let young = rt
-            .block_on(store.reserve(Reservation {
-                created_unix_ms: 9_000,
-                ..reservation("w", 2, 5)
-            }))
-            .expect("young");
-        let last_old = rt
-            .block_on(store.reserve(reservation("w", 2, 5)))
-            .expect("old again, after the young one");
-        // Pruning goes by reservation time alone: both old ranges go.
-        let below = rt.block_on(store.prune(5_000)).expect("prune");
-        assert_eq!(below, last_old.end());
-        let next = rt
-            .block_on(store.reserve(reservation("w", 2, 1)))
-            .expect("reserve after compaction");
-        assert!(next.start() >= last_old.end(), "never moves back");
-        drop(store);
-
-        let (_, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("reopen");
-        assert_eq!(snapshot.pruned_below, last_old.end());
-        assert_eq!(snapshot.ranges.len(), 2, "the young range and the new one");
-        let old_room = Room::try_new(old.start() + 1).expect("room");
-        assert!(snapshot.ranges.resolve(old_room).is_none());
-        let young_room = Room::try_new(young.start()).expect("room");
-        assert!(snapshot.ranges.resolve(young_room).is_some());
-        assert!(snapshot.workers[0].registered);
-    }
-
-    #[test]
-    fn a_compaction_interrupted_after_its_rename_is_adopted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let rt = runtime();
-        let (store, _) = EmbeddedStore::open(dir.path(), LIMIT).expect("open");
-        let old = rt
-            .block_on(store.reserve(reservation("w", 1, 3)))
-            .expect("old");
-        let commit_before = fs::read(dir.path().join(COMMIT_FILE)).expect("read");
-        rt.block_on(store.prune(5_000)).expect("prune");
-        drop(store);
-        // Put back the commit file as it was before the compaction's slot write.
-        fs::write(dir.path().join(COMMIT_FILE), &commit_before).expect("write");
-        fs::write(dir.path().join(COMPACT_FILE), b"half a compaction").expect("write");
-        let (store, snapshot) = EmbeddedStore::open(dir.path(), LIMIT).expect("adopts");
-        assert_eq!(snapshot.pruned_below, old.end());
-        assert!(snapshot.ranges.is_empty());
-        assert!(!dir.path().join(COMPACT_FILE).exists(), "leftover removed");
-        let next = rt
-            .block_on(store.reserve(reservation("w", 1, 1)))
-            .expect("reserve");
-        assert!(next.start() >= old.end());
-    }
-}
+mod tests;

@@ -9,7 +9,11 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod fs;
+#[cfg(test)]
+pub mod sim_fs;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -18,9 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::space::{DpSize, RangeOwner, RangeTable, Room, RoomRange, SpaceError};
+use crate::space::{Bounds, DpSize, RangeOwner, RangeTable, Room, RoomRange, SpaceError};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore};
@@ -34,6 +38,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub struct Reservation {
     pub prefill_worker: Arc<str>,
     pub dp_size: DpSize,
+    /// Store revision of the registration the range is for: a shared store
+    /// reserves only while the worker's registration still has it.
+    pub revision: i64,
     /// Bases wanted; fewer are fine near the end of the space...
     pub want_bases: u64,
     /// ...but never fewer than this (a lease needs its whole block).
@@ -53,9 +60,21 @@ pub struct WorkerRecord {
     /// False once deregistered: its ranges still resolve, no new rooms.
     pub registered: bool,
     pub rooms_issued: u64,
-    /// Store revision of this registration (etcd's mod revision; 0 for the
-    /// embedded store, which has one writer). Newer wins.
+    /// Store revision of this registration (etcd's mod revision; the log
+    /// position for the embedded store). Newer wins.
     pub revision: i64,
+}
+
+/// A registration change made elsewhere (another replica), to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUpdate {
+    Registration(WorkerRecord),
+    /// The worker's record is gone from the store (deregistered long
+    /// enough ago that nothing needs it): forget it.
+    Forgotten {
+        prefill_worker: Arc<str>,
+        revision: i64,
+    },
 }
 
 /// A worker's `rooms_issued`: in all, and since the store was opened.
@@ -73,6 +92,32 @@ pub struct Snapshot {
     pub ranges: RangeTable,
     /// Ranges ending at or below this were pruned by retention.
     pub pruned_below: u64,
+    /// End of the highest range ever reserved (at least `pruned_below`).
+    pub high_water: u64,
+    /// The retention in force: the store's own when it keeps one (etcd:
+    /// one setting for every replica), else the configured one.
+    pub retention: Duration,
+}
+
+/// What retention asks a store to drop.
+#[derive(Debug, Clone)]
+pub struct PruneRequest {
+    /// Ranges reserved before this (wall clock, ms) are dropped...
+    pub cutoff_unix_ms: u64,
+    /// ...except these (by start), which this process still serves from.
+    pub held: BTreeSet<u64>,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Default)]
+pub struct Pruned {
+    /// Ranges ending at or below this were pruned (0 if none ever).
+    pub pruned_below: u64,
+    /// Deregistered workers whose records were dropped: nothing needs them.
+    pub forgotten: Vec<Arc<str>>,
+    /// The store's revision when they were dropped: a registration with a
+    /// later revision brought the worker back and wins.
+    pub revision: i64,
 }
 
 /// Failures of a store; the allocator reports all but `Space` as UNAVAILABLE.
@@ -87,10 +132,12 @@ pub enum StoreError {
     Space(#[from] SpaceError),
     #[error("the store is shut down")]
     Closed,
-    #[error("etcd failed to {operation}: {source}")]
+    #[error("the embedded store stopped writing after {reason}; it resumes once it has read its files back, or restart the server")]
+    Halted { reason: String },
+    #[error("etcd failed to {operation}: {message}")]
     Etcd {
         operation: &'static str,
-        source: Arc<dyn std::error::Error + Send + Sync>,
+        message: String,
     },
     #[error("etcd did not {operation} within {after:?}")]
     Timeout {
@@ -105,13 +152,15 @@ pub enum StoreError {
     },
     #[error("{attempts} reservation attempts in a row lost to other replicas")]
     Contention { attempts: usize },
-    #[error("a counter key in etcd (high_water, pruned_below or issued/*) is not a number; fix or restore it")]
-    CorruptCounter,
-    #[error("worker registrations were last confirmed with etcd {age:?} ago, over the {window:?} staleness window")]
+    #[error("etcd key {key} is damaged ({reason}); fix or restore it")]
+    Corrupt { key: String, reason: String },
+    #[error("worker registrations were last confirmed with etcd {:.1}s ago, over the {:.1}s staleness window", age.as_secs_f64(), window.as_secs_f64())]
     Stale { age: Duration, window: Duration },
+    #[error("a failpoint made {0} fail")]
+    Injected(&'static str),
 }
 
-/// Why a store refused to open. Each names the file and leaves it untouched.
+/// Why a store refused to open. Each names the file or key and leaves it untouched.
 #[derive(Debug, Error)]
 pub enum OpenError {
     #[error("cannot use {}: {source}", path.display())]
@@ -154,17 +203,24 @@ pub enum OpenError {
         actual: u64,
     },
     #[error(
-        "{} says this data dir was migrated to etcd ({target}); serving from it again would issue its rooms twice. Run with --etcd-endpoints instead",
+        "{} says this data dir was migrated to etcd ({target}); serving from it again would issue its rooms twice. Run with --etcd-endpoints instead (or finish the migration: rerun `room-allocator migrate`)",
         path.display()
     )]
     Migrated { path: PathBuf, target: String },
     #[error(
-        "cannot reach etcd at {endpoints}: {source}; check --etcd-endpoints and that etcd is up"
+        "{} says this data dir was already migrated to etcd ({target}); there is nothing left to migrate. Serve from etcd",
+        path.display()
     )]
-    Etcd {
-        endpoints: String,
-        source: etcd_client::Error,
-    },
+    AlreadyMigrated { path: PathBuf, target: String },
+    #[error(
+        "cannot read {} ({source}); it marks a data dir migrated to etcd, so refusing to start rather than risk serving rooms etcd now owns. Fix its permissions, or remove it only if no migration ever ran",
+        path.display()
+    )]
+    MigratedUnreadable { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot reach etcd at {endpoints}: {message}; check --etcd-endpoints and that etcd is up"
+    )]
+    Etcd { endpoints: String, message: String },
     #[error("etcd at {endpoints} did not answer within {after:?}; check --etcd-endpoints and that etcd is up")]
     EtcdTimeout { endpoints: String, after: Duration },
     #[error("etcd key {key} is damaged: {reason}. Refusing to start so that no room is issued twice; restore it from a backup")]
@@ -175,6 +231,10 @@ pub enum OpenError {
         present.display()
     )]
     Missing { missing: PathBuf, present: PathBuf },
+    #[error(
+        "the store has reserved rooms up to {high_water}, past --max-room {max_room}: nothing is left to hand out, and handing out rooms below it again would repeat them. Raise --max-room, or give this deployment a new store (data dir or --etcd-prefix) with bounds disjoint from every other"
+    )]
+    BeyondBounds { high_water: u64, max_room: u64 },
 }
 
 /// Durable registrations and range reservations.
@@ -182,24 +242,31 @@ pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metric labels.
     fn kind(&self) -> &'static str;
 
-    /// Records that `prefill_worker` is registered with `dp_size`; returns
-    /// the registration's revision.
+    /// Whether other processes write the same store (etcd replicas): then
+    /// memory may lag behind it, and the allocator asks before it refuses.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Records that `prefill_worker` is registered with `dp_size`, unless it
+    /// already is; returns the registration's revision.
     fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64>;
 
     /// Records that `prefill_worker` gets no new rooms; returns the revision.
+    /// The record is kept while its ranges are, then forgotten.
     fn deregister(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64>;
 
     /// Reserves the next range of the space, aligned to `dp_size`, durably
-    /// and past every range reserved before, if the worker is still
-    /// registered with that dp_size.
+    /// and past every range reserved before, if the worker's registration
+    /// still has the reservation's revision.
     fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange>;
 
     /// Persists `rooms_issued` counters, e.g. at shutdown.
     fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()>;
 
-    /// Drops ranges reserved before `cutoff_unix_ms` (retention); returns the
-    /// highest end pruned so far, 0 if none.
-    fn prune(&self, cutoff_unix_ms: u64) -> StoreFuture<'_, u64>;
+    /// Drops what retention no longer needs. Stores that expire ranges by
+    /// themselves (etcd leases) do nothing.
+    fn prune(&self, request: PruneRequest) -> StoreFuture<'_, Pruned>;
 
     /// The range holding `room` if it is not in memory: another replica may
     /// have reserved it. Single-writer stores have everything in memory.
@@ -207,31 +274,62 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
-    /// A worker's registration as stored, for a worker not known in memory:
-    /// another replica may have registered it. Single-writer stores have
-    /// everything in memory.
+    /// Whether a room in no range is known to be older than every range the
+    /// store still keeps (pruned, as far as anyone can tell).
+    fn missing_is_pruned(&self, _room: Room) -> bool {
+        false
+    }
+
+    /// A worker's registration as stored: another replica may have changed
+    /// it. Single-writer stores have everything in memory.
     fn lookup_worker(&self, _prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
         Box::pin(async { Ok(None) })
     }
 
-    /// Whether rooms may be served from memory now: a shared store refuses
-    /// once it could not confirm the registrations for too long.
+    /// Whether rooms already reserved may be handed out now: a shared store
+    /// refuses once it could not confirm the registrations for too long (a
+    /// realignment elsewhere may have gone unseen).
     fn check_fresh(&self) -> Result<(), StoreError> {
         Ok(())
     }
 
-    /// Registration changes made elsewhere, to apply as they come; once.
-    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<WorkerRecord>> {
+    /// Whether this process can hand out rooms: fresh, and (embedded) its
+    /// writes succeed. Readiness follows it.
+    fn check_ready(&self) -> Result<(), StoreError> {
+        self.check_fresh()
+    }
+
+    /// Whether the store answered its last request (for the metrics).
+    fn reachable(&self) -> bool {
+        self.check_ready().is_ok()
+    }
+
+    /// How long ago the registrations were last confirmed (shared stores).
+    fn confirmed_ago(&self) -> Option<Duration> {
         None
     }
 
-    /// Whether the store can be reached, for the health service.
-    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+    /// The highest mark this process knows: every range ends at or below it.
+    fn high_water(&self) -> u64;
+
+    /// Registration changes made elsewhere, to apply as they come; once.
+    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<StoreUpdate>> {
         None
     }
 
     /// Flushes and releases the store; later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Refuses a store whose used space reaches past the configured bounds.
+pub fn check_bounds(high_water: u64, bounds: Bounds) -> Result<(), OpenError> {
+    if high_water > bounds.end() {
+        return Err(OpenError::BeyondBounds {
+            high_water,
+            max_room: bounds.max_room(),
+        });
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, for range timestamps.

@@ -82,6 +82,7 @@ impl Load {
                     .lease_rooms(pb::LeaseRoomsRequest {
                         prefill_worker: self.worker.into(),
                         count: 64,
+                        dp_size: self.dp_size,
                     })
                     .await
                     .map(|r| {

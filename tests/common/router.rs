@@ -69,6 +69,7 @@ pub async fn run_child() {
                 let lease = timed(client.lease_rooms(pb::LeaseRoomsRequest {
                     prefill_worker: worker.into(),
                     count: LEASE_COUNT,
+                    dp_size,
                 }))
                 .await
                 .expect("lease")

@@ -1,0 +1,799 @@
+//! `RoomClient`, its builder, and the types its calls return.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use tracing::debug;
+
+use crate::error::{cause_chain, Error};
+use crate::lease::{Block, LeaseState};
+use crate::limits::{MAX_LEASE_COUNT, MAX_LEASE_NUMBERS};
+use crate::pb;
+use crate::pb::room_allocator_service_client::RoomAllocatorServiceClient;
+
+/// First lease size; doubles while leases run out within [`FAST_LEASE`].
+const INITIAL_LEASE: u32 = 256;
+/// A lease used up faster than this means the next one should be larger.
+const FAST_LEASE: Duration = Duration::from_secs(1);
+/// Default bound on a lease's life: a realignment made by another router
+/// reaches this one within it even if no refill happens meanwhile. Matches
+/// the server's default `--etcd-staleness-secs`.
+const DEFAULT_MAX_LEASE_AGE: Duration = Duration::from_secs(10);
+/// Default per-call deadline: the server's default `--request-timeout-secs`.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection attempts back off from this...
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// ...to at most this.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Workers per ListWorkers page when `workers()` pages through them all.
+const WORKERS_PAGE_SIZE: i32 = 1000;
+
+/// A worker as the server has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub prefill_worker: String,
+    pub dp_size: u32,
+    /// Rooms from AllocateRoom plus bases from LeaseRooms issued for it.
+    pub rooms_issued: u64,
+}
+
+/// Who a room was issued for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub prefill_worker: String,
+    /// `room % dp_size`: the prefill rank SGLang's decode side pulls from.
+    pub dp_rank: u32,
+    /// The dp_size in force when the room was issued.
+    pub dp_size: u32,
+}
+
+/// A raw block of bases from LeaseRooms: `first_base + i * dp_size` for `i <
+/// count`; the room for rank `r` is `base + r`. Use each base once, within
+/// `valid_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub first_base: u64,
+    pub count: u32,
+    pub dp_size: u32,
+    pub valid_for: Duration,
+}
+
+impl From<pb::WorkerInfo> for WorkerInfo {
+    fn from(info: pb::WorkerInfo) -> Self {
+        Self {
+            prefill_worker: info.prefill_worker,
+            dp_size: info.dp_size,
+            rooms_issued: info.rooms_issued,
+        }
+    }
+}
+
+/// FNV-1a: worker names are short, and the hot path hashes one per room;
+/// SipHash would be a third of its cost.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+
+/// Adds the bearer token and the deadline to every call.
+#[derive(Clone)]
+struct CallOptions {
+    token: Option<MetadataValue<Ascii>>,
+    timeout: Duration,
+}
+
+impl Interceptor for CallOptions {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        // The server ends the call at this deadline too (grpc-timeout).
+        request.set_timeout(self.timeout);
+        Ok(request)
+    }
+}
+
+type Rpc = RoomAllocatorServiceClient<InterceptedService<Channel, CallOptions>>;
+
+/// Builds a [`RoomClient`] with options; see the crate docs.
+#[derive(Clone)]
+pub struct RoomClientBuilder {
+    endpoints: Vec<String>,
+    token: Option<String>,
+    ca_pem: Option<Vec<u8>>,
+    identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    domain_name: Option<String>,
+    timeout: Duration,
+    connect_timeout: Duration,
+    keep_alive: Option<(Duration, Duration)>,
+    patience: Duration,
+    max_lease_age: Duration,
+}
+
+impl RoomClientBuilder {
+    fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            token: None,
+            ca_pem: None,
+            identity_pem: None,
+            domain_name: None,
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: Duration::from_secs(5),
+            keep_alive: None,
+            patience: Duration::from_secs(30),
+            max_lease_age: DEFAULT_MAX_LEASE_AGE,
+        }
+    }
+
+    /// Sends `authorization: Bearer <token>` on every call (for servers run
+    /// with `--auth-token-file`); over plaintext too, as the server accepts it.
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Verifies the server's certificate against this CA (PEM). Endpoints
+    /// given as `host:port` then mean `https://host:port`.
+    pub fn ca_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate chain and key (PEM) for mutual TLS.
+    pub fn client_identity_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.identity_pem = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// The name to verify the server's certificate against, when it is not
+    /// the endpoint's host (e.g. connecting by IP).
+    pub fn tls_domain_name(mut self, name: impl Into<String>) -> Self {
+        self.domain_name = Some(name.into());
+        self
+    }
+
+    /// Deadline of each call (default 10 s); the server stops working on a
+    /// call past it too.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Bound on establishing each connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 keep-alive: a ping every `interval`, and the connection is
+    /// dropped (and redialled) if no answer comes within `timeout`. Off by
+    /// default.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive = Some((interval, timeout));
+        self
+    }
+
+    /// How long `connect` keeps retrying (with backoff) until an endpoint
+    /// answers (default 30 s).
+    pub fn connect_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Longest a leased base is kept before it is dropped unused (default
+    /// 10 s; the server's own bound on the lease, `valid_for_ms`, applies
+    /// too). A realignment made by another router reaches this client within
+    /// this time even when nothing triggers a refill.
+    pub fn max_lease_age(mut self, age: Duration) -> Self {
+        self.max_lease_age = age;
+        self
+    }
+
+    fn has_tls(&self) -> bool {
+        self.ca_pem.is_some() || self.identity_pem.is_some()
+    }
+
+    /// `host:port` means http (https when a CA or identity is set).
+    fn url(&self, endpoint: &str) -> String {
+        if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else if self.has_tls() {
+            format!("https://{endpoint}")
+        } else {
+            format!("http://{endpoint}")
+        }
+    }
+
+    fn endpoint(&self, url: &str) -> Result<Endpoint, Error> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|error| {
+                Error::Config(format!(
+                    "{url:?} is not a URL ({error}); use e.g. http://127.0.0.1:50051 or 127.0.0.1:50051"
+                ))
+            })?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true);
+        if let Some((interval, timeout)) = self.keep_alive {
+            endpoint = endpoint
+                .http2_keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
+        if url.starts_with("https://") {
+            endpoint = self.with_tls(endpoint)?;
+        }
+        Ok(endpoint)
+    }
+
+    #[cfg(feature = "tls")]
+    fn with_tls(&self, endpoint: Endpoint) -> Result<Endpoint, Error> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new();
+        #[cfg(feature = "tls-native-roots")]
+        {
+            tls = tls.with_native_roots();
+        }
+        if let Some(ca) = &self.ca_pem {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &self.identity_pem {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &self.domain_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|error| Error::Config(format!("bad TLS settings: {}", cause_chain(&error))))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn with_tls(&self, _endpoint: Endpoint) -> Result<Endpoint, Error> {
+        Err(Error::Config(
+            "https:// needs the `tls` feature of room-allocator-client".into(),
+        ))
+    }
+
+    /// Connects: retries with backoff until one endpoint answers or the
+    /// patience runs out; the error names the underlying cause (connection
+    /// refused, DNS, a peer that does not speak HTTP/2). With several
+    /// endpoints, calls are spread over the reachable ones and fail over.
+    pub async fn connect(self) -> Result<RoomClient, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::Config("no endpoint given".into()));
+        }
+        let token = match &self.token {
+            Some(token) => Some(
+                format!("Bearer {}", token.trim())
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        Error::Config("the bearer token must be printable ASCII".into())
+                    })?,
+            ),
+            None => None,
+        };
+        let urls: Vec<String> = self.endpoints.iter().map(|e| self.url(e)).collect();
+        let endpoints = urls
+            .iter()
+            .map(|url| self.endpoint(url))
+            .collect::<Result<Vec<_>, _>>()?;
+        let deadline = Instant::now() + self.patience;
+        let mut backoff = FIRST_BACKOFF;
+        let channel = 'connected: loop {
+            let mut failure = None;
+            for (url, endpoint) in urls.iter().zip(&endpoints) {
+                match endpoint.connect().await {
+                    Ok(channel) if endpoints.len() == 1 => break 'connected channel,
+                    // One answered: balance over all, so calls fail over.
+                    Ok(_) => break 'connected Channel::balance_list(endpoints.clone().into_iter()),
+                    Err(error) => failure = Some((url.clone(), explain(&error))),
+                }
+            }
+            let (url, reason) = failure.expect("at least one endpoint was tried");
+            if Instant::now() + backoff > deadline {
+                return Err(Error::Connect { url, reason });
+            }
+            debug!(%url, %reason, ?backoff, "connect failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        let options = CallOptions {
+            token,
+            timeout: self.timeout,
+        };
+        Ok(RoomClient::new(channel, options, self.max_lease_age))
+    }
+}
+
+/// A transport error's real cause, with a hint for the usual mistakes.
+fn explain(error: &tonic::transport::Error) -> String {
+    let chain = cause_chain(error);
+    let hint = if chain.contains("Connection refused") {
+        "; nothing listens there: is `room-allocator serve` running, on that port?"
+    } else if chain.contains("dns error") || chain.contains("failed to lookup address") {
+        "; the host name does not resolve"
+    } else if chain.contains("http2") || chain.contains("frame") || chain.contains("HTTP/1") {
+        "; the peer does not speak gRPC (HTTP/2): is it the metrics port, or a TLS port reached with http://?"
+    } else if chain.contains("InvalidCertificate") || chain.contains("certificate") {
+        "; check the CA (--tls-ca) and the server name"
+    } else {
+        ""
+    };
+    format!("{chain}{hint}")
+}
+
+/// A cheap-to-clone, thread-safe handle; clones share connections and leases.
+#[derive(Clone)]
+pub struct RoomClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rpc: Rpc,
+    workers: RwLock<FastMap<Box<str>, Arc<WorkerLease>>>,
+    /// Where refills and lease expiry run, so `try_allocate` works from any thread.
+    runtime: Option<tokio::runtime::Handle>,
+    max_lease_age: Duration,
+}
+
+struct WorkerLease {
+    name: Box<str>,
+    state: Mutex<LeaseState>,
+    /// A background refill is running.
+    refilling: AtomicBool,
+    /// One lease in flight per worker: concurrent callers wait for it rather
+    /// than leasing a block each.
+    refill: tokio::sync::Mutex<()>,
+}
+
+impl WorkerLease {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state
+            .lock()
+            .expect("lease lock is never poisoned: nothing panics while holding it")
+    }
+}
+
+impl RoomClient {
+    /// Connects to `url` (`http://host:port`, `https://...`, or `host:port`),
+    /// retrying with backoff for up to 30 s.
+    pub async fn connect(url: impl AsRef<str>) -> Result<Self, Error> {
+        Self::builder([url.as_ref()]).connect().await
+    }
+
+    /// A builder for several endpoints, a token, TLS, deadlines and keep-alive.
+    pub fn builder<I, S>(endpoints: I) -> RoomClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        RoomClientBuilder::new(
+            endpoints
+                .into_iter()
+                .map(|e| e.as_ref().to_owned())
+                .collect(),
+        )
+    }
+
+    /// Uses an existing channel (no token, default deadline). Called inside a
+    /// tokio runtime, refills run there; otherwise in whatever runtime calls
+    /// [`allocate`](Self::allocate).
+    pub fn from_channel(channel: Channel) -> Self {
+        let options = CallOptions {
+            token: None,
+            timeout: DEFAULT_TIMEOUT,
+        };
+        Self::new(channel, options, DEFAULT_MAX_LEASE_AGE)
+    }
+
+    fn new(channel: Channel, options: CallOptions, max_lease_age: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                rpc: RoomAllocatorServiceClient::with_interceptor(channel, options),
+                workers: RwLock::new(FastMap::default()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
+                max_lease_age,
+            }),
+        }
+    }
+
+    fn rpc(&self) -> Rpc {
+        self.inner.rpc.clone()
+    }
+
+    /// Registers (or realigns) a prefill worker; an admin call when the
+    /// server has a token.
+    pub async fn register(&self, prefill_worker: &str, dp_size: u32) -> Result<WorkerInfo, Error> {
+        let response = self
+            .rpc()
+            .register_worker(pb::RegisterWorkerRequest {
+                prefill_worker: prefill_worker.to_owned(),
+                dp_size,
+            })
+            .await
+            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?
+            .into_inner();
+        if let Some(worker) = self.lease_of(prefill_worker) {
+            let mut state = worker.lock();
+            if state.dp_size != dp_size {
+                state.drop_leases();
+            }
+        }
+        response
+            .worker
+            .map(WorkerInfo::from)
+            .ok_or_else(|| Error::Status(Status::internal("the server sent no worker")))
+    }
+
+    /// Stops new rooms for a worker until it is registered again; an admin
+    /// call when the server has a token.
+    pub async fn deregister(&self, prefill_worker: &str) -> Result<(), Error> {
+        self.rpc()
+            .deregister_worker(pb::DeregisterWorkerRequest {
+                prefill_worker: prefill_worker.to_owned(),
+            })
+            .await
+            .map_err(|status| Error::from_status(prefill_worker, 0, status))?;
+        if let Some(worker) = self.lease_of(prefill_worker) {
+            worker.lock().drop_leases();
+        }
+        Ok(())
+    }
+
+    /// Which worker, rank and dp_size `room` was issued for.
+    pub async fn resolve(&self, room: u64) -> Result<Resolved, Error> {
+        let response = self
+            .rpc()
+            .resolve_rank(pb::ResolveRankRequest { room })
+            .await?
+            .into_inner();
+        Ok(Resolved {
+            prefill_worker: response.prefill_worker,
+            dp_rank: response.dp_rank,
+            dp_size: response.dp_size,
+        })
+    }
+
+    /// Every registered worker, sorted by name (pages through ListWorkers).
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, Error> {
+        let mut workers = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .rpc()
+                .list_workers(pb::ListWorkersRequest {
+                    page_size: WORKERS_PAGE_SIZE,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            workers.extend(page.workers.into_iter().map(WorkerInfo::from));
+            if page.next_page_token.is_empty() {
+                return Ok(workers);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// One raw LeaseRooms call, not kept by the client: for tools, and
+    /// routers that manage their own leases. `dp_size` 0 = as registered.
+    pub async fn lease_rooms(
+        &self,
+        prefill_worker: &str,
+        count: u32,
+        dp_size: u32,
+    ) -> Result<Lease, Error> {
+        let response = self
+            .rpc()
+            .lease_rooms(pb::LeaseRoomsRequest {
+                prefill_worker: prefill_worker.to_owned(),
+                count,
+                dp_size,
+            })
+            .await
+            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?
+            .into_inner();
+        Ok(Lease {
+            first_base: response.first_base,
+            count: response.count,
+            dp_size: response.dp_size,
+            valid_for: Duration::from_millis(response.valid_for_ms),
+        })
+    }
+
+    /// A room for (`prefill_worker`, `dp_rank`) from the local lease, with no
+    /// RPC; `None` when the lease is empty or of another dp_size (then call
+    /// [`allocate`](Self::allocate)). Starts a refill when the lease runs low.
+    pub fn try_allocate(&self, prefill_worker: &str, dp_rank: u32, dp_size: u32) -> Option<u64> {
+        let worker = self.lease_of(prefill_worker)?;
+        let mut state = worker.lock();
+        if state.dp_size != dp_size || dp_rank >= dp_size {
+            return None;
+        }
+        if self.inner.runtime.is_none() {
+            // No timer drops expired blocks: check here.
+            state.drop_expired(Instant::now());
+        }
+        let base = state.take()?;
+        if state.low() && !worker.refilling.swap(true, Ordering::AcqRel) {
+            drop(state);
+            self.spawn_refill(worker);
+        }
+        Some(base + u64::from(dp_rank))
+    }
+
+    /// A room for (`prefill_worker`, `dp_rank`) aligned to `dp_size`, the
+    /// size the router believes the worker has: from the lease when it can,
+    /// else after leasing, else by AllocateRoom (which registers a worker
+    /// that was never registered, if the server lets this client).
+    pub async fn allocate(
+        &self,
+        prefill_worker: &str,
+        dp_rank: u32,
+        dp_size: u32,
+    ) -> Result<u64, Error> {
+        if dp_rank >= dp_size {
+            return Err(Error::RankOutOfRange { dp_rank, dp_size });
+        }
+        if let Some(room) = self.try_allocate(prefill_worker, dp_rank, dp_size) {
+            return Ok(room);
+        }
+        let worker = self.worker(prefill_worker);
+        {
+            let _one_lease = worker.refill.lock().await;
+            if let Some(room) = self.try_allocate(prefill_worker, dp_rank, dp_size) {
+                return Ok(room);
+            }
+            {
+                let mut state = worker.lock();
+                if state.dp_size != dp_size {
+                    // The caller's view of the worker changed: the old lease
+                    // is of no use for the new alignment.
+                    state.drop_leases();
+                    state.dp_size = dp_size;
+                }
+                state.drop_expired(Instant::now());
+            }
+            match self.refill_locked(&worker, dp_size).await {
+                Ok(()) => {}
+                Err(error @ (Error::DpSizeMismatch { .. } | Error::Deregistered { .. })) => {
+                    return Err(error)
+                }
+                Err(error) => debug!(%error, "leasing failed; falling back to AllocateRoom"),
+            }
+        }
+        if let Some(room) = self.try_allocate(prefill_worker, dp_rank, dp_size) {
+            return Ok(room);
+        }
+        self.allocate_by_rpc(prefill_worker, dp_rank, dp_size).await
+    }
+
+    async fn allocate_by_rpc(
+        &self,
+        prefill_worker: &str,
+        dp_rank: u32,
+        dp_size: u32,
+    ) -> Result<u64, Error> {
+        self.allocate_room(prefill_worker, dp_rank, dp_size)
+            .await
+            .map(|(room, _)| room)
+    }
+
+    /// One raw AllocateRoom call (no lease): the room and the dp_size it is
+    /// aligned to. `dp_size` 0 = as registered; another value registers a
+    /// worker never registered (an admin act when the server has a token).
+    pub async fn allocate_room(
+        &self,
+        prefill_worker: &str,
+        dp_rank: u32,
+        dp_size: u32,
+    ) -> Result<(u64, u32), Error> {
+        let response = self
+            .rpc()
+            .allocate_room(pb::AllocateRoomRequest {
+                prefill_worker: prefill_worker.to_owned(),
+                dp_rank,
+                dp_size,
+            })
+            .await
+            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?
+            .into_inner();
+        let aligned = response.dp_size != 0
+            && response.room % u64::from(response.dp_size) == u64::from(dp_rank);
+        if !aligned || (dp_size != 0 && response.dp_size != dp_size) {
+            // The server broke its contract; never hand such a room on.
+            return Err(Error::Status(Status::internal(format!(
+                "the server returned room {} of dp_size {} for rank {dp_rank} of dp_size {dp_size}",
+                response.room, response.dp_size
+            ))));
+        }
+        Ok((response.room, response.dp_size))
+    }
+
+    fn lease_of(&self, prefill_worker: &str) -> Option<Arc<WorkerLease>> {
+        self.inner
+            .workers
+            .read()
+            .expect("worker map lock is never poisoned")
+            .get(prefill_worker)
+            .cloned()
+    }
+
+    fn worker(&self, prefill_worker: &str) -> Arc<WorkerLease> {
+        if let Some(worker) = self.lease_of(prefill_worker) {
+            return worker;
+        }
+        self.inner
+            .workers
+            .write()
+            .expect("worker map lock is never poisoned")
+            .entry(prefill_worker.into())
+            .or_insert_with(|| {
+                Arc::new(WorkerLease {
+                    name: prefill_worker.into(),
+                    state: Mutex::new(LeaseState::new(INITIAL_LEASE, Instant::now())),
+                    refilling: AtomicBool::new(false),
+                    refill: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.inner
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+    }
+
+    fn spawn_refill(&self, worker: Arc<WorkerLease>) {
+        let Some(runtime) = self.runtime() else {
+            // No runtime to refill in: the next `allocate` leases inline.
+            worker.refilling.store(false, Ordering::Release);
+            return;
+        };
+        let client = self.clone();
+        runtime.spawn(async move {
+            if let Ok(_one_lease) = worker.refill.try_lock() {
+                let dp_size = worker.lock().dp_size;
+                if let Err(error) = client.refill_locked(&worker, dp_size).await {
+                    debug!(worker = %worker.name.escape_debug(), %error, "refilling the room lease failed; the next allocate leases or falls back to AllocateRoom");
+                }
+            }
+            worker.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Leases one more block for `worker` at `dp_size` (the caller holds the
+    /// worker's refill lock). A mismatch or a deregistration drops the lease.
+    async fn refill_locked(&self, worker: &Arc<WorkerLease>, dp_size: u32) -> Result<(), Error> {
+        let count = {
+            let mut state = worker.lock();
+            let max = (MAX_LEASE_NUMBERS / u64::from(dp_size.max(1)))
+                .clamp(1, u64::from(MAX_LEASE_COUNT));
+            let max = u32::try_from(max).expect("clamped to MAX_LEASE_COUNT");
+            state.next_lease_size(Instant::now(), FAST_LEASE, INITIAL_LEASE.min(max), max)
+        };
+        let sent_at = Instant::now();
+        let lease = match self.lease_rooms(&worker.name, count, dp_size).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                if matches!(
+                    error,
+                    Error::DpSizeMismatch { .. } | Error::Deregistered { .. }
+                ) {
+                    worker.lock().drop_leases();
+                }
+                return Err(error);
+            }
+        };
+        if lease.dp_size != dp_size || lease.first_base % u64::from(dp_size) != 0 {
+            return Err(Error::Status(Status::internal(format!(
+                "the server leased bases from {} of dp_size {} for dp_size {dp_size}",
+                lease.first_base, lease.dp_size
+            ))));
+        }
+        // Measured from before the call: the server's clock started earlier
+        // than the response arrived.
+        let valid_for = if lease.valid_for.is_zero() {
+            self.inner.max_lease_age
+        } else {
+            lease.valid_for.min(self.inner.max_lease_age)
+        };
+        let block = Block {
+            next: lease.first_base,
+            left: u64::from(lease.count),
+            expires_at: sent_at + valid_for,
+        };
+        {
+            let mut state = worker.lock();
+            if state.dp_size != dp_size {
+                // The caller switched dp_size meanwhile; skip these bases.
+                return Ok(());
+            }
+            state.push(block);
+        }
+        self.expire_later(worker, block.expires_at);
+        Ok(())
+    }
+
+    /// Drops the worker's expired blocks when `at` comes, so the hot path
+    /// never reads a clock.
+    fn expire_later(&self, worker: &Arc<WorkerLease>, at: Instant) {
+        let Some(runtime) = self.runtime() else {
+            return;
+        };
+        let worker: Weak<WorkerLease> = Arc::downgrade(worker);
+        runtime.spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            if let Some(worker) = worker.upgrade() {
+                worker.lock().drop_expired(Instant::now());
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for RoomClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomClient").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_spreads_worker_names() {
+        let hash = |s: &str| {
+            let mut h = Fnv::default();
+            h.write(s.as_bytes());
+            h.finish()
+        };
+        assert_ne!(hash("prefill-0"), hash("prefill-1"));
+    }
+
+    #[test]
+    fn host_port_means_http_or_https_with_tls() {
+        let plain = RoomClient::builder(["127.0.0.1:50051"]);
+        assert_eq!(plain.url("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(plain.url("https://a:1"), "https://a:1");
+        let tls = plain.ca_certificate_pem(b"pem".to_vec());
+        assert_eq!(tls.url("a:1"), "https://a:1");
+    }
+}

@@ -1,0 +1,138 @@
+//! A worker's leased bases: blocks of `first_base + i * dp_size`, each base
+//! handed out once, each block only until it expires.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// One leased block: the bases `next, next + dp_size, ...`, `left` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Block {
+    pub next: u64,
+    pub left: u64,
+    /// Past this the block's bases are dropped unused: its rooms might not
+    /// resolve for the retention period, or miss a realignment.
+    pub expires_at: Instant,
+}
+
+#[derive(Debug)]
+pub(crate) struct LeaseState {
+    /// dp_size the leased bases are aligned to; 0 = none leased yet.
+    pub dp_size: u32,
+    pub blocks: VecDeque<Block>,
+    /// Bases left in all blocks.
+    pub available: u64,
+    /// Bases asked for at the next refill.
+    pub lease_size: u32,
+    pub last_lease_at: Instant,
+}
+
+impl LeaseState {
+    pub fn new(initial_lease: u32, now: Instant) -> Self {
+        Self {
+            dp_size: 0,
+            blocks: VecDeque::new(),
+            available: 0,
+            lease_size: initial_lease,
+            last_lease_at: now,
+        }
+    }
+
+    /// Takes the next base. Expired blocks are dropped by a timer (see
+    /// `RoomClient::expire_later`), or by `drop_expired` when there is no
+    /// runtime, so the hot path reads no clock.
+    pub fn take(&mut self) -> Option<u64> {
+        let dp_size = u64::from(self.dp_size);
+        let block = self.blocks.front_mut()?;
+        let base = block.next;
+        block.next += dp_size;
+        block.left -= 1;
+        if block.left == 0 {
+            self.blocks.pop_front();
+        }
+        self.available -= 1;
+        Some(base)
+    }
+
+    /// Drops every block past its expiry; returns how many bases went unused.
+    pub fn drop_expired(&mut self, now: Instant) -> u64 {
+        let mut dropped = 0;
+        self.blocks.retain(|block| {
+            let keep = block.expires_at > now;
+            if !keep {
+                dropped += block.left;
+            }
+            keep
+        });
+        self.available -= dropped;
+        dropped
+    }
+
+    pub fn push(&mut self, block: Block) {
+        self.available += block.left;
+        self.blocks.push_back(block);
+    }
+
+    /// True when a refill should start: half a lease or less is left.
+    pub fn low(&self) -> bool {
+        self.available <= u64::from(self.lease_size / 2)
+    }
+
+    /// Forgets every leased base (their numbers are skipped, never reissued).
+    pub fn drop_leases(&mut self) {
+        self.blocks.clear();
+        self.available = 0;
+    }
+
+    /// Sizes the next lease: doubles while leases run out within
+    /// `fast`, halves when they last ten times that.
+    pub fn next_lease_size(&mut self, now: Instant, fast: Duration, min: u32, max: u32) -> u32 {
+        let since = now.saturating_duration_since(self.last_lease_at);
+        if since < fast {
+            self.lease_size = self.lease_size.saturating_mul(2);
+        } else if since > fast * 10 {
+            self.lease_size /= 2;
+        }
+        self.lease_size = self.lease_size.clamp(min, max);
+        self.last_lease_at = now;
+        self.lease_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_hands_out_each_base_once_in_order_and_expired_blocks_go() {
+        let now = Instant::now();
+        let mut state = LeaseState::new(4, now);
+        state.dp_size = 4;
+        state.push(Block {
+            next: 8,
+            left: 2,
+            expires_at: now + Duration::from_secs(10),
+        });
+        state.push(Block {
+            next: 100,
+            left: 1,
+            expires_at: now + Duration::from_secs(20),
+        });
+        assert_eq!(state.take(), Some(8));
+        assert_eq!(state.take(), Some(12));
+        assert!(state.low());
+        assert_eq!(state.drop_expired(now + Duration::from_secs(30)), 1);
+        assert_eq!(state.take(), None);
+        assert_eq!(state.available, 0);
+    }
+
+    #[test]
+    fn lease_sizes_grow_while_leases_run_out_fast_and_shrink_when_idle() {
+        let now = Instant::now();
+        let mut state = LeaseState::new(256, now);
+        let fast = Duration::from_secs(1);
+        let size = state.next_lease_size(now + Duration::from_millis(100), fast, 256, 4096);
+        assert_eq!(size, 512);
+        let size = state.next_lease_size(now + Duration::from_secs(60), fast, 256, 4096);
+        assert_eq!(size, 256);
+    }
+}

@@ -1,0 +1,461 @@
+//! A small etcd v3 client over tonic: the KV, Watch, Lease and Auth calls the
+//! etcd store makes, generated with protox from `proto/etcd/rpc.proto`, so
+//! the build needs no `protoc` (etcd-client's build script does).
+//!
+//! It connects to several endpoints (calls are spread over the reachable ones
+//! and fail over), speaks TLS and mutual TLS, sends HTTP/2 keep-alives so a
+//! silently dead connection is noticed, and authenticates with a user and
+//! password: the token goes in the `token` metadata, and a call refused for
+//! an expired token is retried once after authenticating again.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request, Status, Streaming};
+
+use room_allocator_client::cause_chain;
+
+/// Generated etcd types and clients (`etcdserverpb`).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use pb::auth_client::AuthClient;
+use pb::kv_client::KvClient;
+use pb::lease_client::LeaseClient;
+use pb::watch_client::WatchClient;
+
+/// An etcd call that failed: its gRPC code and what etcd (or the transport) said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl std::fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({})",
+            self.message,
+            room_allocator_client::code_name(self.code)
+        )
+    }
+}
+
+impl std::error::Error for EtcdError {}
+
+impl From<Status> for EtcdError {
+    fn from(status: Status) -> Self {
+        let message = if status.message().is_empty() {
+            cause_chain(&status)
+        } else {
+            let mut message = status.message().to_owned();
+            if let Some(source) = std::error::Error::source(&status) {
+                message = format!("{message}: {}", cause_chain(source));
+            }
+            message
+        };
+        Self {
+            code: status.code(),
+            message,
+        }
+    }
+}
+
+impl EtcdError {
+    fn config(message: impl Into<String>) -> Self {
+        Self {
+            code: Code::InvalidArgument,
+            message: message.into(),
+        }
+    }
+
+    /// etcd refused the call's auth token (expired, or the auth store moved on).
+    fn is_stale_token(&self) -> bool {
+        (self.code == Code::Unauthenticated && self.message.contains("invalid auth token"))
+            || self.message.contains("revision of auth store is old")
+    }
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    pub endpoints: Vec<String>,
+    pub user: Option<(String, String)>,
+    /// CA (PEM) to verify etcd's certificate; turns `http://` endpoints into TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Bound on connecting and on each call.
+    pub timeout: Duration,
+}
+
+/// A connected etcd client; clones share the connection and the token.
+#[derive(Clone)]
+pub struct EtcdClient {
+    channel: Channel,
+    user: Option<Arc<(String, String)>>,
+    token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
+}
+
+impl EtcdClient {
+    /// Connects to the first endpoint that answers (trying each once), then
+    /// spreads calls over all of them; authenticates if a user is given.
+    pub async fn connect(options: &ConnectOptions) -> Result<Self, EtcdError> {
+        if options.endpoints.is_empty() {
+            return Err(EtcdError::config("no etcd endpoint given"));
+        }
+        let endpoints = options
+            .endpoints
+            .iter()
+            .map(|url| endpoint(url, options))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut failure = None;
+        let mut reachable = false;
+        for (url, endpoint) in options.endpoints.iter().zip(&endpoints) {
+            match endpoint.connect().await {
+                Ok(_) => {
+                    reachable = true;
+                    break;
+                }
+                Err(error) => failure = Some(format!("{url}: {}", cause_chain(&error))),
+            }
+        }
+        if !reachable {
+            return Err(EtcdError {
+                code: Code::Unavailable,
+                message: failure.unwrap_or_default(),
+            });
+        }
+        let channel = if endpoints.len() == 1 {
+            endpoints[0].connect_lazy()
+        } else {
+            Channel::balance_list(endpoints.into_iter())
+        };
+        let client = Self {
+            channel,
+            user: options.user.clone().map(Arc::new),
+            token: Arc::default(),
+        };
+        if client.user.is_some() {
+            client.authenticate().await?;
+        }
+        Ok(client)
+    }
+
+    async fn authenticate(&self) -> Result<(), EtcdError> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let response = AuthClient::new(self.channel.clone())
+            .authenticate(pb::AuthenticateRequest {
+                name: user.0.clone(),
+                password: user.1.clone(),
+            })
+            .await?
+            .into_inner();
+        let token = response
+            .token
+            .parse()
+            .map_err(|_| EtcdError::config("etcd sent an auth token that is not ASCII"))?;
+        *self.token.write().expect("token lock is never poisoned") = Some(token);
+        Ok(())
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = self
+            .token
+            .read()
+            .expect("token lock is never poisoned")
+            .clone()
+        {
+            request.metadata_mut().insert("token", token);
+        }
+        request
+    }
+
+    /// Runs a unary call; once more after authenticating again if etcd
+    /// refused the token.
+    async fn unary<T, R, F, Fut>(&self, message: T, call: F) -> Result<R, EtcdError>
+    where
+        T: Clone,
+        F: Fn(Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        match call(self.channel.clone(), self.request(message.clone())).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                let error = EtcdError::from(status);
+                if self.user.is_none() || !error.is_stale_token() {
+                    return Err(error);
+                }
+                self.authenticate().await?;
+                Ok(call(self.channel.clone(), self.request(message))
+                    .await?
+                    .into_inner())
+            }
+        }
+    }
+
+    pub async fn range(&self, request: pb::RangeRequest) -> Result<pb::RangeResponse, EtcdError> {
+        self.unary(request, |channel, request| async move {
+            KvClient::new(channel).range(request).await
+        })
+        .await
+    }
+
+    pub async fn put(&self, request: pb::PutRequest) -> Result<pb::PutResponse, EtcdError> {
+        self.unary(request, |channel, request| async move {
+            KvClient::new(channel).put(request).await
+        })
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        request: pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, EtcdError> {
+        self.unary(request, |channel, request| async move {
+            KvClient::new(channel).delete_range(request).await
+        })
+        .await
+    }
+
+    pub async fn txn(&self, request: pb::TxnRequest) -> Result<pb::TxnResponse, EtcdError> {
+        self.unary(request, |channel, request| async move {
+            KvClient::new(channel).txn(request).await
+        })
+        .await
+    }
+
+    pub async fn lease_grant(&self, ttl_secs: i64) -> Result<pb::LeaseGrantResponse, EtcdError> {
+        let request = pb::LeaseGrantRequest {
+            ttl: ttl_secs,
+            id: 0,
+        };
+        self.unary(request, |channel, request| async move {
+            LeaseClient::new(channel).lease_grant(request).await
+        })
+        .await
+    }
+
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+    ) -> Result<pb::LeaseTimeToLiveResponse, EtcdError> {
+        let request = pb::LeaseTimeToLiveRequest { id, keys: false };
+        self.unary(request, |channel, request| async move {
+            LeaseClient::new(channel).lease_time_to_live(request).await
+        })
+        .await
+    }
+
+    /// Opens a watch stream: `requests` creates the watch and can ask for
+    /// progress (a response carrying the revision the watch has caught up
+    /// to). Keep `requests` open for as long as the watch should last: etcd
+    /// ends a watch whose client stopped sending.
+    pub async fn watch(
+        &self,
+        requests: tokio::sync::mpsc::Receiver<pb::WatchRequest>,
+    ) -> Result<Streaming<pb::WatchResponse>, EtcdError> {
+        let requests = tokio_stream::wrappers::ReceiverStream::new(requests);
+        let mut client = WatchClient::new(self.channel.clone());
+        match client.watch(self.request(requests)).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                let error = EtcdError::from(status);
+                if self.user.is_some() && error.is_stale_token() {
+                    self.authenticate().await?;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Adds a user (tests and tools set up etcd auth with it).
+    pub async fn user_add(&self, name: &str, password: &str) -> Result<(), EtcdError> {
+        let request = pb::AuthUserAddRequest {
+            name: name.to_owned(),
+            password: password.to_owned(),
+            options: None,
+        };
+        self.unary(request, |channel, request| async move {
+            AuthClient::new(channel).user_add(request).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn user_grant_role(&self, user: &str, role: &str) -> Result<(), EtcdError> {
+        let request = pb::AuthUserGrantRoleRequest {
+            user: user.to_owned(),
+            role: role.to_owned(),
+        };
+        self.unary(request, |channel, request| async move {
+            AuthClient::new(channel).user_grant_role(request).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn auth_enable(&self) -> Result<(), EtcdError> {
+        self.unary(pb::AuthEnableRequest {}, |channel, request| async move {
+            AuthClient::new(channel).auth_enable(request).await
+        })
+        .await
+        .map(drop)
+    }
+}
+
+fn endpoint(url: &str, options: &ConnectOptions) -> Result<Endpoint, EtcdError> {
+    let tls = options.ca_pem.is_some() || options.identity_pem.is_some();
+    let url = match (url.split_once("://"), tls) {
+        (Some(("http", rest)), true) => format!("https://{rest}"),
+        (Some(_), _) => url.to_owned(),
+        (None, true) => format!("https://{url}"),
+        (None, false) => format!("http://{url}"),
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|error| {
+            EtcdError::config(format!(
+                "{url:?} is not an etcd endpoint URL ({error}); use e.g. http://127.0.0.1:2379"
+            ))
+        })?
+        .connect_timeout(options.timeout)
+        .timeout(options.timeout)
+        .tcp_nodelay(true)
+        // A connection that died silently (a partition) is noticed and redialled.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(options.timeout)
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &options.ca_pem {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &options.identity_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).map_err(|error| {
+            EtcdError::config(format!("bad etcd TLS settings: {}", cause_chain(&error)))
+        })?;
+    }
+    Ok(endpoint)
+}
+
+/// `prefix`'s range end: the keys that start with it are `[prefix, end)`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: every key from the prefix on.
+    vec![0]
+}
+
+/// Builders for the compares and operations of a transaction.
+pub mod txn {
+    use super::pb;
+    use super::pb::compare::{CompareResult, CompareTarget, TargetUnion};
+
+    /// `key` still has `mod_revision` (0: it still does not exist).
+    pub fn unchanged_since(key: &str, mod_revision: i64) -> pb::Compare {
+        if mod_revision == 0 {
+            pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Create as i32,
+                key: key.as_bytes().to_vec(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::CreateRevision(0)),
+            }
+        } else {
+            pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Mod as i32,
+                key: key.as_bytes().to_vec(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::ModRevision(mod_revision)),
+            }
+        }
+    }
+
+    /// `key` holds exactly `value`.
+    pub fn value_is(key: &str, value: &str) -> pb::Compare {
+        pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            key: key.as_bytes().to_vec(),
+            range_end: Vec::new(),
+            target_union: Some(TargetUnion::Value(value.as_bytes().to_vec())),
+        }
+    }
+
+    pub fn put(key: &str, value: impl Into<Vec<u8>>, lease: i64) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: value.into(),
+                lease,
+                prev_kv: false,
+            })),
+        }
+    }
+
+    pub fn get(key: &str) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    pub fn get_range(request: pb::RangeRequest) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestRange(request)),
+        }
+    }
+
+    pub fn delete(key: &str) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestDeleteRange(
+                pb::DeleteRangeRequest {
+                    key: key.as_bytes().to_vec(),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    /// The key-values a transaction's range operations read, in order.
+    pub fn ranges(response: &pb::TxnResponse) -> Vec<&pb::RangeResponse> {
+        response
+            .responses
+            .iter()
+            .filter_map(|op| match &op.response {
+                Some(pb::response_op::Response::ResponseRange(range)) => Some(range),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_where_its_last_byte_rolls_over() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

@@ -1,0 +1,1643 @@
+//! The etcd store: one room space shared by every allocator replica.
+//!
+//! # Keys (under `--etcd-prefix`, default `/room-allocator/`)
+//! - `v1/high_water`: decimal u64, the end of the highest reserved range.
+//! - `v1/ranges/{start:020}`: JSON `{"end", "dp_size", "prefill_worker",
+//!   "created_unix_ms"}`; zero-padded so keys sort by start. Attached to an
+//!   etcd lease, so etcd itself deletes it after the retention period.
+//! - `v1/workers/{prefill_worker}`: JSON `{"dp_size", "registered"}`. A
+//!   deregistered worker's key is attached to a lease too, outliving its
+//!   ranges; then it is forgotten.
+//! - `v1/issued/{prefill_worker}`: decimal u64, `rooms_issued` persisted by
+//!   replicas as they shut down (deleted when the worker is deregistered).
+//! - `v1/config/retention_ms`: decimal u64, the fleet's retention: written by
+//!   the first replica, honoured by every later one (`room-allocator
+//!   retention` changes it).
+//! - `v1/pruned_below`: decimal u64, written by 0.1 replicas, which pruned by
+//!   their own clocks; read for ResolveRank's answers only.
+//!
+//! # Reserving ranges
+//! Concurrent reservations of one replica are folded into one transaction
+//! (at most [`MAX_BATCH`]): if `high_water` still has the mod revision this
+//! replica last saw (or does not exist yet) **and** every worker's key still
+//! has the revision of the registration being served, put the new
+//! `high_water` and the range records. etcd transactions are linearizable, so
+//! two replicas can never both move the mark from the same value: ranges
+//! never overlap. A failed compare returns the current values: reservations
+//! whose worker changed get `StaleRegistration` (the allocator follows the
+//! change), the rest try again. A transaction whose outcome is unknown
+//! (timeout, lost connection) is never used: the replica rereads the mark
+//! and reserves afresh, so at worst a range is reserved and never used.
+//!
+//! # Retention, by etcd's clock
+//! Range records are put with a lease of TTL `2 * retention + bucket`, where
+//! one lease serves every range reserved within `bucket` (retention / 8,
+//! between 1 s and 1 h). etcd deletes the records when the lease expires,
+//! timed by the etcd leader's monotonic clock (a leader change only extends
+//! leases), so no replica's wall clock decides what is pruned. A replica
+//! serves rooms from a range for at most `retention` after reserving it
+//! (timed by its own monotonic clock), so every room resolves for at least
+//! `retention`. The retention itself is one fleet-wide setting in etcd.
+//!
+//! # Registrations
+//! Each replica watches `v1/workers/` and, every [`PROGRESS_INTERVAL`], asks
+//! the watch for a progress notification: etcd answers once the watch has
+//! delivered every change up to the current revision, which confirms the
+//! replica's view. A broken watch is reopened from the last revision seen (all
+//! registrations are reread if etcd compacted it). A replica that has not
+//! confirmed its view for `--etcd-staleness-secs` (default 10 s) stops handing
+//! out rooms (UNAVAILABLE), so no replica keeps issuing rooms aligned to a
+//! dp_size that was changed elsewhere for longer than that window.
+//! Reservations also compare the registration's revision, so a new range is
+//! never reserved for an outdated dp_size.
+
+pub mod client;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use self::client::{pb, prefix_end, txn, ConnectOptions, EtcdClient, EtcdError};
+use super::{
+    IssuedCount, OpenError, PruneRequest, Pruned, Reservation, Snapshot, Store, StoreError,
+    StoreFuture, StoreUpdate, WorkerRecord,
+};
+use crate::failpoint;
+use crate::space::{Bounds, DpSize, RangeOwner, RangeTable, Room, RoomRange, SPACE_START};
+
+/// How often a replica asks its watch to confirm it is caught up.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Compare-and-swap attempts before a reservation gives up; each failure means
+/// another replica reserved meanwhile, so this bounds a pathological storm.
+const MAX_CAS_ATTEMPTS: usize = 32;
+/// Reservations folded into one transaction: each takes a compare and a put,
+/// and etcd allows 128 operations per transaction branch by default.
+const MAX_BATCH: usize = 60;
+/// Keys per page when reading a whole prefix: far below gRPC's 4 MiB.
+const PAGE_KEYS: i64 = 5000;
+/// Rooms remembered as not in any range, so repeated misses skip etcd.
+const NEGATIVE_CACHE: usize = 65_536;
+
+/// How to reach etcd, and the settings replicas share through it.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Bound on every etcd call; past it a call fails with UNAVAILABLE.
+    pub timeout: Duration,
+    /// Longest a replica serves rooms without confirming the registrations.
+    pub staleness: Duration,
+    /// `--retention`: written to etcd by the first replica of a prefix.
+    pub retention: Duration,
+    /// The part of the space this deployment hands out.
+    pub bounds: Bounds,
+}
+
+impl EtcdConfig {
+    /// Reads the TLS files and builds the client's options.
+    pub fn connect_options(&self) -> Result<ConnectOptions, OpenError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| OpenError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        let identity_pem = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        Ok(ConnectOptions {
+            endpoints: self.endpoints.clone(),
+            user: self.username.clone().zip(self.password.clone()),
+            ca_pem: self.ca.as_ref().map(read).transpose()?,
+            identity_pem,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// Key names under the configured prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    root: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        let mut root = prefix.to_owned();
+        if !root.ends_with('/') {
+            root.push('/');
+        }
+        root.push_str("v1/");
+        Self { root }
+    }
+
+    fn high_water(&self) -> String {
+        format!("{}high_water", self.root)
+    }
+
+    fn ranges(&self) -> String {
+        format!("{}ranges/", self.root)
+    }
+
+    fn range(&self, start: u64) -> String {
+        format!("{}ranges/{start:020}", self.root)
+    }
+
+    fn workers(&self) -> String {
+        format!("{}workers/", self.root)
+    }
+
+    fn worker(&self, name: &str) -> String {
+        format!("{}workers/{name}", self.root)
+    }
+
+    fn issued(&self, name: &str) -> String {
+        format!("{}issued/{name}", self.root)
+    }
+
+    fn retention(&self) -> String {
+        format!("{}config/retention_ms", self.root)
+    }
+}
+
+/// The registration a worker key holds; its exact bytes are compared when a
+/// replica registers, so it is always encoded the same way.
+pub(crate) fn encode_worker(dp_size: DpSize, registered: bool) -> String {
+    json!({ "dp_size": dp_size.get(), "registered": registered }).to_string()
+}
+
+/// A fuzz target: never panics; accepts only a valid dp_size and a flag.
+pub(crate) fn decode_worker(value: &[u8]) -> Option<(DpSize, bool)> {
+    let value: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let dp_size = u32::try_from(value["dp_size"].as_u64()?).ok()?;
+    let registered = value["registered"].as_bool()?;
+    Some((DpSize::try_new(dp_size).ok()?, registered))
+}
+
+/// A range record's value; its start is in the key.
+pub(crate) fn encode_range(owner: &RangeOwner) -> String {
+    json!({
+        "end": owner.range.end(),
+        "dp_size": owner.range.dp_size().get(),
+        "prefill_worker": &*owner.prefill_worker,
+        "created_unix_ms": owner.created_unix_ms,
+    })
+    .to_string()
+}
+
+/// A fuzz target: never panics; accepts only an aligned range inside the
+/// space, owned by a valid worker name, whose key is its canonical start.
+pub(crate) fn decode_range(key_start: &str, value: &[u8]) -> Option<RangeOwner> {
+    let start: u64 = parse_decimal(key_start.as_bytes())?;
+    if key_start != format!("{start:020}") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let end = value["end"].as_u64()?;
+    let dp_size = DpSize::try_new(u32::try_from(value["dp_size"].as_u64()?).ok()?).ok()?;
+    let worker = value["prefill_worker"].as_str()?;
+    crate::allocator::validate_worker(worker).ok()?;
+    Some(RangeOwner {
+        prefill_worker: Arc::from(worker),
+        range: RoomRange::from_parts(start, end, dp_size)?,
+        created_unix_ms: value["created_unix_ms"].as_u64()?,
+    })
+}
+
+/// A decimal u64 with nothing else around it (no sign, no spaces).
+pub(crate) fn parse_decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The registration a worker key holds, as the allocator applies it.
+fn worker_record(prefill_worker: Arc<str>, kv: &pb::KeyValue) -> Option<WorkerRecord> {
+    let (dp_size, registered) = decode_worker(&kv.value)?;
+    Some(WorkerRecord {
+        prefill_worker,
+        dp_size,
+        registered,
+        rooms_issued: 0,
+        revision: kv.mod_revision,
+    })
+}
+
+fn etcd_error(operation: &'static str, error: EtcdError) -> StoreError {
+    StoreError::Etcd {
+        operation,
+        message: error.to_string(),
+    }
+}
+
+/// Runs an etcd call within `timeout`.
+async fn timed<T>(
+    timeout: Duration,
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, EtcdError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(|error| etcd_error(operation, error)),
+        Err(_) => Err(StoreError::Timeout {
+            operation,
+            after: timeout,
+        }),
+    }
+}
+
+/// The lease ranges reserved now are attached to.
+#[derive(Debug, Clone, Copy)]
+struct BucketLease {
+    id: i64,
+    granted_at: Instant,
+}
+
+/// What the store's tasks share with it.
+struct Shared {
+    client: EtcdClient,
+    keys: Keys,
+    timeout: Duration,
+    bounds: Bounds,
+    retention: Duration,
+    bucket: Duration,
+    lease: tokio::sync::Mutex<Option<BucketLease>>,
+    /// `high_water` as last seen (a lower bound of etcd's).
+    high_water: AtomicU64,
+    /// When the registrations were last confirmed, in ms since `epoch`.
+    confirmed_ms: AtomicU64,
+    epoch: Instant,
+    reachable: AtomicBool,
+}
+
+impl Shared {
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, EtcdError>>,
+    ) -> Result<T, StoreError> {
+        timed(self.timeout, operation, call).await
+    }
+
+    /// The lease for records put now: reused for `bucket`, then a new one.
+    async fn bucket_lease(&self) -> Result<i64, StoreError> {
+        let mut lease = self.lease.lock().await;
+        if let Some(current) = *lease {
+            if current.granted_at.elapsed() < self.bucket {
+                return Ok(current.id);
+            }
+        }
+        let granted_at = Instant::now();
+        let granted = self
+            .timed(
+                "grant a lease",
+                self.client
+                    .lease_grant(lease_ttl_secs(self.retention, self.bucket)),
+            )
+            .await?;
+        failpoint!(
+            "etcd::lease_granted",
+            StoreError::Injected("etcd::lease_granted")
+        );
+        *lease = Some(BucketLease {
+            id: granted.id,
+            granted_at,
+        });
+        Ok(granted.id)
+    }
+
+    /// Forgets a lease etcd no longer has (it expired while unused).
+    async fn drop_lease(&self, id: i64) {
+        let mut lease = self.lease.lock().await;
+        if lease.is_some_and(|l| l.id == id) {
+            *lease = None;
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Lease TTL for ranges: twice the retention, plus the bucket a lease serves.
+fn lease_ttl_secs(retention: Duration, bucket: Duration) -> i64 {
+    let ttl = (retention * 2 + bucket).as_secs_f64().ceil();
+    // Far below i64::MAX seconds: retention is parsed from a u64 of seconds.
+    ttl.min(9.0e18) as i64
+}
+
+/// How long one lease serves reservations.
+fn bucket_for(retention: Duration) -> Duration {
+    (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// A reservation waiting for the next transaction.
+struct PendingReservation {
+    reservation: Reservation,
+    reply: oneshot::Sender<Result<RoomRange, StoreError>>,
+}
+
+/// Rooms known to lie in no range, with whether they are older than every
+/// live range; bounded, oldest entries go first.
+#[derive(Default)]
+struct NegativeCache {
+    rooms: HashMap<u64, bool>,
+    order: VecDeque<u64>,
+}
+
+impl NegativeCache {
+    fn get(&self, room: u64) -> Option<bool> {
+        self.rooms.get(&room).copied()
+    }
+
+    fn insert(&mut self, room: u64, below_oldest: bool) {
+        if self.rooms.insert(room, below_oldest).is_none() {
+            self.order.push_back(room);
+            if self.order.len() > NEGATIVE_CACHE {
+                if let Some(old) = self.order.pop_front() {
+                    self.rooms.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// The etcd store handle.
+pub struct EtcdStore {
+    shared: Arc<Shared>,
+    staleness: Duration,
+    reservations: mpsc::UnboundedSender<PendingReservation>,
+    updates: Mutex<Option<mpsc::UnboundedReceiver<StoreUpdate>>>,
+    misses: Mutex<NegativeCache>,
+    /// ResolveRank says "pruned" for rooms below this (0.1's marker).
+    legacy_pruned_below: u64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl EtcdStore {
+    /// Connects, settles the fleet's retention, loads everything under the
+    /// prefix, and starts following registrations. Refuses to start if etcd
+    /// cannot be reached in time or holds data this binary cannot trust.
+    pub async fn open(config: &EtcdConfig) -> Result<(Self, Snapshot), OpenError> {
+        let Loaded {
+            client,
+            keys,
+            mut snapshot,
+            high_water,
+            revision,
+            unleased,
+        } = connect_and_load(config).await?;
+        super::check_bounds(snapshot.high_water, config.bounds)?;
+        let retention = fleet_retention(&client, &keys, config).await?;
+        snapshot.retention = retention;
+        info!(
+            endpoints = %config.endpoints.join(","),
+            prefix = %keys.root,
+            ranges = snapshot.ranges.len(),
+            workers = snapshot.workers.len(),
+            high_water = snapshot.high_water,
+            retention_secs = retention.as_secs_f64(),
+            "opened the etcd store"
+        );
+        let shared = Arc::new(Shared {
+            client,
+            keys,
+            timeout: config.timeout,
+            bounds: config.bounds,
+            retention,
+            bucket: bucket_for(retention),
+            lease: tokio::sync::Mutex::new(None),
+            high_water: AtomicU64::new(snapshot.high_water),
+            confirmed_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            reachable: AtomicBool::new(true),
+        });
+        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        let known = snapshot
+            .workers
+            .iter()
+            .map(|w| w.prefill_worker.clone())
+            .collect();
+        let sync = RegistrationSync {
+            shared: shared.clone(),
+            updates: updates_tx,
+            known,
+        };
+        let (reservations, queue) = mpsc::unbounded_channel();
+        let mut tasks = vec![
+            tokio::spawn(sync.run(revision)),
+            tokio::spawn(run_reservations(shared.clone(), queue, high_water)),
+        ];
+        if !unleased.is_empty() {
+            tasks.push(tokio::spawn(lease_unleased(shared.clone(), unleased)));
+        }
+        let store = Self {
+            shared,
+            staleness: config.staleness,
+            reservations,
+            updates: Mutex::new(Some(updates_rx)),
+            misses: Mutex::new(NegativeCache::default()),
+            legacy_pruned_below: snapshot.pruned_below,
+            tasks,
+        };
+        Ok((store, snapshot))
+    }
+
+    async fn register_worker(&self, worker: Arc<str>, dp_size: DpSize) -> Result<i64, StoreError> {
+        let key = self.shared.keys.worker(&worker);
+        let value = encode_worker(dp_size, true);
+        // Written only if it differs from what etcd holds (not from what this
+        // replica believes: another replica may have realigned the worker).
+        let request = pb::TxnRequest {
+            compare: vec![txn::value_is(&key, &value)],
+            success: vec![txn::get(&key)],
+            failure: vec![txn::put(&key, value.clone(), 0), txn::get(&key)],
+        };
+        let response = self
+            .shared
+            .timed("write the registration", self.shared.client.txn(request))
+            .await?;
+        failpoint!("etcd::registered", StoreError::Injected("etcd::registered"));
+        revision_of(&response, &key)
+    }
+
+    async fn deregister_worker(
+        &self,
+        worker: Arc<str>,
+        dp_size: DpSize,
+    ) -> Result<i64, StoreError> {
+        let key = self.shared.keys.worker(&worker);
+        // The record outlives every range of the worker (all were reserved
+        // before now, under this lease or an older one), then etcd drops it.
+        let lease = self.shared.bucket_lease().await?;
+        let request = pb::TxnRequest {
+            compare: Vec::new(),
+            success: vec![
+                txn::put(&key, encode_worker(dp_size, false), lease),
+                txn::delete(&self.shared.keys.issued(&worker)),
+                txn::get(&key),
+            ],
+            failure: Vec::new(),
+        };
+        let response = self
+            .shared
+            .timed("write the deregistration", self.shared.client.txn(request))
+            .await;
+        let response = match response {
+            Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
+                self.shared.drop_lease(lease).await;
+                return Err(StoreError::Etcd {
+                    operation: "write the deregistration",
+                    message,
+                });
+            }
+            other => other?,
+        };
+        revision_of(&response, &key)
+    }
+
+    async fn add_issued(&self, counts: Vec<IssuedCount>) -> Result<(), StoreError> {
+        for count in counts.into_iter().filter(|c| c.since_open > 0) {
+            let key = self.shared.keys.issued(&count.prefill_worker);
+            for _ in 0..MAX_CAS_ATTEMPTS {
+                let current = self
+                    .shared
+                    .timed("read rooms_issued", self.shared.client.range(get(&key)))
+                    .await?;
+                let (old, guard) = counter_guard(current.kvs.first(), &key).ok_or_else(|| {
+                    StoreError::Corrupt {
+                        key: key.clone(),
+                        reason: "not a decimal number".into(),
+                    }
+                })?;
+                let new = old.saturating_add(count.since_open).to_string();
+                let request = pb::TxnRequest {
+                    compare: vec![guard],
+                    success: vec![txn::put(&key, new, 0)],
+                    failure: Vec::new(),
+                };
+                if self
+                    .shared
+                    .timed("write rooms_issued", self.shared.client.txn(request))
+                    .await?
+                    .succeeded
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
+        let keys = &self.shared.keys;
+        let ranges = keys.ranges();
+        // One snapshot: the range at or below the room, the lowest range
+        // still kept, and the high-water mark.
+        let request = pb::TxnRequest {
+            compare: Vec::new(),
+            success: vec![
+                txn::get_range(pb::RangeRequest {
+                    key: keys.range(0).into_bytes(),
+                    range_end: keys.range(room.get().saturating_add(1)).into_bytes(),
+                    limit: 1,
+                    sort_order: pb::range_request::SortOrder::Descend as i32,
+                    sort_target: pb::range_request::SortTarget::Key as i32,
+                    ..Default::default()
+                }),
+                txn::get_range(pb::RangeRequest {
+                    key: ranges.clone().into_bytes(),
+                    range_end: prefix_end(ranges.as_bytes()),
+                    limit: 1,
+                    keys_only: true,
+                    ..Default::default()
+                }),
+                txn::get(&keys.high_water()),
+            ],
+            failure: Vec::new(),
+        };
+        let response = self
+            .shared
+            .timed("look up a range", self.shared.client.txn(request))
+            .await?;
+        let reads = txn::ranges(&response);
+        let decode = |kv: &pb::KeyValue| {
+            let key = std::str::from_utf8(&kv.key).ok()?;
+            decode_range(key.strip_prefix(&ranges)?, &kv.value)
+        };
+        if let Some(owner) = reads
+            .first()
+            .and_then(|r| r.kvs.first())
+            .and_then(decode)
+            .filter(|owner| owner.range.contains(room))
+        {
+            return Ok(Some(owner));
+        }
+        let oldest = reads.get(1).and_then(|r| r.kvs.first()).and_then(|kv| {
+            std::str::from_utf8(&kv.key)
+                .ok()?
+                .strip_prefix(&ranges)?
+                .parse::<u64>()
+                .ok()
+        });
+        let high_water = reads
+            .get(2)
+            .and_then(|r| r.kvs.first())
+            .and_then(|kv| parse_decimal(&kv.value))
+            .unwrap_or(SPACE_START);
+        if room.get() < high_water {
+            // Below the mark a miss is final: ranges are only ever reserved
+            // above it.
+            let below_oldest = oldest.is_none_or(|start| room.get() < start);
+            self.misses
+                .lock()
+                .expect("negative cache lock is never poisoned")
+                .insert(room.get(), below_oldest);
+        }
+        Ok(None)
+    }
+}
+
+/// The mod revision of `key` as a transaction read it.
+fn revision_of(response: &pb::TxnResponse, key: &str) -> Result<i64, StoreError> {
+    txn::ranges(response)
+        .last()
+        .and_then(|range| range.kvs.first())
+        .map(|kv| kv.mod_revision)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: "it vanished right after it was written".into(),
+        })
+}
+
+fn get(key: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: key.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Settles the fleet's retention: the one etcd holds wins; the first replica
+/// of a prefix writes its own.
+async fn fleet_retention(
+    client: &EtcdClient,
+    keys: &Keys,
+    config: &EtcdConfig,
+) -> Result<Duration, OpenError> {
+    let key = keys.retention();
+    let endpoints = config.endpoints.join(",");
+    let wanted = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
+    for _ in 0..3 {
+        let stored = etcd_call(config, client.range(get(&key))).await?;
+        if let Some(kv) = stored.kvs.first() {
+            let stored_ms = parse_decimal(&kv.value).ok_or_else(|| OpenError::CorruptKey {
+                key: key.clone(),
+                reason: "not a decimal number of milliseconds".into(),
+            })?;
+            if stored_ms != wanted {
+                warn!(
+                    fleet_retention_secs = stored_ms as f64 / 1000.0,
+                    flag_retention_secs = config.retention.as_secs_f64(),
+                    "--retention differs from the fleet's retention in etcd; using the fleet's (change it with `room-allocator retention --set`)"
+                );
+            }
+            return Ok(Duration::from_millis(stored_ms));
+        }
+        let request = pb::TxnRequest {
+            compare: vec![txn::unchanged_since(&key, 0)],
+            success: vec![txn::put(&key, wanted.to_string(), 0)],
+            failure: Vec::new(),
+        };
+        if etcd_call(config, client.txn(request)).await?.succeeded {
+            info!(
+                retention_secs = config.retention.as_secs_f64(),
+                "set the fleet's retention in etcd"
+            );
+            return Ok(config.retention);
+        }
+    }
+    Err(OpenError::Etcd {
+        endpoints,
+        message: "the retention key keeps changing; is another tool rewriting it?".into(),
+    })
+}
+
+/// Shows, or with `new` sets, the fleet's retention in etcd; returns it.
+/// Replicas take a new value when they start.
+pub async fn retention(config: &EtcdConfig, new: Option<Duration>) -> Result<Duration, OpenError> {
+    let client = connect(config).await?;
+    let keys = Keys::new(&config.prefix);
+    let key = keys.retention();
+    if let Some(new) = new {
+        let ms = u64::try_from(new.as_millis()).unwrap_or(u64::MAX);
+        etcd_call(
+            config,
+            client.put(pb::PutRequest {
+                key: key.clone().into_bytes(),
+                value: ms.to_string().into_bytes(),
+                lease: 0,
+                prev_kv: false,
+            }),
+        )
+        .await?;
+        return Ok(new);
+    }
+    let stored = etcd_call(config, client.range(get(&key))).await?;
+    match stored.kvs.first() {
+        Some(kv) => parse_decimal(&kv.value)
+            .map(Duration::from_millis)
+            .ok_or_else(|| OpenError::CorruptKey {
+                key,
+                reason: "not a decimal number of milliseconds".into(),
+            }),
+        None => Ok(config.retention),
+    }
+}
+
+/// Runs an etcd call at start-up: bounded, and failures are `OpenError`s.
+async fn etcd_call<T>(
+    config: &EtcdConfig,
+    call: impl std::future::Future<Output = Result<T, EtcdError>>,
+) -> Result<T, OpenError> {
+    let endpoints = config.endpoints.join(",");
+    match tokio::time::timeout(config.timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(OpenError::Etcd {
+            endpoints,
+            message: error.to_string(),
+        }),
+        Err(_) => Err(OpenError::EtcdTimeout {
+            endpoints,
+            after: config.timeout,
+        }),
+    }
+}
+
+async fn connect(config: &EtcdConfig) -> Result<EtcdClient, OpenError> {
+    let options = config.connect_options()?;
+    etcd_call(config, EtcdClient::connect(&options)).await
+}
+
+/// Reservations, folded into one transaction per round trip.
+async fn run_reservations(
+    shared: Arc<Shared>,
+    mut queue: mpsc::UnboundedReceiver<PendingReservation>,
+    mut cached: Option<(u64, i64)>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up (timeout) no longer needs a range.
+        batch.retain(|pending| !pending.reply.is_closed());
+        if !batch.is_empty() {
+            reserve_batch(&shared, batch, &mut cached).await;
+        }
+    }
+}
+
+/// One or more transactions that reserve a range for every request in
+/// `batch`, or answer why not.
+async fn reserve_batch(
+    shared: &Shared,
+    mut batch: Vec<PendingReservation>,
+    cached: &mut Option<(u64, i64)>,
+) {
+    let hw_key = shared.keys.high_water();
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (high_water, hw_revision) = match *cached {
+            Some(seen) => seen,
+            None => {
+                let read = shared
+                    .timed(
+                        "read the high-water mark",
+                        shared.client.range(get(&hw_key)),
+                    )
+                    .await
+                    .and_then(|response| parse_high_water(response.kvs.first(), &hw_key));
+                match read {
+                    Ok(seen) => seen,
+                    Err(error) => return answer_all(batch, &error),
+                }
+            }
+        };
+        let lease = match shared.bucket_lease().await {
+            Ok(lease) => lease,
+            Err(error) => return answer_all(batch, &error),
+        };
+        // Ranges one after another from the mark, in queue order.
+        let mut next = high_water;
+        let mut planned = Vec::with_capacity(batch.len());
+        for pending in batch.drain(..) {
+            let r = &pending.reservation;
+            match RoomRange::reserve_after(
+                next,
+                r.dp_size,
+                r.want_bases,
+                r.need_bases,
+                shared.bounds,
+            ) {
+                Ok(range) => {
+                    next = range.end();
+                    planned.push((pending, range));
+                }
+                Err(space) => {
+                    let _ = pending.reply.send(Err(StoreError::Space(space)));
+                }
+            }
+        }
+        if planned.is_empty() {
+            return;
+        }
+        let mut compare = vec![txn::unchanged_since(&hw_key, hw_revision)];
+        let mut success = vec![txn::put(&hw_key, next.to_string(), 0)];
+        let mut failure = vec![txn::get(&hw_key)];
+        for (pending, range) in &planned {
+            let r = &pending.reservation;
+            let worker_key = shared.keys.worker(&r.prefill_worker);
+            compare.push(txn::unchanged_since(&worker_key, r.revision));
+            let record = encode_range(&RangeOwner {
+                prefill_worker: r.prefill_worker.clone(),
+                range: *range,
+                created_unix_ms: r.created_unix_ms,
+            });
+            success.push(txn::put(&shared.keys.range(range.start()), record, lease));
+            failure.push(txn::get(&worker_key));
+        }
+        let request = pb::TxnRequest {
+            compare,
+            success,
+            failure,
+        };
+        let sent = async {
+            failpoint!(
+                "etcd::reserve_send",
+                StoreError::Injected("etcd::reserve_send")
+            );
+            let response = shared
+                .timed("reserve ranges", shared.client.txn(request))
+                .await?;
+            failpoint!(
+                "etcd::reserve_committed",
+                StoreError::Injected("etcd::reserve_committed")
+            );
+            Ok(response)
+        };
+        let response = match sent.await {
+            Ok(response) => response,
+            Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
+                shared.drop_lease(lease).await;
+                batch = planned.into_iter().map(|(pending, _)| pending).collect();
+                continue;
+            }
+            Err(error) => {
+                // Unknown outcome: the ranges may or may not be recorded.
+                // Never use them; reread the mark next time.
+                *cached = None;
+                let pending = planned.into_iter().map(|(pending, _)| pending).collect();
+                return answer_all(pending, &error);
+            }
+        };
+        if response.succeeded {
+            let revision = response.header.as_ref().map_or(0, |h| h.revision);
+            *cached = Some((next, revision));
+            shared.high_water.fetch_max(next, Ordering::AcqRel);
+            for (pending, range) in planned {
+                let _ = pending.reply.send(Ok(range));
+            }
+            return;
+        }
+        // Something moved: the mark (another replica reserved), or a worker.
+        let reads = txn::ranges(&response);
+        match reads
+            .first()
+            .map(|read| parse_high_water(read.kvs.first(), &hw_key))
+        {
+            Some(Ok(seen)) => {
+                shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
+                *cached = Some(seen);
+            }
+            Some(Err(error)) => {
+                let pending = planned.into_iter().map(|(pending, _)| pending).collect();
+                return answer_all(pending, &error);
+            }
+            None => *cached = None,
+        }
+        for (i, (pending, _)) in planned.into_iter().enumerate() {
+            let r = &pending.reservation;
+            let current = reads.get(i + 1).and_then(|read| read.kvs.first());
+            if current.map(|kv| kv.mod_revision) == Some(r.revision) {
+                batch.push(pending);
+            } else {
+                let record = current
+                    .and_then(|kv| worker_record(r.prefill_worker.clone(), kv))
+                    .map(Box::new);
+                let _ = pending.reply.send(Err(StoreError::StaleRegistration {
+                    worker: r.prefill_worker.clone(),
+                    current: record,
+                }));
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        debug!("the high-water mark moved under us; retrying the reservations");
+    }
+    answer_all(
+        batch,
+        &StoreError::Contention {
+            attempts: MAX_CAS_ATTEMPTS,
+        },
+    );
+}
+
+fn answer_all(batch: Vec<PendingReservation>, error: &StoreError) {
+    for pending in batch {
+        let _ = pending.reply.send(Err(error.clone()));
+    }
+}
+
+/// Attaches range records written without a lease (by 0.1 replicas, which
+/// pruned by their own clocks) to a lease, so etcd expires them too.
+async fn lease_unleased(shared: Arc<Shared>, keys: Vec<(String, i64)>) {
+    for chunk in keys.chunks(MAX_BATCH) {
+        loop {
+            let result = async {
+                let lease = shared.bucket_lease().await?;
+                let mut ops = Vec::new();
+                for (key, _) in chunk {
+                    let current = shared
+                        .timed("read a range", shared.client.range(get(key)))
+                        .await?;
+                    let Some(kv) = current.kvs.first() else {
+                        continue;
+                    };
+                    if kv.lease == 0 {
+                        ops.push((key.clone(), kv.value.clone(), kv.mod_revision));
+                    }
+                }
+                for (key, value, revision) in ops {
+                    let request = pb::TxnRequest {
+                        compare: vec![txn::unchanged_since(&key, revision)],
+                        success: vec![txn::put(&key, value, lease)],
+                        failure: Vec::new(),
+                    };
+                    shared
+                        .timed("lease a range", shared.client.txn(request))
+                        .await?;
+                }
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => break,
+                Err(error) => {
+                    warn!(%error, "attaching old range records to a lease failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+    info!(
+        ranges = keys.len(),
+        "range records of an older version now expire by lease"
+    );
+}
+
+impl Store for EtcdStore {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
+        Box::pin(self.register_worker(prefill_worker, dp_size))
+    }
+
+    fn deregister(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
+        Box::pin(self.deregister_worker(prefill_worker, dp_size))
+    }
+
+    fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange> {
+        let (reply, answer) = oneshot::channel();
+        let queued = self
+            .reservations
+            .send(PendingReservation { reservation, reply })
+            .is_ok();
+        Box::pin(async move {
+            if !queued {
+                return Err(StoreError::Closed);
+            }
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()> {
+        Box::pin(self.add_issued(counts))
+    }
+
+    fn prune(&self, _request: PruneRequest) -> StoreFuture<'_, Pruned> {
+        // etcd expires ranges by lease, by its own clock.
+        let pruned_below = self.legacy_pruned_below;
+        Box::pin(async move {
+            Ok(Pruned {
+                pruned_below,
+                ..Pruned::default()
+            })
+        })
+    }
+
+    fn lookup_worker(&self, prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
+        let key = self.shared.keys.worker(prefill_worker);
+        let name: Arc<str> = Arc::from(prefill_worker);
+        Box::pin(async move {
+            let response = self
+                .shared
+                .timed("read a registration", self.shared.client.range(get(&key)))
+                .await?;
+            Ok(response.kvs.first().and_then(|kv| worker_record(name, kv)))
+        })
+    }
+
+    fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
+        Box::pin(async move {
+            let cached = self
+                .misses
+                .lock()
+                .expect("negative cache lock is never poisoned")
+                .get(room.get());
+            if cached.is_some() {
+                return Ok(None);
+            }
+            self.find_range(room).await
+        })
+    }
+
+    fn missing_is_pruned(&self, room: Room) -> bool {
+        room.get() < self.legacy_pruned_below
+            || self
+                .misses
+                .lock()
+                .expect("negative cache lock is never poisoned")
+                .get(room.get())
+                .unwrap_or(false)
+    }
+
+    fn check_fresh(&self) -> Result<(), StoreError> {
+        let confirmed = Duration::from_millis(self.shared.confirmed_ms.load(Ordering::Acquire));
+        let age = self.shared.epoch.elapsed().saturating_sub(confirmed);
+        if age > self.staleness {
+            return Err(StoreError::Stale {
+                age,
+                window: self.staleness,
+            });
+        }
+        Ok(())
+    }
+
+    fn reachable(&self) -> bool {
+        self.shared.reachable.load(Ordering::Acquire)
+    }
+
+    fn confirmed_ago(&self) -> Option<Duration> {
+        let confirmed = Duration::from_millis(self.shared.confirmed_ms.load(Ordering::Acquire));
+        Some(self.shared.epoch.elapsed().saturating_sub(confirmed))
+    }
+
+    fn high_water(&self) -> u64 {
+        self.shared.high_water.load(Ordering::Acquire)
+    }
+
+    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<StoreUpdate>> {
+        self.updates
+            .lock()
+            .expect("updates lock is never poisoned")
+            .take()
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        for task in &self.tasks {
+            task.abort();
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A connected client and everything under the prefix.
+struct Loaded {
+    client: EtcdClient,
+    keys: Keys,
+    snapshot: Snapshot,
+    high_water: Option<(u64, i64)>,
+    revision: i64,
+    /// Range keys written without a lease, with their mod revision.
+    unleased: Vec<(String, i64)>,
+}
+
+async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, OpenError> {
+    let client = connect(config).await?;
+    let keys = Keys::new(&config.prefix);
+    let (kvs, revision) = read_prefix(config, &client, &keys.root).await?;
+    let (snapshot, high_water, unleased) = parse_snapshot(&keys, &kvs)?;
+    Ok(Loaded {
+        client,
+        keys,
+        snapshot,
+        high_water,
+        revision,
+        unleased,
+    })
+}
+
+/// Every key under `prefix`, in pages, all read at one revision.
+async fn read_prefix(
+    config: &EtcdConfig,
+    client: &EtcdClient,
+    prefix: &str,
+) -> Result<(Vec<pb::KeyValue>, i64), OpenError> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let page = etcd_call(
+            config,
+            client.range(pb::RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: PAGE_KEYS,
+                revision,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        if revision == 0 {
+            revision = page.header.as_ref().map_or(0, |h| h.revision);
+        }
+        let more = page.more;
+        if let Some(last) = page.kvs.last() {
+            from = last.key.clone();
+            from.push(0);
+        }
+        kvs.extend(page.kvs);
+        if !more {
+            return Ok((kvs, revision));
+        }
+    }
+}
+
+/// A decimal counter key's value and the compare that guards its update
+/// (unchanged since read, or still absent); `None` if it is not a number.
+pub(crate) fn counter_guard(kv: Option<&pb::KeyValue>, key: &str) -> Option<(u64, pb::Compare)> {
+    Some(match kv {
+        Some(kv) => (
+            parse_decimal(&kv.value)?,
+            txn::unchanged_since(key, kv.mod_revision),
+        ),
+        None => (0, txn::unchanged_since(key, 0)),
+    })
+}
+
+fn parse_high_water(kv: Option<&pb::KeyValue>, key: &str) -> Result<(u64, i64), StoreError> {
+    match kv {
+        None => Ok((SPACE_START, 0)),
+        Some(kv) => parse_decimal(&kv.value)
+            .map(|hw| (hw, kv.mod_revision))
+            .ok_or_else(|| StoreError::Corrupt {
+                key: key.to_owned(),
+                reason: "not a decimal number".into(),
+            }),
+    }
+}
+
+type ParsedSnapshot = (Snapshot, Option<(u64, i64)>, Vec<(String, i64)>);
+
+/// Everything under the prefix, checked: a key this binary cannot trust
+/// refuses the start. A fuzz target through `parse_entry`.
+fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, OpenError> {
+    let mut ranges = RangeTable::default();
+    let mut workers = std::collections::BTreeMap::new();
+    let mut issued = HashMap::new();
+    let mut high_water = None;
+    let mut pruned_below = 0;
+    let mut unleased = Vec::new();
+    for kv in kvs {
+        let key = String::from_utf8_lossy(&kv.key);
+        let corrupt = |reason: &str| OpenError::CorruptKey {
+            key: key.to_string(),
+            reason: reason.to_owned(),
+        };
+        match parse_entry(keys, kv).map_err(|reason| corrupt(&reason))? {
+            Entry::HighWater(hw) => high_water = Some((hw, kv.mod_revision)),
+            Entry::PrunedBelow(below) => pruned_below = below,
+            Entry::Range(owner) => {
+                if kv.lease == 0 {
+                    unleased.push((key.to_string(), kv.mod_revision));
+                }
+                ranges
+                    .insert(owner)
+                    .map_err(|overlap| corrupt(&overlap.to_string()))?;
+            }
+            Entry::Worker(record) => {
+                workers.insert(record.prefill_worker.clone(), record);
+            }
+            Entry::Issued(worker, count) => {
+                issued.insert(worker, count);
+            }
+            Entry::Other => {}
+        }
+    }
+    let hw = high_water.map_or(SPACE_START, |(hw, _)| hw);
+    if ranges.high_water() > hw {
+        return Err(OpenError::CorruptKey {
+            key: keys.high_water(),
+            reason: format!(
+                "the high-water mark {hw} is below the reserved range ending at {}",
+                ranges.high_water()
+            ),
+        });
+    }
+    let workers = workers
+        .into_values()
+        .map(|record| WorkerRecord {
+            rooms_issued: issued.get(&record.prefill_worker).copied().unwrap_or(0),
+            ..record
+        })
+        .collect();
+    Ok((
+        Snapshot {
+            workers,
+            ranges,
+            pruned_below,
+            high_water: hw.max(pruned_below),
+            retention: Duration::ZERO,
+        },
+        high_water,
+        unleased,
+    ))
+}
+
+/// One key of the prefix, decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Entry {
+    HighWater(u64),
+    PrunedBelow(u64),
+    Range(RangeOwner),
+    Worker(WorkerRecord),
+    Issued(Arc<str>, u64),
+    /// Not ours to read (config, or keys of a later version).
+    Other,
+}
+
+/// Decodes one key-value of the prefix. A fuzz target: never panics, and
+/// accepts nothing it would not write itself.
+pub(crate) fn parse_entry(keys: &Keys, kv: &pb::KeyValue) -> Result<Entry, String> {
+    let key = std::str::from_utf8(&kv.key).map_err(|_| "not UTF-8".to_owned())?;
+    let Some(name) = key.strip_prefix(&keys.root) else {
+        return Ok(Entry::Other);
+    };
+    let number = || parse_decimal(&kv.value).ok_or_else(|| "not a decimal number".to_owned());
+    Ok(if name == "high_water" {
+        Entry::HighWater(number()?)
+    } else if name == "pruned_below" {
+        Entry::PrunedBelow(number()?)
+    } else if let Some(start) = name.strip_prefix("ranges/") {
+        Entry::Range(
+            decode_range(start, &kv.value)
+                .ok_or_else(|| "not a valid, aligned range record".to_owned())?,
+        )
+    } else if let Some(worker) = name.strip_prefix("workers/") {
+        crate::allocator::validate_worker(worker).map_err(|e| e.to_string())?;
+        Entry::Worker(
+            worker_record(Arc::from(worker), kv)
+                .ok_or_else(|| "not a valid registration".to_owned())?,
+        )
+    } else if let Some(worker) = name.strip_prefix("issued/") {
+        crate::allocator::validate_worker(worker).map_err(|e| e.to_string())?;
+        Entry::Issued(Arc::from(worker), number()?)
+    } else {
+        Entry::Other
+    })
+}
+
+/// Follows `v1/workers/`: a watch for promptness, progress requests to
+/// confirm the view is caught up, and a full reread when the watch broke
+/// past what etcd still has.
+struct RegistrationSync {
+    shared: Arc<Shared>,
+    updates: mpsc::UnboundedSender<StoreUpdate>,
+    /// Workers the allocator knows of: a reread that lacks one forgets it.
+    known: HashSet<Arc<str>>,
+}
+
+impl RegistrationSync {
+    async fn run(mut self, mut revision: i64) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.watch(revision).await {
+                Ok(()) => {}
+                Err(WatchEnd::Compacted) => match self.reread().await {
+                    Ok(seen) => revision = seen,
+                    Err(error) => self.unreachable(&error),
+                },
+                Err(WatchEnd::Failed(error, seen)) => {
+                    revision = revision.max(seen);
+                    self.unreachable(&error);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn unreachable(&self, error: &str) {
+        if self.shared.reachable.swap(false, Ordering::AcqRel) {
+            warn!(%error, "etcd is unreachable; serving only from reserved ranges until the staleness window ends");
+        }
+    }
+
+    /// Watches from `revision + 1` until the watch breaks; returns how.
+    async fn watch(&mut self, mut revision: i64) -> Result<(), WatchEnd> {
+        let failed = |error: String, seen| WatchEnd::Failed(error, seen);
+        let prefix = self.shared.keys.workers();
+        let (requests, request_stream) = mpsc::channel(4);
+        let create = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: prefix.clone().into_bytes(),
+                    range_end: prefix_end(prefix.as_bytes()),
+                    start_revision: revision + 1,
+                    ..Default::default()
+                },
+            )),
+        };
+        requests
+            .send(create)
+            .await
+            .map_err(|_| failed("the watch request stream closed".into(), revision))?;
+        let mut stream = tokio::time::timeout(
+            self.shared.timeout,
+            self.shared.client.watch(request_stream),
+        )
+        .await
+        .map_err(|_| failed("no answer to the watch".into(), revision))?
+        .map_err(|error| failed(error.to_string(), revision))?;
+        let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the outstanding progress request was sent (ms since epoch).
+        let mut asked: Option<u64> = None;
+        loop {
+            tokio::select! {
+                message = stream.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => return Err(failed("etcd ended the watch".into(), revision)),
+                        Err(status) => return Err(failed(EtcdError::from(status).to_string(), revision)),
+                    };
+                    if response.compact_revision > 0 {
+                        return Err(WatchEnd::Compacted);
+                    }
+                    if response.canceled {
+                        return Err(failed(format!("etcd cancelled the watch: {}", response.cancel_reason), revision));
+                    }
+                    if response.events.is_empty() && !response.created {
+                        // A progress notification: every change up to its
+                        // revision was delivered. Confirmed as of the ask.
+                        if let Some(sent) = asked.take() {
+                            self.confirm(sent);
+                        }
+                    }
+                    for event in &response.events {
+                        if let Some(kv) = &event.kv {
+                            revision = revision.max(kv.mod_revision);
+                            self.apply(event.r#type, kv);
+                        }
+                    }
+                    if response.events.is_empty() && !response.created {
+                        // Progress: nothing below the header's revision is
+                        // still to come, so a new watch may start past it.
+                        if let Some(header) = &response.header {
+                            revision = revision.max(header.revision);
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if let Some(sent) = asked {
+                        let waited = Duration::from_millis(self.shared.elapsed_ms().saturating_sub(sent));
+                        if waited > self.shared.timeout {
+                            return Err(failed(format!("the watch did not confirm progress within {:?}", self.shared.timeout), revision));
+                        }
+                        continue;
+                    }
+                    asked = Some(self.shared.elapsed_ms());
+                    let progress = pb::WatchRequest {
+                        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+                            pb::WatchProgressRequest {},
+                        )),
+                    };
+                    if requests.send(progress).await.is_err() {
+                        return Err(failed("the watch request stream closed".into(), revision));
+                    }
+                }
+            }
+        }
+    }
+
+    fn confirm(&self, asked_ms: u64) {
+        self.shared
+            .confirmed_ms
+            .fetch_max(asked_ms, Ordering::AcqRel);
+        if !self.shared.reachable.swap(true, Ordering::AcqRel) {
+            info!("etcd is reachable again");
+        }
+    }
+
+    fn apply(&mut self, kind: i32, kv: &pb::KeyValue) {
+        let prefix = self.shared.keys.workers();
+        let Some(name) = std::str::from_utf8(&kv.key)
+            .ok()
+            .and_then(|key| key.strip_prefix(&prefix))
+        else {
+            return;
+        };
+        let name: Arc<str> = Arc::from(name);
+        if kind == pb::event::EventType::Delete as i32 {
+            self.known.remove(&name);
+            let _ = self.updates.send(StoreUpdate::Forgotten {
+                prefill_worker: name,
+                revision: kv.mod_revision,
+            });
+            return;
+        }
+        match worker_record(name.clone(), kv) {
+            Some(record) => {
+                self.known.insert(name);
+                let _ = self.updates.send(StoreUpdate::Registration(record));
+            }
+            None => {
+                warn!(worker = %name.escape_debug(), "ignoring an unreadable registration in etcd")
+            }
+        }
+    }
+
+    /// Rereads every registration (the watch fell behind a compaction);
+    /// workers no longer there are forgotten. Returns the read's revision.
+    async fn reread(&mut self) -> Result<i64, String> {
+        let asked = self.shared.elapsed_ms();
+        let prefix = self.shared.keys.workers();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.clone().into_bytes();
+        let mut revision = 0;
+        let mut seen = HashSet::new();
+        loop {
+            let page = self
+                .shared
+                .timed(
+                    "reread the registrations",
+                    self.shared.client.range(pb::RangeRequest {
+                        key: from.clone(),
+                        range_end: end.clone(),
+                        limit: PAGE_KEYS,
+                        revision,
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if revision == 0 {
+                revision = page.header.as_ref().map_or(0, |h| h.revision);
+            }
+            for kv in &page.kvs {
+                if let Some(name) = std::str::from_utf8(&kv.key)
+                    .ok()
+                    .and_then(|key| key.strip_prefix(&prefix))
+                {
+                    seen.insert(Arc::<str>::from(name));
+                }
+                self.apply(pb::event::EventType::Put as i32, kv);
+            }
+            if let Some(last) = page.kvs.last() {
+                from = last.key.clone();
+                from.push(0);
+            }
+            if !page.more {
+                break;
+            }
+        }
+        let gone: Vec<Arc<str>> = self.known.difference(&seen).cloned().collect();
+        for name in gone {
+            self.known.remove(&name);
+            let _ = self.updates.send(StoreUpdate::Forgotten {
+                prefill_worker: name,
+                revision,
+            });
+        }
+        self.confirm(asked);
+        Ok(revision)
+    }
+}
+
+/// Why a watch ended.
+enum WatchEnd {
+    /// etcd compacted past the revision the watch needed: reread everything.
+    Compacted,
+    /// The watch broke; the revision seen so far, to resume from.
+    Failed(String, i64),
+}
+
+/// What `migrate` moved into etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    pub high_water: u64,
+    pub ranges: usize,
+    pub workers: usize,
+}
+
+/// Moves an embedded store's state into etcd so that no room issued before
+/// can be issued again: first the high-water mark (compare-and-swap, only
+/// ever raised), then the range records (so old rooms resolve, expiring by
+/// lease like every range) and the registrations etcd does not have yet.
+/// Safe to run again.
+pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportReport, OpenError> {
+    let Loaded {
+        client,
+        keys,
+        snapshot: existing,
+        high_water,
+        ..
+    } = connect_and_load(config).await?;
+    let retention = fleet_retention(&client, &keys, config).await?;
+
+    // Ranges already in etcd must be the same ones (a rerun), never others
+    // over the same numbers: that would mean both stores issued them.
+    let mut merged = RangeTable::default();
+    for owner in existing.ranges.iter() {
+        let _ = merged.insert(owner.clone());
+    }
+    for owner in embedded.ranges.iter() {
+        let rerun = Room::try_new(owner.range.start())
+            .ok()
+            .and_then(|start| existing.ranges.resolve(start))
+            .is_some_and(|other| other == owner);
+        if !rerun {
+            merged.insert(owner.clone()).map_err(|overlap| OpenError::CorruptKey {
+                key: keys.range(overlap.other_start),
+                reason: format!(
+                    "etcd already holds a range over the embedded store's {}..{}; both stores issued those numbers, so refusing to merge them",
+                    overlap.start, overlap.end
+                ),
+            })?;
+        }
+    }
+
+    let (etcd_high_water, revision) = high_water.unwrap_or((0, 0));
+    let target = embedded.high_water.max(etcd_high_water);
+    if target > etcd_high_water {
+        let request = pb::TxnRequest {
+            compare: vec![txn::unchanged_since(&keys.high_water(), revision)],
+            success: vec![txn::put(&keys.high_water(), target.to_string(), 0)],
+            failure: Vec::new(),
+        };
+        if !etcd_call(config, client.txn(request)).await?.succeeded {
+            return Err(OpenError::CorruptKey {
+                key: keys.high_water(),
+                reason: "it changed while migrating: a replica is reserving; stop the replicas and run migrate again".into(),
+            });
+        }
+    }
+    failpoint!(
+        "migrate::high_water",
+        OpenError::Etcd {
+            endpoints: config.endpoints.join(","),
+            message: "failpoint migrate::high_water".into(),
+        }
+    );
+
+    let lease = etcd_call(
+        config,
+        client.lease_grant(lease_ttl_secs(retention, bucket_for(retention))),
+    )
+    .await?
+    .id;
+    let mut ops = Vec::new();
+    for owner in embedded.ranges.iter() {
+        ops.push(txn::put(
+            &keys.range(owner.range.start()),
+            encode_range(owner),
+            lease,
+        ));
+    }
+    let known: HashSet<&str> = existing
+        .workers
+        .iter()
+        .map(|w| &*w.prefill_worker)
+        .collect();
+    let mut workers = 0;
+    for worker in &embedded.workers {
+        if known.contains(&*worker.prefill_worker) {
+            continue;
+        }
+        workers += 1;
+        // A deregistered worker outlives its ranges by the same lease.
+        let worker_lease = if worker.registered { 0 } else { lease };
+        ops.push(txn::put(
+            &keys.worker(&worker.prefill_worker),
+            encode_worker(worker.dp_size, worker.registered),
+            worker_lease,
+        ));
+        if worker.registered {
+            ops.push(txn::put(
+                &keys.issued(&worker.prefill_worker),
+                worker.rooms_issued.to_string(),
+                0,
+            ));
+        }
+    }
+    while !ops.is_empty() {
+        let batch: Vec<pb::RequestOp> = ops.drain(..ops.len().min(100)).collect();
+        etcd_call(
+            config,
+            client.txn(pb::TxnRequest {
+                compare: Vec::new(),
+                success: batch,
+                failure: Vec::new(),
+            }),
+        )
+        .await?;
+        failpoint!(
+            "migrate::ranges",
+            OpenError::Etcd {
+                endpoints: config.endpoints.join(","),
+                message: "failpoint migrate::ranges".into(),
+            }
+        );
+    }
+    Ok(ImportReport {
+        high_water: target,
+        ranges: embedded.ranges.len(),
+        workers,
+    })
+}
