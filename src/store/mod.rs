@@ -156,7 +156,7 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("worker registrations were last confirmed with etcd {:.1}s ago, over the {:.1}s staleness window", age.as_secs_f64(), window.as_secs_f64())]
     Stale { age: Duration, window: Duration },
-    #[error("a failpoint made {0} fail")]
+    #[error("failpoint {0} injected a failure")]
     Injected(&'static str),
 }
 

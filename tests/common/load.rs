@@ -15,8 +15,17 @@ pub const MAX_CALLS: u32 = 200_000;
 pub struct Record {
     /// (room, worker, dp_size)
     pub rooms: Vec<(u64, String, u32)>,
+    /// When each room of `rooms` arrived.
+    pub received: Vec<Instant>,
     /// (code, message, how long the call took)
     pub errors: Vec<(Code, String, Duration)>,
+    /// Set to end every load at its next call.
+    pub stop: bool,
+}
+
+/// Ends every load recording into `record` at its next call.
+pub fn stop(record: &Shared) {
+    record.lock().expect("lock").stop = true;
 }
 
 pub type Shared = Arc<Mutex<Record>>;
@@ -72,7 +81,7 @@ impl Load {
         let mut client =
             pb::room_allocator_service_client::RoomAllocatorServiceClient::new(channel);
         for call in 0..MAX_CALLS {
-            if Instant::now() > self.until {
+            if Instant::now() > self.until || record.lock().expect("lock").stop {
                 return;
             }
             let rank = call % self.dp_size;
@@ -112,9 +121,11 @@ impl Load {
             match result {
                 Ok(rooms) => {
                     let mut record = record.lock().expect("lock");
+                    let now = Instant::now();
                     for (room, dp_size) in rooms {
                         assert_eq!(room % u64::from(dp_size), u64::from(rank % dp_size));
                         record.rooms.push((room, self.worker.to_owned(), dp_size));
+                        record.received.push(now);
                     }
                 }
                 Err(status) => {

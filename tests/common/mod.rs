@@ -172,6 +172,15 @@ impl ServerProcess {
         RoomAllocatorServiceClient::new(channel)
     }
 
+    /// A client that connects at its first call (the server may be gone).
+    pub fn lazy_client(&self) -> Client {
+        let channel = Channel::from_shared(self.url())
+            .expect("url")
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        RoomAllocatorServiceClient::new(channel)
+    }
+
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url())
             .expect("url")
@@ -182,6 +191,23 @@ impl ServerProcess {
 
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits up to `limit` for the process to exit by itself (a failpoint
+    /// killed it, say); its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL, as a crash or the OOM killer would.
@@ -231,9 +257,15 @@ pub async fn timed<T>(future: impl std::future::Future<Output = T>) -> T {
 
 /// Runs the binary as a client command and returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    run_cli_env(args, &[])
+}
+
+/// As [`run_cli`], with extra environment variables.
+pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let output = Command::new(BIN)
         .args(args)
         .env_remove("ROOM_ALLOCATOR_SERVER")
+        .envs(env.iter().copied())
         .output()
         .expect("run room-allocator");
     (

@@ -1,0 +1,569 @@
+//! Every durable step, failed and crashed at, through the real binary.
+//!
+//! For each failpoint (see `src/failpoint.rs` and RELIABILITY.md): one test
+//! makes the step fail (the server answers UNAVAILABLE or retries, and goes
+//! on), one kills the process with SIGKILL right there. Either way the server
+//! is then restarted without failpoints, and the checks are the same: no room
+//! was handed out twice, every acknowledged room resolves to the worker and
+//! dp_size it was issued for, and rooms issued after the restart are new.
+//!
+//! Needs the `failpoints` feature (the test command builds with it).
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::load::{self, Load, OnError};
+use common::{run_cli_env, timed, EtcdProcess, ServerProcess};
+use room_allocator::pb;
+use tonic::Code;
+
+const WORKERS: [(&str, u32); 3] = [("fp-dp1", 1), ("fp-dp3", 3), ("fp-dp8", 8)];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The step returns an error once (after `skip` passes).
+    Fail,
+    /// The process is killed with SIGKILL at the step (after `skip` passes).
+    Crash,
+}
+
+fn failpoints(name: &str, skip: u32, mode: Mode) -> String {
+    match mode {
+        Mode::Fail => format!("{name}={skip}*off->1*return->off"),
+        Mode::Crash => format!("{name}={skip}*off->return(crash)"),
+    }
+}
+
+async fn register_all(server: &ServerProcess) {
+    let mut client = server.client().await;
+    for (worker, dp_size) in WORKERS {
+        // A registration may itself meet the failpoint: retry.
+        for attempt in 0.. {
+            let result = timed(client.register_worker(pb::RegisterWorkerRequest {
+                prefill_worker: worker.into(),
+                dp_size,
+            }))
+            .await;
+            match result {
+                Ok(_) => break,
+                Err(status) if attempt < 20 && status.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("register {worker}: {status:?}"),
+            }
+        }
+    }
+}
+
+/// AllocateRoom and LeaseRooms loads on every worker.
+fn start_load(
+    url: &str,
+    record: &load::Shared,
+    on_error: OnError,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let until = Instant::now() + Duration::from_secs(30);
+    let loads = Load::each(url, &WORKERS, &[false, true], until, on_error);
+    load::spawn(loads, record)
+}
+
+/// Waits until the log shows the failpoint was hit, or `limit` passes.
+async fn wait_for_log(server: &ServerProcess, needle: &str, limit: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if server.log().contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The checks after a fault: every room unique; every acknowledged room
+/// younger than `retention` resolves (on `server`) to its worker and dp_size
+/// (older ones may be pruned, and then say so); new rooms are new.
+async fn check_after(server: &ServerProcess, record: load::Record, retention: Duration) {
+    let mut owner: HashMap<u64, (String, u32, Instant)> = HashMap::new();
+    for ((room, worker, dp_size), received) in record.rooms.iter().zip(&record.received) {
+        assert!(
+            owner
+                .insert(*room, (worker.clone(), *dp_size, *received))
+                .is_none(),
+            "room {room} handed out twice"
+        );
+    }
+    let mut client = server.client().await;
+    // Every acknowledged room, or a dense sample of many.
+    let step = (owner.len() / 2000).max(1);
+    let mut resolved_rooms = 0;
+    for (room, (worker, dp_size, received)) in owner.iter().step_by(step) {
+        match timed(client.resolve_rank(pb::ResolveRankRequest { room: *room })).await {
+            Ok(resolved) => {
+                let resolved = resolved.into_inner();
+                assert_eq!(
+                    (&resolved.prefill_worker, resolved.dp_size),
+                    (worker, *dp_size)
+                );
+                resolved_rooms += 1;
+            }
+            Err(status)
+                if received.elapsed() > retention
+                    && status
+                        .metadata()
+                        .get("error-reason")
+                        .and_then(|v| v.to_str().ok())
+                        == Some("ROOM_PRUNED") => {}
+            Err(status) => panic!(
+                "room {room}, acknowledged {:?} ago, does not resolve: {status:?}",
+                received.elapsed()
+            ),
+        }
+    }
+    assert!(
+        resolved_rooms > 0 || retention < Duration::from_secs(60),
+        "rooms resolve"
+    );
+    for (worker, dp_size) in WORKERS {
+        for rank in 0..dp_size {
+            let room = timed(client.allocate_room(pb::AllocateRoomRequest {
+                prefill_worker: worker.into(),
+                dp_rank: rank,
+                dp_size,
+            }))
+            .await
+            .expect("allocate after the fault")
+            .into_inner()
+            .room;
+            assert!(
+                !owner.contains_key(&room),
+                "room {room} issued again after the fault"
+            );
+        }
+    }
+}
+
+/// One embedded-store case: run a load with the failpoint armed, then
+/// restart cleanly and check.
+async fn embedded_case(name: &str, skip: u32, mode: Mode, extra: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = load::Shared::default();
+    let mut server = ServerProcess::try_start_with(dir.path(), extra, |command| {
+        command.env("FAILPOINTS", failpoints(name, skip, mode));
+    })
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    register_all(&server).await;
+    let on_error = match mode {
+        Mode::Fail => OnError::Continue,
+        Mode::Crash => OnError::Stop,
+    };
+    let tasks = start_load(&server.url(), &record, on_error);
+    let needle = match mode {
+        Mode::Fail => format!("failpoint {name}"),
+        Mode::Crash => format!("failpoint {name}: crashing"),
+    };
+    let hit = wait_for_log(&server, &needle, Duration::from_secs(15)).await;
+    assert!(hit, "failpoint {name} was never reached:\n{}", server.log());
+    match mode {
+        Mode::Fail => {
+            // Serving goes on after the failure.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            load::stop(&record);
+            assert!(server.terminate().success(), "{}", server.log());
+        }
+        Mode::Crash => {
+            let status = server.wait_exit(Duration::from_secs(10));
+            assert!(
+                status.is_some_and(|s| !s.success()),
+                "the process died at the failpoint"
+            );
+        }
+    }
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, _) in &record.errors {
+        assert!(
+            *code == Code::Unavailable || load::server_went_away(*code, message),
+            "{code:?} {message}"
+        );
+    }
+    assert!(!record.rooms.is_empty(), "the load got rooms");
+    let restarted = ServerProcess::start(dir.path(), extra);
+    check_after(&restarted, record, retention_of(extra)).await;
+}
+
+/// The `--retention` in `extra`, else the default.
+fn retention_of(extra: &[&str]) -> Duration {
+    extra
+        .iter()
+        .position(|a| *a == "--retention")
+        .and_then(|i| extra.get(i + 1))
+        .map(|r| room_allocator::config::parse_duration(r).expect("a duration"))
+        .unwrap_or(Duration::from_secs(86_400))
+}
+
+macro_rules! embedded_cases {
+    ($($fail:ident, $crash:ident: $name:literal, $skip:literal, $extra:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $fail() {
+            embedded_case($name, $skip, Mode::Fail, $extra).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $crash() {
+            embedded_case($name, $skip, Mode::Crash, $extra).await;
+        }
+    )*};
+}
+
+/// Compaction needs ranges older than twice the retention.
+const SHORT_RETENTION: &[&str] = &["--retention", "1s"];
+
+embedded_cases! {
+    log_write_fails, log_write_crashes: "embedded::log_write", 8, &[];
+    log_fsync_fails, log_fsync_crashes: "embedded::log_fsync", 8, &[];
+    slot_write_fails, slot_write_crashes: "embedded::slot_write", 8, &[];
+    slot_fsync_fails, slot_fsync_crashes: "embedded::slot_fsync", 8, &[];
+    commit_reply_fails, commit_reply_crashes: "embedded::committed", 8, &[];
+    compaction_write_fails, compaction_write_crashes: "compact::write", 1, SHORT_RETENTION;
+    compaction_fsync_fails, compaction_fsync_crashes: "compact::fsync", 1, SHORT_RETENTION;
+    compaction_rename_fails, compaction_rename_crashes: "compact::rename", 1, SHORT_RETENTION;
+    compaction_dir_fsync_fails, compaction_dir_fsync_crashes: "compact::dir_fsync", 1, SHORT_RETENTION;
+    compaction_slot_write_fails, compaction_slot_write_crashes: "compact::slot_write", 1, SHORT_RETENTION;
+    compaction_slot_fsync_fails, compaction_slot_fsync_crashes: "compact::slot_fsync", 1, SHORT_RETENTION;
+}
+
+/// Leaves a data dir whose log holds durable records past its last commit
+/// (a crash between the log fsync and the slot write), so the next start
+/// settles it: cuts a torn tail and commits what it adopts.
+async fn unsettled_dir() -> (tempfile::TempDir, load::Record) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = load::Shared::default();
+    let mut server = ServerProcess::try_start_with(dir.path(), &[], |command| {
+        command.env(
+            "FAILPOINTS",
+            failpoints("embedded::slot_write", 8, Mode::Crash),
+        );
+    })
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    register_all(&server).await;
+    let tasks = start_load(&server.url(), &record, OnError::Stop);
+    assert!(
+        server.wait_exit(Duration::from_secs(15)).is_some(),
+        "crashed"
+    );
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    // And a torn tail past it.
+    let log = dir.path().join("rooms.log");
+    let mut bytes = std::fs::read(&log).expect("log");
+    bytes.extend_from_slice(&[200, 0, 0, 0, 9, 9, 9]);
+    std::fs::write(&log, bytes).expect("write");
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    (dir, record)
+}
+
+async fn settle_case(name: &str, mode: Mode) {
+    let (dir, record) = unsettled_dir().await;
+    let armed = ServerProcess::try_start_with(dir.path(), &[], |command| {
+        command.env("FAILPOINTS", failpoints(name, 0, mode));
+    });
+    let Err(failure) = armed else {
+        panic!("the start that settles the files went through {name}");
+    };
+    match mode {
+        Mode::Fail => assert!(
+            failure.log.contains(&format!("failpoint {name}"))
+                && failure.log.contains("--data-dir"),
+            "a refusal naming the flag and the step:\n{}",
+            failure.log
+        ),
+        Mode::Crash => assert!(failure.log.contains("crashing"), "{}", failure.log),
+    }
+    let restarted = ServerProcess::start(dir.path(), &[]);
+    check_after(&restarted, record, Duration::from_secs(86_400)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_truncate_fails() {
+    settle_case("embedded::settle_truncate", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_truncate_crashes() {
+    settle_case("embedded::settle_truncate", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_commit_fails() {
+    settle_case("embedded::settle_commit", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_commit_crashes() {
+    settle_case("embedded::settle_commit", Mode::Crash).await;
+}
+
+/// One etcd case: replica A has the failpoint, replica B none; loads on
+/// both; then A restarts cleanly and B checks everything.
+async fn etcd_case(name: &str, skip: u32, mode: Mode) {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix(&name.replace("::", "-"));
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = ServerProcess::try_start_with(&dir.path().join("a"), &args, |command| {
+        command.env("FAILPOINTS", failpoints(name, skip, mode));
+    })
+    .unwrap_or_else(|failure| panic!("start A: {}", failure.log));
+    let b = ServerProcess::start(&dir.path().join("b"), &args);
+    register_all(&b).await;
+    let record = load::Shared::default();
+    let on_error = match mode {
+        Mode::Fail => OnError::Continue,
+        Mode::Crash => OnError::Stop,
+    };
+    let mut tasks = start_load(&a.url(), &record, on_error);
+    tasks.extend(start_load(&b.url(), &record, OnError::Continue));
+    let needle = match mode {
+        Mode::Fail => format!("failpoint {name}"),
+        Mode::Crash => format!("failpoint {name}: crashing"),
+    };
+    // Registrations and realignments on A (etcd::registered) and on B; each
+    // reaches A's watch (allocator::apply_update). A may fail or die here.
+    // A may already be gone: connect lazily.
+    let mut on_a = a.lazy_client();
+    let mut on_b = b.client().await;
+    for dp_size in [2, 4, 2] {
+        let request = pb::RegisterWorkerRequest {
+            prefill_worker: "fp-realigned".into(),
+            dp_size,
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            on_a.register_worker(request.clone()),
+        )
+        .await;
+        timed(on_b.register_worker(request))
+            .await
+            .expect("register on B");
+    }
+    let hit = wait_for_log(&a, &needle, Duration::from_secs(15)).await;
+    assert!(hit, "failpoint {name} was never reached:\n{}", a.log());
+    match mode {
+        Mode::Fail => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(a.terminate().success(), "{}", a.log());
+        }
+        Mode::Crash => {
+            assert!(a.wait_exit(Duration::from_secs(10)).is_some(), "A died");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    load::stop(&record);
+    let mut b = b;
+    assert!(b.terminate().success());
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    for (code, message, _) in &record.errors {
+        assert!(
+            *code == Code::Unavailable || load::server_went_away(*code, message),
+            "{code:?} {message}"
+        );
+    }
+    let checker = ServerProcess::start(&dir.path().join("c"), &args);
+    check_after(&checker, record, Duration::from_secs(86_400)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reserve_send_fails() {
+    etcd_case("etcd::reserve_send", 2, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reserve_send_crashes() {
+    etcd_case("etcd::reserve_send", 2, Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reserve_committed_fails() {
+    etcd_case("etcd::reserve_committed", 2, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reserve_committed_crashes() {
+    etcd_case("etcd::reserve_committed", 2, Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lease_grant_fails() {
+    etcd_case("etcd::lease_granted", 0, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lease_grant_crashes() {
+    etcd_case("etcd::lease_granted", 0, Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registration_reply_fails() {
+    etcd_case("etcd::registered", 0, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registration_reply_crashes() {
+    etcd_case("etcd::registered", 0, Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_watch_event_apply_crashes() {
+    etcd_case("allocator::apply_update", 0, Mode::Crash).await;
+}
+
+/// Applying a watch event is never "failed" (the watch delivers in order or
+/// breaks); it can be slow. Here every event waits 1.5 s before it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_watch_events_applied_late_never_give_a_misaligned_room() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("late-watch");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = ServerProcess::try_start_with(&dir.path().join("a"), &args, |command| {
+        command.env("FAILPOINTS", "allocator::apply_update=sleep(1500)");
+    })
+    .unwrap_or_else(|failure| panic!("start A: {}", failure.log));
+    let b = ServerProcess::start(&dir.path().join("b"), &args);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let register = |dp_size| pb::RegisterWorkerRequest {
+        prefill_worker: "late".into(),
+        dp_size,
+    };
+    timed(on_b.register_worker(register(4)))
+        .await
+        .expect("register");
+    let mut rooms = HashMap::new();
+    for round in 0..6u32 {
+        let dp_size = [4, 8, 3][round as usize % 3];
+        timed(on_b.register_worker(register(dp_size)))
+            .await
+            .expect("realign on B");
+        // A has not applied the change yet: a router that knows the new size
+        // gets it (A asks etcd), one that passes 0 gets whatever A serves,
+        // always aligned to the size the response states.
+        for rank in 0..dp_size {
+            let response = timed(on_a.allocate_room(pb::AllocateRoomRequest {
+                prefill_worker: "late".into(),
+                dp_rank: rank,
+                dp_size,
+            }))
+            .await
+            .expect("allocate with the new dp_size on A")
+            .into_inner();
+            assert_eq!(response.dp_size, dp_size);
+            assert_eq!(response.room % u64::from(dp_size), u64::from(rank));
+            assert!(rooms.insert(response.room, dp_size).is_none());
+        }
+    }
+    for (room, dp_size) in rooms {
+        let resolved = timed(on_b.resolve_rank(pb::ResolveRankRequest { room }))
+            .await
+            .expect("resolve")
+            .into_inner();
+        assert_eq!(resolved.dp_size, dp_size);
+    }
+}
+
+/// One migrate case: an embedded server issues rooms; migrate meets the
+/// failpoint; the data dir never serves again once anything was copied;
+/// a rerun finishes; etcd replicas issue only new rooms.
+async fn migrate_case(name: &str, mode: Mode) {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix(&name.replace("::", "-"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = load::Shared::default();
+    {
+        let mut embedded = ServerProcess::start(dir.path(), &[]);
+        register_all(&embedded).await;
+        let tasks = start_load(&embedded.url(), &record, OnError::Stop);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(embedded.terminate().success());
+        for task in tasks {
+            timed(task).await.expect("load task");
+        }
+    }
+    let data_dir = dir.path().to_str().expect("utf-8");
+    let args = [
+        "migrate",
+        "--data-dir",
+        data_dir,
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+    ];
+    let (code, _, err) = run_cli_env(&args, &[("FAILPOINTS", &failpoints(name, 0, mode))]);
+    assert_ne!(code, 0, "migrate went through {name}");
+    assert!(err.contains(name), "{err}");
+    let marked = name != "migrate::mark";
+    let served = ServerProcess::try_start(dir.path(), &[]);
+    match served {
+        Ok(mut server) => {
+            assert!(!marked, "served a data dir whose rooms went to etcd");
+            // Nothing was copied: the dir may still serve; stop it again.
+            assert!(server.terminate().success());
+        }
+        Err(failure) => {
+            assert!(marked, "{}", failure.log);
+            assert!(failure.log.contains("migrated to etcd"), "{}", failure.log);
+        }
+    }
+    let (code, _, err) = run_cli_env(&args, &[]);
+    assert_eq!(code, 0, "the rerun finishes: {err}");
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let replica = ServerProcess::start(
+        &dir.path().join("replica"),
+        &["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix],
+    );
+    check_after(&replica, record, Duration::from_secs(86_400)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_fails() {
+    migrate_case("migrate::mark", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_crashes() {
+    migrate_case("migrate::mark", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_high_water_fails() {
+    migrate_case("migrate::high_water", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_high_water_crashes() {
+    migrate_case("migrate::high_water", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_ranges_fails() {
+    migrate_case("migrate::ranges", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_ranges_crashes() {
+    migrate_case("migrate::ranges", Mode::Crash).await;
+}
