@@ -27,6 +27,9 @@ pub mod service;
 pub mod space;
 pub mod store;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use room_allocator_client as client;
 
 /// gRPC types: the messages and client of `room-allocator-client`, the

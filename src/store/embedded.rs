@@ -580,10 +580,17 @@ pub(crate) enum CommitProblem {
     Foreign,
     Version(u32),
     BothDamaged,
+    /// A slot whose checksum holds but which we never wrote: commit `n`
+    /// goes to slot `n % 2`, so a slot elsewhere is damage, not a torn write.
+    Misplaced {
+        slot: usize,
+        commit_seq: u64,
+    },
 }
 
-/// The newest valid slot of a commit file's bytes. A fuzz target: never
-/// panics, and accepts only slots whose checksum holds.
+/// The newest valid slot of a commit file's bytes: (commit_seq, generation,
+/// log_len). A fuzz target: never panics, and accepts only slots whose
+/// checksum holds, each in the position its commit_seq puts it.
 pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProblem> {
     let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     if len < 2 * SLOT_LEN {
@@ -596,7 +603,7 @@ pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProbl
         return Err(CommitProblem::Foreign);
     }
     let mut best: Option<(u64, u32, u64)> = None;
-    for slot in slots {
+    for (index, slot) in slots.into_iter().enumerate() {
         let mut reader = Reader::new(slot);
         let (magic, version, generation, commit_seq, log_len) = (
             reader.bytes(8),
@@ -615,6 +622,12 @@ pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProbl
         };
         if version != FORMAT_VERSION {
             return Err(CommitProblem::Version(version));
+        }
+        if commit_seq % 2 != index as u64 {
+            return Err(CommitProblem::Misplaced {
+                slot: index,
+                commit_seq,
+            });
         }
         if best.is_none_or(|(seq, ..)| commit_seq > seq) {
             best = Some((commit_seq, generation, log_len));
@@ -648,6 +661,13 @@ fn read_commit(file: &dyn FsFile, path: &Path) -> Result<Slot, OpenError> {
             path: path.to_path_buf(),
             offset: 0,
             reason: "both commit slots fail their checksum".into(),
+        }),
+        Err(CommitProblem::Misplaced { slot, commit_seq }) => Err(OpenError::Corrupt {
+            path: path.to_path_buf(),
+            offset: slot as u64 * SLOT_LEN,
+            reason: format!(
+                "slot {slot} holds commit {commit_seq}, which belongs in the other slot"
+            ),
         }),
     }
 }
