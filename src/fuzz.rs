@@ -67,7 +67,7 @@ fn run_one(target: &str, check: Target, input: &[u8]) {
 }
 
 /// Replays saved regressions, then mutates the seeds.
-fn fuzz(target: &str, check: Target, seeds: &[Vec<u8>], fix_up: fn(&mut Vec<u8>)) {
+fn fuzz(target: &str, check: Target, seeds: &[Vec<u8>], fix_up: fn(&mut [u8])) {
     if let Ok(entries) = std::fs::read_dir(regressions(target)) {
         for entry in entries.flatten() {
             let input = std::fs::read(entry.path()).expect("a saved regression");
@@ -153,12 +153,12 @@ fn mutate(input: &mut Vec<u8>, seeds: &[Vec<u8>], rng: &mut Rng) {
     }
 }
 
-fn no_fix_up(_: &mut Vec<u8>) {}
+fn no_fix_up(_: &mut [u8]) {}
 
 // --- the embedded log's records ---------------------------------------------
 
 /// Rewrites a record's length and checksum to match its body.
-fn fix_record(input: &mut Vec<u8>) {
+fn fix_record(input: &mut [u8]) {
     if input.len() >= 8 {
         let body_len = u32::try_from(input.len() - 8).unwrap_or(u32::MAX);
         input[..4].copy_from_slice(&body_len.to_le_bytes());
@@ -261,7 +261,7 @@ fn commit_seeds() -> Vec<Vec<u8>> {
 }
 
 /// Rewrites each slot's checksum to match its body.
-fn fix_slots(input: &mut Vec<u8>) {
+fn fix_slots(input: &mut [u8]) {
     for start in [0usize, 512] {
         if input.len() >= start + 36 {
             let crc = crc32fast::hash(&input[start..start + 32]);

@@ -711,8 +711,18 @@ proptest! {
 #[test]
 fn commit_slots_decode_only_when_their_checksum_holds() {
     let mut bytes = vec![0u8; 2 * SLOT_LEN as usize];
-    bytes[..36].copy_from_slice(&encode_slot(3, 100, 2));
-    assert_eq!(decode_commit(&bytes), Ok((3, 2, 100)));
+    bytes[..36].copy_from_slice(&encode_slot(4, 100, 2));
+    assert_eq!(decode_commit(&bytes), Ok((4, 2, 100)));
+    // A checksummed slot where its commit number does not go: damage.
+    let mut misplaced = bytes.clone();
+    misplaced[512..548].copy_from_slice(&encode_slot(6, 100, 2));
+    assert!(matches!(
+        decode_commit(&misplaced),
+        Err(CommitProblem::Misplaced {
+            slot: 1,
+            commit_seq: 6
+        })
+    ));
     bytes[20] ^= 1;
     assert_eq!(decode_commit(&bytes), Err(CommitProblem::BothDamaged));
     assert_eq!(
