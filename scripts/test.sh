@@ -59,12 +59,17 @@ set +e
 cargo test --locked --workspace --features failpoints 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+step "python client: pip install ./python in a venv, pytest against the real binary"
+set +e
+ROOM_ALLOCATOR_BIN=target/debug/room-allocator python/run_tests.sh 2>&1 | tee -a "$log"
+python_status=${PIPESTATUS[0]}
+set -e
 step "helm chart: lint, render, Kubernetes $KUBE_SCHEMA_VERSION schemas, flags"
 set +e
 "$TOOLS/venv/bin/python" scripts/chart_test.py target/debug/room-allocator 2>&1 | tee -a "$log"
 chart_status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite (cargo prints one per test binary).
-awk '/^test result:/ { p += $4; f += $6 } /^chart: / { p += $2; f += $4 }
+awk '/^test result:/ { p += $4; f += $6 } /^(chart|python): / { p += $2; f += $4 }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
-[ "$status" -eq 0 ] && [ "$chart_status" -eq 0 ]
+[ "$status" -eq 0 ] && [ "$python_status" -eq 0 ] && [ "$chart_status" -eq 0 ]

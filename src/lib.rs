@@ -43,3 +43,20 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("room_allocator_descriptor");
 }
+
+#[cfg(test)]
+mod tests {
+    /// The client crate checks in its generated code (so it builds with no
+    /// protoc); it must be exactly what the proto generates now. To update:
+    /// copy `$OUT_DIR/client_pb/room_allocator.v1.rs` over it.
+    #[test]
+    fn the_client_crates_checked_in_code_matches_the_proto() {
+        let fresh = include_str!(concat!(env!("OUT_DIR"), "/client_pb/room_allocator.v1.rs"));
+        let checked_in = include_str!("../client/src/room_allocator.v1.rs");
+        assert!(
+            fresh == checked_in,
+            "client/src/room_allocator.v1.rs is stale: copy {}/client_pb/room_allocator.v1.rs over it",
+            env!("OUT_DIR")
+        );
+    }
+}

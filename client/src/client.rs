@@ -666,7 +666,7 @@ impl RoomClient {
             .or_insert_with(|| {
                 Arc::new(WorkerLease {
                     name: prefill_worker.into(),
-                    state: Mutex::new(LeaseState::new(INITIAL_LEASE, Instant::now())),
+                    state: Mutex::new(LeaseState::new(INITIAL_LEASE)),
                     refilling: AtomicBool::new(false),
                     refill: tokio::sync::Mutex::new(()),
                 })

@@ -23,17 +23,18 @@ pub(crate) struct LeaseState {
     pub available: u64,
     /// Bases asked for at the next refill.
     pub lease_size: u32,
-    pub last_lease_at: Instant,
+    /// When the last lease was asked for; `None` before the first.
+    pub last_lease_at: Option<Instant>,
 }
 
 impl LeaseState {
-    pub fn new(initial_lease: u32, now: Instant) -> Self {
+    pub fn new(initial_lease: u32) -> Self {
         Self {
             dp_size: 0,
             blocks: VecDeque::new(),
             available: 0,
             lease_size: initial_lease,
-            last_lease_at: now,
+            last_lease_at: None,
         }
     }
 
@@ -86,14 +87,16 @@ impl LeaseState {
     /// Sizes the next lease: doubles while leases run out within
     /// `fast`, halves when they last ten times that.
     pub fn next_lease_size(&mut self, now: Instant, fast: Duration, min: u32, max: u32) -> u32 {
-        let since = now.saturating_duration_since(self.last_lease_at);
-        if since < fast {
-            self.lease_size = self.lease_size.saturating_mul(2);
-        } else if since > fast * 10 {
-            self.lease_size /= 2;
+        if let Some(last) = self.last_lease_at {
+            let since = now.saturating_duration_since(last);
+            if since < fast {
+                self.lease_size = self.lease_size.saturating_mul(2);
+            } else if since > fast * 10 {
+                self.lease_size /= 2;
+            }
         }
         self.lease_size = self.lease_size.clamp(min, max);
-        self.last_lease_at = now;
+        self.last_lease_at = Some(now);
         self.lease_size
     }
 }
@@ -105,7 +108,7 @@ mod tests {
     #[test]
     fn a_lease_hands_out_each_base_once_in_order_and_expired_blocks_go() {
         let now = Instant::now();
-        let mut state = LeaseState::new(4, now);
+        let mut state = LeaseState::new(4);
         state.dp_size = 4;
         state.push(Block {
             next: 8,
@@ -128,8 +131,9 @@ mod tests {
     #[test]
     fn lease_sizes_grow_while_leases_run_out_fast_and_shrink_when_idle() {
         let now = Instant::now();
-        let mut state = LeaseState::new(256, now);
+        let mut state = LeaseState::new(256);
         let fast = Duration::from_secs(1);
+        assert_eq!(state.next_lease_size(now, fast, 256, 4096), 256, "the first lease");
         let size = state.next_lease_size(now + Duration::from_millis(100), fast, 256, 4096);
         assert_eq!(size, 512);
         let size = state.next_lease_size(now + Duration::from_secs(60), fast, 256, 4096);

@@ -89,7 +89,9 @@ pub struct LeaseRoomsResponse {
     pub dp_size: u32,
     /// Use the bases within this many milliseconds of receiving the response,
     /// then drop the rest: rooms made later might not resolve for the whole
-    /// retention period, and would miss a realignment made meanwhile.
+    /// retention period. (It is at least half the retention, so clients also
+    /// bound a lease's life themselves, e.g. 10 s, to notice a realignment
+    /// made by another router soon even when they do not refill.)
     #[prost(uint64, tag = "4")]
     pub valid_for_ms: u64,
 }

@@ -1,0 +1,260 @@
+"""``AsyncRoomClient``: the asyncio client, on ``grpc.aio``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import monotonic
+from types import TracebackType
+from typing import Any, Awaitable, Callable, List, Optional, Set, Type, TypeVar
+
+import grpc
+import grpc.aio
+
+from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
+from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
+from ._pb import room_allocator_pb2 as pb
+from ._pb.room_allocator_pb2_grpc import RoomAllocatorServiceStub
+from ._types import AllocatedRoom, Lease, Resolved, WorkerInfo
+from .errors import DpSizeMismatch, RoomAllocatorError, WorkerDeregistered, from_rpc_error
+
+__all__ = ["AsyncRoomClient"]
+
+log = logging.getLogger("room_allocator")
+
+_Response = TypeVar("_Response")
+
+
+class AsyncRoomClient:
+    """The asyncio twin of :class:`RoomClient`: the same arguments, the same
+    methods as coroutines, the same lease semantics. Background refills run
+    as tasks on the event loop the client is used from.
+
+    Create it inside the event loop that uses it (grpc.aio channels belong
+    to one loop), and use ``async with`` or ``await client.close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: Optional[str] = None,
+        root_certificates: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        tls_server_name: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_lease_age: float = DEFAULT_MAX_LEASE_AGE,
+        options: ChannelOptions = (),
+    ) -> None:
+        spec = channel_spec(
+            target,
+            token=token,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            tls_server_name=tls_server_name,
+            options=options,
+        )
+        self._leases = LeaseBook(
+            max_lease_age=max_lease_age,
+            new_refill_lock=asyncio.Lock,
+            start_refill=self._start_refill,
+        )
+        if spec.credentials is None:
+            self._channel = grpc.aio.insecure_channel(spec.address, options=spec.options)
+        else:
+            self._channel = grpc.aio.secure_channel(spec.address, spec.credentials, options=spec.options)
+        self._stub = RoomAllocatorServiceStub(self._channel)
+        self._metadata = spec.metadata
+        self._timeout = timeout
+        self._refills: Set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def close(self) -> None:
+        """Cancels background refills and closes the channel (cancelling
+        calls in flight). Idempotent; later calls raise ValueError."""
+        if self._closed:
+            return
+        self._closed = True
+        refills = list(self._refills)
+        for task in refills:
+            task.cancel()
+        if refills:
+            await asyncio.gather(*refills, return_exceptions=True)
+        await self._channel.close(grace=None)
+
+    async def __aenter__(self) -> AsyncRoomClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- rooms -------------------------------------------------------------
+
+    async def allocate(self, prefill_worker: str, dp_rank: int, dp_size: int) -> int:
+        """A room with ``room % dp_size == dp_rank``, from the lease when it
+        can; see :meth:`RoomClient.allocate`."""
+        if self._closed:
+            raise ValueError("the AsyncRoomClient is closed")
+        check_rank(dp_rank, dp_size)
+        room = self._leases.take(prefill_worker, dp_rank, dp_size)
+        if room is not None:
+            return room
+        worker = self._leases.worker(prefill_worker)
+        async with worker.refill_lock:
+            room = self._leases.take(prefill_worker, dp_rank, dp_size)
+            if room is not None:
+                return room
+            self._leases.realign(worker, dp_size)
+            try:
+                await self._refill_locked(worker, dp_size)
+            except (DpSizeMismatch, WorkerDeregistered):
+                raise
+            except RoomAllocatorError as error:
+                log.debug("leasing for %r failed (%s); falling back to AllocateRoom", prefill_worker, error)
+        room = self._leases.take(prefill_worker, dp_rank, dp_size)
+        if room is not None:
+            return room
+        return (await self.allocate_room(prefill_worker, dp_rank, dp_size)).room
+
+    def try_allocate(self, prefill_worker: str, dp_rank: int, dp_size: int) -> Optional[int]:
+        """A room from the lease with no call and no await, or ``None``; see
+        :meth:`RoomClient.try_allocate`. Call it from the client's loop."""
+        if self._closed or not 0 <= dp_rank < dp_size:
+            return None
+        return self._leases.take(prefill_worker, dp_rank, dp_size)
+
+    async def allocate_room(self, prefill_worker: str, dp_rank: int, dp_size: int = 0) -> AllocatedRoom:
+        """One raw AllocateRoom call; see :meth:`RoomClient.allocate_room`."""
+        response = await self._call(
+            self._stub.AllocateRoom,
+            pb.AllocateRoomRequest(prefill_worker=prefill_worker, dp_rank=dp_rank, dp_size=dp_size),
+            prefill_worker,
+            dp_size,
+        )
+        return check_allocated(AllocatedRoom(response.room, response.dp_size), dp_rank, dp_size)
+
+    async def lease_rooms(self, prefill_worker: str, count: int, dp_size: int = 0) -> Lease:
+        """One raw LeaseRooms call; see :meth:`RoomClient.lease_rooms`."""
+        response = await self._call(
+            self._stub.LeaseRooms,
+            pb.LeaseRoomsRequest(prefill_worker=prefill_worker, count=count, dp_size=dp_size),
+            prefill_worker,
+            dp_size,
+        )
+        return Lease(response.first_base, response.count, response.dp_size, response.valid_for_ms)
+
+    async def resolve(self, room: int) -> Resolved:
+        """Which worker, rank and dp_size ``room`` was issued for."""
+        response = await self._call(self._stub.ResolveRank, pb.ResolveRankRequest(room=room))
+        return Resolved(response.prefill_worker, response.dp_rank, response.dp_size)
+
+    # -- workers -----------------------------------------------------------
+
+    async def register(self, prefill_worker: str, dp_size: int) -> WorkerInfo:
+        """Registers (or realigns) a prefill worker; see :meth:`RoomClient.register`."""
+        response = await self._call(
+            self._stub.RegisterWorker,
+            pb.RegisterWorkerRequest(prefill_worker=prefill_worker, dp_size=dp_size),
+            prefill_worker,
+            dp_size,
+        )
+        self._leases.drop(prefill_worker, unless_dp_size=dp_size)
+        if not response.HasField("worker"):
+            raise RoomAllocatorError(grpc.StatusCode.INTERNAL, "the server sent no worker")
+        return WorkerInfo._from_pb(response.worker)
+
+    async def deregister(self, prefill_worker: str) -> None:
+        """Stops new rooms for a worker; see :meth:`RoomClient.deregister`."""
+        await self._call(
+            self._stub.DeregisterWorker,
+            pb.DeregisterWorkerRequest(prefill_worker=prefill_worker),
+            prefill_worker,
+        )
+        self._leases.drop(prefill_worker)
+
+    async def workers(self) -> List[WorkerInfo]:
+        """Every registered worker, sorted by name (pages through ListWorkers)."""
+        workers: List[WorkerInfo] = []
+        page_token = ""
+        while True:
+            page = await self._call(
+                self._stub.ListWorkers,
+                pb.ListWorkersRequest(page_size=WORKERS_PAGE_SIZE, page_token=page_token),
+            )
+            workers.extend(WorkerInfo._from_pb(info) for info in page.workers)
+            if not page.next_page_token:
+                return workers
+            if page.next_page_token == page_token:
+                raise RoomAllocatorError(grpc.StatusCode.INTERNAL, "the server returned the same page token twice")
+            page_token = page.next_page_token
+
+    # -- internals ---------------------------------------------------------
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[_Response]],
+        request: Any,
+        prefill_worker: str = "",
+        dp_size: int = 0,
+    ) -> _Response:
+        if self._closed:
+            raise ValueError("the AsyncRoomClient is closed")
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, worker=prefill_worker, dp_size=dp_size) from error
+
+    async def _refill_locked(self, worker: WorkerLease, dp_size: int) -> None:
+        """Leases one more block; see :meth:`RoomClient._refill_locked`."""
+        count = self._leases.lease_count(worker, dp_size)
+        sent_at = monotonic()
+        try:
+            lease = await self.lease_rooms(worker.prefill_worker, count, dp_size)
+        except (DpSizeMismatch, WorkerDeregistered):
+            self._leases.drop(worker.prefill_worker)
+            raise
+        self._leases.add(worker, lease, dp_size, sent_at)
+
+    def _start_refill(self, worker: WorkerLease) -> None:
+        if self._closed:
+            self._leases.refill_done(worker)
+            return
+        task = asyncio.get_running_loop().create_task(self._background_refill(worker))
+        # The loop keeps only weak references to tasks.
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _background_refill(self, worker: WorkerLease) -> None:
+        try:
+            if worker.refill_lock.locked():
+                return  # a caller leasing inline already refills
+            async with worker.refill_lock:
+                await self._refill_locked(worker, self._leases.background_dp_size(worker))
+        except (RoomAllocatorError, ValueError) as error:
+            log.debug(
+                "refilling the lease of %r failed (%s); the next allocate leases or falls back to AllocateRoom",
+                worker.prefill_worker,
+                error,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a task has no caller to raise to
+            log.warning("refilling the lease of %r failed", worker.prefill_worker, exc_info=True)
+        finally:
+            self._leases.refill_done(worker)
+
+    def __repr__(self) -> str:
+        return f"AsyncRoomClient({'closed' if self._closed else 'open'})"

@@ -1,0 +1,297 @@
+"""``RoomClient``: the blocking client, for routers built on threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from time import monotonic
+from types import TracebackType
+from typing import Any, Callable, List, Optional, Type, TypeVar
+
+import grpc
+
+from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
+from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
+from ._pb import room_allocator_pb2 as pb
+from ._pb.room_allocator_pb2_grpc import RoomAllocatorServiceStub
+from ._types import AllocatedRoom, Lease, Resolved, WorkerInfo
+from .errors import DpSizeMismatch, RoomAllocatorError, WorkerDeregistered, from_rpc_error
+
+__all__ = ["RoomClient"]
+
+log = logging.getLogger("room_allocator")
+
+_Response = TypeVar("_Response")
+
+
+class RoomClient:
+    """A thread-safe client of one room-allocator server.
+
+    :meth:`allocate` makes rooms from leased bases (LeaseRooms) with no call
+    per room; a background thread refills a worker's lease when half of it
+    is used. The other methods are one call each.
+
+    ``target`` is ``host:port``; with ``root_certificates`` (PEM) the channel
+    uses TLS, and with ``private_key`` and ``certificate_chain`` (PEM) too,
+    mutual TLS. ``https://host:port`` means TLS with the system's roots
+    unless ``root_certificates`` is given; ``http://host:port`` plaintext.
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call, on
+    plaintext channels too. ``timeout`` is each call's deadline in seconds;
+    ``max_lease_age`` bounds how long a leased base is kept (see README);
+    ``tls_server_name`` overrides the name the server's certificate is
+    checked against; ``options`` are extra grpc channel options.
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: Optional[str] = None,
+        root_certificates: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        tls_server_name: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_lease_age: float = DEFAULT_MAX_LEASE_AGE,
+        options: ChannelOptions = (),
+    ) -> None:
+        spec = channel_spec(
+            target,
+            token=token,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            tls_server_name=tls_server_name,
+            options=options,
+        )
+        self._leases = LeaseBook(
+            max_lease_age=max_lease_age,
+            new_refill_lock=threading.Lock,
+            start_refill=self._start_refill,
+        )
+        if spec.credentials is None:
+            self._channel = grpc.insecure_channel(spec.address, options=spec.options)
+        else:
+            self._channel = grpc.secure_channel(spec.address, spec.credentials, options=spec.options)
+        self._stub = RoomAllocatorServiceStub(self._channel)
+        self._metadata = spec.metadata
+        self._timeout = timeout
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._executor_lock = threading.Lock()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the channel (cancelling calls in flight) and waits for the
+        background refill thread. Idempotent; later calls raise ValueError."""
+        with self._executor_lock:
+            if self._closed:
+                return
+            self._closed = True
+            executor, self._executor = self._executor, None
+        self._channel.close()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> RoomClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- rooms -------------------------------------------------------------
+
+    def allocate(self, prefill_worker: str, dp_rank: int, dp_size: int) -> int:
+        """A room for (``prefill_worker``, ``dp_rank``) aligned to
+        ``dp_size``, the size the router believes the worker has:
+        ``room % dp_size == dp_rank``.
+
+        From the lease when it can (no call), else after leasing, else by
+        one AllocateRoom (which registers a worker that was never registered,
+        if the server lets this client). Raises :class:`DpSizeMismatch` when
+        the worker is registered with another dp_size, and
+        :class:`WorkerDeregistered` when it was deregistered; ValueError,
+        without a call, when ``dp_rank`` is not in ``0..dp_size-1``.
+        """
+        if self._closed:
+            raise ValueError("the RoomClient is closed")
+        check_rank(dp_rank, dp_size)
+        room = self._leases.take(prefill_worker, dp_rank, dp_size)
+        if room is not None:
+            return room
+        worker = self._leases.worker(prefill_worker)
+        with worker.refill_lock:
+            # A refill may have finished while this caller waited for it.
+            room = self._leases.take(prefill_worker, dp_rank, dp_size)
+            if room is not None:
+                return room
+            self._leases.realign(worker, dp_size)
+            try:
+                self._refill_locked(worker, dp_size)
+            except (DpSizeMismatch, WorkerDeregistered):
+                raise
+            except RoomAllocatorError as error:
+                log.debug("leasing for %r failed (%s); falling back to AllocateRoom", prefill_worker, error)
+        room = self._leases.take(prefill_worker, dp_rank, dp_size)
+        if room is not None:
+            return room
+        return self.allocate_room(prefill_worker, dp_rank, dp_size).room
+
+    def try_allocate(self, prefill_worker: str, dp_rank: int, dp_size: int) -> Optional[int]:
+        """A room from the lease with no call and no wait, or ``None`` when
+        the lease is empty, expired or of another dp_size (then call
+        :meth:`allocate`). Starts a background refill when the lease runs low."""
+        if self._closed or not 0 <= dp_rank < dp_size:
+            return None
+        return self._leases.take(prefill_worker, dp_rank, dp_size)
+
+    def allocate_room(self, prefill_worker: str, dp_rank: int, dp_size: int = 0) -> AllocatedRoom:
+        """One raw AllocateRoom call, no lease. ``dp_size`` 0 means "as
+        registered"; another value registers a worker never registered (an
+        admin act when the server has a token) and is refused with
+        :class:`DpSizeMismatch` when it differs from the registered size."""
+        response = self._call(
+            self._stub.AllocateRoom,
+            pb.AllocateRoomRequest(prefill_worker=prefill_worker, dp_rank=dp_rank, dp_size=dp_size),
+            prefill_worker,
+            dp_size,
+        )
+        return check_allocated(AllocatedRoom(response.room, response.dp_size), dp_rank, dp_size)
+
+    def lease_rooms(self, prefill_worker: str, count: int, dp_size: int = 0) -> Lease:
+        """One raw LeaseRooms call, not kept by the client: for tools and
+        routers that manage their own leases. ``dp_size`` 0 means "as
+        registered"; LeaseRooms never registers a worker."""
+        response = self._call(
+            self._stub.LeaseRooms,
+            pb.LeaseRoomsRequest(prefill_worker=prefill_worker, count=count, dp_size=dp_size),
+            prefill_worker,
+            dp_size,
+        )
+        return Lease(response.first_base, response.count, response.dp_size, response.valid_for_ms)
+
+    def resolve(self, room: int) -> Resolved:
+        """Which worker, rank and dp_size ``room`` was issued for."""
+        response = self._call(self._stub.ResolveRank, pb.ResolveRankRequest(room=room))
+        return Resolved(response.prefill_worker, response.dp_rank, response.dp_size)
+
+    # -- workers -----------------------------------------------------------
+
+    def register(self, prefill_worker: str, dp_size: int) -> WorkerInfo:
+        """Registers (or realigns) a prefill worker; an admin call when the
+        server has a token. A lease of another dp_size is dropped."""
+        response = self._call(
+            self._stub.RegisterWorker,
+            pb.RegisterWorkerRequest(prefill_worker=prefill_worker, dp_size=dp_size),
+            prefill_worker,
+            dp_size,
+        )
+        self._leases.drop(prefill_worker, unless_dp_size=dp_size)
+        if not response.HasField("worker"):
+            raise RoomAllocatorError(grpc.StatusCode.INTERNAL, "the server sent no worker")
+        return WorkerInfo._from_pb(response.worker)
+
+    def deregister(self, prefill_worker: str) -> None:
+        """Stops new rooms for a worker until it is registered again (its
+        rooms still resolve); an admin call when the server has a token.
+        The worker's lease is dropped."""
+        self._call(
+            self._stub.DeregisterWorker,
+            pb.DeregisterWorkerRequest(prefill_worker=prefill_worker),
+            prefill_worker,
+        )
+        self._leases.drop(prefill_worker)
+
+    def workers(self) -> List[WorkerInfo]:
+        """Every registered worker, sorted by name (pages through ListWorkers)."""
+        workers: List[WorkerInfo] = []
+        page_token = ""
+        while True:
+            page = self._call(
+                self._stub.ListWorkers,
+                pb.ListWorkersRequest(page_size=WORKERS_PAGE_SIZE, page_token=page_token),
+            )
+            workers.extend(WorkerInfo._from_pb(info) for info in page.workers)
+            if not page.next_page_token:
+                return workers
+            if page.next_page_token == page_token:
+                raise RoomAllocatorError(grpc.StatusCode.INTERNAL, "the server returned the same page token twice")
+            page_token = page.next_page_token
+
+    # -- internals ---------------------------------------------------------
+
+    def _call(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        prefill_worker: str = "",
+        dp_size: int = 0,
+    ) -> _Response:
+        if self._closed:
+            raise ValueError("the RoomClient is closed")
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, worker=prefill_worker, dp_size=dp_size) from error
+
+    def _refill_locked(self, worker: WorkerLease, dp_size: int) -> None:
+        """Leases one more block for ``worker`` at ``dp_size``; the caller
+        holds the worker's refill lock. LeaseRooms always carries the dp_size
+        the caller expects, so a realignment is refused, never adopted; a
+        mismatch or a deregistration drops the lease."""
+        count = self._leases.lease_count(worker, dp_size)
+        sent_at = monotonic()
+        try:
+            lease = self.lease_rooms(worker.prefill_worker, count, dp_size)
+        except (DpSizeMismatch, WorkerDeregistered):
+            self._leases.drop(worker.prefill_worker)
+            raise
+        self._leases.add(worker, lease, dp_size, sent_at)
+
+    def _start_refill(self, worker: WorkerLease) -> None:
+        with self._executor_lock:
+            if self._closed:
+                executor = None
+            else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="room-allocator-refill")
+                executor = self._executor
+                executor.submit(self._background_refill, worker)
+        if executor is None:
+            self._leases.refill_done(worker)
+
+    def _background_refill(self, worker: WorkerLease) -> None:
+        try:
+            # A caller leasing inline already refills; nothing to add.
+            if not worker.refill_lock.acquire(blocking=False):
+                return
+            try:
+                self._refill_locked(worker, self._leases.background_dp_size(worker))
+            except (RoomAllocatorError, ValueError) as error:
+                log.debug(
+                    "refilling the lease of %r failed (%s); the next allocate leases or falls back to AllocateRoom",
+                    worker.prefill_worker,
+                    error,
+                )
+            except Exception:  # noqa: BLE001 - a thread has no caller to raise to
+                log.warning("refilling the lease of %r failed", worker.prefill_worker, exc_info=True)
+            finally:
+                worker.refill_lock.release()
+        finally:
+            self._leases.refill_done(worker)
+
+    def __repr__(self) -> str:
+        return f"RoomClient({'closed' if self._closed else 'open'})"
