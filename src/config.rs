@@ -218,9 +218,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// File holding a bearer token that RegisterWorker, DeregisterWorker and
-    /// registering through AllocateRoom require (`authorization: Bearer
-    /// <token>`). Reloaded when the file changes.
+    /// File holding the bearer token that RegisterWorker, DeregisterWorker
+    /// and registering through AllocateRoom require (`authorization: Bearer
+    /// <token>`); several tokens, one per line, are all accepted (to rotate
+    /// without a gap). Reloaded when the file changes.
     #[arg(long, env = "ROOM_ALLOCATOR_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
 

@@ -56,17 +56,17 @@ const SERVICE_NAME: &str = <RoomAllocatorServiceServer<Service> as NamedService>
 /// Why the server cannot start; each names the flag it comes from.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{flag} {value}: {source}")]
+    #[error("{flag} {value}: {cause}")]
     Store {
         flag: &'static str,
         value: String,
-        source: OpenError,
+        cause: OpenError,
     },
-    #[error("cannot read {flag} {}: {source}", path.display())]
+    #[error("cannot read {flag} {}: {cause}", path.display())]
     Read {
         flag: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("--auth-token-file {} is empty; put the token in it", path.display())]
     EmptyToken { path: PathBuf },
@@ -96,10 +96,10 @@ pub enum ServeError {
 }
 
 fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|source| StartError::Read {
+    std::fs::read(path).map_err(|cause| StartError::Read {
         flag,
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
@@ -196,23 +196,34 @@ impl TlsMaterial {
 struct Checked {
     bounds: Bounds,
     tls: Option<(TlsFiles, TlsMaterial, Arc<rustls::ServerConfig>)>,
-    token: Option<(PathBuf, String)>,
+    token: Option<(PathBuf, Vec<String>)>,
 }
 
-fn read_token(path: &Path) -> Result<String, StartError> {
+/// The tokens of `--auth-token-file`: one per line (several while a new
+/// token is rolled out), blank lines ignored.
+fn read_token(path: &Path) -> Result<Vec<String>, StartError> {
     let bytes = read_file("--auth-token-file", path)?;
-    let token = String::from_utf8_lossy(&bytes).trim().to_owned();
-    if token.is_empty() {
+    let text = String::from_utf8_lossy(&bytes);
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
         return Err(StartError::EmptyToken {
             path: path.to_path_buf(),
         });
     }
-    if !token.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+    if !tokens
+        .iter()
+        .all(|token| token.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    {
         return Err(StartError::BadToken {
             path: path.to_path_buf(),
         });
     }
-    Ok(token)
+    Ok(tokens)
 }
 
 fn check(config: &ServeArgs) -> Result<Checked, StartError> {
@@ -296,7 +307,7 @@ pub struct Server {
     request_timeout: Duration,
     max_concurrent_requests: usize,
     tls: Option<Arc<Tls>>,
-    auth: Option<(Auth, PathBuf, String)>,
+    auth: Option<(Auth, PathBuf, Vec<String>)>,
 }
 
 impl Server {
@@ -308,11 +319,11 @@ impl Server {
         let store_timeout = Duration::from_secs(config.store_timeout_secs);
         let (store, snapshot): (Arc<dyn Store>, _) = if config.etcd.etcd_endpoints.is_empty() {
             let (store, mut snapshot) =
-                EmbeddedStore::open(&config.data_dir, bounds).map_err(|source| {
+                EmbeddedStore::open(&config.data_dir, bounds).map_err(|cause| {
                     StartError::Store {
                         flag: "--data-dir",
                         value: config.data_dir.display().to_string(),
-                        source,
+                        cause,
                     }
                 })?;
             snapshot.retention = config.retention;
@@ -324,10 +335,10 @@ impl Server {
             let (store, snapshot) =
                 EtcdStore::open(&etcd_config)
                     .await
-                    .map_err(|source| StartError::Store {
+                    .map_err(|cause| StartError::Store {
                         flag: "--etcd-endpoints",
                         value: config.etcd.etcd_endpoints.join(","),
-                        source,
+                        cause,
                     })?;
             (Arc::new(store), snapshot)
         };
@@ -345,11 +356,11 @@ impl Server {
                 current: RwLock::new((material, server_config)),
             })
         });
-        let auth = token.map(|(path, token)| {
+        let auth = token.map(|(path, tokens)| {
             (
-                Auth::new(&token, config.auth_required_for_allocation),
+                Auth::new(&tokens, config.auth_required_for_allocation),
                 path,
-                token,
+                tokens,
             )
         });
         Ok(Self {
@@ -596,7 +607,7 @@ fn refresh_gauges(allocator: &Allocator, metrics: &Metrics) {
 /// connections, a bad one is logged and counted and the old one stays.
 async fn reload_files(
     tls: Option<Arc<Tls>>,
-    auth: Option<(Auth, PathBuf, String)>,
+    auth: Option<(Auth, PathBuf, Vec<String>)>,
     metrics: Arc<Metrics>,
 ) {
     let mut last_tls_attempt = tls.as_ref().map(|tls| {

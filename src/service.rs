@@ -75,24 +75,27 @@ impl From<Error> for Status {
 
 /// Who may call what: with a token, RegisterWorker and DeregisterWorker
 /// always need it, and so does registering through AllocateRoom; the other
-/// calls need it when `all` is set. The token can be replaced while serving.
+/// calls need it when `all` is set. Any of several tokens is accepted (a
+/// rotation adds the new token, moves the callers, then drops the old one),
+/// and they can be replaced while serving.
 #[derive(Clone)]
 pub struct Auth {
-    expected: Arc<RwLock<String>>,
+    expected: Arc<RwLock<Vec<String>>>,
     all: bool,
 }
 
 impl Auth {
-    pub fn new(token: &str, all: bool) -> Self {
+    pub fn new(tokens: &[String], all: bool) -> Self {
         Self {
-            expected: Arc::new(RwLock::new(bearer(token))),
+            expected: Arc::new(RwLock::new(tokens.iter().map(|t| bearer(t)).collect())),
             all,
         }
     }
 
-    /// Takes a new token (a rotated `--auth-token-file`) for later calls.
-    pub fn replace(&self, token: &str) {
-        *self.expected.write().expect("token lock is never poisoned") = bearer(token);
+    /// Takes new tokens (a rotated `--auth-token-file`) for later calls.
+    pub fn replace(&self, tokens: &[String]) {
+        *self.expected.write().expect("token lock is never poisoned") =
+            tokens.iter().map(|t| bearer(t)).collect();
     }
 
     /// Whether the request carries the token: `Err` says how it fails.
@@ -103,7 +106,14 @@ impl Auth {
             .map(|value| value.as_bytes());
         let expected = self.expected.read().expect("token lock is never poisoned");
         match presented {
-            Some(value) if constant_time_eq(value, expected.as_bytes()) => Ok(()),
+            // Every token compared, so timing does not tell which matched.
+            Some(value)
+                if expected.iter().fold(false, |any, token| {
+                    constant_time_eq(value, token.as_bytes()) | any
+                }) =>
+            {
+                Ok(())
+            }
             Some(_) => Err(Error::Unauthenticated { presented: true }),
             None => Err(Error::Unauthenticated { presented: false }),
         }

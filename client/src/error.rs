@@ -110,7 +110,13 @@ impl fmt::Display for Error {
             Error::Connect { url, reason } => write!(f, "cannot connect to {url}: {reason}"),
             Error::Config(message) => f.write_str(message),
             Error::Status(status) => {
-                write!(f, "{}: {}", code_name(status.code()), status.message())
+                write!(f, "{}: {}", code_name(status.code()), status.message())?;
+                // A transport failure says only "transport error"; the
+                // cause (a TLS handshake, a reset) is below it.
+                if let Some(cause) = std::error::Error::source(status) {
+                    write!(f, ": {}", cause_chain(cause))?;
+                }
+                Ok(())
             }
         }
     }

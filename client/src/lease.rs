@@ -133,7 +133,11 @@ mod tests {
         let now = Instant::now();
         let mut state = LeaseState::new(256);
         let fast = Duration::from_secs(1);
-        assert_eq!(state.next_lease_size(now, fast, 256, 4096), 256, "the first lease");
+        assert_eq!(
+            state.next_lease_size(now, fast, 256, 4096),
+            256,
+            "the first lease"
+        );
         let size = state.next_lease_size(now + Duration::from_millis(100), fast, 256, 4096);
         assert_eq!(size, 512);
         let size = state.next_lease_size(now + Duration::from_secs(60), fast, 256, 4096);

@@ -25,7 +25,7 @@ impl FailingStore {
             .is_ok();
         ok.then_some(()).ok_or_else(|| StoreError::Io {
             path: "rooms.log".into(),
-            source: Arc::new(std::io::Error::from_raw_os_error(28)),
+            cause: Arc::new(std::io::Error::from_raw_os_error(28)),
         })
     }
 }

@@ -205,7 +205,7 @@ impl EmbeddedStore {
     pub fn open_with(dir: &Path, options: EmbeddedOptions) -> Result<(Self, Snapshot), OpenError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| OpenError::Io { path, source }
+            move |cause| OpenError::Io { path, cause }
         };
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
@@ -218,10 +218,10 @@ impl EmbeddedStore {
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => return Err(OpenError::Locked { path: lock_path }),
-            Err(TryLockError::Error(source)) => {
+            Err(TryLockError::Error(cause)) => {
                 return Err(OpenError::Io {
                     path: lock_path,
-                    source,
+                    cause,
                 })
             }
         }
@@ -354,13 +354,13 @@ fn check_not_migrated(dir: &Path, for_migration: bool) -> Result<(), OpenError> 
             Err(OpenError::Migrated { path, target: mark })
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(OpenError::MigratedUnreadable { path, source }),
+        Err(cause) => Err(OpenError::MigratedUnreadable { path, cause }),
     }
 }
 
 fn io_err_of(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError {
     let path = path.to_path_buf();
-    move |source| OpenError::Io { path, source }
+    move |cause| OpenError::Io { path, cause }
 }
 
 impl Store for EmbeddedStore {
@@ -805,7 +805,7 @@ fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
             "embedded::settle_truncate",
             OpenError::Io {
                 path: files.log.clone(),
-                source: io_error("embedded::settle_truncate"),
+                cause: io_error("embedded::settle_truncate"),
             }
         );
         log.set_len(loaded.end).map_err(io(&files.log))?;
@@ -829,7 +829,7 @@ fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
             "embedded::settle_commit",
             OpenError::Io {
                 path: files.commit.clone(),
-                source: io_error("embedded::settle_commit"),
+                cause: io_error("embedded::settle_commit"),
             }
         );
         commit_seq += 1;
@@ -1331,7 +1331,7 @@ impl Writer {
     fn io_error(&self, path: &Path, source: std::io::Error) -> StoreError {
         StoreError::Io {
             path: path.to_path_buf(),
-            source: Arc::new(source),
+            cause: Arc::new(source),
         }
     }
 

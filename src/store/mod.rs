@@ -123,10 +123,10 @@ pub struct Pruned {
 /// Failures of a store; the allocator reports all but `Space` as UNAVAILABLE.
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
-    #[error("cannot write {}: {source}; check free space and permissions of the data dir", path.display())]
+    #[error("cannot write {}: {cause}; check free space and permissions of the data dir", path.display())]
     Io {
         path: PathBuf,
-        source: Arc<io::Error>,
+        cause: Arc<io::Error>,
     },
     #[error(transparent)]
     Space(#[from] SpaceError),
@@ -163,8 +163,8 @@ pub enum StoreError {
 /// Why a store refused to open. Each names the file or key and leaves it untouched.
 #[derive(Debug, Error)]
 pub enum OpenError {
-    #[error("cannot use {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot use {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: io::Error },
     #[error(
         "{} is locked by another room-allocator; two servers must never share a data dir (they would issue the same rooms)",
         path.display()
@@ -213,10 +213,10 @@ pub enum OpenError {
     )]
     AlreadyMigrated { path: PathBuf, target: String },
     #[error(
-        "cannot read {} ({source}); it marks a data dir migrated to etcd, so refusing to start rather than risk serving rooms etcd now owns. Fix its permissions, or remove it only if no migration ever ran",
+        "cannot read {} ({cause}); it marks a data dir migrated to etcd, so refusing to start rather than risk serving rooms etcd now owns. Fix its permissions, or remove it only if no migration ever ran",
         path.display()
     )]
-    MigratedUnreadable { path: PathBuf, source: io::Error },
+    MigratedUnreadable { path: PathBuf, cause: io::Error },
     #[error(
         "cannot reach etcd at {endpoints}: {message}; check --etcd-endpoints and that etcd is up"
     )]

@@ -108,9 +108,9 @@ impl EtcdConfig {
     /// Reads the TLS files and builds the client's options.
     pub fn connect_options(&self) -> Result<ConnectOptions, OpenError> {
         let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| OpenError::Io {
+            std::fs::read(path).map_err(|cause| OpenError::Io {
                 path: path.clone(),
-                source,
+                cause,
             })
         };
         let identity_pem = match (&self.cert, &self.key) {
