@@ -5,8 +5,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 
 use common::{run_cli, timed, ServerProcess};
 use room_allocator::pb;
@@ -482,16 +480,7 @@ async fn reflection_v1_and_v1alpha_both_list_the_allocator_and_health_services()
     }
 }
 
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(common::CALL_TIMEOUT))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    response
-}
+use common::http_get;
 
 #[tokio::test]
 async fn metrics_count_rooms_ranges_and_requests_by_method_and_code() {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod proxy;
 pub mod router;
 
 use std::io::{BufRead, BufReader};
@@ -425,4 +426,17 @@ pub fn faketime_library() -> Option<PathBuf> {
         eprintln!("SKIP clock skew: libfaketime is not installed (apt-get install faketime)");
     }
     found
+}
+
+/// A plain HTTP/1.0 GET (the metrics endpoint); the whole response.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(CALL_TIMEOUT))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The fault harness (tests/fault_harness.rs) for as long as asked: three
+# replicas on a real etcd, router processes of every kind, and round after
+# round of kill -9, SIGSTOP/SIGCONT of a replica and of etcd, etcd restarts
+# and a partition between one replica and etcd; then every room every router
+# received is checked. The test command runs it for 75 s.
+#
+# Usage: scripts/fault-harness.sh [--long SECONDS]   (default 600)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=600
+if [ "${1:-}" = "--long" ]; then
+  seconds=${2:-600}
+fi
+command -v etcd >/dev/null 2>&1 || { echo "fault-harness: needs etcd (apt-get install etcd-server)" >&2; exit 1; }
+report="target/fault-harness-report.txt"
+mkdir -p target
+CI=true HARNESS_SECONDS="$seconds" HARNESS_REPORT="$report" \
+  cargo test --features failpoints --test fault_harness -- --nocapture three_replicas
+cat "$report"
