@@ -84,7 +84,12 @@ async fn wait_for_log(server: &ServerProcess, needle: &str, limit: Duration) -> 
 /// The checks after a fault: every room unique; every acknowledged room
 /// younger than `retention` resolves (on `server`) to its worker and dp_size
 /// (older ones may be pruned, and then say so); new rooms are new.
-async fn check_after(server: &ServerProcess, record: load::Record, retention: Duration) {
+async fn check_after(
+    label: &str,
+    server: &ServerProcess,
+    record: load::Record,
+    retention: Duration,
+) {
     let mut owner: HashMap<u64, (String, u32, Instant)> = HashMap::new();
     for ((room, worker, dp_size), received) in record.rooms.iter().zip(&record.received) {
         assert!(
@@ -192,7 +197,13 @@ async fn embedded_case(name: &str, skip: u32, mode: Mode, extra: &[&str]) {
     }
     assert!(!record.rooms.is_empty(), "the load got rooms");
     let restarted = ServerProcess::start(dir.path(), extra);
-    check_after(&restarted, record, retention_of(extra)).await;
+    check_after(
+        &format!("{name} {mode:?}"),
+        &restarted,
+        record,
+        retention_of(extra),
+    )
+    .await;
 }
 
 /// The `--retention` in `extra`, else the default.
@@ -285,7 +296,13 @@ async fn settle_case(name: &str, mode: Mode) {
         Mode::Crash => assert!(failure.log.contains("crashing"), "{}", failure.log),
     }
     let restarted = ServerProcess::start(dir.path(), &[]);
-    check_after(&restarted, record, Duration::from_secs(86_400)).await;
+    check_after(
+        &format!("{name} {mode:?}"),
+        &restarted,
+        record,
+        Duration::from_secs(86_400),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,7 +396,13 @@ async fn etcd_case(name: &str, skip: u32, mode: Mode) {
         );
     }
     let checker = ServerProcess::start(&dir.path().join("c"), &args);
-    check_after(&checker, record, Duration::from_secs(86_400)).await;
+    check_after(
+        &format!("{name} {mode:?}"),
+        &checker,
+        record,
+        Duration::from_secs(86_400),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,7 +558,13 @@ async fn migrate_case(name: &str, mode: Mode) {
         &dir.path().join("replica"),
         &["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix],
     );
-    check_after(&replica, record, Duration::from_secs(86_400)).await;
+    check_after(
+        &format!("{name} {mode:?}"),
+        &replica,
+        record,
+        Duration::from_secs(86_400),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
