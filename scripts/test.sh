@@ -52,6 +52,10 @@ step "cargo clippy --all-targets -- -D warnings (and with the failpoints compile
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --workspace --all-targets --features failpoints -- -D warnings
 
+step "builds with no protoc: the server from another directory, and a downstream crate on the client"
+(cd / && PROTOC=/nonexistent/protoc cargo build --locked --quiet --manifest-path "$OLDPWD/Cargo.toml")
+scripts/downstream_build.sh
+
 step "buf lint"
 "$TOOLS/npm/node_modules/.bin/buf" lint
 

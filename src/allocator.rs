@@ -53,8 +53,10 @@ const MIN_RANGE_BASES: u64 = 1024;
 const MAX_RANGE_BASES: u64 = 1 << 26;
 /// ...and in numbers of the space, so a large dp_size does not eat it faster.
 const MAX_RANGE_NUMBERS: u64 = 1 << 32;
-/// Ranges are sized to last about this long, so store writes stay rare.
-const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(10);
+/// Ranges are sized to last about this long, so store writes stay rare and
+/// the range table (kept for twice the retention) stays small: a busy worker
+/// adds about 576 ranges a day.
+const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(300);
 /// Rounds of "look at the worker, reserve or learn, look again" one call may
 /// take before it gives up with UNAVAILABLE (each round is a store call).
 const MAX_ROUNDS: usize = 8;
@@ -368,7 +370,14 @@ impl WorkerState {
     fn next_range_bases(&mut self, now: Instant) -> u64 {
         let lifetime = now.saturating_duration_since(self.current_since);
         if lifetime < TARGET_RANGE_LIFETIME / 2 {
-            self.range_bases = self.range_bases.saturating_mul(2);
+            // Grow faster the faster the range went: a busy worker reaches
+            // its size in a few ranges, not one doubling each.
+            let factor = if lifetime < TARGET_RANGE_LIFETIME / 64 {
+                8
+            } else {
+                2
+            };
+            self.range_bases = self.range_bases.saturating_mul(factor);
         } else if lifetime > TARGET_RANGE_LIFETIME * 4 {
             self.range_bases /= 2;
         }

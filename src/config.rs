@@ -1,7 +1,8 @@
-//! Command-line flags. Every flag of `serve`, `migrate`, `retention` and the
-//! client commands can also come from the environment as
+//! Command-line flags. Every flag of `serve`, `migrate`, `retention` (but
+//! `--set`) and the client commands can also come from the environment as
 //! `ROOM_ALLOCATOR_<FLAG>` (how the Helm chart configures the server);
-//! `bench` flags have no variables.
+//! `bench` flags have no variables. Boolean variables take true/false,
+//! 1/0, yes/no, on/off.
 //!
 //! Numeric bounds live in [`BOUNDS`] and the duration grammar in
 //! [`DURATION_PATTERN`]: clap enforces them, and `room-allocator
@@ -229,7 +230,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "ROOM_ALLOCATOR_AUTH_REQUIRED_FOR_ALLOCATION",
-        requires = "auth_token_file"
+        requires = "auth_token_file",
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub auth_required_for_allocation: bool,
 
@@ -246,7 +248,8 @@ pub struct ServeArgs {
 
     /// Check everything a start would (flags, files, TLS pair, endpoints)
     /// and exit: for deployment pipelines.
-    #[arg(long, env = "ROOM_ALLOCATOR_CHECK_CONFIG")]
+    #[arg(long, env = "ROOM_ALLOCATOR_CHECK_CONFIG",
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub check_config: bool,
 
     /// Bound on every store operation (fsync, etcd call); past it calls get UNAVAILABLE.
@@ -321,7 +324,7 @@ pub struct HealthArgs {
     pub client: ClientArgs,
     /// The service to ask about; empty asks about the whole server
     /// (liveness), room_allocator.v1.RoomAllocatorService about readiness.
-    #[arg(long, env = "ROOM_ALLOCATOR_HEALTH_SERVICE", default_value = "")]
+    #[arg(long, env = "ROOM_ALLOCATOR_SERVICE", default_value = "")]
     pub service: String,
 }
 

@@ -326,6 +326,83 @@ async fn replicas_with_skewed_config_and_clock_never_share_a_room() {
     check_unique(&record.rooms);
 }
 
+/// Review defect 5: pruning must not depend on a replica's clock or flags.
+/// A replica whose wall clock is 30 days ahead, started with a retention of
+/// 1 s, runs its retention ticks for a while; a room another replica issued
+/// a moment ago must still resolve (0.1 replicas deleted ranges "older than
+/// twice their retention" by their own clock: this one would have deleted
+/// everything). The fleet's retention stays the first replica's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_clock_far_ahead_and_a_short_retention_prunes_nothing_others_serve() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let Some(lib) = common::faketime_library() else {
+        return;
+    };
+    let prefix = unique_prefix("clock-ahead");
+    let a = replica(&etcd, &prefix, &["--retention", "1h"]);
+    let mut on_a = a.client().await;
+    let room = timed(on_a.allocate_room(pb::AllocateRoomRequest {
+        prefill_worker: "kept".into(),
+        dp_rank: 1,
+        dp_size: 2,
+    }))
+    .await
+    .expect("allocate on A")
+    .into_inner()
+    .room;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = ServerProcess::try_start_with(
+        &dir.path().join("b"),
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            &prefix,
+            "--retention",
+            "1s",
+        ],
+        |command| {
+            command
+                .env("LD_PRELOAD", &lib)
+                .env("FAKETIME", "+30d")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        },
+    )
+    .unwrap_or_else(|failure| panic!("start B: {}", failure.log));
+    assert!(
+        b.log().contains("using the fleet's"),
+        "B honours the fleet's retention: {}",
+        b.log()
+    );
+    // B allocates too, and runs its retention ticks (every second) a while.
+    let mut on_b = b.client().await;
+    for _ in 0..5 {
+        timed(on_b.allocate_room(pb::AllocateRoomRequest {
+            prefill_worker: "kept".into(),
+            dp_rank: 0,
+            dp_size: 2,
+        }))
+        .await
+        .expect("allocate on B");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    let c = replica(&etcd, &prefix, &[]);
+    let resolved = timed(
+        c.client()
+            .await
+            .resolve_rank(pb::ResolveRankRequest { room }),
+    )
+    .await
+    .expect("A's room still resolves on a fresh replica")
+    .into_inner();
+    assert_eq!(
+        (resolved.prefill_worker.as_str(), resolved.dp_size),
+        ("kept", 2)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_worker_and_a_realignment_on_one_replica_reach_the_other_within_the_window() {
     let Some(etcd) = EtcdProcess::start() else {

@@ -130,6 +130,11 @@ async fn check_after(
         resolved_rooms > 0 || retention < Duration::from_secs(60),
         "rooms resolve"
     );
+    // Read by RELIABILITY.md's tally (`cargo test ... -- --nocapture`).
+    println!(
+        "failpoint {label}: {} rooms checked unique, {resolved_rooms} resolved, 0 duplicates",
+        owner.len()
+    );
     for (worker, dp_size) in WORKERS {
         for rank in 0..dp_size {
             let room = timed(client.allocate_room(pb::AllocateRoomRequest {

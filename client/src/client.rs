@@ -1,8 +1,9 @@
 //! `RoomClient`, its builder, and the types its calls return.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 use tracing::debug;
 
 use crate::error::{cause_chain, Error};
@@ -35,6 +36,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Workers per ListWorkers page when `workers()` pages through them all.
 const WORKERS_PAGE_SIZE: i32 = 1000;
+/// With several endpoints, one that cannot be reached is skipped for this
+/// long, doubling while it keeps failing...
+const FIRST_ENDPOINT_PAUSE: Duration = Duration::from_millis(500);
+/// ...up to this; then one call tries it again.
+const MAX_ENDPOINT_PAUSE: Duration = Duration::from_secs(30);
 
 /// A worker as the server has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,14 +320,16 @@ impl RoomClientBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let deadline = Instant::now() + self.patience;
         let mut backoff = FIRST_BACKOFF;
-        let channel = 'connected: loop {
+        let (answered, channel, failed) = 'connected: loop {
+            let mut failed = Vec::new();
             let mut failure = None;
-            for (url, endpoint) in urls.iter().zip(&endpoints) {
+            for (i, (url, endpoint)) in urls.iter().zip(&endpoints).enumerate() {
                 match endpoint.connect().await {
-                    Ok(channel) if endpoints.len() == 1 => break 'connected channel,
-                    // One answered: balance over all, so calls fail over.
-                    Ok(_) => break 'connected Channel::balance_list(endpoints.clone().into_iter()),
-                    Err(error) => failure = Some((url.clone(), explain(&error))),
+                    Ok(channel) => break 'connected (i, channel, failed),
+                    Err(error) => {
+                        failed.push(i);
+                        failure = Some((url.clone(), explain(&error, &self.context(url))));
+                    }
                 }
             }
             let (url, reason) = failure.expect("at least one endpoint was tried");
@@ -336,25 +344,175 @@ impl RoomClientBuilder {
             token,
             timeout: self.timeout,
         };
-        Ok(RoomClient::new(channel, options, self.max_lease_age))
+        // One answered. The others connect at their first call, and calls
+        // fail over among all of them (see `RoomClient::call`).
+        let epoch = Instant::now();
+        let mut channel = Some(channel);
+        let targets = urls
+            .iter()
+            .zip(&endpoints)
+            .enumerate()
+            .map(|(i, (url, endpoint))| {
+                let channel = if i == answered {
+                    channel.take().expect("one channel answered")
+                } else {
+                    endpoint.connect_lazy()
+                };
+                let target = Target::new(self.context(url), channel, options.clone());
+                if failed.contains(&i) {
+                    target.failed(epoch);
+                }
+                target
+            })
+            .collect();
+        Ok(RoomClient::new(
+            targets,
+            epoch,
+            self.timeout,
+            self.max_lease_age,
+        ))
+    }
+
+    fn context(&self, url: &str) -> Context {
+        Context {
+            url: url.to_owned(),
+            tls: url.starts_with("https://"),
+            identity: self.identity_pem.is_some(),
+        }
     }
 }
 
+/// What a transport failure's explanation depends on.
+#[derive(Debug, Clone)]
+struct Context {
+    url: String,
+    tls: bool,
+    identity: bool,
+}
+
+/// One endpoint: its calls, and whether calls skip it for now.
+struct Target {
+    context: Context,
+    rpc: Rpc,
+    /// Skipped until this many ms past `Inner::epoch` (0: not skipped).
+    paused_until_ms: AtomicU64,
+    /// Transport failures in a row.
+    failures: AtomicU32,
+}
+
+impl Target {
+    fn new(context: Context, channel: Channel, options: CallOptions) -> Self {
+        Self {
+            context,
+            rpc: RoomAllocatorServiceClient::with_interceptor(channel, options),
+            paused_until_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+        }
+    }
+
+    fn answered(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.paused_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Could not be reached: skip it for a while, longer each time in a row.
+    fn failed(&self, epoch: Instant) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
+        let pause = FIRST_ENDPOINT_PAUSE
+            .saturating_mul(1 << failures)
+            .min(MAX_ENDPOINT_PAUSE);
+        let until = epoch.elapsed().saturating_add(pause);
+        self.paused_until_ms.store(
+            u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Whether a call failed here (transport, deadline) rather than at the
+/// server: only a local failure carries a source error; the server's
+/// statuses come decoded from the response.
+fn failed_locally(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+}
+
+/// A local failure as a status that says what happened and where, with a
+/// hint: a deadline is DEADLINE_EXCEEDED (tonic says CANCELLED), a failed
+/// connection UNAVAILABLE (tonic often says UNKNOWN), as gRPC specifies.
+fn explain_status(status: &Status, context: &Context, timeout: Duration) -> Status {
+    let mut cause = std::error::Error::source(status);
+    let mut chain = String::new();
+    while let Some(error) = cause {
+        if error.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return Status::deadline_exceeded(format!(
+                "{}: no answer within the client's deadline of {timeout:?}; the server may be overloaded or stuck",
+                context.url
+            ));
+        }
+        cause = error.source();
+    }
+    if let Some(source) = std::error::Error::source(status) {
+        chain = cause_chain(source);
+    }
+    if !chain.starts_with(status.message()) {
+        chain = format!("{}: {chain}", status.message());
+    }
+    let code = match status.code() {
+        Code::Unknown => Code::Unavailable,
+        code => code,
+    };
+    let hint = hint(&chain, context);
+    Status::new(code, format!("{}: {chain}{hint}", context.url))
+}
+
 /// A transport error's real cause, with a hint for the usual mistakes.
-fn explain(error: &tonic::transport::Error) -> String {
+fn explain(error: &tonic::transport::Error, context: &Context) -> String {
     let chain = cause_chain(error);
-    let hint = if chain.contains("Connection refused") {
+    let hint = hint(&chain, context);
+    format!("{chain}{hint}")
+}
+
+/// What a transport error's cause chain most likely means, for the usual
+/// mistakes: a wrong port, a name that does not resolve, a peer that is not
+/// a gRPC server, TLS on one side only, a missing client certificate.
+fn hint(chain: &str, context: &Context) -> &'static str {
+    let chain = chain.to_ascii_lowercase();
+    let has = |needle: &str| chain.contains(needle);
+    if has("connection refused") {
         "; nothing listens there: is `room-allocator serve` running, on that port?"
-    } else if chain.contains("dns error") || chain.contains("failed to lookup address") {
-        "; the host name does not resolve"
-    } else if chain.contains("http2") || chain.contains("frame") || chain.contains("HTTP/1") {
-        "; the peer does not speak gRPC (HTTP/2): is it the metrics port, or a TLS port reached with http://?"
-    } else if chain.contains("InvalidCertificate") || chain.contains("certificate") {
-        "; check the CA (--tls-ca) and the server name"
+    } else if has("dns error") || has("failed to lookup address") {
+        "; the host name does not resolve (DNS lookup failed)"
+    } else if has("certificaterequired") || has("certificate required") {
+        "; the server requires a client certificate (mutual TLS): give one (--tls-cert and --tls-key, or client_identity_pem)"
+    } else if has("keep-alive") || has("keep alive") {
+        "; the server stopped answering HTTP/2 keep-alive pings: is it stuck or unreachable?"
+    } else if has("frame with invalid size")
+        || has("http2 error")
+        || has("http/1")
+        || has("invalid http version")
+    {
+        if context.tls {
+            "; the peer does not speak gRPC (HTTP/2) over TLS: is it the right port?"
+        } else {
+            "; the peer does not speak gRPC (HTTP/2): is it the metrics port, or a TLS port reached with http:// (then give the CA, --tls-ca)?"
+        }
+    } else if has("certificate") || has("unknownissuer") || has("notvalidforname") {
+        "; TLS failed: check the CA (--tls-ca) and the server name (--tls-server-name)"
+    } else if has("broken pipe")
+        || has("connection reset")
+        || has("connection closed")
+        || has("unexpected eof")
+    {
+        match (context.tls, context.identity) {
+            (true, false) => "; the server closed the connection after the TLS handshake: it probably requires a client certificate (mutual TLS); give one (--tls-cert and --tls-key, or client_identity_pem)",
+            (true, true) => "; the server closed the connection: it may have refused the client certificate (TLS), or stopped",
+            (false, _) => "; the peer closed the connection: a peer that does not speak gRPC (HTTP/2) does that (the metrics port? a TLS port reached with http://?), and so does a server that stopped",
+        }
     } else {
         ""
-    };
-    format!("{chain}{hint}")
+    }
 }
 
 /// A cheap-to-clone, thread-safe handle; clones share connections and leases.
@@ -364,7 +522,14 @@ pub struct RoomClient {
 }
 
 struct Inner {
-    rpc: Rpc,
+    /// One per endpoint; calls fail over among them.
+    targets: Vec<Target>,
+    /// Where the next call starts, so calls spread over the endpoints.
+    next: AtomicUsize,
+    /// Time origin of `Target::paused_until_ms`.
+    epoch: Instant,
+    /// Each call's deadline, for messages.
+    timeout: Duration,
     workers: RwLock<FastMap<Box<str>, Arc<WorkerLease>>>,
     /// Where refills and lease expiry run, so `try_allocate` works from any thread.
     runtime: Option<tokio::runtime::Handle>,
@@ -418,13 +583,31 @@ impl RoomClient {
             token: None,
             timeout: DEFAULT_TIMEOUT,
         };
-        Self::new(channel, options, DEFAULT_MAX_LEASE_AGE)
+        let context = Context {
+            url: "the channel".into(),
+            tls: false,
+            identity: false,
+        };
+        Self::new(
+            vec![Target::new(context, channel, options)],
+            Instant::now(),
+            DEFAULT_TIMEOUT,
+            DEFAULT_MAX_LEASE_AGE,
+        )
     }
 
-    fn new(channel: Channel, options: CallOptions, max_lease_age: Duration) -> Self {
+    fn new(
+        targets: Vec<Target>,
+        epoch: Instant,
+        timeout: Duration,
+        max_lease_age: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                rpc: RoomAllocatorServiceClient::with_interceptor(channel, options),
+                targets,
+                next: AtomicUsize::new(0),
+                epoch,
+                timeout,
                 workers: RwLock::new(FastMap::default()),
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 max_lease_age,
@@ -432,22 +615,77 @@ impl RoomClient {
         }
     }
 
-    fn rpc(&self) -> Rpc {
-        self.inner.rpc.clone()
+    /// Sends one call. With several endpoints, calls start at each in turn;
+    /// one that cannot be reached (connection refused or broken, deadline)
+    /// or answers UNAVAILABLE (a replica cut off from etcd) is skipped for a
+    /// while and the call goes to the next, so a dead replica costs at most
+    /// one failed attempt per pause. Any other status the server sent is
+    /// returned as it is: another replica would say the same.
+    async fn call<Q, R, F, Fut>(&self, request: Q, send: F) -> Result<R, Status>
+    where
+        Q: Clone,
+        F: Fn(Rpc, Q) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let inner = &*self.inner;
+        let targets = &inner.targets;
+        let count = targets.len();
+        let start = if count == 1 {
+            0
+        } else {
+            inner.next.fetch_add(1, Ordering::Relaxed) % count
+        };
+        let now_ms = u64::try_from(inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let skipped = |i: &usize| targets[*i].paused_until_ms.load(Ordering::Relaxed) > now_ms;
+        // Endpoints not skipped first; skipped ones only if those fail too.
+        let order = (0..count).map(|i| (start + i) % count);
+        let order = order
+            .clone()
+            .filter(|i| !skipped(i))
+            .chain(order.filter(skipped));
+        let mut failure = None;
+        for i in order {
+            let target = &targets[i];
+            match send(target.rpc.clone(), request.clone()).await {
+                Ok(response) => {
+                    target.answered();
+                    return Ok(response.into_inner());
+                }
+                Err(status) => {
+                    let local = failed_locally(&status);
+                    if !local && status.code() != Code::Unavailable {
+                        target.answered();
+                        return Err(status);
+                    }
+                    let status = if local {
+                        explain_status(&status, &target.context, inner.timeout)
+                    } else {
+                        status
+                    };
+                    if count > 1 {
+                        debug!(url = %target.context.url, %status, "endpoint failed; trying the next");
+                        target.failed(inner.epoch);
+                    }
+                    failure = Some(status);
+                }
+            }
+        }
+        Err(failure.expect("every client has an endpoint"))
     }
 
     /// Registers (or realigns) a prefill worker; an admin call when the
     /// server has a token.
     pub async fn register(&self, prefill_worker: &str, dp_size: u32) -> Result<WorkerInfo, Error> {
+        let request = pb::RegisterWorkerRequest {
+            prefill_worker: prefill_worker.to_owned(),
+            dp_size,
+        };
         let response = self
-            .rpc()
-            .register_worker(pb::RegisterWorkerRequest {
-                prefill_worker: prefill_worker.to_owned(),
-                dp_size,
+            .call(request, |mut rpc, request| async move {
+                rpc.register_worker(request).await
             })
             .await
-            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?
-            .into_inner();
+            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?;
         if let Some(worker) = self.lease_of(prefill_worker) {
             let mut state = worker.lock();
             if state.dp_size != dp_size {
@@ -463,12 +701,14 @@ impl RoomClient {
     /// Stops new rooms for a worker until it is registered again; an admin
     /// call when the server has a token.
     pub async fn deregister(&self, prefill_worker: &str) -> Result<(), Error> {
-        self.rpc()
-            .deregister_worker(pb::DeregisterWorkerRequest {
-                prefill_worker: prefill_worker.to_owned(),
-            })
-            .await
-            .map_err(|status| Error::from_status(prefill_worker, 0, status))?;
+        let request = pb::DeregisterWorkerRequest {
+            prefill_worker: prefill_worker.to_owned(),
+        };
+        self.call(request, |mut rpc, request| async move {
+            rpc.deregister_worker(request).await
+        })
+        .await
+        .map_err(|status| Error::from_status(prefill_worker, 0, status))?;
         if let Some(worker) = self.lease_of(prefill_worker) {
             worker.lock().drop_leases();
         }
@@ -478,10 +718,11 @@ impl RoomClient {
     /// Which worker, rank and dp_size `room` was issued for.
     pub async fn resolve(&self, room: u64) -> Result<Resolved, Error> {
         let response = self
-            .rpc()
-            .resolve_rank(pb::ResolveRankRequest { room })
-            .await?
-            .into_inner();
+            .call(
+                pb::ResolveRankRequest { room },
+                |mut rpc, request| async move { rpc.resolve_rank(request).await },
+            )
+            .await?;
         Ok(Resolved {
             prefill_worker: response.prefill_worker,
             dp_rank: response.dp_rank,
@@ -494,14 +735,15 @@ impl RoomClient {
         let mut workers = Vec::new();
         let mut page_token = String::new();
         loop {
+            let request = pb::ListWorkersRequest {
+                page_size: WORKERS_PAGE_SIZE,
+                page_token,
+            };
             let page = self
-                .rpc()
-                .list_workers(pb::ListWorkersRequest {
-                    page_size: WORKERS_PAGE_SIZE,
-                    page_token,
+                .call(request, |mut rpc, request| async move {
+                    rpc.list_workers(request).await
                 })
-                .await?
-                .into_inner();
+                .await?;
             workers.extend(page.workers.into_iter().map(WorkerInfo::from));
             if page.next_page_token.is_empty() {
                 return Ok(workers);
@@ -518,16 +760,17 @@ impl RoomClient {
         count: u32,
         dp_size: u32,
     ) -> Result<Lease, Error> {
+        let request = pb::LeaseRoomsRequest {
+            prefill_worker: prefill_worker.to_owned(),
+            count,
+            dp_size,
+        };
         let response = self
-            .rpc()
-            .lease_rooms(pb::LeaseRoomsRequest {
-                prefill_worker: prefill_worker.to_owned(),
-                count,
-                dp_size,
+            .call(request, |mut rpc, request| async move {
+                rpc.lease_rooms(request).await
             })
             .await
-            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?
-            .into_inner();
+            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?;
         Ok(Lease {
             first_base: response.first_base,
             count: response.count,
@@ -623,16 +866,17 @@ impl RoomClient {
         dp_rank: u32,
         dp_size: u32,
     ) -> Result<(u64, u32), Error> {
+        let request = pb::AllocateRoomRequest {
+            prefill_worker: prefill_worker.to_owned(),
+            dp_rank,
+            dp_size,
+        };
         let response = self
-            .rpc()
-            .allocate_room(pb::AllocateRoomRequest {
-                prefill_worker: prefill_worker.to_owned(),
-                dp_rank,
-                dp_size,
+            .call(request, |mut rpc, request| async move {
+                rpc.allocate_room(request).await
             })
             .await
-            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?
-            .into_inner();
+            .map_err(|status| Error::from_status(prefill_worker, dp_size, status))?;
         let aligned = response.dp_size != 0
             && response.room % u64::from(response.dp_size) == u64::from(dp_rank);
         if !aligned || (dp_size != 0 && response.dp_size != dp_size) {
@@ -786,6 +1030,77 @@ mod tests {
             h.finish()
         };
         assert_ne!(hash("prefill-0"), hash("prefill-1"));
+    }
+
+    fn context(tls: bool, identity: bool) -> Context {
+        Context {
+            url: "http://a:1".into(),
+            tls,
+            identity,
+        }
+    }
+
+    #[test]
+    fn hints_name_the_likely_cause_of_a_transport_failure() {
+        let plain = context(false, false);
+        let cases = [
+            (
+                "tcp connect error: Connection refused (os error 111)",
+                &plain,
+                "nothing listens",
+            ),
+            (
+                "dns error: failed to lookup address information",
+                &plain,
+                "does not resolve",
+            ),
+            (
+                "connection error detected: frame with invalid size",
+                &plain,
+                "does not speak gRPC (HTTP/2)",
+            ),
+            (
+                "stream closed because of a broken pipe",
+                &plain,
+                "does not speak gRPC (HTTP/2)",
+            ),
+            (
+                "received fatal alert: CertificateRequired",
+                &context(true, false),
+                "requires a client certificate",
+            ),
+            (
+                "stream closed because of a broken pipe",
+                &context(true, false),
+                "requires a client certificate",
+            ),
+            (
+                "invalid peer certificate: UnknownIssuer",
+                &context(true, false),
+                "check the CA",
+            ),
+            ("keep-alive timed out", &plain, "keep-alive"),
+        ];
+        for (chain, context, expected) in cases {
+            assert!(
+                hint(chain, context).contains(expected),
+                "{chain}: {}",
+                hint(chain, context)
+            );
+        }
+        assert_eq!(hint("something else", &plain), "");
+    }
+
+    #[test]
+    fn a_client_deadline_is_deadline_exceeded_and_server_statuses_are_not_local() {
+        let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(timeout.code(), Code::Cancelled, "what tonic says");
+        assert!(failed_locally(&timeout));
+        let explained =
+            explain_status(&timeout, &context(false, false), Duration::from_millis(500));
+        assert_eq!(explained.code(), Code::DeadlineExceeded);
+        assert!(explained.message().contains("500ms"), "{explained:?}");
+        assert!(!failed_locally(&Status::unavailable("the store is down")));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod peers;
+pub mod pki;
 pub mod proxy;
 pub mod router;
 

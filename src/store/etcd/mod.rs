@@ -73,9 +73,13 @@ use crate::space::{Bounds, DpSize, RangeOwner, RangeTable, Room, RoomRange, SPAC
 
 /// How often a replica asks its watch to confirm it is caught up.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
-/// Compare-and-swap attempts before a reservation gives up; each failure means
-/// another replica reserved meanwhile, so this bounds a pathological storm.
+/// Compare-and-swap attempts on a counter (rooms_issued) before giving up;
+/// each failure means another replica wrote it meanwhile.
 const MAX_CAS_ATTEMPTS: usize = 32;
+/// Longest pause before retrying a reservation another replica beat; a
+/// random pause up to this (growing with the attempts) keeps the replicas
+/// of a registration storm from colliding round after round.
+const MAX_CAS_BACKOFF: Duration = Duration::from_millis(20);
 /// Reservations folded into one transaction: each takes a compare and a put,
 /// and etcd allows 128 operations per transaction branch by default.
 const MAX_BATCH: usize = 60;
@@ -760,7 +764,13 @@ async fn reserve_batch(
     cached: &mut Option<(u64, i64)>,
 ) {
     let hw_key = shared.keys.high_water();
-    for _ in 0..MAX_CAS_ATTEMPTS {
+    // Beaten by other replicas, a batch retries (with a random pause) until
+    // its callers would have given up anyway: the store timeout.
+    let deadline = Instant::now() + shared.timeout;
+    let mut rng = Jitter::new();
+    let mut attempts = 0;
+    while Instant::now() < deadline {
+        attempts += 1;
         let (high_water, hw_revision) = match *cached {
             Some(seen) => seen,
             None => {
@@ -897,14 +907,38 @@ async fn reserve_batch(
         if batch.is_empty() {
             return;
         }
-        debug!("the high-water mark moved under us; retrying the reservations");
+        debug!(
+            attempts,
+            "the high-water mark moved under us; retrying the reservations"
+        );
+        let ceiling = MAX_CAS_BACKOFF.min(Duration::from_millis(1 << attempts.min(5)));
+        tokio::time::sleep(rng.below(ceiling)).await;
     }
-    answer_all(
-        batch,
-        &StoreError::Contention {
-            attempts: MAX_CAS_ATTEMPTS,
-        },
-    );
+    answer_all(batch, &StoreError::Contention { attempts });
+}
+
+/// Random pauses for retries (xorshift; quality is irrelevant here).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        let seed = u64::from(std::process::id())
+            ^ u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() & u128::from(u64::MAX)),
+            )
+            .unwrap_or(0);
+        Self(seed | 1)
+    }
+
+    fn below(&mut self, ceiling: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX).max(1);
+        Duration::from_nanos(self.0 % nanos)
+    }
 }
 
 fn answer_all(batch: Vec<PendingReservation>, error: &StoreError) {
