@@ -52,7 +52,7 @@ start_server() { # port, log, then serve flags
 # Waits for a server to exit after SIGTERM.
 stop_server() {
   kill -TERM "$1"
-  for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  for _ in $(seq 900); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
   echo "server $1 did not stop" >&2; exit 1
 }
 bench() { "$BIN" bench "$@" 2>>"$OUT/bench.log" | tail -1; }
@@ -76,7 +76,9 @@ report "embedded: registered $WORKERS workers, one room each, in $(since "$start
 report "embedded: RSS with $WORKERS workers: $(rss_mib "$EMBEDDED_PID") MiB"
 read -r seconds count < <(page_all "$URL")
 report "embedded: paging through ListWorkers ($count workers, 1000 a page): $seconds s"
+started=$(now)
 stop_server "$EMBEDDED_PID"
+report "embedded: SIGTERM to exit with $WORKERS workers (counters persisted): $(since "$started") s"
 started=$(now)
 start_server "$PORT" "$OUT/embedded-restart.log" --data-dir "$OUT/embedded"
 report "embedded: restart with $WORKERS workers, start to listening: $(since "$started") s; RSS $(rss_mib "$SERVER_PID") MiB"
@@ -92,10 +94,12 @@ done
 OUT=$OUT python3 - <<'PY' | tee -a "$OUT/summary.txt"
 import os, statistics
 rows = [line.split() for line in open(os.environ["OUT"] + "/spread.txt")]
-one = statistics.median(float(r) for w, r in rows if w == "1")
-many = statistics.median(float(r) for w, r in rows if w == "10000")
-print(f"embedded: AllocateRoom c=64 over 10,000 workers {many:,.0f} rooms/s, over 1 worker {one:,.0f} rooms/s: ratio {many/one:.2f} (median of runs: " +
-      ", ".join(f"{w}:{float(r):,.0f}" for w, r in rows) + ")")
+one = [float(r) for w, r in rows if w == "1"]
+many = [float(r) for w, r in rows if w == "10000"]
+ratios = [m / o for o, m in zip(one, many)]
+print(f"embedded: AllocateRoom c=64 over 10,000 workers {statistics.median(many):,.0f} rooms/s, over 1 worker "
+      f"{statistics.median(one):,.0f} rooms/s: ratio {statistics.median(ratios):.2f} (median of the {len(ratios)} "
+      f"interleaved pairs: " + ", ".join(f"{o:,.0f}/{m:,.0f}" for o, m in zip(one, many)) + ")")
 PY
 stop_server "$EMBEDDED_PID"
 
@@ -122,7 +126,8 @@ done
 ALL=$(IFS=,; echo "${REPLICA_URLS[*]}")
 started=$(now)
 storm=$(bench --server "$ALL" --connections 3 --method register --requests 10000 --concurrency 64 --duration 900)
-report "etcd: 10,000 workers registering at once over 3 replicas (c=64): $(since "$started") s, errors $(json "$storm" errors)$(grep -c UNAVAILABLE "$OUT/bench.log" | sed 's/^/ (UNAVAILABLE lines in the bench log: /; s/$/)/')"
+unavailable=$(cat "$OUT"/replica-*.log | grep -c 'code="UNAVAILABLE"' || true)
+report "etcd: 10,000 workers registering at once over 3 replicas (c=64): $(since "$started") s, errors $(json "$storm" errors), UNAVAILABLE answers $unavailable"
 rest=$((WORKERS - 10000))
 started=$(now)
 result=$(bench --server "$ALL" --connections 3 --method register --requests "$rest" --concurrency 64 --duration 1800)
@@ -132,7 +137,9 @@ for i in 0 1 2; do
 done
 read -r seconds count < <(page_all "${REPLICA_URLS[0]}")
 report "etcd: paging through ListWorkers on one replica ($count workers): $seconds s"
+started=$(now)
 stop_server "${REPLICA_PIDS[2]}"
+report "etcd: SIGTERM to exit of a replica with $WORKERS workers (counters persisted): $(since "$started") s"
 started=$(now)
 start_server "${REPLICA_PORTS[2]}" "$OUT/replica-2-restart.log" --etcd-endpoints "$ETCD"
 report "etcd: replica restart with $WORKERS workers, start to listening: $(since "$started") s; RSS $(rss_mib "$SERVER_PID") MiB"

@@ -421,6 +421,26 @@ async fn etcd_reserve_send_crashes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_chunk_send_fails() {
+    etcd_case("etcd::chunk_send", 0, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_chunk_send_crashes() {
+    etcd_case("etcd::chunk_send", 0, Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_chunk_committed_fails() {
+    etcd_case("etcd::chunk_committed", 0, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_chunk_committed_crashes() {
+    etcd_case("etcd::chunk_committed", 0, Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_reserve_committed_fails() {
     etcd_case("etcd::reserve_committed", 2, Mode::Fail).await;
 }

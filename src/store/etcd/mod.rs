@@ -80,6 +80,13 @@ const MAX_CAS_ATTEMPTS: usize = 32;
 /// random pause up to this (growing with the attempts) keeps the replicas
 /// of a registration storm from colliding round after round.
 const MAX_CAS_BACKOFF: Duration = Duration::from_millis(20);
+/// Largest chunk of the space a replica takes at once (see [`Chunk`]).
+const MAX_CHUNK_NUMBERS: u64 = 1 << 32;
+/// A replica carves from a chunk for at most this long (and at most the
+/// retention, so the chunk's announcement, on a lease of twice that, outlives
+/// the carving), then takes a new one; ResolveRank treats rooms of announced
+/// chunks as possibly still to come.
+const CHUNK_LIFETIME: Duration = Duration::from_secs(60);
 /// Reservations folded into one transaction: each takes a compare and a put,
 /// and etcd allows 128 operations per transaction branch by default.
 const MAX_BATCH: usize = 60;
@@ -173,6 +180,10 @@ impl Keys {
 
     fn retention(&self) -> String {
         format!("{}config/retention_ms", self.root)
+    }
+
+    fn chunk(&self, start: u64) -> String {
+        format!("{}chunks/{start:020}", self.root)
     }
 }
 
@@ -512,24 +523,48 @@ impl EtcdStore {
         revision_of(&response, &key)
     }
 
+    /// Adds each worker's rooms issued since open to its counter, a batch
+    /// of workers per transaction (read, then compare-and-put all; a batch
+    /// another replica raced is read again), so a shutdown with 100,000
+    /// workers takes seconds, not minutes.
     async fn add_issued(&self, counts: Vec<IssuedCount>) -> Result<(), StoreError> {
-        for count in counts.into_iter().filter(|c| c.since_open > 0) {
-            let key = self.shared.keys.issued(&count.prefill_worker);
+        let counts: Vec<IssuedCount> = counts.into_iter().filter(|c| c.since_open > 0).collect();
+        for batch in counts.chunks(MAX_BATCH) {
+            let keys: Vec<String> = batch
+                .iter()
+                .map(|c| self.shared.keys.issued(&c.prefill_worker))
+                .collect();
+            let mut written = false;
             for _ in 0..MAX_CAS_ATTEMPTS {
+                let read = pb::TxnRequest {
+                    compare: Vec::new(),
+                    success: keys.iter().map(|key| txn::get(key)).collect(),
+                    failure: Vec::new(),
+                };
                 let current = self
                     .shared
-                    .timed("read rooms_issued", self.shared.client.range(get(&key)))
+                    .timed("read rooms_issued", self.shared.client.txn(read))
                     .await?;
-                let (old, guard) = counter_guard(current.kvs.first(), &key).ok_or_else(|| {
-                    StoreError::Corrupt {
-                        key: key.clone(),
-                        reason: "not a decimal number".into(),
-                    }
-                })?;
-                let new = old.saturating_add(count.since_open).to_string();
+                let reads = txn::ranges(&current);
+                let mut compare = Vec::with_capacity(batch.len());
+                let mut success = Vec::with_capacity(batch.len());
+                for (i, (count, key)) in batch.iter().zip(&keys).enumerate() {
+                    let kv = reads.get(i).and_then(|r| r.kvs.first());
+                    let (old, guard) =
+                        counter_guard(kv, key).ok_or_else(|| StoreError::Corrupt {
+                            key: key.clone(),
+                            reason: "not a decimal number".into(),
+                        })?;
+                    compare.push(guard);
+                    success.push(txn::put(
+                        key,
+                        old.saturating_add(count.since_open).to_string(),
+                        0,
+                    ));
+                }
                 let request = pb::TxnRequest {
-                    compare: vec![guard],
-                    success: vec![txn::put(&key, new, 0)],
+                    compare,
+                    success,
                     failure: Vec::new(),
                 };
                 if self
@@ -538,8 +573,14 @@ impl EtcdStore {
                     .await?
                     .succeeded
                 {
+                    written = true;
                     break;
                 }
+            }
+            if !written {
+                return Err(StoreError::Contention {
+                    attempts: MAX_CAS_ATTEMPTS,
+                });
             }
         }
         Ok(())
@@ -548,19 +589,23 @@ impl EtcdStore {
     async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
         let keys = &self.shared.keys;
         let ranges = keys.ranges();
+        let at_or_below = |prefix_key: String, upto: String| {
+            txn::get_range(pb::RangeRequest {
+                key: prefix_key.into_bytes(),
+                range_end: upto.into_bytes(),
+                limit: 1,
+                sort_order: pb::range_request::SortOrder::Descend as i32,
+                sort_target: pb::range_request::SortTarget::Key as i32,
+                ..Default::default()
+            })
+        };
+        let after = room.get().saturating_add(1);
         // One snapshot: the range at or below the room, the lowest range
-        // still kept, and the high-water mark.
+        // still kept, the high-water mark, and the chunk at or below it.
         let request = pb::TxnRequest {
             compare: Vec::new(),
             success: vec![
-                txn::get_range(pb::RangeRequest {
-                    key: keys.range(0).into_bytes(),
-                    range_end: keys.range(room.get().saturating_add(1)).into_bytes(),
-                    limit: 1,
-                    sort_order: pb::range_request::SortOrder::Descend as i32,
-                    sort_target: pb::range_request::SortTarget::Key as i32,
-                    ..Default::default()
-                }),
+                at_or_below(keys.range(0), keys.range(after)),
                 txn::get_range(pb::RangeRequest {
                     key: ranges.clone().into_bytes(),
                     range_end: prefix_end(ranges.as_bytes()),
@@ -569,6 +614,7 @@ impl EtcdStore {
                     ..Default::default()
                 }),
                 txn::get(&keys.high_water()),
+                at_or_below(keys.chunk(0), keys.chunk(after)),
             ],
             failure: Vec::new(),
         };
@@ -601,9 +647,16 @@ impl EtcdStore {
             .and_then(|r| r.kvs.first())
             .and_then(|kv| parse_decimal(&kv.value))
             .unwrap_or(SPACE_START);
-        if room.get() < high_water {
-            // Below the mark a miss is final: ranges are only ever reserved
-            // above it.
+        // A replica may still carve a range over the room from a live chunk.
+        let in_a_chunk = reads.get(3).and_then(|r| r.kvs.first()).is_some_and(|kv| {
+            let end = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()
+                .and_then(|v| v["end"].as_u64());
+            end.is_none_or(|end| room.get() < end)
+        });
+        if room.get() < high_water && !in_a_chunk {
+            // Below the mark and outside every chunk a miss is final: ranges
+            // are only carved from chunks, and chunks only above the mark.
             let below_oldest = oldest.is_none_or(|start| room.get() < start);
             self.misses
                 .lock()
@@ -734,12 +787,36 @@ async fn connect(config: &EtcdConfig) -> Result<EtcdClient, OpenError> {
     etcd_call(config, EtcdClient::connect(&options)).await
 }
 
+/// A part of the space this replica took with one compare-and-swap on the
+/// high-water mark, and carves ranges from: replicas contend for the mark
+/// once a chunk, not once a range.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    /// Where the next range may start.
+    next: u64,
+    /// Exclusive end.
+    end: u64,
+    taken_at: Instant,
+}
+
+/// The reservation task's state: the mark as last seen, and the chunk.
+struct Carver {
+    cached: Option<(u64, i64)>,
+    chunk: Option<Chunk>,
+    rng: Jitter,
+}
+
 /// Reservations, folded into one transaction per round trip.
 async fn run_reservations(
     shared: Arc<Shared>,
     mut queue: mpsc::UnboundedReceiver<PendingReservation>,
-    mut cached: Option<(u64, i64)>,
+    cached: Option<(u64, i64)>,
 ) {
+    let mut carver = Carver {
+        cached,
+        chunk: None,
+        rng: Jitter::new(),
+    };
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -751,170 +828,301 @@ async fn run_reservations(
         // A caller that gave up (timeout) no longer needs a range.
         batch.retain(|pending| !pending.reply.is_closed());
         if !batch.is_empty() {
-            reserve_batch(&shared, batch, &mut cached).await;
+            reserve_batch(&shared, batch, &mut carver).await;
         }
     }
 }
 
-/// One or more transactions that reserve a range for every request in
-/// `batch`, or answer why not.
-async fn reserve_batch(
-    shared: &Shared,
-    mut batch: Vec<PendingReservation>,
-    cached: &mut Option<(u64, i64)>,
-) {
-    let hw_key = shared.keys.high_water();
-    // Beaten by other replicas, a batch retries (with a random pause) until
-    // its callers would have given up anyway: the store timeout.
+/// How many numbers one chunk takes: a sliver of the bounds (so even a small
+/// --min-room/--max-room space is shared by many replicas and restarts), at
+/// most 2^32 (a restart skips the rest of its chunk).
+fn chunk_numbers(bounds: Bounds) -> u64 {
+    (bounds.size() / 4096).clamp(1, MAX_CHUNK_NUMBERS)
+}
+
+/// Reserves a range for every request in `batch` (one transaction, more if
+/// registrations changed meanwhile), or answers why not.
+async fn reserve_batch(shared: &Shared, mut batch: Vec<PendingReservation>, carver: &mut Carver) {
+    // Beaten by other replicas at the mark, the batch retries (with a random
+    // pause) until its callers would have given up anyway: the store timeout.
     let deadline = Instant::now() + shared.timeout;
-    let mut rng = Jitter::new();
     let mut attempts = 0;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !batch.is_empty() {
         attempts += 1;
-        let (high_water, hw_revision) = match *cached {
-            Some(seen) => seen,
-            None => {
-                let read = shared
-                    .timed(
-                        "read the high-water mark",
-                        shared.client.range(get(&hw_key)),
-                    )
-                    .await
-                    .and_then(|response| parse_high_water(response.kvs.first(), &hw_key));
-                match read {
-                    Ok(seen) => seen,
-                    Err(error) => return answer_all(batch, &error),
-                }
-            }
-        };
         let lease = match shared.bucket_lease().await {
             Ok(lease) => lease,
             Err(error) => return answer_all(batch, &error),
         };
-        // Ranges one after another from the mark, in queue order.
-        let mut next = high_water;
+        // Carve each request's range from the chunk; take a new chunk when
+        // it runs out (or is too old to be announced in etcd any more).
         let mut planned = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::new();
         for pending in batch.drain(..) {
-            let r = &pending.reservation;
-            match RoomRange::reserve_after(
-                next,
-                r.dp_size,
-                r.want_bases,
-                r.need_bases,
-                shared.bounds,
-            ) {
-                Ok(range) => {
-                    next = range.end();
-                    planned.push((pending, range));
-                }
-                Err(space) => {
+            match carve(shared, carver, &pending.reservation, lease).await {
+                Carve::Range(range) => planned.push((pending, range)),
+                Carve::Full(space) => {
                     let _ = pending.reply.send(Err(StoreError::Space(space)));
                 }
+                Carve::Lost => waiting.push(pending),
+                Carve::Failed(error) => {
+                    let _ = pending.reply.send(Err(error));
+                }
             }
         }
-        if planned.is_empty() {
-            return;
+        if !planned.is_empty() {
+            batch.extend(commit_ranges(shared, planned, lease).await);
         }
-        let mut compare = vec![txn::unchanged_since(&hw_key, hw_revision)];
-        let mut success = vec![txn::put(&hw_key, next.to_string(), 0)];
-        let mut failure = vec![txn::get(&hw_key)];
-        for (pending, range) in &planned {
-            let r = &pending.reservation;
-            let worker_key = shared.keys.worker(&r.prefill_worker);
-            compare.push(txn::unchanged_since(&worker_key, r.revision));
-            let record = encode_range(&RangeOwner {
-                prefill_worker: r.prefill_worker.clone(),
-                range: *range,
-                created_unix_ms: r.created_unix_ms,
-            });
-            success.push(txn::put(&shared.keys.range(range.start()), record, lease));
-            failure.push(txn::get(&worker_key));
-        }
-        let request = pb::TxnRequest {
-            compare,
-            success,
-            failure,
-        };
-        let sent = async {
-            failpoint!(
-                "etcd::reserve_send",
-                StoreError::Injected("etcd::reserve_send")
+        batch.extend(waiting);
+        if !batch.is_empty() {
+            debug!(
+                attempts,
+                "retrying reservations (a registration changed, or another replica took the chunk)"
             );
-            let response = shared
-                .timed("reserve ranges", shared.client.txn(request))
-                .await?;
-            failpoint!(
-                "etcd::reserve_committed",
-                StoreError::Injected("etcd::reserve_committed")
-            );
-            Ok(response)
-        };
-        let response = match sent.await {
-            Ok(response) => response,
-            Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
-                shared.drop_lease(lease).await;
-                batch = planned.into_iter().map(|(pending, _)| pending).collect();
-                continue;
-            }
-            Err(error) => {
-                // Unknown outcome: the ranges may or may not be recorded.
-                // Never use them; reread the mark next time.
-                *cached = None;
-                let pending = planned.into_iter().map(|(pending, _)| pending).collect();
-                return answer_all(pending, &error);
-            }
-        };
-        if response.succeeded {
-            let revision = response.header.as_ref().map_or(0, |h| h.revision);
-            *cached = Some((next, revision));
-            shared.high_water.fetch_max(next, Ordering::AcqRel);
-            for (pending, range) in planned {
-                let _ = pending.reply.send(Ok(range));
-            }
-            return;
+            let ceiling = MAX_CAS_BACKOFF.min(Duration::from_millis(1 << attempts.min(5)));
+            tokio::time::sleep(carver.rng.below(ceiling)).await;
         }
-        // Something moved: the mark (another replica reserved), or a worker.
-        let reads = txn::ranges(&response);
-        match reads
-            .first()
-            .map(|read| parse_high_water(read.kvs.first(), &hw_key))
-        {
-            Some(Ok(seen)) => {
-                shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
-                *cached = Some(seen);
-            }
-            Some(Err(error)) => {
-                let pending = planned.into_iter().map(|(pending, _)| pending).collect();
-                return answer_all(pending, &error);
-            }
-            None => *cached = None,
-        }
-        for (i, (pending, _)) in planned.into_iter().enumerate() {
-            let r = &pending.reservation;
-            let current = reads.get(i + 1).and_then(|read| read.kvs.first());
-            if current.map(|kv| kv.mod_revision) == Some(r.revision) {
-                batch.push(pending);
-            } else {
-                let record = current
-                    .and_then(|kv| worker_record(r.prefill_worker.clone(), kv))
-                    .map(Box::new);
-                let _ = pending.reply.send(Err(StoreError::StaleRegistration {
-                    worker: r.prefill_worker.clone(),
-                    current: record,
-                }));
-            }
-        }
-        if batch.is_empty() {
-            return;
-        }
-        debug!(
-            attempts,
-            "the high-water mark moved under us; retrying the reservations"
-        );
-        let ceiling = MAX_CAS_BACKOFF.min(Duration::from_millis(1 << attempts.min(5)));
-        tokio::time::sleep(rng.below(ceiling)).await;
     }
-    answer_all(batch, &StoreError::Contention { attempts });
+    if !batch.is_empty() {
+        answer_all(batch, &StoreError::Contention { attempts });
+    }
+}
+
+/// What carving one range gave.
+enum Carve {
+    Range(RoomRange),
+    /// The space (bounds) cannot hold it.
+    Full(crate::space::SpaceError),
+    /// Another replica moved the mark first: try again.
+    Lost,
+    Failed(StoreError),
+}
+
+/// Carves `r`'s range from the chunk, taking a new chunk (one
+/// compare-and-swap on the mark) when needed.
+async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64) -> Carve {
+    for _ in 0..2 {
+        let lifetime = CHUNK_LIFETIME.min(shared.retention);
+        if let Some(chunk) = carver.chunk.filter(|c| c.taken_at.elapsed() < lifetime) {
+            let inside = Bounds::try_new(chunk.next.max(shared.bounds.min_room()), chunk.end - 1);
+            if let Ok(inside) = inside {
+                if let Ok(range) = RoomRange::reserve_after(
+                    chunk.next,
+                    r.dp_size,
+                    r.want_bases,
+                    r.need_bases,
+                    inside,
+                ) {
+                    carver.chunk = Some(Chunk {
+                        next: range.end(),
+                        ..chunk
+                    });
+                    return Carve::Range(range);
+                }
+            }
+        }
+        // A new chunk, big enough for this range.
+        let numbers = r
+            .want_bases
+            .saturating_add(1)
+            .saturating_mul(u64::from(r.dp_size.get()))
+            .max(chunk_numbers(shared.bounds));
+        match take_chunk(shared, carver, numbers, r, lease).await {
+            Ok(()) => continue,
+            Err(carve) => return carve,
+        }
+    }
+    Carve::Lost
+}
+
+/// One compare-and-swap on the mark for a chunk of about `numbers`,
+/// announced in `v1/chunks/` (so ResolveRank knows rooms in it may still be
+/// issued). A chunk of unknown outcome is never used.
+async fn take_chunk(
+    shared: &Shared,
+    carver: &mut Carver,
+    numbers: u64,
+    r: &Reservation,
+    lease: i64,
+) -> Result<(), Carve> {
+    let hw_key = shared.keys.high_water();
+    let (high_water, revision) = match carver.cached {
+        Some(seen) => seen,
+        None => {
+            let read = shared
+                .timed(
+                    "read the high-water mark",
+                    shared.client.range(get(&hw_key)),
+                )
+                .await
+                .and_then(|response| parse_high_water(response.kvs.first(), &hw_key));
+            match read {
+                Ok(seen) => seen,
+                Err(error) => return Err(Carve::Failed(error)),
+            }
+        }
+    };
+    let start = high_water.max(shared.bounds.min_room());
+    let end = start.saturating_add(numbers).min(shared.bounds.end());
+    // The space must hold at least this reservation's need.
+    if let Err(space) = RoomRange::reserve_after(
+        start,
+        r.dp_size,
+        r.need_bases,
+        r.need_bases,
+        Bounds::try_new(start.max(1), end.saturating_sub(1).max(start.max(1)))
+            .unwrap_or(shared.bounds),
+    ) {
+        let exhausted =
+            RoomRange::reserve_after(start, r.dp_size, r.need_bases, r.need_bases, shared.bounds)
+                .is_err();
+        if exhausted || end <= start {
+            return Err(Carve::Full(space));
+        }
+    }
+    let chunk_key = shared.keys.chunk(start);
+    // Timed from before the request: the lease was granted earlier still,
+    // so the chunk's announcement outlives the carving (see CHUNK_LIFETIME).
+    let taken_at = Instant::now();
+    let request = pb::TxnRequest {
+        compare: vec![txn::unchanged_since(&hw_key, revision)],
+        success: vec![
+            txn::put(&hw_key, end.to_string(), 0),
+            txn::put(&chunk_key, json!({ "end": end }).to_string(), lease),
+        ],
+        failure: vec![txn::get(&hw_key)],
+    };
+    let sent = async {
+        failpoint!("etcd::chunk_send", StoreError::Injected("etcd::chunk_send"));
+        let response = shared
+            .timed("take a chunk of the space", shared.client.txn(request))
+            .await?;
+        failpoint!(
+            "etcd::chunk_committed",
+            StoreError::Injected("etcd::chunk_committed")
+        );
+        Ok(response)
+    };
+    let response = match sent.await {
+        Ok(response) => response,
+        Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
+            shared.drop_lease(lease).await;
+            return Err(Carve::Lost);
+        }
+        Err(error) => {
+            // Unknown outcome: never use it; reread the mark next time.
+            carver.cached = None;
+            carver.chunk = None;
+            return Err(Carve::Failed(error));
+        }
+    };
+    if response.succeeded {
+        let revision = response.header.as_ref().map_or(0, |h| h.revision);
+        carver.cached = Some((end, revision));
+        carver.chunk = Some(Chunk {
+            next: start,
+            end,
+            taken_at,
+        });
+        shared.high_water.fetch_max(end, Ordering::AcqRel);
+        return Ok(());
+    }
+    match txn::ranges(&response)
+        .first()
+        .map(|read| parse_high_water(read.kvs.first(), &hw_key))
+    {
+        Some(Ok(seen)) => {
+            shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
+            carver.cached = Some(seen);
+        }
+        Some(Err(error)) => return Err(Carve::Failed(error)),
+        None => carver.cached = None,
+    }
+    Err(Carve::Lost)
+}
+
+/// Writes the planned ranges in one transaction, if every worker's
+/// registration still has the revision they were reserved for. Answers
+/// each caller; returns the requests to retry (their worker was unchanged,
+/// another's changed).
+async fn commit_ranges(
+    shared: &Shared,
+    planned: Vec<(PendingReservation, RoomRange)>,
+    lease: i64,
+) -> Vec<PendingReservation> {
+    let mut compare = Vec::with_capacity(planned.len());
+    let mut success = Vec::with_capacity(planned.len());
+    let mut failure = Vec::with_capacity(planned.len());
+    for (pending, range) in &planned {
+        let r = &pending.reservation;
+        let worker_key = shared.keys.worker(&r.prefill_worker);
+        compare.push(txn::unchanged_since(&worker_key, r.revision));
+        let record = encode_range(&RangeOwner {
+            prefill_worker: r.prefill_worker.clone(),
+            range: *range,
+            created_unix_ms: r.created_unix_ms,
+        });
+        success.push(txn::put(&shared.keys.range(range.start()), record, lease));
+        failure.push(txn::get(&worker_key));
+    }
+    let request = pb::TxnRequest {
+        compare,
+        success,
+        failure,
+    };
+    let sent = async {
+        failpoint!(
+            "etcd::reserve_send",
+            StoreError::Injected("etcd::reserve_send")
+        );
+        let response = shared
+            .timed("reserve ranges", shared.client.txn(request))
+            .await?;
+        failpoint!(
+            "etcd::reserve_committed",
+            StoreError::Injected("etcd::reserve_committed")
+        );
+        Ok(response)
+    };
+    let response = match sent.await {
+        Ok(response) => response,
+        Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
+            // Nothing was written; the ranges stay carved (skipped).
+            shared.drop_lease(lease).await;
+            return planned.into_iter().map(|(pending, _)| pending).collect();
+        }
+        Err(error) => {
+            // Unknown outcome: the ranges may or may not be recorded. They
+            // stay carved from the chunk, so they are never used again.
+            let pending = planned.into_iter().map(|(pending, _)| pending).collect();
+            answer_all(pending, &error);
+            return Vec::new();
+        }
+    };
+    if response.succeeded {
+        for (pending, range) in planned {
+            let _ = pending.reply.send(Ok(range));
+        }
+        return Vec::new();
+    }
+    // A registration changed: its callers learn of it; the others retry.
+    let reads = txn::ranges(&response);
+    let mut retry = Vec::new();
+    for (i, (pending, _)) in planned.into_iter().enumerate() {
+        let r = &pending.reservation;
+        let current = reads.get(i).and_then(|read| read.kvs.first());
+        if current.map(|kv| kv.mod_revision) == Some(r.revision) {
+            retry.push(pending);
+        } else {
+            let record = current
+                .and_then(|kv| worker_record(r.prefill_worker.clone(), kv))
+                .map(Box::new);
+            let _ = pending.reply.send(Err(StoreError::StaleRegistration {
+                worker: r.prefill_worker.clone(),
+                current: record,
+            }));
+        }
+    }
+    retry
 }
 
 /// Random pauses for retries (xorshift; quality is irrelevant here).
