@@ -99,7 +99,7 @@ many = [float(r) for w, r in rows if w == "10000"]
 ratios = [m / o for o, m in zip(one, many)]
 print(f"embedded: AllocateRoom c=64 over 10,000 workers {statistics.median(many):,.0f} rooms/s, over 1 worker "
       f"{statistics.median(one):,.0f} rooms/s: ratio {statistics.median(ratios):.2f} (median of the {len(ratios)} "
-      f"interleaved pairs: " + ", ".join(f"{o:,.0f}/{m:,.0f}" for o, m in zip(one, many)) + ")")
+      f"interleaved pairs, 10,000 workers/1 worker: " + ", ".join(f"{m:,.0f}/{o:,.0f}" for o, m in zip(one, many)) + ")")
 PY
 stop_server "$EMBEDDED_PID"
 

@@ -179,6 +179,10 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         config.endpoints.join(","),
         config.prefix
     );
+    // Conflicts refuse before the data dir is marked, so it still serves.
+    room_allocator::store::etcd::check_import(&config, &snapshot)
+        .await
+        .with_context(|| format!("cannot migrate into {target}; the data dir is unchanged"))?;
     store
         .mark_migrated(&args.data_dir, &target, false)
         .with_context(|| {

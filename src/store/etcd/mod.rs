@@ -5,6 +5,8 @@
 //! - `v1/ranges/{start:020}`: JSON `{"end", "dp_size", "prefill_worker",
 //!   "created_unix_ms"}`; zero-padded so keys sort by start. Attached to an
 //!   etcd lease, so etcd itself deletes it after the retention period.
+//! - `v1/chunks/{start:020}`: JSON `{"end"}`, a chunk of the space a
+//!   replica took (see below); on a range lease.
 //! - `v1/workers/{prefill_worker}`: JSON `{"dp_size", "registered"}`. A
 //!   deregistered worker's key is attached to a lease too, outliving its
 //!   ranges; then it is forgotten.
@@ -17,17 +19,22 @@
 //!   their own clocks; read for ResolveRank's answers only.
 //!
 //! # Reserving ranges
-//! Concurrent reservations of one replica are folded into one transaction
-//! (at most [`MAX_BATCH`]): if `high_water` still has the mod revision this
-//! replica last saw (or does not exist yet) **and** every worker's key still
-//! has the revision of the registration being served, put the new
-//! `high_water` and the range records. etcd transactions are linearizable, so
-//! two replicas can never both move the mark from the same value: ranges
-//! never overlap. A failed compare returns the current values: reservations
-//! whose worker changed get `StaleRegistration` (the allocator follows the
-//! change), the rest try again. A transaction whose outcome is unknown
-//! (timeout, lost connection) is never used: the replica rereads the mark
-//! and reserves afresh, so at worst a range is reserved and never used.
+//! Each replica takes a **chunk** of the space with one compare-and-swap:
+//! if `high_water` still has the mod revision this replica last saw (or does
+//! not exist yet), put `high_water = end` and announce the chunk in
+//! `v1/chunks/{start:020}` (JSON `{"end"}`, on a range lease). etcd
+//! transactions are linearizable, so two replicas never both move the mark
+//! from the same value: chunks never overlap, and the mark only rises (a
+//! replica that reads it lower than it saw refuses to reserve). Ranges are
+//! carved from the replica's own chunk, in memory, for at most
+//! [`CHUNK_LIFETIME`]; chunks start at [`MIN_CHUNK_NUMBERS`] and double
+//! while used up sooner. Concurrent reservations are folded into one
+//! transaction (at most [`MAX_BATCH`]) that records their ranges if every
+//! worker's key still has the revision of the registration being served;
+//! reservations whose worker changed get `StaleRegistration` (the allocator
+//! follows the change), the rest are carved again. A transaction whose
+//! outcome is unknown (timeout, lost connection) is never used: its chunk or
+//! its ranges are skipped, so at worst numbers are reserved and never used.
 //!
 //! # Retention, by etcd's clock
 //! Range records are put with a lease of TTL `2 * retention + bucket`, where
@@ -82,6 +89,10 @@ const MAX_CAS_ATTEMPTS: usize = 32;
 const MAX_CAS_BACKOFF: Duration = Duration::from_millis(20);
 /// Largest chunk of the space a replica takes at once (see [`Chunk`]).
 const MAX_CHUNK_NUMBERS: u64 = 1 << 32;
+/// A replica's first chunk; chunks double while used up before they expire
+/// and halve while they expire less than half used, so an idle or restarted
+/// replica skips little of a small --max-room space.
+const MIN_CHUNK_NUMBERS: u64 = 1 << 16;
 /// A replica carves from a chunk for at most this long (and at most the
 /// retention, so the chunk's announcement, on a lease of twice that, outlives
 /// the carving), then takes a new one; ResolveRank treats rooms of announced
@@ -182,9 +193,21 @@ impl Keys {
         format!("{}config/retention_ms", self.root)
     }
 
+    fn chunks(&self) -> String {
+        format!("{}chunks/", self.root)
+    }
+
     fn chunk(&self, start: u64) -> String {
         format!("{}chunks/{start:020}", self.root)
     }
+}
+
+/// The end a chunk announcement holds; `None` if it is unreadable.
+fn chunk_end(value: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()?
+        .get("end")?
+        .as_u64()
 }
 
 /// The registration a worker key holds; its exact bytes are compared when a
@@ -333,6 +356,31 @@ impl Shared {
         Ok(granted.id)
     }
 
+    /// The high-water mark as etcd holds it, refused if it went back below
+    /// what this replica saw (the key was deleted or rewritten): reserving
+    /// from there would reissue rooms.
+    fn seen_mark(&self, kv: Option<&pb::KeyValue>) -> Result<(u64, i64), StoreError> {
+        let key = self.keys.high_water();
+        if kv.is_none() {
+            return Err(StoreError::Corrupt {
+                key,
+                reason: "it is missing (every replica creates it at start, so it was deleted); put back a mark above the end of every key under v1/chunks/ and v1/ranges/".into(),
+            });
+        }
+        let seen = parse_high_water(kv, &key)?;
+        let known = self.high_water.load(Ordering::Acquire);
+        if seen.0 < known {
+            return Err(StoreError::Corrupt {
+                key,
+                reason: format!(
+                    "it went back from {known} to {} (deleted or rewritten); rooms up to {known} were reserved, so put it back to at least {known}",
+                    seen.0
+                ),
+            });
+        }
+        Ok(seen)
+    }
+
     /// Forgets a lease etcd no longer has (it expired while unused).
     async fn drop_lease(&self, id: i64) {
         let mut lease = self.lease.lock().await;
@@ -417,6 +465,9 @@ impl EtcdStore {
         super::check_bounds(snapshot.high_water, config.bounds)?;
         let retention = fleet_retention(&client, &keys, config).await?;
         snapshot.retention = retention;
+        if high_water.is_none() {
+            create_high_water(config, &client, &keys).await?;
+        }
         info!(
             endpoints = %config.endpoints.join(","),
             prefix = %keys.root,
@@ -648,12 +699,10 @@ impl EtcdStore {
             .and_then(|kv| parse_decimal(&kv.value))
             .unwrap_or(SPACE_START);
         // A replica may still carve a range over the room from a live chunk.
-        let in_a_chunk = reads.get(3).and_then(|r| r.kvs.first()).is_some_and(|kv| {
-            let end = serde_json::from_slice::<serde_json::Value>(&kv.value)
-                .ok()
-                .and_then(|v| v["end"].as_u64());
-            end.is_none_or(|end| room.get() < end)
-        });
+        let in_a_chunk = reads
+            .get(3)
+            .and_then(|r| r.kvs.first())
+            .is_some_and(|kv| chunk_end(&kv.value).is_none_or(|end| room.get() < end));
         if room.get() < high_water && !in_a_chunk {
             // Below the mark and outside every chunk a miss is final: ranges
             // are only carved from chunks, and chunks only above the mark.
@@ -665,6 +714,23 @@ impl EtcdStore {
         }
         Ok(None)
     }
+}
+
+/// Writes the mark of a new space (unless a replica just did), so that a
+/// missing mark is always a deleted one, never mistaken for an empty space.
+async fn create_high_water(
+    config: &EtcdConfig,
+    client: &EtcdClient,
+    keys: &Keys,
+) -> Result<(), OpenError> {
+    let key = keys.high_water();
+    let request = pb::TxnRequest {
+        compare: vec![txn::unchanged_since(&key, 0)],
+        success: vec![txn::put(&key, SPACE_START.to_string(), 0)],
+        failure: Vec::new(),
+    };
+    etcd_call(config, client.txn(request)).await?;
+    Ok(())
 }
 
 /// The mod revision of `key` as a transaction read it.
@@ -792,6 +858,7 @@ async fn connect(config: &EtcdConfig) -> Result<EtcdClient, OpenError> {
 /// once a chunk, not once a range.
 #[derive(Debug, Clone, Copy)]
 struct Chunk {
+    start: u64,
     /// Where the next range may start.
     next: u64,
     /// Exclusive end.
@@ -803,6 +870,8 @@ struct Chunk {
 struct Carver {
     cached: Option<(u64, i64)>,
     chunk: Option<Chunk>,
+    /// Numbers the next chunk takes (at least what its first range needs).
+    chunk_size: u64,
     rng: Jitter,
 }
 
@@ -815,6 +884,7 @@ async fn run_reservations(
     let mut carver = Carver {
         cached,
         chunk: None,
+        chunk_size: MIN_CHUNK_NUMBERS.min(max_chunk_numbers(shared.bounds)),
         rng: Jitter::new(),
     };
     while let Some(first) = queue.recv().await {
@@ -833,10 +903,10 @@ async fn run_reservations(
     }
 }
 
-/// How many numbers one chunk takes: a sliver of the bounds (so even a small
+/// The most numbers one chunk takes: a sliver of the bounds (so even a small
 /// --min-room/--max-room space is shared by many replicas and restarts), at
 /// most 2^32 (a restart skips the rest of its chunk).
-fn chunk_numbers(bounds: Bounds) -> u64 {
+fn max_chunk_numbers(bounds: Bounds) -> u64 {
     (bounds.size() / 4096).clamp(1, MAX_CHUNK_NUMBERS)
 }
 
@@ -902,22 +972,34 @@ enum Carve {
 async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64) -> Carve {
     for _ in 0..2 {
         let lifetime = CHUNK_LIFETIME.min(shared.retention);
-        if let Some(chunk) = carver.chunk.filter(|c| c.taken_at.elapsed() < lifetime) {
-            let inside = Bounds::try_new(chunk.next.max(shared.bounds.min_room()), chunk.end - 1);
-            if let Ok(inside) = inside {
-                if let Ok(range) = RoomRange::reserve_after(
-                    chunk.next,
-                    r.dp_size,
-                    r.want_bases,
-                    r.need_bases,
-                    inside,
-                ) {
+        let max_size = max_chunk_numbers(shared.bounds);
+        if let Some(chunk) = carver.chunk.take() {
+            if chunk.taken_at.elapsed() >= lifetime {
+                if chunk.next - chunk.start < (chunk.end - chunk.start) / 2 {
+                    carver.chunk_size =
+                        (carver.chunk_size / 2).max(MIN_CHUNK_NUMBERS.min(max_size));
+                }
+            } else {
+                let inside =
+                    Bounds::try_new(chunk.next.max(shared.bounds.min_room()), chunk.end - 1);
+                if let Some(range) = inside.ok().and_then(|inside| {
+                    RoomRange::reserve_after(
+                        chunk.next,
+                        r.dp_size,
+                        r.want_bases,
+                        r.need_bases,
+                        inside,
+                    )
+                    .ok()
+                }) {
                     carver.chunk = Some(Chunk {
                         next: range.end(),
                         ..chunk
                     });
                     return Carve::Range(range);
                 }
+                // Used up before it expired: demand outgrew the size.
+                carver.chunk_size = carver.chunk_size.saturating_mul(2).min(max_size);
             }
         }
         // A new chunk, big enough for this range.
@@ -925,7 +1007,7 @@ async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64
             .want_bases
             .saturating_add(1)
             .saturating_mul(u64::from(r.dp_size.get()))
-            .max(chunk_numbers(shared.bounds));
+            .max(carver.chunk_size);
         match take_chunk(shared, carver, numbers, r, lease).await {
             Ok(()) => continue,
             Err(carve) => return carve,
@@ -954,7 +1036,7 @@ async fn take_chunk(
                     shared.client.range(get(&hw_key)),
                 )
                 .await
-                .and_then(|response| parse_high_water(response.kvs.first(), &hw_key));
+                .and_then(|response| shared.seen_mark(response.kvs.first()));
             match read {
                 Ok(seen) => seen,
                 Err(error) => return Err(Carve::Failed(error)),
@@ -962,23 +1044,16 @@ async fn take_chunk(
         }
     };
     let start = high_water.max(shared.bounds.min_room());
-    let end = start.saturating_add(numbers).min(shared.bounds.end());
-    // The space must hold at least this reservation's need.
-    if let Err(space) = RoomRange::reserve_after(
-        start,
-        r.dp_size,
-        r.need_bases,
-        r.need_bases,
-        Bounds::try_new(start.max(1), end.saturating_sub(1).max(start.max(1)))
-            .unwrap_or(shared.bounds),
-    ) {
-        let exhausted =
-            RoomRange::reserve_after(start, r.dp_size, r.need_bases, r.need_bases, shared.bounds)
-                .is_err();
-        if exhausted || end <= start {
-            return Err(Carve::Full(space));
-        }
-    }
+    // The space above the mark must hold this reservation's need (with
+    // another replica's larger --max-room, the mark may lie above ours).
+    let needed =
+        RoomRange::reserve_after(start, r.dp_size, r.need_bases, r.need_bases, shared.bounds)
+            .map_err(Carve::Full)?;
+    // At least the needed range, so the mark only ever rises.
+    let end = start
+        .saturating_add(numbers)
+        .min(shared.bounds.end())
+        .max(needed.end());
     let chunk_key = shared.keys.chunk(start);
     // Timed from before the request: the lease was granted earlier still,
     // so the chunk's announcement outlives the carving (see CHUNK_LIFETIME).
@@ -1019,6 +1094,7 @@ async fn take_chunk(
         let revision = response.header.as_ref().map_or(0, |h| h.revision);
         carver.cached = Some((end, revision));
         carver.chunk = Some(Chunk {
+            start,
             next: start,
             end,
             taken_at,
@@ -1028,7 +1104,7 @@ async fn take_chunk(
     }
     match txn::ranges(&response)
         .first()
-        .map(|read| parse_high_water(read.kvs.first(), &hw_key))
+        .map(|read| shared.seen_mark(read.kvs.first()))
     {
         Some(Ok(seen)) => {
             shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
@@ -1758,21 +1834,26 @@ pub struct ImportReport {
     pub workers: usize,
 }
 
-/// Moves an embedded store's state into etcd so that no room issued before
-/// can be issued again: first the high-water mark (compare-and-swap, only
-/// ever raised), then the range records (so old rooms resolve, expiring by
-/// lease like every range) and the registrations etcd does not have yet.
-/// Safe to run again.
-pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportReport, OpenError> {
+/// Whether `embedded` can be moved into etcd: refused if etcd holds ranges
+/// or chunks over the embedded store's ranges (both stores issued, or may
+/// issue, those numbers). Writes nothing, so `migrate` checks before it
+/// marks the data dir.
+pub async fn check_import(config: &EtcdConfig, embedded: &Snapshot) -> Result<(), OpenError> {
+    let loaded = connect_and_load(config).await?;
+    check_conflicts(config, &loaded, embedded).await
+}
+
+async fn check_conflicts(
+    config: &EtcdConfig,
+    loaded: &Loaded,
+    embedded: &Snapshot,
+) -> Result<(), OpenError> {
     let Loaded {
         client,
         keys,
         snapshot: existing,
-        high_water,
         ..
-    } = connect_and_load(config).await?;
-    let retention = fleet_retention(&client, &keys, config).await?;
-
+    } = loaded;
     // Ranges already in etcd must be the same ones (a rerun), never others
     // over the same numbers: that would mean both stores issued them.
     let mut merged = RangeTable::default();
@@ -1794,6 +1875,56 @@ pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportRe
             })?;
         }
     }
+
+    // So are chunks replicas took: they issued, or may still issue, rooms
+    // anywhere in them.
+    let chunks = keys.chunks();
+    for kv in read_prefix(config, client, &chunks).await?.0 {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        let start = key
+            .strip_prefix(&chunks)
+            .and_then(|s| s.parse::<u64>().ok());
+        let (Some(start), Some(end)) = (start, chunk_end(&kv.value)) else {
+            return Err(OpenError::CorruptKey {
+                key,
+                reason: "not a chunk announcement".into(),
+            });
+        };
+        if let Some(owner) = embedded
+            .ranges
+            .iter()
+            .find(|owner| owner.range.start() < end && start < owner.range.end())
+        {
+            return Err(OpenError::CorruptKey {
+                key,
+                reason: format!(
+                    "a replica took {start}..{end} of the space, over the embedded store's range {}..{}; both may have issued those numbers (or a replica is running), so refusing to merge them",
+                    owner.range.start(),
+                    owner.range.end()
+                ),
+            });
+        }
+    }
+
+    Ok(())
+}
+
+/// Moves an embedded store's state into etcd so that no room issued before
+/// can be issued again: first the high-water mark (compare-and-swap, only
+/// ever raised), then the range records (so old rooms resolve, expiring by
+/// lease like every range) and the registrations etcd does not have yet.
+/// Safe to run again.
+pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportReport, OpenError> {
+    let loaded = connect_and_load(config).await?;
+    check_conflicts(config, &loaded, embedded).await?;
+    let Loaded {
+        client,
+        keys,
+        snapshot: existing,
+        high_water,
+        ..
+    } = loaded;
+    let retention = fleet_retention(&client, &keys, config).await?;
 
     let (etcd_high_water, revision) = high_water.unwrap_or((0, 0));
     let target = embedded.high_water.max(etcd_high_water);
