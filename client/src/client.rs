@@ -223,7 +223,11 @@ impl RoomClientBuilder {
     /// Longest a leased base is kept before it is dropped unused (default
     /// 10 s; the server's own bound on the lease, `valid_for_ms`, applies
     /// too). A realignment made by another router reaches this client within
-    /// this time even when nothing triggers a refill.
+    /// this time even when nothing triggers a refill. Expiry runs on a timer
+    /// of the client's runtime, so the hot path reads no clock (a read costs
+    /// about as much as a whole `try_allocate`): while that runtime is
+    /// blocked or shut down and `try_allocate` is called from other threads,
+    /// expired bases are used late by as long (still unique and aligned).
     pub fn max_lease_age(mut self, age: Duration) -> Self {
         self.max_lease_age = age;
         self
