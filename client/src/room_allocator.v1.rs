@@ -241,7 +241,8 @@ pub mod room_allocator_service_client {
         }
         /// Registers a prefill worker with its data-parallel size. Idempotent for the
         /// same dp_size; another dp_size realigns the worker: later rooms use the new
-        /// size, earlier rooms still resolve with the old one.
+        /// size, earlier rooms still resolve with the old one. Also the one call
+        /// that brings back a deregistered worker.
         pub async fn register_worker(
             &mut self,
             request: impl tonic::IntoRequest<super::RegisterWorkerRequest>,

@@ -74,7 +74,8 @@ class RoomAllocatorServiceServicer(object):
     def RegisterWorker(self, request, context):
         """Registers a prefill worker with its data-parallel size. Idempotent for the
         same dp_size; another dp_size realigns the worker: later rooms use the new
-        size, earlier rooms still resolve with the old one.
+        size, earlier rooms still resolve with the old one. Also the one call
+        that brings back a deregistered worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
