@@ -627,13 +627,7 @@ async fn etcd_with_authentication_needs_the_credentials() {
     let Some(etcd) = EtcdProcess::start() else {
         return;
     };
-    let admin = EtcdClient::connect(&ConnectOptions {
-        endpoints: vec![etcd.endpoint.clone()],
-        timeout: Duration::from_secs(5),
-        ..ConnectOptions::default()
-    })
-    .await
-    .expect("connect to etcd");
+    let admin = etcd_admin(&etcd).await;
     admin.user_add("root", "s3cret").await.expect("add root");
     admin
         .user_grant_role("root", "root")
@@ -879,15 +873,20 @@ async fn restarts_of_a_quiet_replica_skip_little_of_a_small_space() {
     );
 }
 
-/// The high-water mark, as etcd holds it now.
-async fn high_water_in_etcd(etcd: &EtcdProcess, prefix: &str) -> u64 {
-    let client = EtcdClient::connect(&ConnectOptions {
+/// A plain client of the test's etcd, to look at or change keys directly.
+async fn etcd_admin(etcd: &EtcdProcess) -> EtcdClient {
+    EtcdClient::connect(&ConnectOptions {
         endpoints: vec![etcd.endpoint.clone()],
         timeout: Duration::from_secs(5),
         ..ConnectOptions::default()
     })
     .await
-    .expect("connect to etcd");
+    .expect("connect to etcd")
+}
+
+/// The high-water mark, as etcd holds it now.
+async fn high_water_in_etcd(etcd: &EtcdProcess, prefix: &str) -> u64 {
+    let client = etcd_admin(etcd).await;
     let read = client
         .range(room_allocator::store::etcd::client::pb::RangeRequest {
             key: format!("{prefix}v1/high_water").into_bytes(),
@@ -1101,13 +1100,7 @@ async fn a_deleted_high_water_mark_stops_reservations_instead_of_restarting_the_
     .expect("lease")
     .into_inner();
     let mark = high_water_in_etcd(&etcd, &prefix).await;
-    let admin = EtcdClient::connect(&ConnectOptions {
-        endpoints: vec![etcd.endpoint.clone()],
-        timeout: Duration::from_secs(5),
-        ..ConnectOptions::default()
-    })
-    .await
-    .expect("connect to etcd");
+    let admin = etcd_admin(&etcd).await;
     admin
         .delete(
             room_allocator::store::etcd::client::pb::DeleteRangeRequest {
