@@ -420,6 +420,14 @@ fn check_entry(input: &[u8]) -> Result<(), String> {
             crate::allocator::validate_worker(&record.prefill_worker)
                 .map_err(|e| format!("accepted a bad name: {e}"))?;
         }
+        Ok(Entry::Chunk(end)) => {
+            // The key's start, which decoding checked is canonical.
+            let start = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
+            let start = parse_decimal(start).ok_or("a chunk key without a start")?;
+            if end <= start {
+                return Err(format!("accepted a chunk {start}..{end}"));
+            }
+        }
         _ => {}
     }
     Ok(())
@@ -448,6 +456,10 @@ fn etcd_snapshot_entries_never_panic_and_accept_only_valid_ones() {
             range_value,
         ),
         entry("/room-allocator/v1/config/retention_ms", "86400000"),
+        entry(
+            "/room-allocator/v1/chunks/00000000000000001024",
+            r#"{"end":66560}"#,
+        ),
     ];
     fuzz("etcd_entry", check_entry, &seeds, no_fix_up);
 }

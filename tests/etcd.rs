@@ -1075,18 +1075,29 @@ async fn migrate_refuses_an_embedded_range_inside_a_chunk_a_replica_took() {
     assert!(running.terminate().success());
 }
 
-/// Review finding: a running replica read a missing high-water key as an
-/// empty space and took its next chunk from 1 again. A replica that never
-/// saw the mark (B, started on the empty prefix) cannot tell by itself, so
-/// every replica creates the mark at start and a missing one always means
-/// it was deleted: both replicas refuse (UNAVAILABLE, naming the key)
-/// rather than reissue A's rooms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_high_water_mark_stops_reservations_instead_of_restarting_the_space() {
+/// How a test damages the high-water mark behind the replicas' backs.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    Delete,
+    /// Put the mark back to the first room of the space.
+    PutToStart,
+    /// Put it inside the chunk A took (above A's first lease).
+    PutInsideChunk,
+}
+
+/// Review findings: a running replica read a missing high-water key as an
+/// empty space and took its next chunk from 1 again; and a replica that
+/// never saw the mark above some value (B, started on the empty prefix)
+/// accepted a mark rewritten down to it, took a chunk overlapping A's and
+/// leased A's rooms again. A missing mark always means it was deleted
+/// (every replica creates it at start), and a mark below the end of any
+/// chunk or range under the prefix was rewritten: both replicas refuse
+/// (UNAVAILABLE, naming the key), and so does a replica started after.
+async fn a_damaged_mark_stops_reservations(tamper: Tamper) {
     let Some(etcd) = EtcdProcess::start() else {
         return;
     };
-    let prefix = unique_prefix("deleted-mark");
+    let prefix = unique_prefix("damaged-mark");
     let a = replica(&etcd, &prefix, &[]);
     let b = replica(&etcd, &prefix, &[]);
     register(&a, &[("dm", 1)]).await;
@@ -1101,15 +1112,36 @@ async fn a_deleted_high_water_mark_stops_reservations_instead_of_restarting_the_
     .into_inner();
     let mark = high_water_in_etcd(&etcd, &prefix).await;
     let admin = etcd_admin(&etcd).await;
-    admin
-        .delete(
-            room_allocator::store::etcd::client::pb::DeleteRangeRequest {
-                key: format!("{prefix}v1/high_water").into_bytes(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("delete the mark");
+    let key = format!("{prefix}v1/high_water").into_bytes();
+    let lowered = match tamper {
+        Tamper::Delete => None,
+        Tamper::PutToStart => Some(1),
+        Tamper::PutInsideChunk => Some(first.first_base + u64::from(first.count)),
+    };
+    match lowered {
+        None => {
+            admin
+                .delete(
+                    room_allocator::store::etcd::client::pb::DeleteRangeRequest {
+                        key,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("delete the mark");
+        }
+        Some(value) => {
+            assert!(value < mark, "{value} lowers the mark {mark}");
+            admin
+                .put(room_allocator::store::etcd::client::pb::PutRequest {
+                    key,
+                    value: value.to_string().into_bytes(),
+                    ..Default::default()
+                })
+                .await
+                .expect("lower the mark");
+        }
+    }
     // On B (no chunk yet), and on A for more than is left of its chunk:
     // both need a new chunk.
     for (name, server) in [("B", &b), ("A", &a)] {
@@ -1123,19 +1155,65 @@ async fn a_deleted_high_water_mark_stops_reservations_instead_of_restarting_the_
             Ok(lease) => {
                 let lease = lease.into_inner();
                 panic!(
-                    "{name} leased {}..{} after the mark ({mark}) was deleted; A's first lease was {}..",
+                    "{tamper:?}: {name} leased {}..{} after the mark ({mark}) was damaged; A's first lease was {}..",
                     lease.first_base,
                     lease.first_base + u64::from(lease.count),
                     first.first_base
                 );
             }
             Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{name}: {status:?}");
+                assert_eq!(
+                    status.code(),
+                    Code::Unavailable,
+                    "{tamper:?}: {name}: {status:?}"
+                );
                 assert!(
                     status.message().contains("high_water"),
-                    "{name}: {status:?}"
+                    "{tamper:?}: {name}: {status:?}"
                 );
             }
         }
     }
+    // A replica started now has no memory of the mark at all.
+    let dir = tempfile::tempdir().expect("tempdir");
+    match ServerProcess::try_start(
+        &dir.path().join("unused"),
+        &["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix],
+    ) {
+        Err(failure) => assert!(
+            failure.log.contains("high_water"),
+            "{tamper:?}: refused without naming the mark:\n{}",
+            failure.log
+        ),
+        Ok(c) => {
+            let leased = timed(c.client().await.lease_rooms(pb::LeaseRoomsRequest {
+                prefill_worker: "dm".into(),
+                count: 1000,
+                dp_size: 1,
+            }))
+            .await;
+            if let Ok(lease) = leased {
+                panic!(
+                    "{tamper:?}: a replica started after the damage leased from {}; A's first lease was {}..",
+                    lease.into_inner().first_base,
+                    first.first_base
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_high_water_mark_stops_reservations_instead_of_restarting_the_space() {
+    a_damaged_mark_stops_reservations(Tamper::Delete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_water_mark_rewritten_to_the_start_stops_reservations() {
+    a_damaged_mark_stops_reservations(Tamper::PutToStart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_water_mark_rewritten_into_a_taken_chunk_stops_reservations() {
+    a_damaged_mark_stops_reservations(Tamper::PutInsideChunk).await;
 }

@@ -200,6 +200,47 @@ impl Keys {
     fn chunk(&self, start: u64) -> String {
         format!("{}chunks/{start:020}", self.root)
     }
+
+    /// Where the chunk or range a key announces ends; `u64::MAX` (all of
+    /// the space is used) if it cannot be read, so damage never lets a
+    /// reservation through.
+    fn announced_end(&self, kv: &pb::KeyValue) -> u64 {
+        match parse_entry(self, kv) {
+            Ok(Entry::Chunk(end)) => end,
+            Ok(Entry::Range(owner)) => owner.range.end(),
+            _ => u64::MAX,
+        }
+    }
+}
+
+/// One snapshot of where the used space ends, for [`Shared::seen_mark`]:
+/// the mark, the highest chunk and the highest range.
+fn mark_reads(keys: &Keys) -> Vec<pb::RequestOp> {
+    let highest = |prefix: String| {
+        txn::get_range(pb::RangeRequest {
+            range_end: prefix_end(prefix.as_bytes()),
+            key: prefix.into_bytes(),
+            limit: 1,
+            sort_order: pb::range_request::SortOrder::Descend as i32,
+            sort_target: pb::range_request::SortTarget::Key as i32,
+            ..Default::default()
+        })
+    };
+    vec![
+        txn::get(&keys.high_water()),
+        highest(keys.chunks()),
+        highest(keys.ranges()),
+    ]
+}
+
+/// A chunk announcement's end, if the key is a canonical chunk start and
+/// the end lies above it. A fuzz target through `parse_entry`.
+fn decode_chunk(key_start: &str, value: &[u8]) -> Option<u64> {
+    let start = parse_decimal(key_start.as_bytes())?;
+    if key_start != format!("{start:020}") {
+        return None;
+    }
+    chunk_end(value).filter(|end| *end > start)
 }
 
 /// The end a chunk announcement holds; `None` if it is unreadable.
@@ -356,24 +397,34 @@ impl Shared {
         Ok(granted.id)
     }
 
-    /// The high-water mark as etcd holds it, refused if it went back below
-    /// what this replica saw (the key was deleted or rewritten): reserving
-    /// from there would reissue rooms.
-    fn seen_mark(&self, kv: Option<&pb::KeyValue>) -> Result<(u64, i64), StoreError> {
+    /// The high-water mark as etcd holds it (from the reads of
+    /// [`mark_reads`]), refused if it lies below what this replica saw or
+    /// below the end of the highest chunk or range announced (the key was
+    /// deleted or rewritten; a replica that never saw the higher value can
+    /// tell only from those): reserving from there would reissue rooms.
+    fn seen_mark(&self, reads: &[&pb::RangeResponse]) -> Result<(u64, i64), StoreError> {
         let key = self.keys.high_water();
-        if kv.is_none() {
-            return Err(StoreError::Corrupt {
-                key,
-                reason: "it is missing (every replica creates it at start, so it was deleted); put back a mark above the end of every key under v1/chunks/ and v1/ranges/".into(),
-            });
-        }
-        let seen = parse_high_water(kv, &key)?;
-        let known = self.high_water.load(Ordering::Acquire);
-        if seen.0 < known {
+        let first_kv = |i: usize| reads.get(i).and_then(|read| read.kvs.first());
+        let repair = "put back a mark at or above the end of every key under v1/chunks/ and v1/ranges/ (never lower: rooms below it were issued)";
+        let Some(kv) = first_kv(0) else {
             return Err(StoreError::Corrupt {
                 key,
                 reason: format!(
-                    "it went back from {known} to {} (deleted or rewritten); rooms up to {known} were reserved, so put it back to at least {known}",
+                    "it is missing (every replica creates it at start, so it was deleted); {repair}"
+                ),
+            });
+        };
+        let seen = parse_high_water(Some(kv), &key)?;
+        let used = self
+            .high_water
+            .load(Ordering::Acquire)
+            .max(first_kv(1).map_or(0, |kv| self.keys.announced_end(kv)))
+            .max(first_kv(2).map_or(0, |kv| self.keys.announced_end(kv)));
+        if seen.0 < used {
+            return Err(StoreError::Corrupt {
+                key,
+                reason: format!(
+                    "it went back to {} below {used}, the end of the space already reserved (it was deleted or rewritten); {repair}",
                     seen.0
                 ),
             });
@@ -1030,13 +1081,15 @@ async fn take_chunk(
     let (high_water, revision) = match carver.cached {
         Some(seen) => seen,
         None => {
+            let request = pb::TxnRequest {
+                compare: Vec::new(),
+                success: mark_reads(&shared.keys),
+                failure: Vec::new(),
+            };
             let read = shared
-                .timed(
-                    "read the high-water mark",
-                    shared.client.range(get(&hw_key)),
-                )
+                .timed("read the high-water mark", shared.client.txn(request))
                 .await
-                .and_then(|response| shared.seen_mark(response.kvs.first()));
+                .and_then(|response| shared.seen_mark(&txn::ranges(&response)));
             match read {
                 Ok(seen) => seen,
                 Err(error) => return Err(Carve::Failed(error)),
@@ -1059,12 +1112,16 @@ async fn take_chunk(
     // so the chunk's announcement outlives the carving (see CHUNK_LIFETIME).
     let taken_at = Instant::now();
     let request = pb::TxnRequest {
-        compare: vec![txn::unchanged_since(&hw_key, revision)],
+        // The value too: a restore of etcd's data may reuse revisions.
+        compare: vec![
+            txn::unchanged_since(&hw_key, revision),
+            txn::value_is(&hw_key, &high_water.to_string()),
+        ],
         success: vec![
             txn::put(&hw_key, end.to_string(), 0),
             txn::put(&chunk_key, json!({ "end": end }).to_string(), lease),
         ],
-        failure: vec![txn::get(&hw_key)],
+        failure: mark_reads(&shared.keys),
     };
     let sent = async {
         failpoint!("etcd::chunk_send", StoreError::Injected("etcd::chunk_send"));
@@ -1102,16 +1159,13 @@ async fn take_chunk(
         shared.high_water.fetch_max(end, Ordering::AcqRel);
         return Ok(());
     }
-    match txn::ranges(&response)
-        .first()
-        .map(|read| shared.seen_mark(read.kvs.first()))
-    {
-        Some(Ok(seen)) => {
-            shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
-            carver.cached = Some(seen);
-        }
-        Some(Err(error)) => return Err(Carve::Failed(error)),
-        None => carver.cached = None,
+    let reads = txn::ranges(&response);
+    if reads.is_empty() {
+        carver.cached = None;
+    } else {
+        let seen = shared.seen_mark(&reads).map_err(Carve::Failed)?;
+        shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
+        carver.cached = Some(seen);
     }
     Err(Carve::Lost)
 }
@@ -1497,6 +1551,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
     let mut issued = HashMap::new();
     let mut high_water = None;
     let mut pruned_below = 0;
+    let mut chunks_end = SPACE_START;
     let mut unleased = Vec::new();
     for kv in kvs {
         let key = String::from_utf8_lossy(&kv.key);
@@ -1521,6 +1576,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             Entry::Issued(worker, count) => {
                 issued.insert(worker, count);
             }
+            Entry::Chunk(end) => chunks_end = chunks_end.max(end),
             Entry::Other => {}
         }
     }
@@ -1531,6 +1587,14 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             reason: format!(
                 "the high-water mark {hw} is below the reserved range ending at {}",
                 ranges.high_water()
+            ),
+        });
+    }
+    if chunks_end > hw {
+        return Err(OpenError::CorruptKey {
+            key: keys.high_water(),
+            reason: format!(
+                "the high-water mark {hw} is below the chunk a replica took ending at {chunks_end} (it was deleted or rewritten); put back a mark at or above it"
             ),
         });
     }
@@ -1560,6 +1624,8 @@ pub(crate) enum Entry {
     HighWater(u64),
     PrunedBelow(u64),
     Range(RangeOwner),
+    /// A chunk a replica took, by its end.
+    Chunk(u64),
     Worker(WorkerRecord),
     Issued(Arc<str>, u64),
     /// Not ours to read (config, or keys of a later version).
@@ -1582,6 +1648,11 @@ pub(crate) fn parse_entry(keys: &Keys, kv: &pb::KeyValue) -> Result<Entry, Strin
         Entry::Range(
             decode_range(start, &kv.value)
                 .ok_or_else(|| "not a valid, aligned range record".to_owned())?,
+        )
+    } else if let Some(start) = name.strip_prefix("chunks/") {
+        Entry::Chunk(
+            decode_chunk(start, &kv.value)
+                .ok_or_else(|| "not a valid chunk announcement".to_owned())?,
         )
     } else if let Some(worker) = name.strip_prefix("workers/") {
         crate::allocator::validate_worker(worker).map_err(|e| e.to_string())?;
