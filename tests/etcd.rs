@@ -1083,6 +1083,12 @@ enum Tamper {
     PutToStart,
     /// Put it inside the chunk A took (above A's first lease).
     PutInsideChunk,
+    /// Put it to the start, and delete the chunk announcements too (as if
+    /// they had expired while ranges carved from them had not).
+    PutToStartWithoutChunks,
+    /// The same number with leading zeros: not what a replica writes, so
+    /// its compare-and-swap could never match.
+    Padded,
 }
 
 /// Review findings: a running replica read a missing high-water key as an
@@ -1113,12 +1119,26 @@ async fn a_damaged_mark_stops_reservations(tamper: Tamper) {
     let mark = high_water_in_etcd(&etcd, &prefix).await;
     let admin = etcd_admin(&etcd).await;
     let key = format!("{prefix}v1/high_water").into_bytes();
-    let lowered = match tamper {
+    let damaged = match tamper {
         Tamper::Delete => None,
-        Tamper::PutToStart => Some(1),
-        Tamper::PutInsideChunk => Some(first.first_base + u64::from(first.count)),
+        Tamper::PutToStart | Tamper::PutToStartWithoutChunks => Some("1".to_owned()),
+        Tamper::PutInsideChunk => Some((first.first_base + u64::from(first.count)).to_string()),
+        Tamper::Padded => Some(format!("{mark:020}")),
     };
-    match lowered {
+    if let Tamper::PutToStartWithoutChunks = tamper {
+        let chunks = format!("{prefix}v1/chunks/").into_bytes();
+        admin
+            .delete(
+                room_allocator::store::etcd::client::pb::DeleteRangeRequest {
+                    range_end: room_allocator::store::etcd::client::prefix_end(&chunks),
+                    key: chunks,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("delete the chunks");
+    }
+    match damaged {
         None => {
             admin
                 .delete(
@@ -1131,15 +1151,14 @@ async fn a_damaged_mark_stops_reservations(tamper: Tamper) {
                 .expect("delete the mark");
         }
         Some(value) => {
-            assert!(value < mark, "{value} lowers the mark {mark}");
             admin
                 .put(room_allocator::store::etcd::client::pb::PutRequest {
                     key,
-                    value: value.to_string().into_bytes(),
+                    value: value.into_bytes(),
                     ..Default::default()
                 })
                 .await
-                .expect("lower the mark");
+                .expect("rewrite the mark");
         }
     }
     // On B (no chunk yet), and on A for more than is left of its chunk:
@@ -1192,12 +1211,19 @@ async fn a_damaged_mark_stops_reservations(tamper: Tamper) {
                 dp_size: 1,
             }))
             .await;
-            if let Ok(lease) = leased {
-                panic!(
+            match leased {
+                Ok(lease) => panic!(
                     "{tamper:?}: a replica started after the damage leased from {}; A's first lease was {}..",
                     lease.into_inner().first_base,
                     first.first_base
-                );
+                ),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{tamper:?}: C: {status:?}");
+                    assert!(
+                        status.message().contains("high_water"),
+                        "{tamper:?}: C: {status:?}"
+                    );
+                }
             }
         }
     }
@@ -1216,4 +1242,14 @@ async fn a_high_water_mark_rewritten_to_the_start_stops_reservations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_high_water_mark_rewritten_into_a_taken_chunk_stops_reservations() {
     a_damaged_mark_stops_reservations(Tamper::PutInsideChunk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_water_mark_rewritten_below_a_range_whose_chunk_is_gone_stops_reservations() {
+    a_damaged_mark_stops_reservations(Tamper::PutToStartWithoutChunks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_water_mark_written_with_leading_zeros_is_refused_by_name() {
+    a_damaged_mark_stops_reservations(Tamper::Padded).await;
 }

@@ -621,3 +621,86 @@ async fn migrate_ranges_fails() {
 async fn migrate_ranges_crashes() {
     migrate_case("migrate::ranges", Mode::Crash).await;
 }
+
+async fn lease_mu(
+    server: &ServerProcess,
+) -> Result<tonic::Response<pb::LeaseRoomsResponse>, tonic::Status> {
+    timed(server.client().await.lease_rooms(pb::LeaseRoomsRequest {
+        prefill_worker: "mu".into(),
+        count: 1000,
+        dp_size: 1,
+    }))
+    .await
+}
+
+/// RELIABILITY.md defect 16: after a chunk transaction of unknown outcome a
+/// replica rereads the mark outside any compare-and-swap. If it never saw a
+/// higher mark, and the chunk announcements are gone, only the swap's
+/// compare "no range at or above the mark" keeps a mark rewritten down from
+/// giving it a chunk over rooms already issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_rewritten_down_after_a_chunk_of_unknown_outcome_is_refused() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("mark-after-unknown");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = ServerProcess::start(&dir.path().join("a"), &args);
+    let b = ServerProcess::try_start_with(&dir.path().join("b"), &args, |command| {
+        command.env("FAILPOINTS", failpoints("etcd::chunk_send", 0, Mode::Fail));
+    })
+    .unwrap_or_else(|failure| panic!("start B: {}", failure.log));
+    timed(a.client().await.register_worker(pb::RegisterWorkerRequest {
+        prefill_worker: "mu".into(),
+        dp_size: 1,
+    }))
+    .await
+    .expect("register");
+    let first = lease_mu(&a).await.expect("lease on A").into_inner();
+    let admin = room_allocator::store::etcd::client::EtcdClient::connect(
+        &room_allocator::store::etcd::client::ConnectOptions {
+            endpoints: vec![etcd.endpoint.clone()],
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect to etcd");
+    let chunks = format!("{prefix}v1/chunks/").into_bytes();
+    admin
+        .delete(
+            room_allocator::store::etcd::client::pb::DeleteRangeRequest {
+                range_end: room_allocator::store::etcd::client::prefix_end(&chunks),
+                key: chunks,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("delete the chunks");
+    admin
+        .put(room_allocator::store::etcd::client::pb::PutRequest {
+            key: format!("{prefix}v1/high_water").into_bytes(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("rewrite the mark");
+    // B's first chunk fails before it is sent (unknown to B whether it
+    // landed); its next attempts reread the mark.
+    let mut refused_by_name = false;
+    for _ in 0..3 {
+        match lease_mu(&b).await {
+            Ok(lease) => panic!(
+                "B leased {}.. after the mark was rewritten to 1; A's lease was {}..",
+                lease.into_inner().first_base,
+                first.first_base
+            ),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                refused_by_name |= status.message().contains("high_water");
+            }
+        }
+    }
+    assert!(refused_by_name, "B never named the mark:\n{}", b.log());
+}

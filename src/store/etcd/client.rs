@@ -387,6 +387,17 @@ pub mod txn {
         }
     }
 
+    /// No key in `key..range_end` exists.
+    pub fn none_in(key: &str, range_end: Vec<u8>) -> pb::Compare {
+        pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Create as i32,
+            key: key.as_bytes().to_vec(),
+            range_end,
+            target_union: Some(TargetUnion::CreateRevision(0)),
+        }
+    }
+
     /// `key` holds exactly `value`.
     pub fn value_is(key: &str, value: &str) -> pb::Compare {
         pb::Compare {

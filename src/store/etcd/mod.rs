@@ -20,12 +20,14 @@
 //!
 //! # Reserving ranges
 //! Each replica takes a **chunk** of the space with one compare-and-swap:
-//! if `high_water` still has the mod revision this replica last saw (or does
-//! not exist yet), put `high_water = end` and announce the chunk in
-//! `v1/chunks/{start:020}` (JSON `{"end"}`, on a range lease). etcd
-//! transactions are linearizable, so two replicas never both move the mark
-//! from the same value: chunks never overlap, and the mark only rises (a
-//! replica that reads it lower than it saw refuses to reserve). Ranges are
+//! if `high_water` still has the mod revision and the value this replica
+//! last saw, and no range lies at or above it, put `high_water = end` and
+//! announce the chunk in `v1/chunks/{start:020}` (JSON `{"end"}`, on a range
+//! lease). etcd transactions are linearizable, so two replicas never both
+//! move the mark from the same value: chunks never overlap, and the mark
+//! only rises. A mark read lower than this replica saw, or below the end of
+//! the highest chunk or of a range above it, was deleted or rewritten by
+//! hand: the replica refuses to reserve (and to start). Ranges are
 //! carved from the replica's own chunk, in memory, for at most
 //! [`CHUNK_LIFETIME`]; chunks start at [`MIN_CHUNK_NUMBERS`] and double
 //! while used up sooner. Concurrent reservations are folded into one
@@ -201,36 +203,44 @@ impl Keys {
         format!("{}chunks/{start:020}", self.root)
     }
 
-    /// Where the chunk or range a key announces ends; `u64::MAX` (all of
-    /// the space is used) if it cannot be read, so damage never lets a
-    /// reservation through.
-    fn announced_end(&self, kv: &pb::KeyValue) -> u64 {
+    /// Where the chunk or range a key announces ends; a key that cannot be
+    /// read refuses (damage never lets a reservation through).
+    fn announced_end(&self, kv: &pb::KeyValue) -> Result<u64, StoreError> {
         match parse_entry(self, kv) {
-            Ok(Entry::Chunk(end)) => end,
-            Ok(Entry::Range(owner)) => owner.range.end(),
-            _ => u64::MAX,
+            Ok(Entry::Chunk(end)) => Ok(end),
+            Ok(Entry::Range(owner)) => Ok(owner.range.end()),
+            Ok(_) => Ok(0),
+            Err(reason) => Err(StoreError::Corrupt {
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                reason,
+            }),
         }
     }
 }
 
-/// One snapshot of where the used space ends, for [`Shared::seen_mark`]:
-/// the mark, the highest chunk and the highest range.
+/// Where the used space ends, for [`Shared::seen_mark`]: the mark and the
+/// highest chunk. Chunk keys are few (one per chunk taken within twice the
+/// retention), so sorting them costs etcd little; range keys are many, and
+/// are checked by the chunk compare-and-swap instead (see [`take_chunk`]).
 fn mark_reads(keys: &Keys) -> Vec<pb::RequestOp> {
-    let highest = |prefix: String| {
+    let chunks = keys.chunks();
+    vec![
+        txn::get(&keys.high_water()),
         txn::get_range(pb::RangeRequest {
-            range_end: prefix_end(prefix.as_bytes()),
-            key: prefix.into_bytes(),
+            range_end: prefix_end(chunks.as_bytes()),
+            key: chunks.into_bytes(),
             limit: 1,
             sort_order: pb::range_request::SortOrder::Descend as i32,
             sort_target: pb::range_request::SortTarget::Key as i32,
             ..Default::default()
-        })
-    };
-    vec![
-        txn::get(&keys.high_water()),
-        highest(keys.chunks()),
-        highest(keys.ranges()),
+        }),
     ]
+}
+
+/// The mark as written: a decimal with no leading zero, exactly as a
+/// replica writes it (the chunk compare-and-swap compares its bytes).
+fn parse_mark(value: &[u8]) -> Option<u64> {
+    parse_decimal(value).filter(|mark| mark.to_string().as_bytes() == value)
 }
 
 /// A chunk announcement's end, if the key is a canonical chunk start and
@@ -398,10 +408,11 @@ impl Shared {
     }
 
     /// The high-water mark as etcd holds it (from the reads of
-    /// [`mark_reads`]), refused if it lies below what this replica saw or
-    /// below the end of the highest chunk or range announced (the key was
-    /// deleted or rewritten; a replica that never saw the higher value can
-    /// tell only from those): reserving from there would reissue rooms.
+    /// [`mark_reads`], and after a failed compare-and-swap the first range
+    /// at or above the mark it compared), refused if it lies below what this
+    /// replica saw or below the end of a chunk or range announced (the key
+    /// was deleted or rewritten; a replica that never saw the higher value
+    /// can tell only from those): reserving from there would reissue rooms.
     fn seen_mark(&self, reads: &[&pb::RangeResponse]) -> Result<(u64, i64), StoreError> {
         let key = self.keys.high_water();
         let first_kv = |i: usize| reads.get(i).and_then(|read| read.kvs.first());
@@ -415,11 +426,10 @@ impl Shared {
             });
         };
         let seen = parse_high_water(Some(kv), &key)?;
-        let used = self
-            .high_water
-            .load(Ordering::Acquire)
-            .max(first_kv(1).map_or(0, |kv| self.keys.announced_end(kv)))
-            .max(first_kv(2).map_or(0, |kv| self.keys.announced_end(kv)));
+        let mut used = self.high_water.load(Ordering::Acquire);
+        for kv in (1..reads.len()).filter_map(first_kv) {
+            used = used.max(self.keys.announced_end(kv)?);
+        }
         if seen.0 < used {
             return Err(StoreError::Corrupt {
                 key,
@@ -1108,20 +1118,34 @@ async fn take_chunk(
         .min(shared.bounds.end())
         .max(needed.end());
     let chunk_key = shared.keys.chunk(start);
+    let ranges_above = shared.keys.range(high_water);
+    let ranges_end = prefix_end(shared.keys.ranges().as_bytes());
     // Timed from before the request: the lease was granted earlier still,
     // so the chunk's announcement outlives the carving (see CHUNK_LIFETIME).
     let taken_at = Instant::now();
     let request = pb::TxnRequest {
-        // The value too: a restore of etcd's data may reuse revisions.
+        // The value too: a restore of etcd's data may reuse revisions. And
+        // no range at or above the mark: one would mean the mark was
+        // rewritten below it (a cheap compare: healthy, the span is empty).
         compare: vec![
             txn::unchanged_since(&hw_key, revision),
             txn::value_is(&hw_key, &high_water.to_string()),
+            txn::none_in(&ranges_above, ranges_end.clone()),
         ],
         success: vec![
             txn::put(&hw_key, end.to_string(), 0),
             txn::put(&chunk_key, json!({ "end": end }).to_string(), lease),
         ],
-        failure: mark_reads(&shared.keys),
+        failure: [
+            mark_reads(&shared.keys),
+            vec![txn::get_range(pb::RangeRequest {
+                key: ranges_above.into_bytes(),
+                range_end: ranges_end,
+                limit: 1,
+                ..Default::default()
+            })],
+        ]
+        .concat(),
     };
     let sent = async {
         failpoint!("etcd::chunk_send", StoreError::Injected("etcd::chunk_send"));
@@ -1532,11 +1556,11 @@ pub(crate) fn counter_guard(kv: Option<&pb::KeyValue>, key: &str) -> Option<(u64
 fn parse_high_water(kv: Option<&pb::KeyValue>, key: &str) -> Result<(u64, i64), StoreError> {
     match kv {
         None => Ok((SPACE_START, 0)),
-        Some(kv) => parse_decimal(&kv.value)
+        Some(kv) => parse_mark(&kv.value)
             .map(|hw| (hw, kv.mod_revision))
             .ok_or_else(|| StoreError::Corrupt {
                 key: key.to_owned(),
-                reason: "not a decimal number".into(),
+                reason: NOT_A_MARK.into(),
             }),
     }
 }
@@ -1618,6 +1642,8 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
     ))
 }
 
+const NOT_A_MARK: &str = "not a decimal number without leading zeros";
+
 /// One key of the prefix, decoded.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Entry {
@@ -1641,7 +1667,7 @@ pub(crate) fn parse_entry(keys: &Keys, kv: &pb::KeyValue) -> Result<Entry, Strin
     };
     let number = || parse_decimal(&kv.value).ok_or_else(|| "not a decimal number".to_owned());
     Ok(if name == "high_water" {
-        Entry::HighWater(number()?)
+        Entry::HighWater(parse_mark(&kv.value).ok_or_else(|| NOT_A_MARK.to_owned())?)
     } else if name == "pruned_below" {
         Entry::PrunedBelow(number()?)
     } else if let Some(start) = name.strip_prefix("ranges/") {
