@@ -1253,3 +1253,85 @@ async fn a_high_water_mark_rewritten_below_a_range_whose_chunk_is_gone_stops_res
 async fn a_high_water_mark_written_with_leading_zeros_is_refused_by_name() {
     a_damaged_mark_stops_reservations(Tamper::Padded).await;
 }
+
+/// Review finding: a range carved after the bucket's lease changed got the
+/// new lease while its chunk's announcement kept the old one, so the range
+/// outlived the announcement; a mark then rewritten into that range was not
+/// seen by a replica rereading it. Every range now has its chunk's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_range_expires_with_the_chunk_it_was_carved_from() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("chunk-lease");
+    // Retention 8 s: a new lease every second, chunks live 8 s.
+    let a = replica(&etcd, &prefix, &["--retention", "8s"]);
+    // A new worker's first room reserves a small range: many ranges per chunk.
+    let mut client = a.client().await;
+    for i in 0..30 {
+        timed(client.allocate_room(pb::AllocateRoomRequest {
+            prefill_worker: format!("cl-{i}"),
+            dp_rank: 0,
+            dp_size: 1,
+        }))
+        .await
+        .expect("allocate");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admin = etcd_admin(&etcd).await;
+    let read = |under: &str| {
+        let key = format!("{prefix}v1/{under}/").into_bytes();
+        let admin = &admin;
+        async move {
+            admin
+                .range(room_allocator::store::etcd::client::pb::RangeRequest {
+                    range_end: room_allocator::store::etcd::client::prefix_end(&key),
+                    key,
+                    ..Default::default()
+                })
+                .await
+                .expect("read the prefix")
+                .kvs
+        }
+    };
+    let start_of = |key: &[u8]| -> u64 {
+        let key = std::str::from_utf8(key).expect("utf-8");
+        key.rsplit('/')
+            .next()
+            .expect("a start")
+            .parse()
+            .expect("a number")
+    };
+    let chunks: Vec<(u64, u64, i64)> = read("chunks")
+        .await
+        .iter()
+        .map(|kv| {
+            let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
+            (
+                start_of(&kv.key),
+                value["end"].as_u64().expect("end"),
+                kv.lease,
+            )
+        })
+        .collect();
+    let ranges = read("ranges").await;
+    let leases: std::collections::HashSet<i64> = ranges.iter().map(|kv| kv.lease).collect();
+    assert!(
+        leases.len() >= 2,
+        "the load spanned at least two leases: {leases:?} ({} ranges, chunks {chunks:?})",
+        ranges.len()
+    );
+    for kv in &ranges {
+        let start = start_of(&kv.key);
+        let (chunk_start, chunk_end, chunk_lease) = chunks
+            .iter()
+            .copied()
+            .find(|(s, e, _)| *s <= start && start < *e)
+            .unwrap_or_else(|| panic!("range {start} lies in no chunk: {chunks:?}"));
+        assert_eq!(
+            kv.lease, chunk_lease,
+            "range {start} has lease {:x}, its chunk {chunk_start}..{chunk_end} {chunk_lease:x}",
+            kv.lease
+        );
+    }
+}

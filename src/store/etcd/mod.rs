@@ -29,7 +29,8 @@
 //! the highest chunk or of a range above it, was deleted or rewritten by
 //! hand: the replica refuses to reserve (and to start). Ranges are
 //! carved from the replica's own chunk, in memory, for at most
-//! [`CHUNK_LIFETIME`]; chunks start at [`MIN_CHUNK_NUMBERS`] and double
+//! [`CHUNK_LIFETIME`] and under the lease the chunk was announced with (so
+//! no range outlives its chunk's announcement); chunks start at [`MIN_CHUNK_NUMBERS`] and double
 //! while used up sooner. Concurrent reservations are folded into one
 //! transaction (at most [`MAX_BATCH`]) that records their ranges if every
 //! worker's key still has the revision of the registration being served;
@@ -431,6 +432,9 @@ impl Shared {
             used = used.max(self.keys.announced_end(kv)?);
         }
         if seen.0 < used {
+            // Remembered, so later reads refuse here without sending a
+            // swap whose compare would scan the ranges above the bad mark.
+            self.high_water.fetch_max(used, Ordering::AcqRel);
             return Err(StoreError::Corrupt {
                 key,
                 reason: format!(
@@ -925,6 +929,10 @@ struct Chunk {
     /// Exclusive end.
     end: u64,
     taken_at: Instant,
+    /// The lease of its announcement, which every range carved from it gets
+    /// too: the announcement never expires before those ranges, so the
+    /// highest chunk read with the mark covers every live range.
+    lease: i64,
 }
 
 /// The reservation task's state: the mark as last seen, and the chunk.
@@ -1035,7 +1043,9 @@ async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64
         let lifetime = CHUNK_LIFETIME.min(shared.retention);
         let max_size = max_chunk_numbers(shared.bounds);
         if let Some(chunk) = carver.chunk.take() {
-            if chunk.taken_at.elapsed() >= lifetime {
+            if chunk.lease != lease {
+                // The bucket's lease changed: ranges now get the new one.
+            } else if chunk.taken_at.elapsed() >= lifetime {
                 if chunk.next - chunk.start < (chunk.end - chunk.start) / 2 {
                     carver.chunk_size =
                         (carver.chunk_size / 2).max(MIN_CHUNK_NUMBERS.min(max_size));
@@ -1179,6 +1189,7 @@ async fn take_chunk(
             next: start,
             end,
             taken_at,
+            lease,
         });
         shared.high_water.fetch_max(end, Ordering::AcqRel);
         return Ok(());
