@@ -1335,3 +1335,76 @@ async fn every_range_expires_with_the_chunk_it_was_carved_from() {
         );
     }
 }
+
+/// Review finding: with chunks ending at every lease change (a bucket is
+/// retention / 8), a short retention ended every chunk before its lifetime,
+/// and only an expired chunk could halve the size: after one burst each
+/// replica took the burst's size every bucket and left most of it unused.
+/// After the burst, the size comes back down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_shrink_back_after_a_burst_when_leases_end_them() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("chunk-shrink");
+    let a = replica(&etcd, &prefix, &["--retention", "8s"]);
+    register(&a, &[("burst", 1)]).await;
+    let mut client = a.client().await;
+    // A burst: each lease uses up a chunk within its lifetime.
+    for _ in 0..6 {
+        timed(client.lease_rooms(pb::LeaseRoomsRequest {
+            prefill_worker: "burst".into(),
+            count: 100_000,
+            dp_size: 1,
+        }))
+        .await
+        .expect("lease");
+    }
+    let chunk_sizes = || async {
+        let admin = etcd_admin(&etcd).await;
+        let key = format!("{prefix}v1/chunks/").into_bytes();
+        let mut sizes: Vec<(u64, u64)> = admin
+            .range(room_allocator::store::etcd::client::pb::RangeRequest {
+                range_end: room_allocator::store::etcd::client::prefix_end(&key),
+                key,
+                ..Default::default()
+            })
+            .await
+            .expect("read the chunks")
+            .kvs
+            .iter()
+            .map(|kv| {
+                let start: u64 = std::str::from_utf8(&kv.key)
+                    .expect("utf-8")
+                    .rsplit('/')
+                    .next()
+                    .expect("a start")
+                    .parse()
+                    .expect("a number");
+                let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
+                (start, value["end"].as_u64().expect("end") - start)
+            })
+            .collect();
+        sizes.sort_unstable();
+        sizes
+    };
+    let burst = chunk_sizes().await;
+    let peak = burst.iter().map(|(_, size)| *size).max().expect("chunks");
+    // Quiet: a new worker's first room now and then, over several leases.
+    for i in 0..16 {
+        timed(client.allocate_room(pb::AllocateRoomRequest {
+            prefill_worker: format!("quiet-{i}"),
+            dp_rank: 0,
+            dp_size: 1,
+        }))
+        .await
+        .expect("allocate");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let after = chunk_sizes().await;
+    let (_, last) = *after.last().expect("chunks");
+    assert!(
+        last <= 65_536 && last < peak,
+        "the last chunk holds {last} numbers after the burst's {peak}: {after:?}"
+    );
+}

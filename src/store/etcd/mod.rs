@@ -1043,9 +1043,9 @@ async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64
         let lifetime = CHUNK_LIFETIME.min(shared.retention);
         let max_size = max_chunk_numbers(shared.bounds);
         if let Some(chunk) = carver.chunk.take() {
-            if chunk.lease != lease {
-                // The bucket's lease changed: ranges now get the new one.
-            } else if chunk.taken_at.elapsed() >= lifetime {
+            // Ended by age, or by the bucket's lease changing (ranges now
+            // get the new lease, which the chunk's announcement lacks).
+            if chunk.lease != lease || chunk.taken_at.elapsed() >= lifetime {
                 if chunk.next - chunk.start < (chunk.end - chunk.start) / 2 {
                     carver.chunk_size =
                         (carver.chunk_size / 2).max(MIN_CHUNK_NUMBERS.min(max_size));
