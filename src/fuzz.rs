@@ -420,11 +420,10 @@ fn check_entry(input: &[u8]) -> Result<(), String> {
             crate::allocator::validate_worker(&record.prefill_worker)
                 .map_err(|e| format!("accepted a bad name: {e}"))?;
         }
-        Ok(Entry::Chunk(end)) => {
-            // The key's start, which decoding checked is canonical.
-            let start = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
-            let start = parse_decimal(start).ok_or("a chunk key without a start")?;
-            if end <= start {
+        Ok(Entry::Chunk { start, end }) => {
+            // The key's start, read here independently of the decoder.
+            let key_start = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
+            if parse_decimal(key_start) != Some(start) || end <= start {
                 return Err(format!("accepted a chunk {start}..{end}"));
             }
         }

@@ -369,13 +369,7 @@ pub mod txn {
     /// `key` still has `mod_revision` (0: it still does not exist).
     pub fn unchanged_since(key: &str, mod_revision: i64) -> pb::Compare {
         if mod_revision == 0 {
-            pb::Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Create as i32,
-                key: key.as_bytes().to_vec(),
-                range_end: Vec::new(),
-                target_union: Some(TargetUnion::CreateRevision(0)),
-            }
+            none_in(key, Vec::new())
         } else {
             pb::Compare {
                 result: CompareResult::Equal as i32,
@@ -387,7 +381,7 @@ pub mod txn {
         }
     }
 
-    /// No key in `key..range_end` exists.
+    /// No key in `key..range_end` exists (an empty end: `key` alone).
     pub fn none_in(key: &str, range_end: Vec<u8>) -> pb::Compare {
         pb::Compare {
             result: CompareResult::Equal as i32,
@@ -427,6 +421,18 @@ pub mod txn {
                 ..Default::default()
             })),
         }
+    }
+
+    /// The last key in `key..range_end` (etcd sorts what the range holds).
+    pub fn last_in(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
+        get_range(pb::RangeRequest {
+            key,
+            range_end,
+            limit: 1,
+            sort_order: pb::range_request::SortOrder::Descend as i32,
+            sort_target: pb::range_request::SortTarget::Key as i32,
+            ..Default::default()
+        })
     }
 
     pub fn get_range(request: pb::RangeRequest) -> pb::RequestOp {

@@ -208,7 +208,7 @@ impl Keys {
     /// read refuses (damage never lets a reservation through).
     fn announced_end(&self, kv: &pb::KeyValue) -> Result<u64, StoreError> {
         match parse_entry(self, kv) {
-            Ok(Entry::Chunk(end)) => Ok(end),
+            Ok(Entry::Chunk { end, .. }) => Ok(end),
             Ok(Entry::Range(owner)) => Ok(owner.range.end()),
             Ok(_) => Ok(0),
             Err(reason) => Err(StoreError::Corrupt {
@@ -227,14 +227,7 @@ fn mark_reads(keys: &Keys) -> Vec<pb::RequestOp> {
     let chunks = keys.chunks();
     vec![
         txn::get(&keys.high_water()),
-        txn::get_range(pb::RangeRequest {
-            range_end: prefix_end(chunks.as_bytes()),
-            key: chunks.into_bytes(),
-            limit: 1,
-            sort_order: pb::range_request::SortOrder::Descend as i32,
-            sort_target: pb::range_request::SortTarget::Key as i32,
-            ..Default::default()
-        }),
+        txn::last_in(chunks.as_bytes().to_vec(), prefix_end(chunks.as_bytes())),
     ]
 }
 
@@ -244,14 +237,16 @@ fn parse_mark(value: &[u8]) -> Option<u64> {
     parse_decimal(value).filter(|mark| mark.to_string().as_bytes() == value)
 }
 
-/// A chunk announcement's end, if the key is a canonical chunk start and
-/// the end lies above it. A fuzz target through `parse_entry`.
-fn decode_chunk(key_start: &str, value: &[u8]) -> Option<u64> {
+/// A chunk announcement's start and end, if the key is a canonical chunk
+/// start and the end lies above it. A fuzz target through `parse_entry`.
+fn decode_chunk(key_start: &str, value: &[u8]) -> Option<(u64, u64)> {
     let start = parse_decimal(key_start.as_bytes())?;
     if key_start != format!("{start:020}") {
         return None;
     }
-    chunk_end(value).filter(|end| *end > start)
+    chunk_end(value)
+        .filter(|end| *end > start)
+        .map(|end| (start, end))
 }
 
 /// The end a chunk announcement holds; `None` if it is unreadable.
@@ -426,7 +421,7 @@ impl Shared {
                 ),
             });
         };
-        let seen = parse_high_water(Some(kv), &key)?;
+        let seen = parse_high_water(kv, &key)?;
         let mut used = self.high_water.load(Ordering::Acquire);
         for kv in (1..reads.len()).filter_map(first_kv) {
             used = used.max(self.keys.announced_end(kv)?);
@@ -526,6 +521,7 @@ impl EtcdStore {
             high_water,
             revision,
             unleased,
+            ..
         } = connect_and_load(config).await?;
         super::check_bounds(snapshot.high_water, config.bounds)?;
         let retention = fleet_retention(&client, &keys, config).await?;
@@ -706,14 +702,7 @@ impl EtcdStore {
         let keys = &self.shared.keys;
         let ranges = keys.ranges();
         let at_or_below = |prefix_key: String, upto: String| {
-            txn::get_range(pb::RangeRequest {
-                key: prefix_key.into_bytes(),
-                range_end: upto.into_bytes(),
-                limit: 1,
-                sort_order: pb::range_request::SortOrder::Descend as i32,
-                sort_target: pb::range_request::SortTarget::Key as i32,
-                ..Default::default()
-            })
+            txn::last_in(prefix_key.into_bytes(), upto.into_bytes())
         };
         let after = room.get().saturating_add(1);
         // One snapshot: the range at or below the room, the lowest range
@@ -1498,13 +1487,15 @@ struct Loaded {
     revision: i64,
     /// Range keys written without a lease, with their mod revision.
     unleased: Vec<(String, i64)>,
+    /// The chunks replicas took (start, end), as announced.
+    chunks: Vec<(u64, u64)>,
 }
 
 async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, OpenError> {
     let client = connect(config).await?;
     let keys = Keys::new(&config.prefix);
     let (kvs, revision) = read_prefix(config, &client, &keys.root).await?;
-    let (snapshot, high_water, unleased) = parse_snapshot(&keys, &kvs)?;
+    let (snapshot, high_water, unleased, chunks) = parse_snapshot(&keys, &kvs)?;
     Ok(Loaded {
         client,
         keys,
@@ -1512,6 +1503,7 @@ async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, OpenError> {
         high_water,
         revision,
         unleased,
+        chunks,
     })
 }
 
@@ -1564,19 +1556,21 @@ pub(crate) fn counter_guard(kv: Option<&pb::KeyValue>, key: &str) -> Option<(u64
     })
 }
 
-fn parse_high_water(kv: Option<&pb::KeyValue>, key: &str) -> Result<(u64, i64), StoreError> {
-    match kv {
-        None => Ok((SPACE_START, 0)),
-        Some(kv) => parse_mark(&kv.value)
-            .map(|hw| (hw, kv.mod_revision))
-            .ok_or_else(|| StoreError::Corrupt {
-                key: key.to_owned(),
-                reason: NOT_A_MARK.into(),
-            }),
-    }
+fn parse_high_water(kv: &pb::KeyValue, key: &str) -> Result<(u64, i64), StoreError> {
+    parse_mark(&kv.value)
+        .map(|hw| (hw, kv.mod_revision))
+        .ok_or_else(|| StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: NOT_A_MARK.into(),
+        })
 }
 
-type ParsedSnapshot = (Snapshot, Option<(u64, i64)>, Vec<(String, i64)>);
+type ParsedSnapshot = (
+    Snapshot,
+    Option<(u64, i64)>,
+    Vec<(String, i64)>,
+    Vec<(u64, u64)>,
+);
 
 /// Everything under the prefix, checked: a key this binary cannot trust
 /// refuses the start. A fuzz target through `parse_entry`.
@@ -1586,7 +1580,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
     let mut issued = HashMap::new();
     let mut high_water = None;
     let mut pruned_below = 0;
-    let mut chunks_end = SPACE_START;
+    let mut chunks = Vec::new();
     let mut unleased = Vec::new();
     for kv in kvs {
         let key = String::from_utf8_lossy(&kv.key);
@@ -1611,7 +1605,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             Entry::Issued(worker, count) => {
                 issued.insert(worker, count);
             }
-            Entry::Chunk(end) => chunks_end = chunks_end.max(end),
+            Entry::Chunk { start, end } => chunks.push((start, end)),
             Entry::Other => {}
         }
     }
@@ -1625,6 +1619,11 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             ),
         });
     }
+    let chunks_end = chunks
+        .iter()
+        .map(|&(_, end)| end)
+        .max()
+        .unwrap_or(SPACE_START);
     if chunks_end > hw {
         return Err(OpenError::CorruptKey {
             key: keys.high_water(),
@@ -1650,6 +1649,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
         },
         high_water,
         unleased,
+        chunks,
     ))
 }
 
@@ -1661,8 +1661,11 @@ pub(crate) enum Entry {
     HighWater(u64),
     PrunedBelow(u64),
     Range(RangeOwner),
-    /// A chunk a replica took, by its end.
-    Chunk(u64),
+    /// A chunk a replica took.
+    Chunk {
+        start: u64,
+        end: u64,
+    },
     Worker(WorkerRecord),
     Issued(Arc<str>, u64),
     /// Not ours to read (config, or keys of a later version).
@@ -1687,10 +1690,9 @@ pub(crate) fn parse_entry(keys: &Keys, kv: &pb::KeyValue) -> Result<Entry, Strin
                 .ok_or_else(|| "not a valid, aligned range record".to_owned())?,
         )
     } else if let Some(start) = name.strip_prefix("chunks/") {
-        Entry::Chunk(
-            decode_chunk(start, &kv.value)
-                .ok_or_else(|| "not a valid chunk announcement".to_owned())?,
-        )
+        let (start, end) = decode_chunk(start, &kv.value)
+            .ok_or_else(|| "not a valid chunk announcement".to_owned())?;
+        Entry::Chunk { start, end }
     } else if let Some(worker) = name.strip_prefix("workers/") {
         crate::allocator::validate_worker(worker).map_err(|e| e.to_string())?;
         Entry::Worker(
@@ -1947,19 +1949,14 @@ pub struct ImportReport {
 /// issue, those numbers). Writes nothing, so `migrate` checks before it
 /// marks the data dir.
 pub async fn check_import(config: &EtcdConfig, embedded: &Snapshot) -> Result<(), OpenError> {
-    let loaded = connect_and_load(config).await?;
-    check_conflicts(config, &loaded, embedded).await
+    check_conflicts(&connect_and_load(config).await?, embedded)
 }
 
-async fn check_conflicts(
-    config: &EtcdConfig,
-    loaded: &Loaded,
-    embedded: &Snapshot,
-) -> Result<(), OpenError> {
+fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<(), OpenError> {
     let Loaded {
-        client,
         keys,
         snapshot: existing,
+        chunks,
         ..
     } = loaded;
     // Ranges already in etcd must be the same ones (a rerun), never others
@@ -1986,18 +1983,8 @@ async fn check_conflicts(
 
     // So are chunks replicas took: they issued, or may still issue, rooms
     // anywhere in them.
-    let chunks = keys.chunks();
-    for kv in read_prefix(config, client, &chunks).await?.0 {
-        let key = String::from_utf8_lossy(&kv.key).into_owned();
-        let start = key
-            .strip_prefix(&chunks)
-            .and_then(|s| s.parse::<u64>().ok());
-        let (Some(start), Some(end)) = (start, chunk_end(&kv.value)) else {
-            return Err(OpenError::CorruptKey {
-                key,
-                reason: "not a chunk announcement".into(),
-            });
-        };
+    for &(start, end) in chunks {
+        let key = keys.chunk(start);
         if let Some(owner) = embedded
             .ranges
             .iter()
@@ -2024,7 +2011,7 @@ async fn check_conflicts(
 /// Safe to run again.
 pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportReport, OpenError> {
     let loaded = connect_and_load(config).await?;
-    check_conflicts(config, &loaded, embedded).await?;
+    check_conflicts(&loaded, embedded)?;
     let Loaded {
         client,
         keys,
