@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use common::load::{self, Load, OnError};
 use common::{router, timed, unique_prefix, EtcdProcess, ServerProcess};
 use room_allocator::pb;
-use room_allocator::store::etcd::client::{ConnectOptions, EtcdClient};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -627,7 +626,7 @@ async fn etcd_with_authentication_needs_the_credentials() {
     let Some(etcd) = EtcdProcess::start() else {
         return;
     };
-    let admin = etcd_admin(&etcd).await;
+    let admin = etcd.admin().await;
     admin.user_add("root", "s3cret").await.expect("add root");
     admin
         .user_grant_role("root", "root")
@@ -873,30 +872,41 @@ async fn restarts_of_a_quiet_replica_skip_little_of_a_small_space() {
     );
 }
 
-/// A plain client of the test's etcd, to look at or change keys directly.
-async fn etcd_admin(etcd: &EtcdProcess) -> EtcdClient {
-    EtcdClient::connect(&ConnectOptions {
-        endpoints: vec![etcd.endpoint.clone()],
-        timeout: Duration::from_secs(5),
-        ..ConnectOptions::default()
-    })
-    .await
-    .expect("connect to etcd")
-}
-
 /// The high-water mark, as etcd holds it now.
 async fn high_water_in_etcd(etcd: &EtcdProcess, prefix: &str) -> u64 {
-    let client = etcd_admin(etcd).await;
-    let read = client
-        .range(room_allocator::store::etcd::client::pb::RangeRequest {
-            key: format!("{prefix}v1/high_water").into_bytes(),
-            ..Default::default()
-        })
+    let kv = etcd
+        .get(&format!("{prefix}v1/high_water"))
         .await
-        .expect("read the mark");
-    let kv = read.kvs.first().expect("the mark exists");
+        .expect("the mark exists");
     std::str::from_utf8(&kv.value)
         .expect("utf-8")
+        .parse()
+        .expect("a number")
+}
+
+/// The chunks replicas announced under `prefix`: (start, end, lease), by start.
+async fn chunks_in_etcd(etcd: &EtcdProcess, prefix: &str) -> Vec<(u64, u64, i64)> {
+    etcd.read_under(&format!("{prefix}v1/chunks/"))
+        .await
+        .iter()
+        .map(|kv| {
+            let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
+            (
+                start_of(&kv.key),
+                value["end"].as_u64().expect("end"),
+                kv.lease,
+            )
+        })
+        .collect()
+}
+
+/// The start a chunk or range key names (`.../{start:020}`).
+fn start_of(key: &[u8]) -> u64 {
+    std::str::from_utf8(key)
+        .expect("utf-8")
+        .rsplit('/')
+        .next()
+        .expect("a start")
         .parse()
         .expect("a number")
 }
@@ -1117,8 +1127,7 @@ async fn a_damaged_mark_stops_reservations(tamper: Tamper) {
     .expect("lease")
     .into_inner();
     let mark = high_water_in_etcd(&etcd, &prefix).await;
-    let admin = etcd_admin(&etcd).await;
-    let key = format!("{prefix}v1/high_water").into_bytes();
+    let key = format!("{prefix}v1/high_water");
     let damaged = match tamper {
         Tamper::Delete => None,
         Tamper::PutToStart | Tamper::PutToStartWithoutChunks => Some("1".to_owned()),
@@ -1126,40 +1135,11 @@ async fn a_damaged_mark_stops_reservations(tamper: Tamper) {
         Tamper::Padded => Some(format!("{mark:020}")),
     };
     if let Tamper::PutToStartWithoutChunks = tamper {
-        let chunks = format!("{prefix}v1/chunks/").into_bytes();
-        admin
-            .delete(
-                room_allocator::store::etcd::client::pb::DeleteRangeRequest {
-                    range_end: room_allocator::store::etcd::client::prefix_end(&chunks),
-                    key: chunks,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("delete the chunks");
+        etcd.delete_under(&format!("{prefix}v1/chunks/")).await;
     }
     match damaged {
-        None => {
-            admin
-                .delete(
-                    room_allocator::store::etcd::client::pb::DeleteRangeRequest {
-                        key,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .expect("delete the mark");
-        }
-        Some(value) => {
-            admin
-                .put(room_allocator::store::etcd::client::pb::PutRequest {
-                    key,
-                    value: value.into_bytes(),
-                    ..Default::default()
-                })
-                .await
-                .expect("rewrite the mark");
-        }
+        None => etcd.delete(&key).await,
+        Some(value) => etcd.put(&key, &value).await,
     }
     // On B (no chunk yet), and on A for more than is left of its chunk:
     // both need a new chunk.
@@ -1278,43 +1258,8 @@ async fn every_range_expires_with_the_chunk_it_was_carved_from() {
         .expect("allocate");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let admin = etcd_admin(&etcd).await;
-    let read = |under: &str| {
-        let key = format!("{prefix}v1/{under}/").into_bytes();
-        let admin = &admin;
-        async move {
-            admin
-                .range(room_allocator::store::etcd::client::pb::RangeRequest {
-                    range_end: room_allocator::store::etcd::client::prefix_end(&key),
-                    key,
-                    ..Default::default()
-                })
-                .await
-                .expect("read the prefix")
-                .kvs
-        }
-    };
-    let start_of = |key: &[u8]| -> u64 {
-        let key = std::str::from_utf8(key).expect("utf-8");
-        key.rsplit('/')
-            .next()
-            .expect("a start")
-            .parse()
-            .expect("a number")
-    };
-    let chunks: Vec<(u64, u64, i64)> = read("chunks")
-        .await
-        .iter()
-        .map(|kv| {
-            let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
-            (
-                start_of(&kv.key),
-                value["end"].as_u64().expect("end"),
-                kv.lease,
-            )
-        })
-        .collect();
-    let ranges = read("ranges").await;
+    let chunks = chunks_in_etcd(&etcd, &prefix).await;
+    let ranges = etcd.read_under(&format!("{prefix}v1/ranges/")).await;
     let leases: std::collections::HashSet<i64> = ranges.iter().map(|kv| kv.lease).collect();
     assert!(
         leases.len() >= 2,
@@ -1361,32 +1306,11 @@ async fn chunks_shrink_back_after_a_burst_when_leases_end_them() {
         .expect("lease");
     }
     let chunk_sizes = || async {
-        let admin = etcd_admin(&etcd).await;
-        let key = format!("{prefix}v1/chunks/").into_bytes();
-        let mut sizes: Vec<(u64, u64)> = admin
-            .range(room_allocator::store::etcd::client::pb::RangeRequest {
-                range_end: room_allocator::store::etcd::client::prefix_end(&key),
-                key,
-                ..Default::default()
-            })
+        chunks_in_etcd(&etcd, &prefix)
             .await
-            .expect("read the chunks")
-            .kvs
-            .iter()
-            .map(|kv| {
-                let start: u64 = std::str::from_utf8(&kv.key)
-                    .expect("utf-8")
-                    .rsplit('/')
-                    .next()
-                    .expect("a start")
-                    .parse()
-                    .expect("a number");
-                let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
-                (start, value["end"].as_u64().expect("end") - start)
-            })
-            .collect();
-        sizes.sort_unstable();
-        sizes
+            .into_iter()
+            .map(|(start, end, _)| (start, end - start))
+            .collect::<Vec<_>>()
     };
     let burst = chunk_sizes().await;
     let peak = burst.iter().map(|(_, size)| *size).max().expect("chunks");

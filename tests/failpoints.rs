@@ -658,34 +658,8 @@ async fn a_mark_rewritten_down_after_a_chunk_of_unknown_outcome_is_refused() {
     .await
     .expect("register");
     let first = lease_mu(&a).await.expect("lease on A").into_inner();
-    let admin = room_allocator::store::etcd::client::EtcdClient::connect(
-        &room_allocator::store::etcd::client::ConnectOptions {
-            endpoints: vec![etcd.endpoint.clone()],
-            timeout: Duration::from_secs(5),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("connect to etcd");
-    let chunks = format!("{prefix}v1/chunks/").into_bytes();
-    admin
-        .delete(
-            room_allocator::store::etcd::client::pb::DeleteRangeRequest {
-                range_end: room_allocator::store::etcd::client::prefix_end(&chunks),
-                key: chunks,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("delete the chunks");
-    admin
-        .put(room_allocator::store::etcd::client::pb::PutRequest {
-            key: format!("{prefix}v1/high_water").into_bytes(),
-            value: b"1".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("rewrite the mark");
+    etcd.delete_under(&format!("{prefix}v1/chunks/")).await;
+    etcd.put(&format!("{prefix}v1/high_water"), "1").await;
     // B's first chunk fails before it is sent (unknown to B whether it
     // landed); its next attempts reread the mark.
     let mut refused_by_name = false;

@@ -7,60 +7,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::pki::Pki;
 use common::{run_cli, timed, ServerProcess};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use room_allocator::pb;
 use room_allocator::pb::room_allocator_service_client::RoomAllocatorServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
-
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, a server certificate for localhost/127.0.0.1 and a client
-    /// certificate, all with P-256 keys in PKCS#8 PEM.
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca =
-            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
-        let write =
-            |name: &str, text: String| std::fs::write(dir.path().join(name), text).expect("write");
-        write("ca.crt", ca.pem());
-        for (name, sans) in [
-            (
-                "server",
-                vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-            ),
-            ("client", vec!["router-0".to_owned()]),
-        ] {
-            let key = KeyPair::generate().expect("key");
-            let cert = CertificateParams::new(sans)
-                .expect("params")
-                .signed_by(&key, &ca)
-                .expect("sign");
-            write(&format!("{name}.crt"), cert.pem());
-            write(&format!("{name}.key"), key.serialize_pem());
-        }
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir
-            .path()
-            .join(name)
-            .to_str()
-            .expect("utf-8")
-            .to_owned()
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join(name)).expect("read")
-    }
-}
 
 async fn tls_channel(
     server: &ServerProcess,

@@ -319,6 +319,97 @@ fn free_port() -> u16 {
 }
 
 impl EtcdProcess {
+    /// A plain client of this etcd, to look at or change keys directly.
+    pub async fn admin(&self) -> room_allocator::store::etcd::client::EtcdClient {
+        room_allocator::store::etcd::client::EtcdClient::connect(
+            &room_allocator::store::etcd::client::ConnectOptions {
+                endpoints: vec![self.endpoint.clone()],
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("connect to etcd")
+    }
+
+    /// Every key-value under `prefix`.
+    pub async fn read_under(
+        &self,
+        prefix: &str,
+    ) -> Vec<room_allocator::store::etcd::client::pb::KeyValue> {
+        let key = prefix.as_bytes().to_vec();
+        self.admin()
+            .await
+            .range(room_allocator::store::etcd::client::pb::RangeRequest {
+                range_end: room_allocator::store::etcd::client::prefix_end(&key),
+                key,
+                ..Default::default()
+            })
+            .await
+            .expect("read the prefix")
+            .kvs
+    }
+
+    /// The key-value at exactly `key`, if any.
+    pub async fn get(
+        &self,
+        key: &str,
+    ) -> Option<room_allocator::store::etcd::client::pb::KeyValue> {
+        self.admin()
+            .await
+            .range(room_allocator::store::etcd::client::pb::RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("read the key")
+            .kvs
+            .pop()
+    }
+
+    /// Deletes exactly `key`.
+    pub async fn delete(&self, key: &str) {
+        self.admin()
+            .await
+            .delete(
+                room_allocator::store::etcd::client::pb::DeleteRangeRequest {
+                    key: key.as_bytes().to_vec(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("delete the key");
+    }
+
+    /// Deletes every key under `prefix`.
+    pub async fn delete_under(&self, prefix: &str) {
+        let key = prefix.as_bytes().to_vec();
+        self.admin()
+            .await
+            .delete(
+                room_allocator::store::etcd::client::pb::DeleteRangeRequest {
+                    range_end: room_allocator::store::etcd::client::prefix_end(&key),
+                    key,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("delete the prefix");
+    }
+
+    /// Puts `key` = `value`, with no lease.
+    pub async fn put(&self, key: &str, value: &str) {
+        self.admin()
+            .await
+            .put(room_allocator::store::etcd::client::pb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("put the key");
+    }
+
     pub fn start() -> Option<Self> {
         require_tool("etcd")?;
         let mut etcd = Self {
