@@ -324,14 +324,14 @@ impl RoomClientBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let deadline = Instant::now() + self.patience;
         let mut backoff = FIRST_BACKOFF;
-        let (answered, channel, failed) = 'connected: loop {
-            let mut failed = Vec::new();
+        // Endpoints are tried in order: those before the one that answered
+        // failed this round.
+        let (answered, channel) = 'connected: loop {
             let mut failure = None;
             for (i, (url, endpoint)) in urls.iter().zip(&endpoints).enumerate() {
                 match endpoint.connect().await {
-                    Ok(channel) => break 'connected (i, channel, failed),
+                    Ok(channel) => break 'connected (i, channel),
                     Err(error) => {
-                        failed.push(i);
                         failure = Some((url.clone(), explain(&error, &self.context(url))));
                     }
                 }
@@ -363,7 +363,7 @@ impl RoomClientBuilder {
                     endpoint.connect_lazy()
                 };
                 let target = Target::new(self.context(url), channel, options.clone());
-                if failed.contains(&i) {
+                if i < answered {
                     target.failed(epoch);
                 }
                 target

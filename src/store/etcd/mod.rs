@@ -928,8 +928,11 @@ struct Chunk {
 struct Carver {
     cached: Option<(u64, i64)>,
     chunk: Option<Chunk>,
-    /// Numbers the next chunk takes (at least what its first range needs).
+    /// Numbers the next chunk takes (at least what its first range needs),
+    /// between `min_size` and `max_size` (from the bounds).
     chunk_size: u64,
+    min_size: u64,
+    max_size: u64,
     rng: Jitter,
 }
 
@@ -939,10 +942,14 @@ async fn run_reservations(
     mut queue: mpsc::UnboundedReceiver<PendingReservation>,
     cached: Option<(u64, i64)>,
 ) {
+    let max_size = max_chunk_numbers(shared.bounds);
+    let min_size = MIN_CHUNK_NUMBERS.min(max_size);
     let mut carver = Carver {
         cached,
         chunk: None,
-        chunk_size: MIN_CHUNK_NUMBERS.min(max_chunk_numbers(shared.bounds)),
+        chunk_size: min_size,
+        min_size,
+        max_size,
         rng: Jitter::new(),
     };
     while let Some(first) = queue.recv().await {
@@ -1030,14 +1037,12 @@ enum Carve {
 async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64) -> Carve {
     for _ in 0..2 {
         let lifetime = CHUNK_LIFETIME.min(shared.retention);
-        let max_size = max_chunk_numbers(shared.bounds);
         if let Some(chunk) = carver.chunk.take() {
             // Ended by age, or by the bucket's lease changing (ranges now
             // get the new lease, which the chunk's announcement lacks).
             if chunk.lease != lease || chunk.taken_at.elapsed() >= lifetime {
                 if chunk.next - chunk.start < (chunk.end - chunk.start) / 2 {
-                    carver.chunk_size =
-                        (carver.chunk_size / 2).max(MIN_CHUNK_NUMBERS.min(max_size));
+                    carver.chunk_size = (carver.chunk_size / 2).max(carver.min_size);
                 }
             } else {
                 let inside =
@@ -1059,7 +1064,7 @@ async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64
                     return Carve::Range(range);
                 }
                 // Used up before it expired: demand outgrew the size.
-                carver.chunk_size = carver.chunk_size.saturating_mul(2).min(max_size);
+                carver.chunk_size = carver.chunk_size.saturating_mul(2).min(carver.max_size);
             }
         }
         // A new chunk, big enough for this range.
