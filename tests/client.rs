@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::pki::Pki;
@@ -17,11 +16,8 @@ use room_allocator::client::{Error, RoomClient};
 use tonic::Code;
 
 fn metric(server: &ServerProcess, line_start: &str) -> u64 {
-    let mut stream = std::net::TcpStream::connect(server.metrics_addr).expect("metrics");
-    write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").expect("send");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read");
-    text.lines()
+    common::http_get(server.metrics_addr, "/metrics")
+        .lines()
         .find(|line| line.starts_with(line_start))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
@@ -33,17 +29,11 @@ fn start(dir: &std::path::Path, args: &[String]) -> ServerProcess {
     ServerProcess::start(dir, &args)
 }
 
-fn send_signal(server: &ServerProcess, signal: i32) {
-    let pid = i32::try_from(server.pid()).expect("pid fits");
-    // SAFETY: signalling the child this test started and has not reaped.
-    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal the server");
-}
-
 /// SIGSTOP freezes the server: its kernel still accepts and acknowledges
 /// bytes, but nothing answers (a hung process, a stalled VM). Returns once
 /// every thread is stopped, as a loaded machine may take a moment.
 fn freeze(server: &ServerProcess) {
-    send_signal(server, libc::SIGSTOP);
+    server.signal(libc::SIGSTOP);
     let tasks = format!("/proc/{}/task", server.pid());
     let stopped = || {
         std::fs::read_dir(&tasks).expect("/proc").all(|task| {
@@ -62,7 +52,7 @@ fn freeze(server: &ServerProcess) {
 }
 
 fn thaw(server: &ServerProcess) {
-    send_signal(server, libc::SIGCONT);
+    server.signal(libc::SIGCONT);
 }
 
 /// The error's code, and its text for messages.
@@ -712,12 +702,7 @@ async fn a_replica_cut_off_from_etcd_answers_unavailable_and_calls_move_to_the_o
         return;
     };
     let prefix = unique_prefix("client-partition");
-    let etcd_addr = etcd
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("etcd address");
-    let proxy = Proxy::start(etcd_addr).await;
+    let proxy = Proxy::start(etcd.addr()).await;
     let replica = |endpoint: &str| {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = ServerProcess::start(

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::proxy::Proxy;
+use common::router::Lcg;
 use common::{EtcdProcess, ServerProcess};
 use room_allocator::client::{Error as ClientError, RoomClient};
 use room_allocator::pb;
@@ -58,19 +59,6 @@ fn harness_seconds() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(75)
-}
-
-/// A small deterministic generator per router.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u32) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        u32::try_from((self.0 >> 33) % u64::from(n.max(1))).expect("below a u32")
-    }
 }
 
 fn all_workers() -> Vec<&'static str> {
@@ -299,9 +287,7 @@ impl Replicas {
     }
 
     fn signal(&self, i: usize, signal: i32) {
-        let pid = i32::try_from(self.processes[i].pid()).expect("pid");
-        // SAFETY: signalling a replica this harness started and has not reaped.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        self.processes[i].signal(signal);
     }
 }
 
@@ -348,12 +334,7 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
         return;
     };
     let seconds = harness_seconds();
-    let etcd_addr: std::net::SocketAddr = etcd
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("etcd address");
-    let proxy = Proxy::start(etcd_addr).await;
+    let proxy = Proxy::start(etcd.addr()).await;
     let prefix = common::unique_prefix("harness");
     let staleness = STALENESS.as_secs().to_string();
     let mut replicas = Replicas {

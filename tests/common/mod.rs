@@ -161,6 +161,12 @@ impl ServerProcess {
         self.child.as_ref().expect("running").id()
     }
 
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.pid()).expect("pid fits");
+        // SAFETY: signalling the server this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal the server");
+    }
+
     pub async fn client(&self) -> Client {
         let channel = tokio::time::timeout(
             CALL_TIMEOUT,
@@ -460,6 +466,11 @@ impl EtcdProcess {
     }
 
     /// Sends `signal` (e.g. SIGSTOP to freeze etcd, SIGCONT to thaw it).
+    /// Where etcd's clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
     pub fn signal(&self, signal: i32) {
         let child = self.child.as_ref().expect("etcd is running");
         let pid = i32::try_from(child.id()).expect("pid fits");

@@ -27,15 +27,16 @@ pub const ROOMS_PER_ROUTER: usize =
     WORKERS.len() * (ALLOCATIONS_PER_WORKER + LEASES_PER_WORKER * LEASE_COUNT) as usize;
 
 /// A small deterministic generator: each router picks ranks differently.
-struct Lcg(u64);
+pub struct Lcg(pub u64);
 
 impl Lcg {
-    fn next(&mut self, below: u32) -> u32 {
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u32) -> u32 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        u32::try_from((self.0 >> 33) % u64::from(below)).expect("below a u32")
+        u32::try_from((self.0 >> 33) % u64::from(n.max(1))).expect("below a u32")
     }
 }
 
@@ -52,7 +53,7 @@ pub async fn run_child() {
     let mut out = String::new();
     for round in 0..ALLOCATIONS_PER_WORKER {
         for (worker, dp_size) in WORKERS {
-            let rank = rng.next(dp_size);
+            let rank = rng.below(dp_size);
             let response = timed(client.allocate_room(pb::AllocateRoomRequest {
                 prefill_worker: worker.into(),
                 dp_rank: rank,
@@ -75,7 +76,7 @@ pub async fn run_child() {
                 .expect("lease")
                 .into_inner();
                 for i in 0..u64::from(lease.count) {
-                    let rank = rng.next(lease.dp_size);
+                    let rank = rng.below(lease.dp_size);
                     let room = lease.first_base + i * u64::from(lease.dp_size) + u64::from(rank);
                     out.push_str(&format!("ROOM {worker} {rank} {room} {}\n", lease.dp_size));
                 }
