@@ -1042,6 +1042,16 @@ impl Allocator {
         let allocator = self.clone();
         Some(tokio::spawn(async move {
             while let Some(update) = updates.recv().await {
+                // A test holds each event back (`return(MS)`), as a slow
+                // watch would, without blocking a runtime thread.
+                #[cfg(feature = "failpoints")]
+                if let Some(ms) = fail::eval("allocator::apply_update_late", |ms| {
+                    ms.and_then(|ms| ms.parse::<u64>().ok())
+                })
+                .flatten()
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
                 allocator.apply_update(update);
             }
         }))

@@ -476,7 +476,9 @@ async fn etcd_watch_event_apply_crashes() {
 }
 
 /// Applying a watch event is never "failed" (the watch delivers in order or
-/// breaks); it can be slow. Here every event waits 1.5 s before it applies.
+/// breaks); it can be slow. Here every event waits 1.5 s before it applies
+/// (an async wait: a blocking sleep stalled A's runtime threads too, and
+/// under load its reservations ran past the store timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_watch_events_applied_late_never_give_a_misaligned_room() {
     let Some(etcd) = EtcdProcess::start() else {
@@ -486,7 +488,7 @@ async fn etcd_watch_events_applied_late_never_give_a_misaligned_room() {
     let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
     let dir = tempfile::tempdir().expect("tempdir");
     let a = ServerProcess::try_start_with(&dir.path().join("a"), &args, |command| {
-        command.env("FAILPOINTS", "allocator::apply_update=sleep(1500)");
+        command.env("FAILPOINTS", "allocator::apply_update_late=return(1500)");
     })
     .unwrap_or_else(|failure| panic!("start A: {}", failure.log));
     let b = ServerProcess::start(&dir.path().join("b"), &args);
