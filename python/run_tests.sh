@@ -23,7 +23,7 @@ summary_written=0
 summary() {
   [ "$summary_written" -eq 0 ] || return 0
   summary_written=1
-  echo "python: $1 passed, $2 failed"
+  echo "python: $1 passed, $2 failed, ${3:-0} skipped"
 }
 # A setup failure still ends with the summary line the aggregator reads.
 trap 'status=$?; [ $status -eq 0 ] || summary 0 1' EXIT
@@ -87,11 +87,11 @@ suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
 tests = sum(int(s.get("tests", 0)) for s in suites)
 failed = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 skipped = sum(int(s.get("skipped", 0)) for s in suites)
-print(tests - failed - skipped, failed)
+print(tests - failed - skipped, failed, skipped)
 EOF
 )
-read -r passed failed <<<"$counts"
+read -r passed failed skipped <<<"$counts"
 # pytest failing with no test failed (a usage error, a crash) still counts.
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
-summary "$passed" "$failed"
+summary "$passed" "$failed" "$skipped"
 exit "$status"

@@ -79,4 +79,9 @@ set -e
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } /^(chart|python): / { p += $2; f += $4 }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
-[ "$status" -eq 0 ] && [ "$python_status" -eq 0 ] && [ "$chart_status" -eq 0 ]
+step "every suite that proves the promise ran (none compiled out, filtered away or skipped)"
+set +e
+awk -f scripts/check_ran.awk "$log"
+ran_status=$?
+set -e
+[ "$status" -eq 0 ] && [ "$python_status" -eq 0 ] && [ "$chart_status" -eq 0 ] && [ "$ran_status" -eq 0 ]

@@ -1,0 +1,32 @@
+# Fails the run when a suite that proves "never twice" ran no test: a cargo
+# test binary that compiled to nothing (a feature left out), a test filter
+# gone wrong, or Python/chart checks that did not run. Reads the combined log
+# of scripts/test.sh. Suites are matched by the test names they print, so it
+# does not care how many test binaries there are.
+#
+# A suite is a pattern over "test NAME ... ok" lines; each must match at
+# least one passed test.
+BEGIN {
+    need["failpoints (every durable step failed and crashed at)"] = "(log|slot|compaction|settle|etcd|migrate)_[a-z_]*(fails|crashes)$"
+    need["fault harness (replicas, etcd, routers under faults)"] = "three_replicas_under_faults_never_repeat_or_misalign_a_room"
+    need["fuzzing of every decoder"] = "^fuzz::"
+    need["power-loss property tests"] = "power_loss"
+    need["interleavings of replicas"] = "any_interleaving"
+}
+/^test .* \.\.\. ok$/ {
+    name = $2
+    for (suite in need) if (name ~ need[suite]) seen[suite]++
+}
+/^python: / { python += $2; python_skipped += $6 }
+/^chart: / { chart += $2 }
+END {
+    bad = 0
+    for (suite in need) {
+        if (!seen[suite]) { printf "ran no test: %s\n", suite; bad = 1 }
+        else printf "ran: %s: %d tests\n", suite, seen[suite]
+    }
+    if (python == 0) { print "ran no test: python client"; bad = 1 } else printf "ran: python client: %d tests\n", python
+    if (chart == 0) { print "ran no test: helm chart"; bad = 1 } else printf "ran: helm chart: %d checks\n", chart
+    if (python_skipped > 0) { printf "python: %d tests skipped; under CI nothing may be skipped\n", python_skipped; bad = 1 }
+    exit bad
+}
