@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from time import monotonic
 from types import TracebackType
-from typing import Any, Awaitable, Callable, List, Optional, Set, Type, TypeVar
+from typing import Any, Awaitable, Callable, List, Optional, Set, Type, TypeVar, Union
 
 import grpc
 import grpc.aio
 
 from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
+from ._fork import grpc_aio_inherited, keep_inherited, mark_grpc_aio_inherited, track
 from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
 from ._pb import room_allocator_pb2 as pb
 from ._pb.room_allocator_pb2_grpc import RoomAllocatorServiceStub
@@ -32,6 +34,11 @@ class AsyncRoomClient:
 
     Create it inside the event loop that uses it (grpc.aio channels belong
     to one loop), and use ``async with`` or ``await client.close()``.
+
+    A forked child keeps none of the parent's leases, refill tasks or
+    channel: its first call makes a channel of its own, on the blocking grpc
+    stack in a thread when grpc.aio cannot work in the child (see README,
+    "Forked processes").
     """
 
     def __init__(
@@ -56,20 +63,17 @@ class AsyncRoomClient:
             tls_server_name=tls_server_name,
             options=options,
         )
-        self._leases = LeaseBook(
-            max_lease_age=max_lease_age,
-            new_refill_lock=asyncio.Lock,
-            start_refill=self._start_refill,
-        )
-        if spec.credentials is None:
-            self._channel = grpc.aio.insecure_channel(spec.address, options=spec.options)
-        else:
-            self._channel = grpc.aio.secure_channel(spec.address, spec.credentials, options=spec.options)
-        self._stub = RoomAllocatorServiceStub(self._channel)
+        self._max_lease_age = max_lease_age
+        self._leases = self._new_lease_book()
+        self._spec = spec
+        self._channel: Optional[Union[grpc.aio.Channel, grpc.Channel]] = None
+        self._channel_stub: Any = None
         self._metadata = spec.metadata
         self._timeout = timeout
         self._refills: Set[asyncio.Task[None]] = set()
         self._closed = False
+        self._connect()
+        track(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -84,7 +88,11 @@ class AsyncRoomClient:
             task.cancel()
         if refills:
             await asyncio.gather(*refills, return_exceptions=True)
-        await self._channel.close(grace=None)
+        channel = self._channel
+        if isinstance(channel, grpc.aio.Channel):
+            await channel.close(grace=None)
+        elif channel is not None:
+            channel.close()
 
     async def __aenter__(self) -> AsyncRoomClient:
         return self
@@ -203,6 +211,53 @@ class AsyncRoomClient:
 
     # -- internals ---------------------------------------------------------
 
+    def _new_lease_book(self) -> LeaseBook:
+        return LeaseBook(
+            max_lease_age=self._max_lease_age,
+            new_refill_lock=asyncio.Lock,
+            start_refill=self._start_refill,
+        )
+
+    def _connect(self) -> Any:
+        """The stub of the client's channel, made now if there is none (at
+        creation, and on the first call of a forked child, in the loop that
+        call runs in)."""
+        if self._closed:
+            raise ValueError("the AsyncRoomClient is closed")
+        if self._channel_stub is None:
+            spec = self._spec
+            if grpc_aio_inherited():
+                if spec.credentials is None:
+                    channel = grpc.insecure_channel(spec.address, options=spec.options)
+                else:
+                    channel = grpc.secure_channel(spec.address, spec.credentials, options=spec.options)
+                self._channel, self._channel_stub = channel, _ThreadedStub(RoomAllocatorServiceStub(channel))
+            else:
+                if spec.credentials is None:
+                    aio_channel = grpc.aio.insecure_channel(spec.address, options=spec.options)
+                else:
+                    aio_channel = grpc.aio.secure_channel(spec.address, spec.credentials, options=spec.options)
+                self._channel, self._channel_stub = aio_channel, RoomAllocatorServiceStub(aio_channel)
+        return self._channel_stub
+
+    @property
+    def _stub(self) -> Any:
+        stub = self._channel_stub
+        return stub if stub is not None else self._connect()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child (see ``_fork``): the leased bases are the
+        parent's, who hands them out too; the refill tasks and the channel
+        belong to the parent's event loop, which the child must not run.
+        Start over with none of them."""
+        if isinstance(self._channel, grpc.aio.Channel) and not self._closed:
+            mark_grpc_aio_inherited()
+        keep_inherited(self._channel)
+        self._channel = None
+        self._channel_stub = None
+        self._leases = self._new_lease_book()
+        self._refills = set()
+
     async def _call(
         self,
         method: Callable[..., Awaitable[_Response]],
@@ -258,3 +313,21 @@ class AsyncRoomClient:
 
     def __repr__(self) -> str:
         return f"AsyncRoomClient({'closed' if self._closed else 'open'})"
+
+
+class _ThreadedStub:
+    """The blocking stack's stub with coroutine methods: each call runs in
+    the event loop's default executor. Used where grpc.aio calls would hang
+    (a forked child, see ``_fork``); a call cancelled by the caller still
+    runs in its thread until it ends or reaches its deadline."""
+
+    def __init__(self, stub: RoomAllocatorServiceStub) -> None:
+        self._stub = stub
+
+    def __getattr__(self, method_name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._stub, method_name)
+
+        async def call(request: Any, **kwargs: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(method, request, **kwargs))
+
+        return call

@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Optional, Type, TypeVar
 import grpc
 
 from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
+from ._fork import keep_inherited, track
 from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
 from ._pb import room_allocator_pb2 as pb
 from ._pb.room_allocator_pb2_grpc import RoomAllocatorServiceStub
@@ -43,6 +44,11 @@ class RoomClient:
     checked against; ``options`` are extra grpc channel options.
 
     Use it as a context manager, or call :meth:`close`.
+
+    A child forked from a process using the client (``os.fork()``,
+    multiprocessing's fork start method, gunicorn workers) keeps none of the
+    parent's leases and makes a channel of its own on its first call (see
+    README, "Forked processes").
     """
 
     def __init__(
@@ -67,21 +73,19 @@ class RoomClient:
             tls_server_name=tls_server_name,
             options=options,
         )
-        self._leases = LeaseBook(
-            max_lease_age=max_lease_age,
-            new_refill_lock=threading.Lock,
-            start_refill=self._start_refill,
-        )
-        if spec.credentials is None:
-            self._channel = grpc.insecure_channel(spec.address, options=spec.options)
-        else:
-            self._channel = grpc.secure_channel(spec.address, spec.credentials, options=spec.options)
-        self._stub = RoomAllocatorServiceStub(self._channel)
+        self._max_lease_age = max_lease_age
+        self._leases = self._new_lease_book()
+        self._spec = spec
+        self._channel: Optional[grpc.Channel] = None
+        self._channel_stub: Optional[RoomAllocatorServiceStub] = None
+        self._channel_lock = threading.Lock()
         self._metadata = spec.metadata
         self._timeout = timeout
         self._executor: Optional[ThreadPoolExecutor] = None
         self._executor_lock = threading.Lock()
         self._closed = False
+        self._connect()
+        track(self)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -93,7 +97,10 @@ class RoomClient:
                 return
             self._closed = True
             executor, self._executor = self._executor, None
-        self._channel.close()
+        with self._channel_lock:
+            channel = self._channel
+        if channel is not None:
+            channel.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
@@ -232,6 +239,46 @@ class RoomClient:
             page_token = page.next_page_token
 
     # -- internals ---------------------------------------------------------
+
+    def _new_lease_book(self) -> LeaseBook:
+        return LeaseBook(
+            max_lease_age=self._max_lease_age,
+            new_refill_lock=threading.Lock,
+            start_refill=self._start_refill,
+        )
+
+    def _connect(self) -> RoomAllocatorServiceStub:
+        """The stub of the client's channel, made now if there is none (at
+        creation, and on the first call of a forked child)."""
+        with self._channel_lock:
+            if self._closed:
+                raise ValueError("the RoomClient is closed")
+            if self._channel_stub is None:
+                spec = self._spec
+                if spec.credentials is None:
+                    self._channel = grpc.insecure_channel(spec.address, options=spec.options)
+                else:
+                    self._channel = grpc.secure_channel(spec.address, spec.credentials, options=spec.options)
+                self._channel_stub = RoomAllocatorServiceStub(self._channel)
+            return self._channel_stub
+
+    @property
+    def _stub(self) -> RoomAllocatorServiceStub:
+        stub = self._channel_stub
+        return stub if stub is not None else self._connect()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child (see ``_fork``): the leased bases are the
+        parent's, who hands them out too; locks may be held by parent threads
+        that the child does not have; the refill thread is gone; the channel
+        is the parent's. Start over with none of them."""
+        keep_inherited(self._channel)
+        self._channel = None
+        self._channel_stub = None
+        self._channel_lock = threading.Lock()
+        self._leases = self._new_lease_book()
+        self._executor = None
+        self._executor_lock = threading.Lock()
 
     def _call(
         self,
