@@ -1082,3 +1082,158 @@ fn the_pd_router_example_plays_both_halves_with_a_token_and_a_stale_dp_size() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
 }
+
+/// Runs `work` in a child forked from this (multi-threaded) process and
+/// returns the child's pid and the read end of a pipe carrying its report.
+/// The child never returns into the test harness: it exits with `_exit`.
+fn in_forked_child(work: impl FnOnce() -> String) -> (libc::pid_t, std::fs::File) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills the two-element array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: the child runs only `work` (its own tokio runtime, the copied
+    // client, a pipe) and leaves with _exit, never unwinding into the harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|_| "the child panicked".to_owned());
+        // SAFETY: fds[1] is the pipe's write end, owned by this File only.
+        let mut out = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+        let _ = out.write_all(report.as_bytes());
+        drop(out);
+        // SAFETY: ends the child at once, without running the parent's
+        // destructors or atexit handlers twice.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: the parent's copy of the write end, unused here; the read end
+    // is owned by the returned File only.
+    unsafe {
+        libc::close(fds[1]);
+        (pid, std::fs::File::from_raw_fd(fds[0]))
+    }
+}
+
+/// The child's report, or a panic if it sent none within 20 s (then the
+/// child is killed); the child is reaped either way.
+fn report_of(pid: libc::pid_t, mut pipe: std::fs::File) -> String {
+    use std::io::Read;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut report = String::new();
+        let _ = pipe.read_to_string(&mut report);
+        let _ = sender.send(report);
+    });
+    let report = receiver.recv_timeout(Duration::from_secs(20));
+    if report.is_err() {
+        // SAFETY: pid is this test's own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for this test's own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    report.expect("the forked child sent no report within 20 s (it hangs)")
+}
+
+fn rooms_in(line: &str) -> Vec<u64> {
+    line.split(',')
+        .filter(|room| !room.is_empty())
+        .map(|room| room.parse().expect("a room"))
+        .collect()
+}
+
+/// fork() copies a client into the child, leases included, but none of the
+/// threads of the runtime that drives its connections. The copy must hand
+/// out no room (its parent hands out the same ones) and fail at once rather
+/// than hang; a client the child builds itself works.
+#[test]
+fn a_client_copied_by_fork_hands_out_no_room_in_the_child_and_a_new_one_works() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(dir.path(), &[]);
+    let url = server.url();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(async {
+        let client = timed(RoomClient::connect(&url)).await.expect("connect");
+        timed(client.register("p", 4)).await.expect("register");
+        for i in 0..8u32 {
+            timed(client.allocate("p", i % 4, 4)).await.expect("room");
+        }
+        client
+    });
+
+    let copied = client.clone();
+    let (pid, pipe) = in_forked_child(move || {
+        let taken: Vec<String> = (0..40u32)
+            .filter_map(|i| copied.try_allocate("p", i % 4, 4))
+            .map(|room| room.to_string())
+            .collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime in the child");
+        let allocated = runtime.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(5), copied.allocate("p", 1, 4)).await {
+                Err(_) => "hung".to_owned(),
+                Ok(Ok(room)) => format!("room {room}"),
+                Ok(Err(error)) => format!("{:?}: {error}", error.code()),
+            }
+        });
+        let fresh = runtime.block_on(async {
+            let own = RoomClient::connect(&url)
+                .await
+                .expect("connect in the child");
+            let mut rooms = Vec::new();
+            for i in 0..40u32 {
+                rooms.push(
+                    own.allocate("p", i % 4, 4)
+                        .await
+                        .expect("room in the child")
+                        .to_string(),
+                );
+            }
+            rooms
+        });
+        format!("{}\n{allocated}\n{}", taken.join(","), fresh.join(","))
+    });
+    let parent: Vec<u64> = runtime.block_on(async {
+        let mut rooms = Vec::new();
+        for i in 0..40u32 {
+            rooms.push(timed(client.allocate("p", i % 4, 4)).await.expect("room"));
+        }
+        rooms
+    });
+    let report = report_of(pid, pipe);
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.len(), 3, "the child reported: {report}");
+    let taken = rooms_in(lines[0]);
+    let shared: Vec<u64> = taken
+        .iter()
+        .copied()
+        .filter(|room| parent.contains(room))
+        .collect();
+    assert!(
+        taken.is_empty(),
+        "the copied client handed out {} rooms in the child, {} of them also the parent's (e.g. {:?})",
+        taken.len(),
+        shared.len(),
+        &shared[..shared.len().min(5)]
+    );
+    assert!(
+        lines[1].starts_with("FailedPrecondition: "),
+        "allocate on the copied client in the child: {}",
+        lines[1]
+    );
+    let fresh = rooms_in(lines[2]);
+    assert_eq!(fresh.len(), 40);
+    let all: HashSet<u64> = parent.iter().chain(&fresh).copied().collect();
+    assert_eq!(
+        all.len(),
+        80,
+        "a room of the child's own client was the parent's too"
+    );
+}

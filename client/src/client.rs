@@ -15,6 +15,7 @@ use tonic::{Code, Request, Status};
 use tracing::debug;
 
 use crate::error::{cause_chain, Error};
+use crate::fork;
 use crate::lease::{Block, LeaseState};
 use crate::limits::{MAX_LEASE_COUNT, MAX_LEASE_NUMBERS};
 use crate::pb;
@@ -538,6 +539,9 @@ struct Inner {
     /// Where refills and lease expiry run, so `try_allocate` works from any thread.
     runtime: Option<tokio::runtime::Handle>,
     max_lease_age: Duration,
+    /// The fork generation of the process that made the client: a copy in a
+    /// forked child refuses to work (see `fork.rs`).
+    fork_generation: u64,
 }
 
 struct WorkerLease {
@@ -615,6 +619,7 @@ impl RoomClient {
                 workers: RwLock::new(FastMap::default()),
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 max_lease_age,
+                fork_generation: fork::register_and_get(),
             }),
         }
     }
@@ -631,6 +636,7 @@ impl RoomClient {
         F: Fn(Rpc, Q) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
     {
+        self.check_same_process()?;
         let inner = &*self.inner;
         let targets = &inner.targets;
         let count = targets.len();
@@ -787,6 +793,10 @@ impl RoomClient {
     /// RPC; `None` when the lease is empty or of another dp_size (then call
     /// [`allocate`](Self::allocate)). Starts a refill when the lease runs low.
     pub fn try_allocate(&self, prefill_worker: &str, dp_rank: u32, dp_size: u32) -> Option<u64> {
+        if fork::generation() != self.inner.fork_generation {
+            // A copy in a forked child: the leased bases are the parent's.
+            return None;
+        }
         let worker = self.lease_of(prefill_worker)?;
         let mut state = worker.lock();
         if state.dp_size != dp_size || dp_rank >= dp_size {
@@ -817,6 +827,8 @@ impl RoomClient {
         if dp_rank >= dp_size {
             return Err(Error::RankOutOfRange { dp_rank, dp_size });
         }
+        // Before the refill lock too: a forked copy of it may be held forever.
+        self.check_same_process().map_err(Error::Status)?;
         if let Some(room) = self.try_allocate(prefill_worker, dp_rank, dp_size) {
             return Ok(room);
         }
@@ -891,6 +903,18 @@ impl RoomClient {
             ))));
         }
         Ok((response.room, response.dp_size))
+    }
+
+    /// Refuses a copy of the client in a forked child: its leased bases are
+    /// the parent's, who hands them out too, and its connections need the
+    /// parent's runtime, so its calls would wait forever.
+    fn check_same_process(&self) -> Result<(), Status> {
+        if fork::generation() == self.inner.fork_generation {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(
+            "this RoomClient was made before fork() and this is the forked child: its leases are the parent's and its connections run on the parent's tokio runtime; build a new RoomClient (and runtime) in the child",
+        ))
     }
 
     fn lease_of(&self, prefill_worker: &str) -> Option<Arc<WorkerLease>> {

@@ -65,10 +65,28 @@
 //! leased but never used (a restart, an expired lease, a realignment) are
 //! skipped, never reissued.
 //!
+//! # Processes that fork
+//!
+//! Do not use a client across `fork()`; build a new one, on a runtime of its
+//! own, in the child. A forked child gets a copy of the parent's clients,
+//! leased bases included, which the parent goes on handing out; and the
+//! copy's connections are driven by the parent's tokio runtime, whose
+//! threads are not in the child (a tokio runtime does not survive `fork()`).
+//! So a copy refuses to work: in the child, [`RoomClient::try_allocate`]
+//! returns `None` and every other call fails at once with
+//! [`Error::Status`] `FAILED_PRECONDITION`, never handing out the parent's
+//! rooms and never waiting on the parent's runtime. Clients built in the
+//! child work as anywhere else. The copy is noticed through a
+//! `pthread_atfork` handler, registered when the first client is made, so
+//! forks made through `fork()` (libc's, and everything built on it) are
+//! noticed; a raw `clone` system call is not. A child that `exec`s right
+//! away (`std::process::Command`) is not concerned.
+//!
 //! [room-allocator]: https://github.com/room-allocator/room-allocator
 
 mod client;
 mod error;
+mod fork;
 mod lease;
 pub mod limits;
 
