@@ -132,6 +132,12 @@ pub struct MigrateArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// Migrate a store that holds nothing (no worker, no range). Without
+    /// it such a store is refused: where rooms were issued, an empty store
+    /// is the wrong dir or an unmounted volume.
+    #[arg(long)]
+    pub allow_empty: bool,
+
     #[command(flatten)]
     pub etcd: EtcdArgs,
 }
@@ -190,7 +196,10 @@ pub struct ServeArgs {
     pub max_room: u64,
 
     /// Most workers registered at once (deregistered ones do not count);
-    /// more registrations get RESOURCE_EXHAUSTED.
+    /// more registrations get RESOURCE_EXHAUSTED. On etcd the limit is per
+    /// replica, not fleet-wide: each replica counts the workers it knows of
+    /// and refuses past its own limit, so replicas with different limits
+    /// disagree, and registrations racing on several replicas may pass it.
     #[arg(long, env = "ROOM_ALLOCATOR_MAX_WORKERS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(bound("--max-workers").0..=bound("--max-workers").1))]
     pub max_workers: u64,

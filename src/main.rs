@@ -14,7 +14,8 @@ use room_allocator::config::{Cli, Command, LogFormat, MigrateArgs, RetentionArgs
 use room_allocator::server::{self, Server};
 use room_allocator::space::Bounds;
 use room_allocator::store::embedded::EmbeddedOptions;
-use room_allocator::store::EmbeddedStore;
+use room_allocator::store::store_id::{check_data_dir, DataDirUse};
+use room_allocator::store::{EmbeddedStore, Store};
 
 fn main() -> ExitCode {
     room_allocator::failpoint::setup();
@@ -161,6 +162,10 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         !args.etcd.etcd_endpoints.is_empty(),
         "--etcd-endpoints is required: where to migrate to"
     );
+    // Only an existing store, and nothing created in the dir when refused:
+    // a mistyped or unmounted --data-dir would otherwise migrate an empty
+    // space, and etcd would hand its rooms out again.
+    check_data_dir(&args.data_dir, DataDirUse::Migrate).context("--data-dir")?;
     let (store, snapshot) = EmbeddedStore::open_with(
         &args.data_dir,
         EmbeddedOptions {
@@ -169,6 +174,16 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("cannot open --data-dir {}", args.data_dir.display()))?;
+    let store_id = store.store_id();
+    let holds_nothing = snapshot.workers.is_empty()
+        && snapshot.ranges.is_empty()
+        && snapshot.high_water <= room_allocator::space::SPACE_START;
+    anyhow::ensure!(
+        !holds_nothing || args.allow_empty,
+        "--data-dir {} holds an empty store (store id {}): no worker, no range, no room issued. If rooms were issued, this is the wrong dir or its volume is not mounted; to migrate the empty store anyway, pass --allow-empty",
+        args.data_dir.display(),
+        store_id.as_deref().unwrap_or("none")
+    );
     let config = args.etcd.store_config(
         std::time::Duration::from_secs(args.store_timeout_secs),
         args.retention,
@@ -215,6 +230,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             "ranges": report.ranges,
             "workers": report.workers,
             "etcd_prefix": args.etcd.etcd_prefix,
+            "store_id": store_id,
         })
     );
     info!("migrated; start the replicas with --etcd-endpoints (the data dir now refuses to serve)");

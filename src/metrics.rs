@@ -183,6 +183,9 @@ pub struct Metrics {
     pub ranges_held: Gauge,
     pub ready: Gauge,
     pub build_info: Family<Gauge>,
+    /// The id written into the store when it was created; not a `Family`,
+    /// whose label values are fixed strings. One value per process.
+    store_id: std::sync::OnceLock<String>,
     // go-grpc-middleware's.
     pub grpc_started: Family<Counter>,
     pub grpc_handled: Family<Counter>,
@@ -210,6 +213,7 @@ impl Metrics {
             ranges_held: Gauge::default(),
             ready: Gauge::default(),
             build_info: Family::new(&["version", "store"]),
+            store_id: std::sync::OnceLock::new(),
             grpc_started: Family::new(&["grpc_type", "grpc_service", "grpc_method"]),
             grpc_handled: Family::new(&["grpc_type", "grpc_service", "grpc_method", "grpc_code"]),
             grpc_handling: Family::new(&["grpc_type", "grpc_service", "grpc_method"]),
@@ -248,6 +252,12 @@ impl Metrics {
 
     pub fn store(&self) -> &'static str {
         self.store
+    }
+
+    /// Exports `room_allocator_store_info{store_id}`; the first id set wins
+    /// (a process serves one store).
+    pub fn set_store_id(&self, store_id: &str) {
+        let _ = self.store_id.set(store_id.to_owned());
     }
 
     /// Counts and times one call to the allocator service.
@@ -338,6 +348,19 @@ impl Metrics {
             "Always 1; labels say the version and the store",
             &self.build_info,
         );
+        if let Some(store_id) = self.store_id.get() {
+            let name = "room_allocator_store_info";
+            out.header(
+                name,
+                "gauge",
+                "Always 1; the label is the id written into the store when it was created: a new id is a new room space (an unmounted volume, another data dir)",
+            );
+            let _ = writeln!(
+                out.text,
+                "{name}{} 1",
+                render_labels(&[("store_id", store_id.as_str())], None)
+            );
+        }
         out.counters(
             "grpc_server_started",
             "Total number of RPCs started on the server.",

@@ -349,6 +349,9 @@ impl Server {
             retention: snapshot.retention,
         };
         let metrics = Arc::new(Metrics::new(store.kind()));
+        if let Some(store_id) = store.store_id() {
+            metrics.set_store_id(&store_id);
+        }
         let allocator = Allocator::new(store, snapshot, limits, metrics.clone());
         let tls = tls.map(|(files, material, server_config)| {
             Arc::new(Tls {

@@ -613,8 +613,13 @@ fn help_shows_the_environment_variable_of_every_flag() {
             "{command:?}: parsed only {flags:?}"
         );
         for (flag, env) in flags {
-            // `retention --set` changes the fleet: never from the environment.
-            if flag == "help" || flag == "version" || (command[0] == "retention" && flag == "set") {
+            // `retention --set` changes the fleet, and `migrate --allow-empty`
+            // overrides a safety check for one run: never from the environment.
+            if flag == "help"
+                || flag == "version"
+                || (command[0] == "retention" && flag == "set")
+                || (command[0] == "migrate" && flag == "allow-empty")
+            {
                 continue;
             }
             let expected = ENV_EXCEPTIONS
@@ -780,5 +785,25 @@ fn check_config_names_the_flag_and_says_the_cause_once_as_a_start_would() {
         accepted.stderr.contains("configuration accepted"),
         "{}",
         accepted.stderr
+    );
+}
+
+/// Issue 16, item 11: on etcd `--max-workers` is checked by each replica
+/// against what it knows, not fleet-wide; the help says so.
+#[test]
+fn max_workers_help_says_the_limit_is_per_replica_on_etcd() {
+    let help = run(&["serve", "--help"]).ok().stdout.clone();
+    let at = help
+        .find("--max-workers")
+        .expect("--max-workers in the help");
+    let text: String = help[at..]
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        text.contains("per replica") && text.contains("not fleet-wide"),
+        "--max-workers help: {text}"
     );
 }

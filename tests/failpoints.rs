@@ -614,6 +614,28 @@ async fn migrate_high_water_crashes() {
     migrate_case("migrate::high_water", Mode::Crash).await;
 }
 
+/// The mark swap's send side: the data dir is marked, nothing reached etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_high_water_send_fails() {
+    migrate_case("migrate::high_water_send", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_high_water_send_crashes() {
+    migrate_case("migrate::high_water_send", Mode::Crash).await;
+}
+
+/// After the lease for the copied ranges was granted, before any range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_lease_granted_fails() {
+    migrate_case("migrate::lease_granted", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_lease_granted_crashes() {
+    migrate_case("migrate::lease_granted", Mode::Crash).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_ranges_fails() {
     migrate_case("migrate::ranges", Mode::Fail).await;

@@ -147,6 +147,8 @@ pub struct EmbeddedStore {
     requests: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     status: Arc<WriterStatus>,
+    /// Written when the store was created (see `store_id`).
+    store_id: String,
 }
 
 /// What the writer thread tells the rest of the process.
@@ -192,6 +194,7 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in `dir` for a server, returning what it
     /// holds; rooms are reserved inside `bounds`.
     pub fn open(dir: &Path, bounds: Bounds) -> Result<(Self, Snapshot), OpenError> {
+        super::store_id::check_data_dir(dir, super::store_id::DataDirUse::Serve)?;
         Self::open_with(
             dir,
             EmbeddedOptions {
@@ -257,11 +260,22 @@ impl EmbeddedStore {
         } = settle(&*fs, &files)?;
         let high_water = loaded.high_water();
         super::check_bounds(high_water, bounds)?;
+        let (store_id, id_written) = super::store_id::read_or_create(&*fs, dir)?;
         if fresh {
-            info!(dir = %dir.display(), "created a new embedded store");
+            // Loud: where a store was expected (an unmounted volume, a
+            // mistyped --data-dir), a new space repeats every room.
+            warn!(
+                dir = %dir.display(),
+                store_id = %store_id,
+                "created a new embedded store: a new room space starting at room 1. If this data dir should have held a store, stop this server now"
+            );
         } else {
+            if id_written {
+                info!(dir = %dir.display(), store_id = %store_id, "the embedded store had no id (it predates store ids); wrote one");
+            }
             info!(
                 dir = %dir.display(),
+                store_id = %store_id,
                 ranges = loaded.replay.ranges.len(),
                 workers = loaded.replay.workers.len(),
                 high_water,
@@ -295,6 +309,7 @@ impl EmbeddedStore {
             requests: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             status,
+            store_id,
         };
         Ok((store, snapshot))
     }
@@ -366,6 +381,10 @@ fn io_err_of(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError {
 impl Store for EmbeddedStore {
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn store_id(&self) -> Option<String> {
+        Some(self.store_id.clone())
     }
 
     fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {

@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod fs;
 #[cfg(test)]
 pub mod sim_fs;
+pub mod store_id;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -232,6 +233,16 @@ pub enum OpenError {
     )]
     Missing { missing: PathBuf, present: PathBuf },
     #[error(
+        "{} holds no room-allocator store (it is missing, empty, or holds something else); migrate moves an existing store only and changed nothing. Point --data-dir at the data dir the embedded server ran on",
+        dir.display()
+    )]
+    NoStore { dir: PathBuf },
+    #[error(
+        "{} holds no room-allocator store but is not empty ({entry:?} is there); refusing to start a new room space in it (rooms would start over at 1). Check --data-dir and that its volume is mounted; to start a new store knowingly, use a missing or empty directory",
+        dir.display()
+    )]
+    NotAStore { dir: PathBuf, entry: String },
+    #[error(
         "the store has reserved rooms up to {high_water}, past --max-room {max_room}: nothing is left to hand out, and handing out rooms below it again would repeat them. Raise --max-room, or give this deployment a new store (data dir or --etcd-prefix) with bounds disjoint from every other"
     )]
     BeyondBounds { high_water: u64, max_room: u64 },
@@ -241,6 +252,12 @@ pub enum OpenError {
 pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metric labels.
     fn kind(&self) -> &'static str;
+
+    /// The id written into the store when it was created (see `store_id`),
+    /// if the store keeps one.
+    fn store_id(&self) -> Option<String> {
+        None
+    }
 
     /// Whether other processes write the same store (etcd replicas): then
     /// memory may lag behind it, and the allocator asks before it refuses.

@@ -1950,9 +1950,9 @@ pub struct ImportReport {
 }
 
 /// Whether `embedded` can be moved into etcd: refused if etcd holds ranges
-/// or chunks over the embedded store's ranges (both stores issued, or may
-/// issue, those numbers). Writes nothing, so `migrate` checks before it
-/// marks the data dir.
+/// or chunks below the embedded store's high-water mark (both stores issued,
+/// or may issue, those numbers). Writes nothing, so `migrate` checks before
+/// it marks the data dir.
 pub async fn check_import(config: &EtcdConfig, embedded: &Snapshot) -> Result<(), OpenError> {
     check_conflicts(&connect_and_load(config).await?, embedded)
 }
@@ -1964,46 +1964,37 @@ fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<(), OpenError
         chunks,
         ..
     } = loaded;
-    // Ranges already in etcd must be the same ones (a rerun), never others
-    // over the same numbers: that would mean both stores issued them.
-    let mut merged = RangeTable::default();
+    // Every number below the embedded store's mark counts as issued, not
+    // only its ranges: ranges pruned by retention (and gaps between ranges)
+    // held rooms too, which callers may still hold.
+    let used_end = embedded.high_water;
     for owner in existing.ranges.iter() {
-        let _ = merged.insert(owner.clone());
-    }
-    for owner in embedded.ranges.iter() {
+        // The same range as the embedded store's is a rerun's own copy.
         let rerun = Room::try_new(owner.range.start())
             .ok()
-            .and_then(|start| existing.ranges.resolve(start))
-            .is_some_and(|other| other == owner);
-        if !rerun {
-            merged.insert(owner.clone()).map_err(|overlap| OpenError::CorruptKey {
-                key: keys.range(overlap.other_start),
-                reason: format!(
-                    "etcd already holds a range over the embedded store's {}..{}; both stores issued those numbers, so refusing to merge them",
-                    overlap.start, overlap.end
-                ),
-            })?;
-        }
-    }
-
-    // So are chunks replicas took: they issued, or may still issue, rooms
-    // anywhere in them.
-    for &(start, end) in chunks {
-        let key = keys.chunk(start);
-        if let Some(owner) = embedded
-            .ranges
-            .iter()
-            .find(|owner| owner.range.start() < end && start < owner.range.end())
-        {
+            .and_then(|start| embedded.ranges.resolve(start))
+            .is_some_and(|mine| mine == owner);
+        if !rerun && owner.range.start() < used_end {
             return Err(OpenError::CorruptKey {
-                key,
+                key: keys.range(owner.range.start()),
                 reason: format!(
-                    "a replica took {start}..{end} of the space, over the embedded store's range {}..{}; both may have issued those numbers (or a replica is running), so refusing to merge them",
+                    "etcd already holds the range {}..{}, below the embedded store's high-water mark {used_end} (every number below it was issued, or pruned after it was); both stores issued those numbers, so refusing to merge them",
                     owner.range.start(),
                     owner.range.end()
                 ),
             });
         }
+    }
+
+    // So are chunks replicas took: they issued, or may still issue, rooms
+    // anywhere in them.
+    if let Some(&(start, end)) = chunks.iter().find(|&&(start, _)| start < used_end) {
+        return Err(OpenError::CorruptKey {
+            key: keys.chunk(start),
+            reason: format!(
+                "a replica took {start}..{end} of the space, below the embedded store's high-water mark {used_end} (every number below it was issued, or pruned after it was); both may have issued those numbers (or a replica is running), so refusing to merge them"
+            ),
+        });
     }
 
     Ok(())
@@ -2022,18 +2013,34 @@ pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportRe
         keys,
         snapshot: existing,
         high_water,
+        chunks,
         ..
     } = loaded;
     let retention = fleet_retention(&client, &keys, config).await?;
 
     let (etcd_high_water, revision) = high_water.unwrap_or((0, 0));
-    let target = embedded.high_water.max(etcd_high_water);
+    // Never a mark below what replicas took, whatever etcd's mark says (a
+    // missing one included): replicas refuse a mark below a chunk or range.
+    let taken_end = chunks
+        .iter()
+        .map(|&(_, end)| end)
+        .max()
+        .unwrap_or(0)
+        .max(existing.ranges.high_water());
+    let target = embedded.high_water.max(etcd_high_water).max(taken_end);
     if target > etcd_high_water {
         let request = pb::TxnRequest {
             compare: vec![txn::unchanged_since(&keys.high_water(), revision)],
             success: vec![txn::put(&keys.high_water(), target.to_string(), 0)],
             failure: Vec::new(),
         };
+        failpoint!(
+            "migrate::high_water_send",
+            OpenError::Etcd {
+                endpoints: config.endpoints.join(","),
+                message: "failpoint migrate::high_water_send".into(),
+            }
+        );
         if !etcd_call(config, client.txn(request)).await?.succeeded {
             return Err(OpenError::CorruptKey {
                 key: keys.high_water(),
@@ -2055,6 +2062,13 @@ pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportRe
     )
     .await?
     .id;
+    failpoint!(
+        "migrate::lease_granted",
+        OpenError::Etcd {
+            endpoints: config.endpoints.join(","),
+            message: "failpoint migrate::lease_granted".into(),
+        }
+    );
     let mut ops = Vec::new();
     for owner in embedded.ranges.iter() {
         ops.push(txn::put(
