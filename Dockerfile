@@ -1,21 +1,54 @@
 # room-allocator container image: a static-enough release build on Debian,
 # run as a non-root user on distroless (no shell, no package manager).
-# Build: docker build -t room-allocator .
-FROM rust:1.89-bookworm AS build
+# Build:
+#   docker build -t room-allocator \
+#     --build-arg VERSION=$(cargo pkgid | cut -d'#' -f2) \
+#     --build-arg REVISION=$(git rev-parse HEAD) \
+#     --build-arg CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ) .
+#
+# Base images by digest: a tag moves when it is rebuilt, a digest does not.
+# Release builds pin both stages by passing the digests resolved at release
+# time (the digests are not written here: they can only be read from the
+# registries, and a stale one would pin an image without security fixes):
+#   docker buildx imagetools inspect rust:1.89-bookworm --format '{{json .Manifest.Digest}}'
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot --format '{{json .Manifest.Digest}}'
+#   docker build \
+#     --build-arg BUILD_IMAGE=rust:1.89-bookworm@sha256:<digest> \
+#     --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:<digest> ...
+# (Renovate or Dependabot can keep such pins current.) The defaults below are
+# the tags, for local builds.
+ARG BUILD_IMAGE=rust:1.89-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 COPY . .
 # --locked: exactly the dependency versions in Cargo.lock.
 RUN cargo build --release --locked --bin room-allocator \
  && install -D -m 0755 target/release/room-allocator /out/room-allocator
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+# OCI image annotations (https://github.com/opencontainers/image-spec/blob/main/annotations.md).
+LABEL org.opencontainers.image.title="room-allocator" \
+      org.opencontainers.image.description="Allocates SGLang/Dynamo bootstrap rooms aligned to prefill dp ranks, never twice." \
+      org.opencontainers.image.source="https://github.com/room-allocator/room-allocator" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}"
 COPY --from=build /out/room-allocator /usr/local/bin/room-allocator
 # The embedded store's default location; mount a volume here (the Helm chart
 # does). Everything else in the image is read-only at run time.
 WORKDIR /var/lib/room-allocator
 USER 65532:65532
-EXPOSE 50051 9090
+# gRPC (--listen), metrics (--metrics-listen) and the plaintext health
+# listener (--health-listen, the kubelet's gRPC probes; on in the CMD below):
+# the chart's service.grpcPort, metricsPort and healthPort defaults.
+EXPOSE 50051 9090 50052
 # Kubernetes probes call grpc.health.v1 natively, so no HEALTHCHECK here.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/room-allocator"]
-CMD ["serve", "--data-dir", "/var/lib/room-allocator"]
+CMD ["serve", "--data-dir", "/var/lib/room-allocator", "--health-listen", "0.0.0.0:50052"]
