@@ -522,6 +522,8 @@ SECRETS = {
     "router-tls": tls_secret("router"),
     "etcd-client-tls": tls_secret("router"),
     "ra-token": {"token": b"s3cret-token"},
+    # Mid-rotation: the old token and the new one, one per line.
+    "ra-tokens": {"token": b"old-token\n  s3cret-token  \n\n"},
     "etcd-credentials": {"password": b"etcd-password"},
 }
 
@@ -616,7 +618,7 @@ check("etcd: 3 replicas", deployment["spec"]["replicas"] == 3)
 check("etcd: RollingUpdate", deployment["spec"]["strategy"]["type"] == "RollingUpdate")
 check("etcd: a PDB", len(by_kind(docs, "PodDisruptionBudget")) == 1)
 check("etcd: no PVC", not by_kind(docs, "PersistentVolumeClaim"))
-check("etcd: topology spread", len(pod.get("topologySpreadConstraints", [])) == 1)
+check("etcd: topology spread over nodes and zones", len(pod.get("topologySpreadConstraints", [])) == 2)
 check("etcd: anti-affinity", "podAntiAffinity" in pod.get("affinity", {}))
 check("etcd: endpoints passed", "--etcd-endpoints=https://etcd-0.etcd:2379,https://etcd-1.etcd:2379" in main["args"])
 check("etcd: --worker-threads passed", "--worker-threads=4" in main["args"], main["args"])
@@ -698,9 +700,32 @@ for bad, words in [
     ({"etcd": {"endpoints": ["http://etcd:2379"], "auth": {"username": "u"}}}, "etcd.auth.existingSecret"),
     ({"grpcRoute": {"enabled": True}}, "parentRefs"),
     ({"minRoom": "10", "maxRoom": "9"}, "minRoom 10 is above maxRoom 9"),
+    # Values that render but crash-loop (issue 21, item 5): the binary takes
+    # --etcd-username and the password only together, and only with etcd.
+    ({"etcd": {"endpoints": ["http://etcd:2379"], "auth": {"existingSecret": "etcd-credentials"}}}, "etcd.auth.existingSecret needs etcd.auth.username"),
+    ({"etcd": {"auth": {"username": "u", "existingSecret": "etcd-credentials"}}}, "etcd.auth is set but etcd.endpoints is empty"),
+    ({"etcd": {"auth": {"existingSecret": "etcd-credentials"}}}, "etcd.auth is set but etcd.endpoints is empty"),
+    ({"etcd": {"auth": {"username": "u"}}}, "etcd.auth is set but etcd.endpoints is empty"),
+    ({"etcd": {"tls": {"existingSecret": "etcd-client-tls"}}}, "etcd.tls is set but etcd.endpoints is empty"),
+    ({"etcd": {"endpoints": ["https://etcd:2379"], "tls": {"clientCert": True}}}, "etcd.tls.clientCert needs etcd.tls.existingSecret"),
+    # Alert rules whose selector can match no series (issue 21, item 4).
+    ({"metrics": {"prometheusRule": {"enabled": True}}}, "set metrics.prometheusRule.selector or enable the ServiceMonitor"),
+    ({"metrics": {"prometheusRule": {"enabled": True}}, "serviceMonitor": {"enabled": True, "relabelings": [{"targetLabel": "job", "replacement": "rooms"}]}},
+     "serviceMonitor.relabelings rewrites the label job"),
+    ({"metrics": {"prometheusRule": {"enabled": True}}, "serviceMonitor": {"enabled": True, "metricRelabelings": [{"action": "labeldrop", "regex": "namespace"}]}},
+     "serviceMonitor.metricRelabelings rewrites the label namespace"),
 ]:
     message = render_error(bad) or ""
     check(f"{bad} is refused", words in message, message or "it rendered")
+# ... and what the refusals must still let through.
+for good in [
+    {"metrics": {"prometheusRule": {"enabled": True, "selector": 'job="kubernetes-pods",app_kubernetes_io_instance="ra"'}}},
+    {"metrics": {"prometheusRule": {"enabled": True, "selector": 'job="rooms"'}}, "serviceMonitor": {"enabled": True, "relabelings": [{"targetLabel": "job", "replacement": "rooms"}]}},
+    {"metrics": {"prometheusRule": {"enabled": True}}, "serviceMonitor": {"enabled": True, "relabelings": [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]}},
+    {"etcd": {"endpoints": ["http://etcd:2379"], "auth": {"username": "u", "existingSecret": "etcd-credentials"}}},
+]:
+    message = render_error(good)
+    check(f"{good} renders", message is None, message)
 
 # 6. The schema rejects bad values with a message naming them.
 for bad, words in [
@@ -746,6 +771,127 @@ with tempfile.TemporaryDirectory() as parent:
         check("as a subchart with global values: renders with the parent's values", "--max-workers=500" in main["args"], main["args"])
     except helm_python.HelmError as error:
         check("as a subchart with global values: renders", False, str(error))
+
+# 9. Conventions (issue 21): labels, history, disruption, spread, scraping,
+# network policy, volume access, image.
+docs, deployment, main, pod = common_checks("etcd, conventions", {**etcd_values, "serviceMonitor": {"enabled": True}, "networkPolicy": {"enabled": True}})
+for doc in docs + [deployment["spec"]["template"]]:
+    labels = doc["metadata"].get("labels", {})
+    expected = "test" if doc.get("kind") == "Pod" else "allocator"
+    check(f"{doc.get('kind', 'pod template')}: app.kubernetes.io/component is {expected}", labels.get("app.kubernetes.io/component") == expected, labels)
+check("conventions: the component label is not in the Deployment's selector (selectors are immutable)", "app.kubernetes.io/component" not in deployment["spec"]["selector"]["matchLabels"])
+check("conventions: revisionHistoryLimit is set", deployment["spec"].get("revisionHistoryLimit") == 3, deployment["spec"].get("revisionHistoryLimit"))
+budget = by_kind(docs, "PodDisruptionBudget")[0]
+check("conventions: the PDB lets unhealthy pods be evicted (AlwaysAllow)", budget["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow", budget["spec"])
+spread = {c["topologyKey"]: c for c in pod.get("topologySpreadConstraints", [])}
+check("conventions: spread over nodes and zones", set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}, sorted(spread))
+check("conventions: each spread counts only the current ReplicaSet (matchLabelKeys pod-template-hash)", spread and all(c.get("matchLabelKeys") == ["pod-template-hash"] for c in spread.values()), spread)
+monitor = by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+check("conventions: the ServiceMonitor has a scrapeTimeout", monitor.get("scrapeTimeout") == "10s", monitor)
+policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+check("conventions: the NetworkPolicy restricts ingress only by default", policy["policyTypes"] == ["Ingress"] and "egress" not in policy, policy)
+docs, _ = render({**etcd_values, "revisionHistoryLimit": 0, "topologySpread": {"zoneTopologyKey": ""},
+                  "serviceMonitor": {"enabled": True, "scrapeTimeout": "5s", "relabelings": [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}],
+                                     "metricRelabelings": [{"sourceLabels": ["__name__"], "regex": "process_.*", "action": "drop"}]},
+                  "networkPolicy": {"enabled": True, "extraIngress": [{"from": [{"podSelector": {"matchLabels": {"app": "debug"}}}], "ports": [{"port": "grpc", "protocol": "TCP"}]}],
+                                    "egress": {"enabled": True, "etcdPeers": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "etcd"}}}],
+                                               "extra": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 4317, "protocol": "TCP"}]}]}}})
+validate("etcd, every convention value", docs)
+deployment, main = container(docs)
+check("conventions: revisionHistoryLimit 0 is kept (not dropped as empty)", deployment["spec"].get("revisionHistoryLimit") == 0, deployment["spec"].get("revisionHistoryLimit"))
+spread = deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+check("conventions: zoneTopologyKey \"\" spreads over nodes only", [c["topologyKey"] for c in spread] == ["kubernetes.io/hostname"], spread)
+monitor = by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+check("conventions: scrapeTimeout, relabelings and metricRelabelings reach the ServiceMonitor",
+      monitor.get("scrapeTimeout") == "5s" and monitor.get("relabelings", [{}])[0].get("targetLabel") == "node" and monitor.get("metricRelabelings", [{}])[0].get("action") == "drop", monitor)
+policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+check("conventions: extraIngress is appended", policy["ingress"][-1]["from"][0]["podSelector"]["matchLabels"] == {"app": "debug"}, policy["ingress"])
+check("conventions: egress.enabled restricts egress too", policy["policyTypes"] == ["Ingress", "Egress"], policy["policyTypes"])
+egress_ports = [sorted((p["port"], p["protocol"]) for p in rule["ports"]) for rule in policy.get("egress", [])]
+check("conventions: egress allows DNS", [(53, "TCP"), (53, "UDP")] in egress_ports, egress_ports)
+etcd_rule = next((rule for rule in policy.get("egress", []) if rule["ports"] == [{"port": 2379, "protocol": "TCP"}]), None)
+check("conventions: egress allows the etcd endpoints' port to etcdPeers", etcd_rule is not None and etcd_rule.get("to") == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "etcd"}}}], policy.get("egress"))
+check("conventions: extra egress rules are appended", policy.get("egress", [{}])[-1].get("ports") == [{"port": 4317, "protocol": "TCP"}], policy.get("egress"))
+docs, _ = render({"etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:12379", "http://etcd-2.etcd"]}, "replicaCount": 2, "networkPolicy": {"enabled": True, "egress": {"enabled": True}}})
+validate("etcd, egress to any etcd", docs)
+policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+etcd_ports = next((rule["ports"] for rule in policy.get("egress", []) if rule["ports"][0]["port"] != 53), [])
+check("conventions: every endpoint's port is allowed (a URL without one: 80 for http://, 443 for https://, as the client dials)",
+      sorted(p["port"] for p in etcd_ports) == [80, 2379, 12379], etcd_ports)
+check("conventions: no etcdPeers allows the etcd ports to any destination", all("to" not in rule for rule in policy.get("egress", []) if rule["ports"][0]["port"] != 53), policy.get("egress"))
+docs, _ = render({"networkPolicy": {"enabled": True, "egress": {"enabled": True}}})
+policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+check("conventions: the embedded store needs DNS at most (no etcd egress)", len(policy.get("egress", [])) == 1, policy.get("egress"))
+pvc = by_kind(render({})[0], "PersistentVolumeClaim")[0]
+check("conventions: the claim is ReadWriteOncePod on Kubernetes 1.29 and later (one pod mounts it, ever)", pvc["spec"]["accessModes"] == ["ReadWriteOncePod"], pvc["spec"]["accessModes"])
+pvc = by_kind(render({"persistence": {"accessMode": "ReadWriteOnce"}})[0], "PersistentVolumeClaim")[0]
+check("conventions: persistence.accessMode overrides the access mode", pvc["spec"]["accessModes"] == ["ReadWriteOnce"], pvc["spec"]["accessModes"])
+dockerfile = Path("Dockerfile").read_text()
+exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", dockerfile, re.M) for p in line.split()}
+check("Dockerfile EXPOSEs the gRPC, metrics and health ports of the chart", {defaults["service"][k] for k in ("grpcPort", "metricsPort", "healthPort")} <= exposed, exposed)
+oci = dict(re.findall(r"(org\.opencontainers\.image\.[a-z]+)=\"?([^\s\"\\]*)", dockerfile))
+for key in ("source", "title", "description", "licenses", "version", "revision", "created"):
+    check(f"Dockerfile has the OCI label org.opencontainers.image.{key}", f"org.opencontainers.image.{key}" in oci, sorted(oci))
+check("Dockerfile's image source is the chart's source", oci.get("org.opencontainers.image.source") == CHART_YAML["sources"][0], oci.get("org.opencontainers.image.source"))
+check("Dockerfile says how the base images are pinned by digest", "@sha256:" in dockerfile and "digest" in dockerfile.lower())
+check("README.md's token rotation matches the server (several tokens, one per line)", "one per line" in readme and "exactly one token" not in readme)
+
+
+def unschematized(values, node, path=""):
+    """Value paths with no entry in the schema (free-form objects, those
+    without `properties`, hold whatever the user puts there)."""
+    for key, value in values.items():
+        child = node.get("properties", {}).get(key)
+        if child is None:
+            yield f"{path}{key}"
+        elif isinstance(value, dict) and "properties" in child:
+            yield from unschematized(value, child, f"{path}{key}.")
+
+
+missing_schema = list(unschematized(defaults, schema))
+check("every value has a schema entry", not missing_schema, missing_schema)
+
+# 10. Alerts (issue 21, item 4): a runbook for each, RESOURCE_EXHAUSTED and
+# time-to-full alerts, a traffic floor on ratios, one page per job for state
+# the replicas share.
+RUNBOOKS = Path("docs/runbooks.md")
+runbooks = RUNBOOKS.read_text() if RUNBOOKS.exists() else ""
+anchors = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^##+ (.*)$", runbooks, re.M)}
+RULE_VALUES = {"serviceMonitor": {"enabled": True}, "metrics": {"prometheusRule": {"enabled": True}}}
+ETCD_RULE_VALUES = {**RULE_VALUES, "replicaCount": 3, "etcd": {"endpoints": ["http://etcd:2379"]}}
+
+
+def rules_of(values):
+    return {r["alert"]: r for g in by_kind(render(values)[0], "PrometheusRule")[0]["spec"]["groups"] for r in g["rules"]}
+
+
+embedded_rules, etcd_rules = rules_of(RULE_VALUES), rules_of(ETCD_RULE_VALUES)
+base = CHART_YAML["sources"][0] + "/blob/main/docs/runbooks.md"
+for alert, rule in {**embedded_rules, **etcd_rules}.items():
+    url = rule["annotations"].get("runbook_url", "")
+    check(f"{alert}: runbook_url is the chart source's docs/runbooks.md#{alert.lower()}", url == f"{base}#{alert.lower()}", url)
+    check(f"{alert}: docs/runbooks.md has its section", alert.lower() in anchors, sorted(anchors))
+for section_title in ("what it means", "impact", "diagnose", "what to do"):
+    sections = [s for s in re.split(r"^## ", runbooks, flags=re.M)[1:] if s.split("\n")[0].strip() in embedded_rules]
+    check(f"docs/runbooks.md: every alert's section says {section_title!r}", sections and all(section_title in s.lower() for s in sections), len(sections))
+moved = rules_of({**RULE_VALUES, "metrics": {"prometheusRule": {"enabled": True, "runbookBaseUrl": "https://wiki.example.com/room-allocator"}}})
+check("metrics.prometheusRule.runbookBaseUrl moves every runbook_url", all(r["annotations"].get("runbook_url") == f"https://wiki.example.com/room-allocator#{a.lower()}" for a, r in moved.items()))
+exhausted = [a for a, r in embedded_rules.items() if 'grpc_code="ResourceExhausted"' in r["expr"]]
+check("an alert fires on RESOURCE_EXHAUSTED answers", exhausted, sorted(embedded_rules))
+filling = embedded_rules.get("RoomAllocatorRoomSpaceFilling", {}).get("annotations", {}).get("description", "")
+check("RoomAllocatorRoomSpaceFilling says a full space answers RESOURCE_EXHAUSTED (src/service.rs), not UNAVAILABLE", "RESOURCE_EXHAUSTED" in filling and "UNAVAILABLE" not in filling, filling)
+check("a predict_linear alert on the room space's time to full", any("predict_linear(room_allocator_space_used_rooms" in r["expr"] for r in embedded_rules.values()))
+floored = rules_of({**RULE_VALUES, "metrics": {"prometheusRule": {"enabled": True, "alerts": {"minRequestsPerSecond": 0.123}}}})
+for alert, rule in floored.items():
+    if "/" in rule["expr"] or "histogram_quantile" in rule["expr"]:
+        if "room_allocator_space_" in rule["expr"] or "room_allocator_workers_" in rule["expr"]:
+            continue  # gauges over gauges: no traffic involved
+        check(f"{alert}: a ratio alert has the minimum-traffic guard", "> 0.123" in rule["expr"], rule["expr"])
+SHARED = ("RoomAllocatorStoreUnreachable", "RoomAllocatorRegistrationsStale", "RoomAllocatorWorkerTableFilling")
+for alert in SHARED:
+    groupings = lambda rules: re.findall(r"by \(([^)]*)\)", rules.get(alert, {}).get("expr", ""))
+    check(f"{alert}: one page per job in etcd mode (no pod in the grouping)", groupings(etcd_rules) and all("pod" not in g for g in groupings(etcd_rules)), groupings(etcd_rules))
+    check(f"{alert}: one alert per pod in embedded mode", groupings(embedded_rules) and all("pod" in g for g in groupings(embedded_rules)), groupings(embedded_rules))
 
 
 # ================================================================ schema == binary
@@ -910,6 +1056,7 @@ def wait_until(condition, seconds=RELOAD_WAIT):
 MODES = [
     ("plaintext", {}),
     ("plaintext, token", {"auth": {"existingSecret": "ra-token"}}),
+    ("plaintext, two tokens mid-rotation", {"auth": {"existingSecret": "ra-tokens"}}),
     ("TLS, token for every call", {"tls": {"enabled": True, "existingSecret": "ra-tls"}, "auth": {"existingSecret": "ra-token", "requireForAllocation": True}}),
     ("mutual TLS, router certificate, token", {"tls": {"enabled": True, "existingSecret": "ra-tls", "requireClientCert": True}, "tests": {"clientCertSecret": "router-tls"}, "auth": {"existingSecret": "ra-token"}}),
     ("mutual TLS, server Secret as client", {"tls": {"enabled": True, "existingSecret": "ra-tls-dual", "requireClientCert": True}}),
@@ -1023,9 +1170,13 @@ if have["openssl"] and have["busybox"] and pki:
 # ================================================================ live: metrics
 
 section("live: metrics the alerts and the dashboard use")
-docs, _ = render({"metrics": {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}})
+docs, _ = render({"serviceMonitor": {"enabled": True}, "metrics": {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}})
 rule_doc = by_kind(docs, "PrometheusRule")[0]
 rule_exprs = [r["expr"] for g in rule_doc["spec"]["groups"] for r in g["rules"]]
+# The etcd-mode rules differ (shared state paged once per job); their
+# metrics must exist too (an embedded server exports the same families).
+etcd_rule_doc = by_kind(render(ETCD_RULE_VALUES)[0], "PrometheusRule")[0]
+rule_exprs += [r["expr"] for g in etcd_rule_doc["spec"]["groups"] for r in g["rules"]]
 dashboard = json.load(open(f"{CHART}/dashboards/room-allocator.json"))
 dashboard_exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
 dashboard_exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
@@ -1092,19 +1243,33 @@ with tempfile.TemporaryDirectory(prefix="chart-test-metrics-") as root:
 # ================================================================ promtool
 
 section("promtool: check and unit-test the alerts")
-if have["promtool"]:
+
+
+def promtool_rules(mode, groups, test_file, required):
+    """`promtool check rules` and `promtool test rules` on one mode's rendered
+    groups; every alert in `required` needs a firing and a quiet case."""
     with tempfile.TemporaryDirectory(prefix="chart-test-rules-") as directory:
-        Path(f"{directory}/rules.yaml").write_text(yaml.safe_dump({"groups": rule_doc["spec"]["groups"]}, sort_keys=False))
-        shutil.copy(f"{CHART}/promtool/alerts_test.yaml", directory)
+        Path(f"{directory}/rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        shutil.copy(f"{CHART}/promtool/{test_file}", directory)
         checked = run(["promtool", "check", "rules", f"{directory}/rules.yaml"], timeout=60)
-        check("promtool check rules", checked.returncode == 0, checked.stdout + checked.stderr)
-        tested = run(["promtool", "test", "rules", f"{directory}/alerts_test.yaml"], timeout=60)
-        check("promtool test rules (each alert firing and not firing)", tested.returncode == 0, (tested.stdout + tested.stderr)[-3000:])
-        alerts = {r["alert"] for g in rule_doc["spec"]["groups"] for r in g["rules"]}
-        tests = yaml.safe_load(open(f"{CHART}/promtool/alerts_test.yaml"))["tests"]
-        firing = {t["alertname"] for test in tests for t in test["alert_rule_test"] if t["exp_alerts"]}
-        quiet = {t["alertname"] for test in tests for t in test["alert_rule_test"] if not t["exp_alerts"]}
-        check("every alert has a firing unit test", alerts <= firing, sorted(alerts - firing))
-        check("every alert has a not-firing unit test", alerts <= quiet, sorted(alerts - quiet))
+        check(f"{mode}: promtool check rules", checked.returncode == 0, checked.stdout + checked.stderr)
+        tested = run(["promtool", "test", "rules", f"{directory}/{test_file}"], timeout=60)
+        check(f"{mode}: promtool test rules {test_file} (each alert firing and not firing)", tested.returncode == 0, (tested.stdout + tested.stderr)[-3000:])
+    tests = yaml.safe_load(open(f"{CHART}/promtool/{test_file}"))["tests"]
+    firing = {t["alertname"] for test in tests for t in test["alert_rule_test"] if t["exp_alerts"]}
+    quiet = {t["alertname"] for test in tests for t in test["alert_rule_test"] if not t["exp_alerts"]}
+    check(f"{mode}: every alert has a firing unit test", required <= firing, sorted(required - firing))
+    check(f"{mode}: every alert has a not-firing unit test", required <= quiet, sorted(required - quiet))
+
+
+if have["promtool"]:
+    embedded_groups, etcd_groups = rule_doc["spec"]["groups"], etcd_rule_doc["spec"]["groups"]
+    embedded_alerts = {r["alert"]: r["expr"] for g in embedded_groups for r in g["rules"]}
+    etcd_alerts = {r["alert"]: r["expr"] for g in etcd_groups for r in g["rules"]}
+    promtool_rules("embedded", embedded_groups, "alerts_test.yaml", set(embedded_alerts))
+    # etcd mode: its own cases for every alert whose rule differs.
+    differing = {a for a in etcd_alerts if etcd_alerts[a] != embedded_alerts.get(a)}
+    check("etcd mode pages shared state once per job (its rules differ)", set(SHARED) <= differing, sorted(differing))
+    promtool_rules("etcd", etcd_groups, "alerts_test_etcd.yaml", differing)
 
 report_and_exit()
