@@ -1332,3 +1332,255 @@ async fn chunks_shrink_back_after_a_burst_when_leases_end_them() {
         "the last chunk holds {last} numbers after the burst's {peak}: {after:?}"
     );
 }
+
+/// A replica whose only endpoint is an etcd member cut off from the other
+/// two (paused) cannot confirm its view: the member's own revision is stale,
+/// and it has no leader to confirm a read. So the replica must stop handing
+/// out rooms once the staleness window ends, not keep serving a dp_size
+/// that may have changed on the majority side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reaching_only_a_member_cut_off_from_its_cluster_turns_unavailable_within_the_window(
+) {
+    let Some(cluster) = common::etcd_cluster::EtcdCluster::start() else {
+        return;
+    };
+    let prefix = unique_prefix("minority");
+    let staleness = Duration::from_secs(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = cluster.endpoint(2);
+    let server = ServerProcess::start(
+        &dir.path().join("unused"),
+        &[
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-prefix",
+            &prefix,
+            "--etcd-staleness-secs",
+            "3",
+            "--store-timeout-secs",
+            "2",
+        ],
+    );
+    register(&server, &[("cut-off", 2)]).await;
+    let mut client = server.client().await;
+    let allocate = pb::AllocateRoomRequest {
+        prefill_worker: "cut-off".into(),
+        dp_rank: 1,
+        dp_size: 2,
+    };
+    timed(client.allocate_room(allocate.clone()))
+        .await
+        .expect("allocate before the partition");
+
+    cluster.signal(0, libc::SIGSTOP);
+    cluster.signal(1, libc::SIGSTOP);
+    let paused = Instant::now();
+    let window_end = staleness + Duration::from_secs(3);
+    let mut first_refusal = None;
+    let mut late_successes = Vec::new();
+    let (mut ok, mut calls) = (0, 0);
+    while paused.elapsed() < Duration::from_secs(12) {
+        let call = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.allocate_room(allocate.clone()),
+        )
+        .await;
+        calls += 1;
+        match call {
+            Ok(Ok(_)) => {
+                ok += 1;
+                if paused.elapsed() > window_end {
+                    late_successes.push(paused.elapsed());
+                }
+            }
+            Ok(Err(status)) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                first_refusal.get_or_insert(paused.elapsed());
+            }
+            Err(_) => {
+                first_refusal.get_or_insert(paused.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.signal(0, libc::SIGCONT);
+    cluster.signal(1, libc::SIGCONT);
+    eprintln!(
+        "cut off: {ok} of {calls} calls OK over 12 s; first refusal after {first_refusal:?}; OK past {window_end:?}: {late_successes:?}"
+    );
+    let first_refusal = first_refusal.expect("the replica never turned UNAVAILABLE");
+    assert!(
+        first_refusal <= window_end,
+        "first refusal only after {first_refusal:?}"
+    );
+    assert!(
+        late_successes.is_empty(),
+        "rooms handed out past the window: {late_successes:?}"
+    );
+
+    // With the majority back, the replica confirms its view and serves again.
+    cluster.wait_healthy(Duration::from_secs(20));
+    let served = wait_until(Duration::from_secs(20), || {
+        let mut client = client.clone();
+        let allocate = allocate.clone();
+        async move { client.allocate_room(allocate).await.is_ok() }
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "allocation resumed after the partition healed"
+    );
+}
+
+/// A retention etcd cannot hold as a lease TTL (`2 * retention + bucket`
+/// above etcd's maximum of 9,000,000,000 s) is refused where it is set,
+/// naming the maximum, instead of failing every lease grant later; the
+/// maximum itself works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_etcd_cannot_hold_is_refused_where_it_is_set() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("retention-bound");
+    let (code, out, err) = common::run_cli(&[
+        "retention",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+        "--set",
+        "999999d",
+    ]);
+    assert_ne!(code, 0, "retention --set 999999d was accepted: {out}");
+    assert!(err.contains("50000d"), "names the maximum: {err}");
+    assert!(
+        etcd.get(&format!("{prefix}v1/config/retention_ms"))
+            .await
+            .is_none(),
+        "nothing written"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = ServerProcess::try_start(
+        &dir.path().join("unused"),
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            &prefix,
+            "--retention",
+            "999999d",
+        ],
+    );
+    match refused {
+        Ok(_) => panic!("serve --retention 999999d started"),
+        Err(failure) => assert!(failure.log.contains("50000d"), "{}", failure.log),
+    }
+
+    let (code, _, err) = common::run_cli(&[
+        "retention",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+        "--set",
+        "50000d",
+    ]);
+    assert_eq!(code, 0, "the maximum is accepted: {err}");
+    let server = replica(&etcd, &prefix, &[]);
+    register(&server, &[("longest", 1)]).await;
+    timed(
+        server
+            .client()
+            .await
+            .allocate_room(pb::AllocateRoomRequest {
+                prefill_worker: "longest".into(),
+                dp_rank: 0,
+                dp_size: 1,
+            }),
+    )
+    .await
+    .expect("etcd grants the lease of the longest retention");
+}
+
+/// The remaining TTL of the lease `kv` is attached to, in seconds.
+async fn lease_ttl_of(
+    etcd: &EtcdProcess,
+    kv: &room_allocator::store::etcd::client::pb::KeyValue,
+) -> i64 {
+    assert_ne!(
+        kv.lease,
+        0,
+        "{} has no lease",
+        String::from_utf8_lossy(&kv.key)
+    );
+    etcd.admin()
+        .await
+        .lease_time_to_live(kv.lease)
+        .await
+        .expect("lease TTL")
+        .ttl
+}
+
+/// A worker deregistered through a replica that read a short retention
+/// keeps its record as long as the ranges another replica reserved for it
+/// under a long one: the record's lease outlives the worker's newest range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistered_worker_outlives_its_ranges_whatever_retention_the_deregistering_replica_read(
+) {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = unique_prefix("deregister-ttl");
+    let long = replica(&etcd, &prefix, &["--retention", "1h"]);
+    register(&long, &[("leaving", 2)]).await;
+    timed(long.client().await.allocate_room(pb::AllocateRoomRequest {
+        prefill_worker: "leaving".into(),
+        dp_rank: 1,
+        dp_size: 2,
+    }))
+    .await
+    .expect("allocate under the long retention");
+    let (code, _, err) = common::run_cli(&[
+        "retention",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+        "--set",
+        "10s",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let short = replica(&etcd, &prefix, &[]);
+    timed(
+        short
+            .client()
+            .await
+            .deregister_worker(pb::DeregisterWorkerRequest {
+                prefill_worker: "leaving".into(),
+            }),
+    )
+    .await
+    .expect("deregister through the short-retention replica");
+
+    let mut range_ttl = 0;
+    for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
+        if String::from_utf8_lossy(&kv.value).contains("\"leaving\"") {
+            range_ttl = range_ttl.max(lease_ttl_of(&etcd, &kv).await);
+        }
+    }
+    assert!(
+        range_ttl > 3600,
+        "the range lives by the long retention: {range_ttl}"
+    );
+    let worker = etcd
+        .get(&format!("{prefix}v1/workers/leaving"))
+        .await
+        .expect("the deregistered worker's record");
+    let worker_ttl = lease_ttl_of(&etcd, &worker).await;
+    eprintln!("worker record TTL {worker_ttl} s, its newest range's {range_ttl} s");
+    assert!(
+        worker_ttl >= range_ttl,
+        "the record ({worker_ttl} s) expires before its range ({range_ttl} s)"
+    );
+}

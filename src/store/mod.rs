@@ -246,6 +246,18 @@ pub enum OpenError {
         "the store has reserved rooms up to {high_water}, past --max-room {max_room}: nothing is left to hand out, and handing out rooms below it again would repeat them. Raise --max-room, or give this deployment a new store (data dir or --etcd-prefix) with bounds disjoint from every other"
     )]
     BeyondBounds { high_water: u64, max_room: u64 },
+    #[error(
+        "{setting} {retention_secs}s is longer than etcd can keep a range: a range's lease TTL (twice the retention plus up to an hour) must fit etcd's maximum of 9,000,000,000 s; use at most {max} (about 136 years)"
+    )]
+    RetentionTooLong {
+        setting: &'static str,
+        retention_secs: u64,
+        max: &'static str,
+    },
+    #[error(
+        "etcd at {endpoints} is version {version}; room-allocator needs etcd 3.4 or later (3.4, 3.5, 3.6: watch progress requests confirm a replica's view). Upgrade etcd"
+    )]
+    EtcdVersion { endpoints: String, version: String },
 }
 
 /// Durable registrations and range reservations.

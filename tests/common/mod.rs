@@ -3,6 +3,7 @@
 //! PID, only processes we started) when the guard drops.
 #![allow(dead_code)]
 
+pub mod etcd_cluster;
 pub mod load;
 pub mod peers;
 pub mod pki;

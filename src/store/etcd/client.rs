@@ -7,6 +7,10 @@
 //! silently dead connection is noticed, and authenticates with a user and
 //! password: the token goes in the `token` metadata, and a call refused for
 //! an expired token is retried once after authenticating again.
+//!
+//! Watches require a leader (the `hasleader` metadata, as etcd's clientv3
+//! `WithRequireLeader` sends): a member cut off from its cluster cancels
+//! them instead of serving its stale revision as if it were current.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -26,6 +30,7 @@ pub mod pb {
 use pb::auth_client::AuthClient;
 use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
+use pb::maintenance_client::MaintenanceClient;
 use pb::watch_client::WatchClient;
 
 /// An etcd call that failed: its gRPC code and what etcd (or the transport) said.
@@ -255,6 +260,14 @@ impl EtcdClient {
         .await
     }
 
+    /// The answering member's status; its `version` is etcd's.
+    pub async fn status(&self) -> Result<pb::StatusResponse, EtcdError> {
+        self.unary(pb::StatusRequest {}, |channel, request| async move {
+            MaintenanceClient::new(channel).status(request).await
+        })
+        .await
+    }
+
     /// Opens a watch stream: `requests` creates the watch and can ask for
     /// progress (a response carrying the revision the watch has caught up
     /// to). Keep `requests` open for as long as the watch should last: etcd
@@ -265,7 +278,14 @@ impl EtcdClient {
     ) -> Result<Streaming<pb::WatchResponse>, EtcdError> {
         let requests = tokio_stream::wrappers::ReceiverStream::new(requests);
         let mut client = WatchClient::new(self.channel.clone());
-        match client.watch(self.request(requests)).await {
+        let mut request = self.request(requests);
+        // etcd's key for clientv3.WithRequireLeader: a member without a
+        // leader cancels the watch ("no leader") rather than keep it open
+        // on a revision the rest of the cluster has moved past.
+        request
+            .metadata_mut()
+            .insert("hasleader", MetadataValue::from_static("true"));
+        match client.watch(request).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => {
                 let error = EtcdError::from(status);

@@ -47,7 +47,15 @@
 //! leases), so no replica's wall clock decides what is pruned. A replica
 //! serves rooms from a range for at most `retention` after reserving it
 //! (timed by its own monotonic clock), so every room resolves for at least
-//! `retention`. The retention itself is one fleet-wide setting in etcd.
+//! `retention`. The retention itself is one fleet-wide setting in etcd, at
+//! most [`MAX_RETENTION`] (50000 days), so the lease TTL stays within etcd's
+//! maximum (9,000,000,000 s): a longer one is refused where it is set.
+//!
+//! A deregistered worker's key gets a lease of its own that outlives every
+//! range of the worker: at least the range TTL of this replica's retention
+//! and of the fleet's as etcd holds it then, and at least the remaining TTL
+//! of every lease the worker's ranges have (another replica may have
+//! reserved them under a longer retention, before it was changed).
 //!
 //! # Registrations
 //! Each replica watches `v1/workers/` and, every [`PROGRESS_INTERVAL`], asks
@@ -60,8 +68,24 @@
 //! dp_size that was changed elsewhere for longer than that window.
 //! Reservations also compare the registration's revision, so a new range is
 //! never reserved for an outdated dp_size.
+//!
+//! A progress notification alone proves little: a member cut off from its
+//! cluster answers it from its own, stale revision. So the watch requires a
+//! leader (`hasleader`: such a member cancels it), and a progress request
+//! confirms the view only with a linearizable read made after it (a quorum
+//! read, which a member without a leader cannot answer): the notification's
+//! revision must reach the read's. Confirming never moves the revision a
+//! broken watch resumes from; only applied events do (see [`watch`]).
+//!
+//! # etcd versions
+//! etcd 3.4 or later (3.4, 3.5, 3.6): progress requests came with 3.4; an
+//! older etcd is refused at start, and the version is logged. etcd before
+//! 3.4.25 and 3.5.8 (Debian's 3.4.23) may send a progress notification ahead
+//! of a new watch's catch-up events; the resume rule above makes that
+//! harmless for the resume point, and the staleness window bounds the rest.
 
 pub mod client;
+mod watch;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -74,6 +98,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use self::client::{pb, prefix_end, txn, ConnectOptions, EtcdClient, EtcdError};
+use self::watch::WatchProgress;
 use super::{
     IssuedCount, OpenError, PruneRequest, Pruned, Reservation, Snapshot, Store, StoreError,
     StoreFuture, StoreUpdate, WorkerRecord,
@@ -108,6 +133,17 @@ const MAX_BATCH: usize = 60;
 const PAGE_KEYS: i64 = 5000;
 /// Rooms remembered as not in any range, so repeated misses skip etcd.
 const NEGATIVE_CACHE: usize = 65_536;
+/// etcd's longest lease TTL (`MaxLeaseTTL` in etcd's lessor): a grant above
+/// it fails ("too large lease TTL").
+const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
+/// The longest retention, as `--retention` and `retention --set` spell it.
+const MAX_RETENTION_FLAG: &str = "50000d";
+/// The longest retention: a range's lease TTL, `2 * retention + bucket` (the
+/// bucket at most an hour), must fit etcd's [`MAX_LEASE_TTL_SECS`].
+pub const MAX_RETENTION: Duration = Duration::from_secs(50_000 * 86_400);
+const _: () = assert!(2 * MAX_RETENTION.as_secs() + 3600 <= MAX_LEASE_TTL_SECS);
+/// The oldest etcd (major, minor) that answers watch progress requests.
+const MIN_ETCD_VERSION: (u32, u32) = (3, 4);
 
 /// How to reach etcd, and the settings replicas share through it.
 #[derive(Debug, Clone)]
@@ -592,6 +628,10 @@ impl EtcdStore {
             success: vec![txn::get(&key)],
             failure: vec![txn::put(&key, value.clone(), 0), txn::get(&key)],
         };
+        failpoint!(
+            "etcd::register_send",
+            StoreError::Injected("etcd::register_send")
+        );
         let response = self
             .shared
             .timed("write the registration", self.shared.client.txn(request))
@@ -605,34 +645,69 @@ impl EtcdStore {
         worker: Arc<str>,
         dp_size: DpSize,
     ) -> Result<i64, StoreError> {
-        let key = self.shared.keys.worker(&worker);
-        // The record outlives every range of the worker (all were reserved
-        // before now, under this lease or an older one), then etcd drops it.
-        let lease = self.shared.bucket_lease().await?;
+        let shared = &self.shared;
+        let key = shared.keys.worker(&worker);
+        let value = encode_worker(dp_size, false);
+        // The record outlives every range of the worker: those this replica
+        // reserved, and those of a replica with the fleet's retention now.
+        let fleet = fleet_retention_now(shared).await?;
+        let retention = shared.retention.max(fleet);
+        let ttl = lease_ttl_secs(retention, bucket_for(retention));
+        let lease = shared
+            .timed(
+                "grant the deregistration's lease",
+                shared.client.lease_grant(ttl),
+            )
+            .await?
+            .id;
         let request = pb::TxnRequest {
             compare: Vec::new(),
             success: vec![
-                txn::put(&key, encode_worker(dp_size, false), lease),
-                txn::delete(&self.shared.keys.issued(&worker)),
+                txn::put(&key, value.clone(), lease),
+                txn::delete(&shared.keys.issued(&worker)),
                 txn::get(&key),
             ],
             failure: Vec::new(),
         };
-        let response = self
-            .shared
-            .timed("write the deregistration", self.shared.client.txn(request))
-            .await;
-        let response = match response {
-            Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
-                self.shared.drop_lease(lease).await;
-                return Err(StoreError::Etcd {
-                    operation: "write the deregistration",
-                    message,
-                });
+        let response = shared
+            .timed("write the deregistration", shared.client.txn(request))
+            .await?;
+        failpoint!(
+            "etcd::deregistered",
+            StoreError::Injected("etcd::deregistered")
+        );
+        let mut revision = revision_of(&response, &key)?;
+        // And every range already reserved for it (no later one can be:
+        // reservations compare the registration's revision), whose leases a
+        // replica may have granted under a longer retention, since changed.
+        // etcd rounds a remaining TTL down: a second more covers the rest.
+        let longest = longest_range_lease_secs(shared, &worker).await? + 1;
+        if longest > ttl {
+            let lease = shared
+                .timed(
+                    "grant the deregistration's lease",
+                    shared.client.lease_grant(longest),
+                )
+                .await?
+                .id;
+            // Unless the worker registered again meanwhile.
+            let request = pb::TxnRequest {
+                compare: vec![txn::unchanged_since(&key, revision)],
+                success: vec![txn::put(&key, value, lease), txn::get(&key)],
+                failure: Vec::new(),
+            };
+            let response = shared
+                .timed("extend the deregistration", shared.client.txn(request))
+                .await?;
+            failpoint!(
+                "etcd::deregistration_extended",
+                StoreError::Injected("etcd::deregistration_extended")
+            );
+            if response.succeeded {
+                revision = revision_of(&response, &key)?;
             }
-            other => other?,
-        };
-        revision_of(&response, &key)
+        }
+        Ok(revision)
     }
 
     /// Adds each worker's rooms issued since open to its counter, a batch
@@ -679,12 +754,15 @@ impl EtcdStore {
                     success,
                     failure: Vec::new(),
                 };
-                if self
+                let response = self
                     .shared
                     .timed("write rooms_issued", self.shared.client.txn(request))
-                    .await?
-                    .succeeded
-                {
+                    .await?;
+                failpoint!(
+                    "etcd::issued_written",
+                    StoreError::Injected("etcd::issued_written")
+                );
+                if response.succeeded {
                     written = true;
                     break;
                 }
@@ -784,7 +862,104 @@ async fn create_high_water(
         failure: Vec::new(),
     };
     etcd_call(config, client.txn(request)).await?;
+    failpoint!(
+        "etcd::high_water_created",
+        injected(config, "etcd::high_water_created")
+    );
     Ok(())
+}
+
+/// The error a failpoint injects into a start-up or tool call.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn injected(config: &EtcdConfig, name: &str) -> OpenError {
+    OpenError::Etcd {
+        endpoints: config.endpoints.join(","),
+        message: format!("failpoint {name}"),
+    }
+}
+
+/// Refuses a retention whose range leases etcd could not grant.
+fn check_retention(retention: Duration, setting: &'static str) -> Result<(), OpenError> {
+    if retention > MAX_RETENTION {
+        return Err(OpenError::RetentionTooLong {
+            setting,
+            retention_secs: retention.as_secs(),
+            max: MAX_RETENTION_FLAG,
+        });
+    }
+    Ok(())
+}
+
+/// The fleet's retention as etcd holds it now (zero if it holds none).
+async fn fleet_retention_now(shared: &Shared) -> Result<Duration, StoreError> {
+    let key = shared.keys.retention();
+    let stored = shared
+        .timed("read the fleet's retention", shared.client.range(get(&key)))
+        .await?;
+    match stored.kvs.first() {
+        Some(kv) => parse_decimal(&kv.value)
+            .map(Duration::from_millis)
+            .ok_or_else(|| StoreError::Corrupt {
+                key,
+                reason: "not a decimal number of milliseconds".into(),
+            }),
+        None => Ok(Duration::ZERO),
+    }
+}
+
+/// The longest remaining TTL, in seconds, of the leases `worker`'s ranges
+/// have (0 if none): one read of the range keys (deregistrations are rare),
+/// then one lease query per distinct lease (one per bucket and replica).
+async fn longest_range_lease_secs(shared: &Shared, worker: &str) -> Result<i64, StoreError> {
+    let ranges = shared.keys.ranges();
+    let end = prefix_end(ranges.as_bytes());
+    let mut from = ranges.clone().into_bytes();
+    let mut revision = 0;
+    let mut leases = HashSet::new();
+    loop {
+        let page = shared
+            .timed(
+                "read the worker's ranges",
+                shared.client.range(pb::RangeRequest {
+                    key: from.clone(),
+                    range_end: end.clone(),
+                    limit: PAGE_KEYS,
+                    revision,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        if revision == 0 {
+            revision = page.header.as_ref().map_or(0, |h| h.revision);
+        }
+        for kv in &page.kvs {
+            let owner = std::str::from_utf8(&kv.key)
+                .ok()
+                .and_then(|key| key.strip_prefix(&ranges))
+                .and_then(|start| decode_range(start, &kv.value));
+            if kv.lease != 0 && owner.is_some_and(|owner| &*owner.prefill_worker == worker) {
+                leases.insert(kv.lease);
+            }
+        }
+        if let Some(last) = page.kvs.last() {
+            from = last.key.clone();
+            from.push(0);
+        }
+        if !page.more {
+            break;
+        }
+    }
+    let mut longest = 0;
+    for lease in leases {
+        let remaining = shared
+            .timed(
+                "read a range lease's TTL",
+                shared.client.lease_time_to_live(lease),
+            )
+            .await?;
+        longest = longest.max(remaining.ttl);
+    }
+    Ok(longest)
 }
 
 /// The mod revision of `key` as a transaction read it.
@@ -813,6 +988,7 @@ async fn fleet_retention(
     keys: &Keys,
     config: &EtcdConfig,
 ) -> Result<Duration, OpenError> {
+    check_retention(config.retention, "--retention")?;
     let key = keys.retention();
     let endpoints = config.endpoints.join(",");
     let wanted = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
@@ -823,6 +999,12 @@ async fn fleet_retention(
                 key: key.clone(),
                 reason: "not a decimal number of milliseconds".into(),
             })?;
+            // Set by a version that did not bound it: every lease grant
+            // would fail, so refuse to start rather than serve nothing.
+            check_retention(
+                Duration::from_millis(stored_ms),
+                "the fleet's retention in etcd",
+            )?;
             if stored_ms != wanted {
                 warn!(
                     fleet_retention_secs = stored_ms as f64 / 1000.0,
@@ -837,7 +1019,12 @@ async fn fleet_retention(
             success: vec![txn::put(&key, wanted.to_string(), 0)],
             failure: Vec::new(),
         };
-        if etcd_call(config, client.txn(request)).await?.succeeded {
+        let written = etcd_call(config, client.txn(request)).await?;
+        failpoint!(
+            "etcd::fleet_retention_written",
+            injected(config, "etcd::fleet_retention_written")
+        );
+        if written.succeeded {
             info!(
                 retention_secs = config.retention.as_secs_f64(),
                 "set the fleet's retention in etcd"
@@ -854,6 +1041,9 @@ async fn fleet_retention(
 /// Shows, or with `new` sets, the fleet's retention in etcd; returns it.
 /// Replicas take a new value when they start.
 pub async fn retention(config: &EtcdConfig, new: Option<Duration>) -> Result<Duration, OpenError> {
+    if let Some(new) = new {
+        check_retention(new, "retention --set")?;
+    }
     let client = connect(config).await?;
     let keys = Keys::new(&config.prefix);
     let key = keys.retention();
@@ -869,6 +1059,10 @@ pub async fn retention(config: &EtcdConfig, new: Option<Duration>) -> Result<Dur
             }),
         )
         .await?;
+        failpoint!(
+            "etcd::retention_set",
+            injected(config, "etcd::retention_set")
+        );
         return Ok(new);
     }
     let stored = etcd_call(config, client.range(get(&key))).await?;
@@ -902,9 +1096,47 @@ async fn etcd_call<T>(
     }
 }
 
+/// Connects, and refuses an etcd too old to confirm a replica's view.
 async fn connect(config: &EtcdConfig) -> Result<EtcdClient, OpenError> {
     let options = config.connect_options()?;
-    etcd_call(config, EtcdClient::connect(&options)).await
+    let client = etcd_call(config, EtcdClient::connect(&options)).await?;
+    let status = etcd_call(config, client.status()).await?;
+    if !version_supported(&status.version) {
+        return Err(OpenError::EtcdVersion {
+            endpoints: config.endpoints.join(","),
+            version: status.version,
+        });
+    }
+    info!(etcd_version = %status.version, "connected to etcd");
+    Ok(client)
+}
+
+/// Whether etcd `version` ("3.4.23") is at least [`MIN_ETCD_VERSION`].
+fn version_supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_ETCD_VERSION,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn etcd_from_3_4_on_is_supported() {
+        for (version, supported) in [
+            ("3.4.23", true),
+            ("3.5.17", true),
+            ("3.6.0", true),
+            ("4.0.0", true),
+            ("3.3.27", false),
+            ("2.3.8", false),
+            ("", false),
+            ("three", false),
+        ] {
+            assert_eq!(super::version_supported(version), supported, "{version:?}");
+        }
+    }
 }
 
 /// A part of the space this replica took with one compare-and-swap on the
@@ -1342,6 +1574,10 @@ async fn lease_unleased(shared: Arc<Shared>, keys: Vec<(String, i64)>) {
                     shared
                         .timed("lease a range", shared.client.txn(request))
                         .await?;
+                    failpoint!(
+                        "etcd::range_leased",
+                        StoreError::Injected("etcd::range_leased")
+                    );
                 }
                 Ok::<(), StoreError>(())
             }
@@ -1723,18 +1959,19 @@ struct RegistrationSync {
 }
 
 impl RegistrationSync {
-    async fn run(mut self, mut revision: i64) {
+    /// Follows the registrations applied up to `applied` (the snapshot's
+    /// revision), forever.
+    async fn run(mut self, mut applied: i64) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.watch(revision).await {
-                Ok(()) => {}
-                Err(WatchEnd::Compacted) => match self.reread().await {
-                    Ok(seen) => revision = seen,
+            match self.watch(applied).await {
+                WatchEnd::Compacted => match self.reread().await {
+                    Ok(seen) => applied = seen,
                     Err(error) => self.unreachable(&error),
                 },
-                Err(WatchEnd::Failed(error, seen)) => {
-                    revision = revision.max(seen);
+                WatchEnd::Failed(error, seen) => {
+                    applied = applied.max(seen);
                     self.unreachable(&error);
                 }
             }
@@ -1752,9 +1989,13 @@ impl RegistrationSync {
         }
     }
 
-    /// Watches from `revision + 1` until the watch breaks; returns how.
-    async fn watch(&mut self, mut revision: i64) -> Result<(), WatchEnd> {
-        let failed = |error: String, seen| WatchEnd::Failed(error, seen);
+    /// Watches from `applied + 1` until the watch breaks; returns how, with
+    /// the last revision applied.
+    async fn watch(&mut self, applied: i64) -> WatchEnd {
+        let mut progress = WatchProgress::new(applied);
+        let failed = |error: String, progress: &WatchProgress| {
+            WatchEnd::Failed(error, progress.resume_after())
+        };
         let prefix = self.shared.keys.workers();
         let (requests, request_stream) = mpsc::channel(4);
         let create = pb::WatchRequest {
@@ -1762,78 +2003,89 @@ impl RegistrationSync {
                 pb::WatchCreateRequest {
                     key: prefix.clone().into_bytes(),
                     range_end: prefix_end(prefix.as_bytes()),
-                    start_revision: revision + 1,
+                    start_revision: applied + 1,
                     ..Default::default()
                 },
             )),
         };
-        requests
-            .send(create)
-            .await
-            .map_err(|_| failed("the watch request stream closed".into(), revision))?;
-        let mut stream = tokio::time::timeout(
+        if requests.send(create).await.is_err() {
+            return failed("the watch request stream closed".into(), &progress);
+        }
+        let opened = tokio::time::timeout(
             self.shared.timeout,
             self.shared.client.watch(request_stream),
         )
-        .await
-        .map_err(|_| failed("no answer to the watch".into(), revision))?
-        .map_err(|error| failed(error.to_string(), revision))?;
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return failed(error.to_string(), &progress),
+            Err(_) => return failed("no answer to the watch".into(), &progress),
+        };
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the outstanding progress request was sent (ms since epoch).
-        let mut asked: Option<u64> = None;
+        // The quorum read made after the outstanding progress request.
+        let mut quorum: Option<QuorumRead> = None;
         loop {
             tokio::select! {
                 message = stream.message() => {
                     let response = match message {
                         Ok(Some(response)) => response,
-                        Ok(None) => return Err(failed("etcd ended the watch".into(), revision)),
-                        Err(status) => return Err(failed(EtcdError::from(status).to_string(), revision)),
+                        Ok(None) => return failed("etcd ended the watch".into(), &progress),
+                        Err(status) => return failed(EtcdError::from(status).to_string(), &progress),
                     };
                     if response.compact_revision > 0 {
-                        return Err(WatchEnd::Compacted);
+                        return WatchEnd::Compacted;
                     }
                     if response.canceled {
-                        return Err(failed(format!("etcd cancelled the watch: {}", response.cancel_reason), revision));
-                    }
-                    if response.events.is_empty() && !response.created {
-                        // A progress notification: every change up to its
-                        // revision was delivered. Confirmed as of the ask.
-                        if let Some(sent) = asked.take() {
-                            self.confirm(sent);
-                        }
+                        return failed(format!("etcd cancelled the watch: {}", response.cancel_reason), &progress);
                     }
                     for event in &response.events {
                         if let Some(kv) = &event.kv {
-                            revision = revision.max(kv.mod_revision);
                             self.apply(event.r#type, kv);
+                            progress.applied(kv.mod_revision);
                         }
                     }
                     if response.events.is_empty() && !response.created {
-                        // Progress: nothing below the header's revision is
-                        // still to come, so a new watch may start past it.
-                        if let Some(header) = &response.header {
-                            revision = revision.max(header.revision);
+                        // A progress notification: the watch delivered every
+                        // change up to its revision (as the member knows it).
+                        let revision = response.header.as_ref().map_or(0, |h| h.revision);
+                        if let Some(asked) = progress.progress(revision) {
+                            self.confirm(asked);
+                        }
+                    }
+                }
+                read = async { quorum.as_mut().expect("polled only while a read is in flight").await }, if quorum.is_some() => {
+                    quorum = None;
+                    match read {
+                        Ok(revision) => {
+                            if let Some(asked) = progress.quorum_read(revision) {
+                                self.confirm(asked);
+                            }
+                        }
+                        Err(error) => {
+                            debug!(%error, "the quorum read after a progress request failed; the view stays unconfirmed");
+                            progress.quorum_failed();
                         }
                     }
                 }
                 _ = ticker.tick() => {
-                    if let Some(sent) = asked {
+                    if let Some(sent) = progress.asked_at() {
                         let waited = Duration::from_millis(self.shared.elapsed_ms().saturating_sub(sent));
                         if waited > self.shared.timeout {
-                            return Err(failed(format!("the watch did not confirm progress within {:?}", self.shared.timeout), revision));
+                            return failed(format!("the watch did not confirm progress within {:?}", self.shared.timeout), &progress);
                         }
                         continue;
                     }
-                    asked = Some(self.shared.elapsed_ms());
-                    let progress = pb::WatchRequest {
+                    progress.asked(self.shared.elapsed_ms());
+                    let request = pb::WatchRequest {
                         request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
                             pb::WatchProgressRequest {},
                         )),
                     };
-                    if requests.send(progress).await.is_err() {
-                        return Err(failed("the watch request stream closed".into(), revision));
+                    if requests.send(request).await.is_err() {
+                        return failed("the watch request stream closed".into(), &progress);
                     }
+                    quorum = Some(Box::pin(quorum_revision(self.shared.clone())));
                 }
             }
         }
@@ -1937,8 +2189,28 @@ impl RegistrationSync {
 enum WatchEnd {
     /// etcd compacted past the revision the watch needed: reread everything.
     Compacted,
-    /// The watch broke; the revision seen so far, to resume from.
+    /// The watch broke; the last revision applied, to resume after.
     Failed(String, i64),
+}
+
+/// A linearizable read in flight, answering the cluster's revision.
+type QuorumRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, StoreError>> + Send>>;
+
+/// The cluster's current revision, by a linearizable read (etcd's default
+/// for Range: the member checks with the leader, so a member cut off from
+/// its cluster cannot answer).
+async fn quorum_revision(shared: Arc<Shared>) -> Result<i64, StoreError> {
+    let request = pb::RangeRequest {
+        key: shared.keys.high_water().into_bytes(),
+        count_only: true,
+        ..Default::default()
+    };
+    let response = shared
+        .timed("read the cluster's revision", shared.client.range(request))
+        .await?;
+    // A response without a header confirms nothing.
+    Ok(response.header.map_or(i64::MAX, |h| h.revision))
 }
 
 /// What `migrate` moved into etcd.
