@@ -30,9 +30,10 @@ from conftest import Server
 T = TypeVar("T")
 
 DP_SIZE = 4
-#: Rooms taken before the fork: the client then holds a leased block, which
-#: the fork copies into the child.
-ROOMS_BEFORE_FORK = 8
+#: Rooms taken before the fork: the client then holds leased blocks, which
+#: the fork copies into the child, and has run a background refill (its
+#: thread or task exists in the parent, not in the child).
+ROOMS_BEFORE_FORK = 200
 #: Rooms each side takes after the fork: fewer than half a first lease, so a
 #: client that kept the copied block would serve them all from it.
 ROOMS_AFTER_FORK = 40
