@@ -339,3 +339,44 @@ async fn migrate_refuses_a_chunk_in_the_embedded_stores_pruned_space() {
     );
     drop(running);
 }
+
+/// The etcd store's id: `v1/store_id`, one for every replica of a prefix,
+/// exported by each, kept across restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_replicas_of_one_prefix_export_one_store_id() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("store-id");
+    let top = tempfile::tempdir().expect("tempdir");
+    let replica = |name: &str| {
+        ServerProcess::start(
+            &top.path().join(name),
+            &["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix],
+        )
+    };
+    let exported = |server: &ServerProcess| {
+        let metrics = http_get(server.metrics_addr, "/metrics");
+        let at = metrics
+            .find("room_allocator_store_info{store_id=\"")
+            .unwrap_or_else(|| panic!("no store_info:\n{metrics}"));
+        metrics[at..]
+            .split('"')
+            .nth(1)
+            .expect("the label value")
+            .to_owned()
+    };
+    let mut a = replica("a");
+    let b = replica("b");
+    let id = exported(&a);
+    assert!(is_uuid_v4(&id), "{id}");
+    assert_eq!(exported(&b), id);
+    let stored = etcd
+        .get(&format!("{prefix}v1/store_id"))
+        .await
+        .expect("the id is in etcd");
+    assert_eq!(String::from_utf8_lossy(&stored.value), id);
+    assert!(a.terminate().success());
+    let again = replica("c");
+    assert_eq!(exported(&again), id);
+}

@@ -133,7 +133,7 @@ fn corrupt(path: PathBuf, text: &str) -> OpenError {
 }
 
 /// 36 characters: lowercase hex in groups of 8-4-4-4-12.
-fn is_uuid(id: &str) -> bool {
+pub(crate) fn is_uuid(id: &str) -> bool {
     let groups: Vec<&str> = id.split('-').collect();
     groups.len() == 5
         && groups

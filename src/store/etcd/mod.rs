@@ -543,6 +543,8 @@ pub struct EtcdStore {
     /// ResolveRank says "pruned" for rooms below this (0.1's marker).
     legacy_pruned_below: u64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// `v1/store_id`: one id for every replica of the prefix.
+    store_id: String,
 }
 
 impl EtcdStore {
@@ -565,9 +567,11 @@ impl EtcdStore {
         if high_water.is_none() {
             create_high_water(config, &client, &keys).await?;
         }
+        let store_id = read_or_create_store_id(config, &client, &keys).await?;
         info!(
             endpoints = %config.endpoints.join(","),
             prefix = %keys.root,
+            store_id = %store_id,
             ranges = snapshot.ranges.len(),
             workers = snapshot.workers.len(),
             high_water = snapshot.high_water,
@@ -614,6 +618,7 @@ impl EtcdStore {
             misses: Mutex::new(NegativeCache::default()),
             legacy_pruned_below: snapshot.pruned_below,
             tasks,
+            store_id,
         };
         Ok((store, snapshot))
     }
@@ -1602,6 +1607,10 @@ impl Store for EtcdStore {
         "etcd"
     }
 
+    fn store_id(&self) -> Option<String> {
+        Some(self.store_id.clone())
+    }
+
     fn shared(&self) -> bool {
         true
     }
@@ -2211,6 +2220,40 @@ async fn quorum_revision(shared: Arc<Shared>) -> Result<i64, StoreError> {
         .await?;
     // A response without a header confirms nothing.
     Ok(response.header.map_or(i64::MAX, |h| h.revision))
+}
+
+/// The prefix's store id, `v1/store_id` (see `store_id`): put if absent (by
+/// the first replica, or the first start after ids came), then read, so
+/// every replica of the prefix reports the one that won. Older binaries
+/// ignore the key.
+async fn read_or_create_store_id(
+    config: &EtcdConfig,
+    client: &EtcdClient,
+    keys: &Keys,
+) -> Result<String, OpenError> {
+    let key = format!("{}store_id", keys.root);
+    let candidate = super::store_id::new_uuid_v4().map_err(|error| OpenError::Etcd {
+        endpoints: config.endpoints.join(","),
+        message: format!("cannot make a store id: {error}"),
+    })?;
+    let request = pb::TxnRequest {
+        compare: vec![txn::unchanged_since(&key, 0)],
+        success: vec![txn::put(&key, candidate, 0)],
+        failure: Vec::new(),
+    };
+    etcd_call(config, client.txn(request)).await?;
+    let stored = etcd_call(config, client.range(get(&key))).await?;
+    let value = stored.kvs.first().map(|kv| kv.value.clone()).unwrap_or_default();
+    match std::str::from_utf8(&value) {
+        Ok(id) if super::store_id::is_uuid(id) => Ok(id.to_owned()),
+        _ => Err(OpenError::CorruptKey {
+            key,
+            reason: format!(
+                "it holds {:?}, not a store id (a UUID); delete it to have a new one written",
+                String::from_utf8_lossy(&value)
+            ),
+        }),
+    }
 }
 
 /// What `migrate` moved into etcd.
