@@ -92,7 +92,6 @@
 //! loses and reorders whatever was not synced.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -102,7 +101,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::fs::{Fs, FsFile, RealFs};
+use super::fs::{Fs, FsFile, FsLock, RealFs};
 use super::{
     IssuedCount, OpenError, PruneRequest, Pruned, Reservation, Snapshot, Store, StoreError,
     StoreFuture, WorkerRecord,
@@ -144,6 +143,7 @@ const KIND_PROBE: u8 = 7;
 
 /// The embedded store handle: requests go to one writer thread.
 pub struct EmbeddedStore {
+    fs: Arc<dyn Fs>,
     requests: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     status: Arc<WriterStatus>,
@@ -206,42 +206,32 @@ impl EmbeddedStore {
 
     /// Opens the store with options (see [`EmbeddedOptions`]).
     pub fn open_with(dir: &Path, options: EmbeddedOptions) -> Result<(Self, Snapshot), OpenError> {
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |cause| OpenError::Io { path, cause }
-        };
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        Self::open_on(Arc::new(RealFs), dir, options)
+    }
+
+    /// Opens the store on any file system (tests use one that loses unsynced
+    /// writes): makes the dir (durably), takes its lock for the life of the
+    /// writer, checks `MIGRATED`, then reads (or first sets up) the files.
+    pub fn open_on(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        options: EmbeddedOptions,
+    ) -> Result<(Self, Snapshot), OpenError> {
+        let bounds = options.bounds;
+        create_dir_durably(&*fs, dir)?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(OpenError::Locked { path: lock_path }),
-            Err(TryLockError::Error(cause)) => {
+        let lock = match fs.try_lock(&lock_path) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Err(OpenError::Locked { path: lock_path }),
+            Err(cause) => {
                 return Err(OpenError::Io {
                     path: lock_path,
                     cause,
                 })
             }
-        }
-        check_not_migrated(dir, options.for_migration)?;
-        Self::open_on(Arc::new(RealFs), dir, options.bounds, Some(lock))
-    }
-
-    /// Opens the store on any file system (tests use one that loses unsynced
-    /// writes); `lock` is held for the life of the writer.
-    pub fn open_on(
-        fs: Arc<dyn Fs>,
-        dir: &Path,
-        bounds: Bounds,
-        lock: Option<File>,
-    ) -> Result<(Self, Snapshot), OpenError> {
+        };
+        check_not_migrated(&*fs, dir, options.for_migration)?;
         let files = Files::new(dir);
-        fs.create_dir_all(dir).map_err(io_err_of(dir))?;
         let fresh = prepare_files(&*fs, &files)?;
         if fs
             .file_len(&files.compact)
@@ -285,7 +275,7 @@ impl EmbeddedStore {
         let status = Arc::new(WriterStatus::default());
         status.high_water.store(high_water, Ordering::Release);
         let writer = Writer {
-            fs,
+            fs: fs.clone(),
             files,
             log,
             commit,
@@ -306,6 +296,7 @@ impl EmbeddedStore {
             .spawn(move || writer.run(rx))
             .map_err(io_err_of(dir))?;
         let store = Self {
+            fs,
             requests: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             status,
@@ -324,15 +315,18 @@ impl EmbeddedStore {
         let path = dir.join(MIGRATED_FILE);
         let tmp = dir.join("MIGRATED.tmp");
         let state = if complete { "complete" } else { "pending" };
-        let file = File::create(&tmp)?;
-        std::os::unix::fs::FileExt::write_all_at(
-            &file,
-            format!("{state} {target}\n").as_bytes(),
-            0,
-        )?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()
+        failpoint!("migrate::mark_write", io_error("migrate::mark_write"));
+        let file = self.fs.create(&tmp)?;
+        file.write_all_at(format!("{state} {target}\n").as_bytes(), 0)?;
+        failpoint!("migrate::mark_fsync", io_error("migrate::mark_fsync"));
+        file.sync_data()?;
+        failpoint!("migrate::mark_rename", io_error("migrate::mark_rename"));
+        self.fs.rename(&tmp, &path)?;
+        failpoint!(
+            "migrate::mark_dir_fsync",
+            io_error("migrate::mark_dir_fsync")
+        );
+        self.fs.sync_dir(dir)
     }
 
     fn submit(&self, op: Op) -> StoreFuture<'_, Outcome> {
@@ -355,9 +349,9 @@ impl EmbeddedStore {
 
 /// Refuses a dir that `migrate` marked (a server), or marked complete
 /// (`migrate` itself), and one whose mark cannot be read.
-fn check_not_migrated(dir: &Path, for_migration: bool) -> Result<(), OpenError> {
+fn check_not_migrated(fs: &dyn Fs, dir: &Path, for_migration: bool) -> Result<(), OpenError> {
     let path = dir.join(MIGRATED_FILE);
-    match std::fs::read(&path) {
+    match fs.read(&path) {
         Ok(mark) => {
             let mark = String::from_utf8_lossy(&mark).trim().to_owned();
             if for_migration && !mark.starts_with("complete") {
@@ -371,6 +365,60 @@ fn check_not_migrated(dir: &Path, for_migration: bool) -> Result<(), OpenError> 
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(cause) => Err(OpenError::MigratedUnreadable { path, cause }),
     }
+}
+
+/// The directory holding `path` (`.` for a bare relative name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes `dir` and any missing parent, one level at a time, syncing the
+/// parent of each: a new directory's entry is durable only once its parent
+/// is, and a data dir lost to a power loss after rooms were issued would
+/// start the room space over.
+fn create_dir_durably(fs: &dyn Fs, dir: &Path) -> Result<(), OpenError> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !fs.dir_exists(at).map_err(io_err_of(at))? {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    for dir in missing.into_iter().rev() {
+        failpoint!(
+            "embedded::create_dir",
+            OpenError::Io {
+                path: dir.to_path_buf(),
+                cause: io_error("embedded::create_dir"),
+            }
+        );
+        match fs.create_dir(dir) {
+            Ok(()) => {}
+            // Made by someone else meanwhile: sync its parent all the same.
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(cause) => {
+                return Err(OpenError::Io {
+                    path: dir.to_path_buf(),
+                    cause,
+                })
+            }
+        }
+        let parent = parent_dir(dir);
+        failpoint!(
+            "embedded::create_dir_sync",
+            OpenError::Io {
+                path: parent.to_path_buf(),
+                cause: io_error("embedded::create_dir_sync"),
+            }
+        );
+        fs.sync_dir(parent).map_err(io_err_of(parent))?;
+    }
+    Ok(())
 }
 
 fn io_err_of(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError {
@@ -570,6 +618,8 @@ struct Slot {
     commit_seq: u64,
     log_len: u64,
     generation: u32,
+    /// The other slot holds a valid (older) commit too.
+    other_valid: bool,
 }
 
 fn encode_log_header(generation: u32) -> Vec<u8> {
@@ -610,7 +660,13 @@ pub(crate) enum CommitProblem {
 /// The newest valid slot of a commit file's bytes: (commit_seq, generation,
 /// log_len). A fuzz target: never panics, and accepts only slots whose
 /// checksum holds, each in the position its commit_seq puts it.
+#[cfg(test)]
 pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProblem> {
+    decode_slots(bytes).map(|(newest, _)| newest)
+}
+
+/// [`decode_commit`], and whether both slots are valid.
+fn decode_slots(bytes: &[u8]) -> Result<((u64, u32, u64), bool), CommitProblem> {
     let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     if len < 2 * SLOT_LEN {
         return Err(CommitProblem::TooShort(len));
@@ -622,6 +678,7 @@ pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProbl
         return Err(CommitProblem::Foreign);
     }
     let mut best: Option<(u64, u32, u64)> = None;
+    let mut valid_slots = 0;
     for (index, slot) in slots.into_iter().enumerate() {
         let mut reader = Reader::new(slot);
         let (magic, version, generation, commit_seq, log_len) = (
@@ -648,20 +705,23 @@ pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProbl
                 commit_seq,
             });
         }
+        valid_slots += 1;
         if best.is_none_or(|(seq, ..)| commit_seq > seq) {
             best = Some((commit_seq, generation, log_len));
         }
     }
-    best.ok_or(CommitProblem::BothDamaged)
+    best.map(|best| (best, valid_slots == 2))
+        .ok_or(CommitProblem::BothDamaged)
 }
 
 fn read_commit(file: &dyn FsFile, path: &Path) -> Result<Slot, OpenError> {
     let bytes = file.read_all().map_err(io_err_of(path))?;
-    match decode_commit(&bytes) {
-        Ok((commit_seq, generation, log_len)) => Ok(Slot {
+    match decode_slots(&bytes) {
+        Ok(((commit_seq, generation, log_len), other_valid)) => Ok(Slot {
             commit_seq,
             log_len,
             generation,
+            other_valid,
         }),
         Err(CommitProblem::TooShort(actual)) => Err(OpenError::Truncated {
             path: path.to_path_buf(),
@@ -704,18 +764,11 @@ struct Loaded {
     generation: u32,
     /// Log bytes acknowledged by the commit slot (or a finished compaction).
     committed: u64,
-    slot: Slot,
 }
 
 impl Loaded {
     fn high_water(&self) -> u64 {
         self.replay.high_water()
-    }
-
-    /// The commit slot lags what was adopted: a compaction's rename, or
-    /// durable records past the last commit.
-    fn needs_commit(&self) -> bool {
-        self.generation != self.slot.generation || self.end != self.slot.log_len
     }
 }
 
@@ -786,7 +839,6 @@ fn read_log(file: &dyn FsFile, path: &Path, slot: Slot) -> Result<Loaded, OpenEr
         torn_tail: actual - end,
         generation,
         committed,
-        slot,
     })
 }
 
@@ -828,38 +880,77 @@ fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
             }
         );
         log.set_len(loaded.end).map_err(io(&files.log))?;
-        log.sync_data().map_err(io(&files.log))?;
-    }
-    let mut commit_seq = slot.commit_seq;
-    if loaded.needs_commit() {
-        if loaded.end > loaded.committed {
-            // Read back, but perhaps only from the page cache (after a
-            // failed fsync Linux keeps the pages and forgets they were not
-            // written): write them again and sync before committing them.
-            let from = usize::try_from(loaded.committed).expect("in memory");
-            log.write_all_at(&loaded.bytes[from..], loaded.committed)
-                .map_err(io(&files.log))?;
-            log.sync_data().map_err(io(&files.log))?;
-        }
-        // A compaction's rename may not be durable yet: make it so before
-        // a commit slot names its generation.
-        fs.sync_dir(&files.dir).map_err(io(&files.dir))?;
         failpoint!(
-            "embedded::settle_commit",
+            "embedded::settle_truncate_fsync",
             OpenError::Io {
-                path: files.commit.clone(),
-                cause: io_error("embedded::settle_commit"),
+                path: files.log.clone(),
+                cause: io_error("embedded::settle_truncate_fsync"),
             }
         );
-        commit_seq += 1;
-        commit
-            .write_all_at(
-                &encode_slot(commit_seq, loaded.end, loaded.generation),
-                (commit_seq % 2) * SLOT_LEN,
-            )
-            .map_err(io(&files.commit))?;
-        commit.sync_data().map_err(io(&files.commit))?;
+        log.sync_data().map_err(io(&files.log))?;
     }
+    if loaded.end > loaded.committed {
+        // Read back, but perhaps only from the page cache (after a failed
+        // fsync Linux keeps the pages and forgets they were not written):
+        // write them again and sync before committing them.
+        let from = usize::try_from(loaded.committed).expect("in memory");
+        failpoint!(
+            "embedded::settle_rewrite",
+            OpenError::Io {
+                path: files.log.clone(),
+                cause: io_error("embedded::settle_rewrite"),
+            }
+        );
+        log.write_all_at(&loaded.bytes[from..], loaded.committed)
+            .map_err(io(&files.log))?;
+        failpoint!(
+            "embedded::settle_rewrite_fsync",
+            OpenError::Io {
+                path: files.log.clone(),
+                cause: io_error("embedded::settle_rewrite_fsync"),
+            }
+        );
+        log.sync_data().map_err(io(&files.log))?;
+    }
+    // A compaction's rename may not be durable yet: make it so before a
+    // commit slot names its generation.
+    failpoint!(
+        "embedded::settle_dir_fsync",
+        OpenError::Io {
+            path: files.dir.clone(),
+            cause: io_error("embedded::settle_dir_fsync"),
+        }
+    );
+    fs.sync_dir(&files.dir).map_err(io(&files.dir))?;
+    // Always a fresh, synced commit before the writer goes on, even when
+    // nothing was adopted: the newest slot read back may exist only in the
+    // page cache (its fsync failed, or the process died before it), and
+    // the writer's next commit would go over the other slot, perhaps the
+    // only durable one. The fresh commit goes over the doubtful slot,
+    // keeping the other, unless the other is not valid (then the newest
+    // was read from the disk itself, or it is the only slot there is).
+    let commit_seq = slot.commit_seq + if slot.other_valid { 2 } else { 1 };
+    failpoint!(
+        "embedded::settle_commit",
+        OpenError::Io {
+            path: files.commit.clone(),
+            cause: io_error("embedded::settle_commit"),
+        }
+    );
+    commit
+        .write_all_at(
+            &encode_slot(commit_seq, loaded.end, loaded.generation),
+            (commit_seq % 2) * SLOT_LEN,
+        )
+        .map_err(io(&files.commit))?;
+    failpoint!(
+        "embedded::settle_commit_fsync",
+        OpenError::Io {
+            path: files.commit.clone(),
+            cause: io_error("embedded::settle_commit_fsync"),
+        }
+    );
+    commit.sync_data().map_err(io(&files.commit))?;
     Ok(Settled {
         loaded,
         log,
@@ -1168,7 +1259,7 @@ struct Writer {
     log: Box<dyn FsFile>,
     commit: Box<dyn FsFile>,
     /// Held for the life of the writer: the flock on `LOCK`.
-    _lock: Option<File>,
+    _lock: FsLock,
     log_len: u64,
     next_seq: u64,
     commit_seq: u64,
@@ -1525,7 +1616,8 @@ impl Writer {
     }
 
     /// Writes the compacted log aside, fsyncs it and renames it over the
-    /// live log. A failure before the rename leaves the live log as it was.
+    /// live log. A failure before the rename leaves the live log as it was;
+    /// a failed rename halts the writer, as it may have happened.
     fn write_compacted(&mut self, log: &[u8]) -> Result<Box<dyn FsFile>, StoreError> {
         let path = self.files.compact.clone();
         let written = (|| {
@@ -1548,8 +1640,12 @@ impl Writer {
             self.io_error(&self.files.log, io_error("compact::rename"))
         );
         if let Err(error) = self.fs.rename(&path, &self.files.log) {
-            let _ = self.fs.remove_file(&path);
-            return Err(self.io_error(&self.files.log, error));
+            // A rename may take effect and still report an error (NFS
+            // retries it and gets ENOENT; a journal error): which log is
+            // live is unknown until the files are read back.
+            let error = self.io_error(&self.files.log, error);
+            self.halt(error.to_string());
+            return Err(error);
         }
         Ok(file)
     }

@@ -1,8 +1,11 @@
 //! The few file-system calls the embedded store makes, behind a trait so a
 //! test can swap in a file system that loses what was not synced (see
-//! `sim_fs`). The real one is a thin layer over `std::fs`.
+//! `sim_fs`). The real one is a thin layer over `std::fs`. Every file of the
+//! data dir goes through it, `LOCK` and `MIGRATED` included, so the
+//! simulated one sees every durable step.
 
-use std::fs::{self, File, OpenOptions};
+use std::any::Any;
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -27,19 +30,32 @@ pub trait FsFile: Send + Sync {
     }
 }
 
-/// A file system: files by path, renames, and directory durability.
+/// Held while a lock taken with [`Fs::try_lock`] lasts; dropping it unlocks.
+pub type FsLock = Box<dyn Any + Send + Sync>;
+
+/// A file system: files by path, renames, directories and their durability.
 pub trait Fs: Send + Sync + 'static {
     /// Opens an existing file for reading and writing.
     fn open(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
-    /// Creates (or truncates) a file for reading and writing.
+    /// Creates a file for reading and writing; an existing one is truncated.
     fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// The whole of an existing file, opened for reading only.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove_file(&self, path: &Path) -> io::Result<()>;
-    /// Makes the directory's entries (creations, renames, removals) durable.
+    /// Makes the directory's entries (creations, renames, removals, and the
+    /// directories made in it) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// The file's length, or `None` if it does not exist.
     fn file_len(&self, path: &Path) -> io::Result<Option<u64>>;
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Whether `dir` exists; an error if it exists but is not a directory.
+    fn dir_exists(&self, dir: &Path) -> io::Result<bool>;
+    /// Makes one directory, whose parent must exist. Durable only once its
+    /// parent is synced.
+    fn create_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on `path` (created if missing, never
+    /// truncated), or `None` if someone else holds it.
+    fn try_lock(&self, path: &Path) -> io::Result<Option<FsLock>>;
 }
 
 /// The operating system's file system.
@@ -86,6 +102,10 @@ impl Fs for RealFs {
         Ok(Box::new(file))
     }
 
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
     }
@@ -106,7 +126,32 @@ impl Fs for RealFs {
         }
     }
 
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::create_dir_all(dir)
+    fn dir_exists(&self, dir: &Path) -> io::Result<bool> {
+        match fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => Ok(true),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "exists but is not a directory",
+            )),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn create_dir(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir(dir)
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<Option<FsLock>> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Box::new(file))),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(error)) => Err(error),
+        }
     }
 }

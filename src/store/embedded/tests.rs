@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::space::{Room, MAX_ROOM};
-use crate::store::sim_fs::{Rng, SimFs};
+use crate::store::sim_fs::{Effect, Rng, SimFs};
 use proptest::prelude::*;
 use std::fs;
 
@@ -452,68 +452,124 @@ fn deregistered_workers_are_forgotten_once_nothing_needs_them() {
 }
 
 fn sim_open(fs: &Arc<SimFs>, bounds: Bounds) -> Result<(EmbeddedStore, Snapshot), OpenError> {
-    EmbeddedStore::open_on(Arc::new(fs.clone()), Path::new("/data"), bounds, None)
+    sim_open_at(fs, Path::new("/data"), bounds)
+}
+
+fn sim_open_at(
+    fs: &Arc<SimFs>,
+    dir: &Path,
+    bounds: Bounds,
+) -> Result<(EmbeddedStore, Snapshot), OpenError> {
+    EmbeddedStore::open_on(
+        Arc::new(fs.clone()),
+        dir,
+        EmbeddedOptions {
+            bounds,
+            for_migration: false,
+        },
+    )
+}
+
+/// Issue 16, defect 3: `serve` on a fresh machine makes its data dir (and
+/// missing parents). Until the parent of each is synced, the new entry is
+/// not durable: a power loss after rooms were issued could take the whole
+/// dir, and the next start would begin from room 1 again.
+#[test]
+fn a_data_dir_made_at_start_survives_a_power_loss_with_its_rooms() {
+    let rt = runtime();
+    let dir = Path::new("/srv/room-allocator/data");
+    for seed in 0..16 {
+        let fs = SimFs::new(seed);
+        let (store, _) = sim_open_at(&fs, dir, Bounds::FULL).expect("first start");
+        let acked = rt
+            .block_on(store.reserve(reservation("w", 2, 4)))
+            .expect("reserve");
+        drop(store);
+        let after = fs.power_loss(seed);
+        let (_, snapshot) = sim_open_at(&after, dir, Bounds::FULL).expect("reopen");
+        assert!(
+            snapshot.high_water >= acked.end(),
+            "seed {seed}: rooms {}..{} were issued, then a power loss, and the store starts over from room {}",
+            acked.start(),
+            acked.end(),
+            snapshot.high_water.max(1)
+        );
+    }
+}
+
+/// A compaction fails at `failing` (an operation of the simulated file
+/// system, with `effect` of it done); whatever the writer acknowledges then,
+/// before and after, must survive any power loss.
+fn a_failed_compaction_then_power_loss(failing: (&'static str, &str, Effect)) {
+    let (kind, path, effect) = failing;
+    let fs = SimFs::new(7);
+    let rt = runtime();
+    let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
+    let mut acked = Vec::new();
+    for _ in 0..3 {
+        acked.push(
+            rt.block_on(store.reserve(reservation("w", 2, 4)))
+                .expect("reserve"),
+        );
+    }
+    let young = rt
+        .block_on(store.reserve(Reservation {
+            created_unix_ms: 5_000,
+            ..reservation("w", 2, 4)
+        }))
+        .expect("young");
+    acked.push(young);
+    fs.fail_next_with(kind, Path::new(path), effect);
+    let error = rt
+        .block_on(store.prune(prune(2_000)))
+        .expect_err("the injected failure");
+    assert!(matches!(error, StoreError::Io { .. }), "{error}");
+    // Whatever the writer answers now must be true on disk.
+    for _ in 0..5 {
+        if let Ok(range) = rt.block_on(store.reserve(Reservation {
+            created_unix_ms: 9_000,
+            ..reservation("w", 2, 4)
+        })) {
+            acked.push(range);
+        }
+    }
+    drop(store);
+    for seed in 0..20 {
+        let after = fs.power_loss(seed);
+        let (_, snapshot) = sim_open(&after, Bounds::FULL)
+            .unwrap_or_else(|e| panic!("{kind} {path}: reopen after power loss {seed}: {e}"));
+        for range in &acked {
+            let covered = snapshot.high_water >= range.end();
+            assert!(
+                covered,
+                "{kind} {path}: acknowledged range {}..{} lost (high water {})",
+                range.start(),
+                range.end(),
+                snapshot.high_water
+            );
+        }
+    }
 }
 
 /// Review defect 2: a compaction that fails after its rename (here the
-/// directory fsync) must not let the writer append to the unlinked old log
-/// and call it durable. On the simulated file system the old log is an
-/// orphan after the rename: anything "committed" to it is gone after a
-/// power loss, and its rooms would be issued again.
+/// directory fsync, or the slot write) must not let the writer append to
+/// the unlinked old log and call it durable. On the simulated file system
+/// the old log is an orphan after the rename: anything "committed" to it is
+/// gone after a power loss, and its rooms would be issued again.
 #[test]
 fn a_compaction_that_fails_after_its_rename_never_acknowledges_lost_writes() {
-    for failing in ["fsync dir", "write"] {
-        let fs = SimFs::new(7);
-        let rt = runtime();
-        let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
-        let mut acked = Vec::new();
-        for _ in 0..3 {
-            acked.push(
-                rt.block_on(store.reserve(reservation("w", 2, 4)))
-                    .expect("reserve"),
-            );
-        }
-        let young = rt
-            .block_on(store.reserve(Reservation {
-                created_unix_ms: 5_000,
-                ..reservation("w", 2, 4)
-            }))
-            .expect("young");
-        acked.push(young);
-        match failing {
-            "fsync dir" => fs.fail_next("fsync dir", Path::new("/data")),
-            _ => fs.fail_next("write", Path::new("/data/rooms.commit")),
-        }
-        let error = rt
-            .block_on(store.prune(prune(2_000)))
-            .expect_err("the injected failure");
-        assert!(matches!(error, StoreError::Io { .. }), "{error}");
-        // Whatever the writer answers now must be true on disk.
-        for _ in 0..5 {
-            if let Ok(range) = rt.block_on(store.reserve(Reservation {
-                created_unix_ms: 9_000,
-                ..reservation("w", 2, 4)
-            })) {
-                acked.push(range);
-            }
-        }
-        drop(store);
-        for seed in 0..20 {
-            let after = fs.power_loss(seed);
-            let (_, snapshot) = sim_open(&after, Bounds::FULL)
-                .unwrap_or_else(|e| panic!("{failing}: reopen after power loss {seed}: {e}"));
-            for range in &acked {
-                let covered = snapshot.high_water >= range.end();
-                assert!(
-                    covered,
-                    "{failing}: acknowledged range {}..{} lost (high water {})",
-                    range.start(),
-                    range.end(),
-                    snapshot.high_water
-                );
-            }
-        }
-    }
+    a_failed_compaction_then_power_loss(("fsync dir", "/data", Effect::None));
+    a_failed_compaction_then_power_loss(("write", "/data/rooms.commit", Effect::None));
+}
+
+/// Issue 16, defect 2: a rename that reports an error after it took effect
+/// (NFS retries a RENAME and gets ENOENT; a journal error). The writer
+/// cannot know which log is live, so it must treat any rename error like a
+/// failure after the rename: halt and read the files back.
+#[test]
+fn a_rename_that_took_effect_but_reported_an_error_never_acknowledges_lost_writes() {
+    a_failed_compaction_then_power_loss(("rename", "/data/rooms.log", Effect::All));
+    a_failed_compaction_then_power_loss(("rename", "/data/rooms.log", Effect::None));
 }
 
 /// Review defect 7: a compaction renamed into place without its commit
@@ -556,6 +612,53 @@ fn a_crash_after_an_interrupted_compaction_then_a_torn_append_still_opens() {
         let (_, snapshot) = sim_open(&after, Bounds::FULL)
             .unwrap_or_else(|e| panic!("seed {seed}: refused to open after a torn append: {e}"));
         assert!(snapshot.high_water >= before);
+    }
+}
+
+/// Issue 16, defect 4 (review defect 7 by another route): the commit slot
+/// of a new generation is written but its fsync fails, having persisted
+/// nothing, while reads still see it. Reading the files back then must not
+/// trust that slot: if the next slot written lands over the other one and
+/// is torn by a power loss, neither slot names the log's generation, and the
+/// store refuses to start. Torn slot writes depend on the seed.
+#[test]
+fn a_failed_fsync_of_a_new_generations_commit_then_power_loss_still_opens() {
+    let rt = runtime();
+    let commit = Path::new("/data/rooms.commit");
+    for seed in 0..32 {
+        let fs = SimFs::new(seed);
+        let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
+        let mut acked = Vec::new();
+        for created_unix_ms in [500, 2_000, 9_000] {
+            acked.push(
+                rt.block_on(store.reserve(Reservation {
+                    created_unix_ms,
+                    ..reservation("w", 1, 4)
+                }))
+                .expect("reserve"),
+            );
+        }
+        // Two compactions in a row: two generations ahead of the slot
+        // before them.
+        rt.block_on(store.prune(prune(1_000))).expect("compaction");
+        fs.fail_next("fsync", commit);
+        rt.block_on(store.prune(prune(3_000)))
+            .expect_err("the slot fsync fails");
+        // The next slot written is torn by a power loss.
+        fs.cut_power_after("write", commit);
+        if let Ok(range) = rt.block_on(store.reserve(reservation("w", 1, 4))) {
+            acked.push(range);
+        }
+        drop(store);
+        let after = fs.power_loss(seed);
+        let (_, snapshot) = sim_open(&after, Bounds::FULL)
+            .unwrap_or_else(|e| panic!("seed {seed}: refused to open: {e}"));
+        for range in &acked {
+            assert!(
+                snapshot.high_water >= range.end(),
+                "seed {seed}: lost {range:?}"
+            );
+        }
     }
 }
 
