@@ -702,3 +702,374 @@ async fn a_mark_rewritten_down_after_a_chunk_of_unknown_outcome_is_refused() {
     }
     assert!(refused_by_name, "B never named the mark:\n{}", b.log());
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_register_send_fails() {
+    etcd_case("etcd::register_send", 0, Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_register_send_crashes() {
+    etcd_case("etcd::register_send", 0, Mode::Crash).await;
+}
+
+/// The failpoint `name` on a replica that must fail to start there, or
+/// die: the log says so.
+fn assert_stopped_at(result: Result<ServerProcess, common::StartFailure>, name: &str, mode: Mode) {
+    let Err(failure) = result else {
+        panic!("the start went through {name}");
+    };
+    let needle = match mode {
+        Mode::Fail => format!("failpoint {name}"),
+        Mode::Crash => format!("failpoint {name}: crashing"),
+    };
+    assert!(failure.log.contains(&needle), "{}", failure.log);
+}
+
+/// A replica's first start on a new prefix fails (or dies) at a step that
+/// wrote to etcd; the next start completes the set-up, and rooms are unique.
+async fn etcd_first_start_case(name: &str, mode: Mode) {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix(&name.replace("::", "-"));
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let armed = ServerProcess::try_start_with(&dir.path().join("a"), &args, |command| {
+        command.env("FAILPOINTS", failpoints(name, 0, mode));
+    });
+    assert_stopped_at(armed, name, mode);
+    let b = ServerProcess::start(&dir.path().join("b"), &args);
+    register_all(&b).await;
+    let record = load::Shared::default();
+    let tasks = start_load(&b.url(), &record, OnError::Continue);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    load::stop(&record);
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    for key in ["high_water", "config/retention_ms"] {
+        assert!(
+            etcd.get(&format!("{prefix}v1/{key}")).await.is_some(),
+            "{key} is set up"
+        );
+    }
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    assert!(!record.rooms.is_empty(), "the load got rooms");
+    check_after(
+        &format!("{name} {mode:?}"),
+        &b,
+        record,
+        Duration::from_secs(86_400),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_high_water_created_fails() {
+    etcd_first_start_case("etcd::high_water_created", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_high_water_created_crashes() {
+    etcd_first_start_case("etcd::high_water_created", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_fleet_retention_written_fails() {
+    etcd_first_start_case("etcd::fleet_retention_written", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_fleet_retention_written_crashes() {
+    etcd_first_start_case("etcd::fleet_retention_written", Mode::Crash).await;
+}
+
+/// rooms_issued is written as a replica shuts down: the write fails (or the
+/// process dies) after etcd took it; rooms stay unique after a restart.
+async fn etcd_issued_case(mode: Mode) {
+    let name = "etcd::issued_written";
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("issued-written");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = ServerProcess::try_start_with(&dir.path().join("a"), &args, |command| {
+        command.env("FAILPOINTS", failpoints(name, 0, mode));
+    })
+    .unwrap_or_else(|failure| panic!("start A: {}", failure.log));
+    register_all(&a).await;
+    let record = load::Shared::default();
+    let tasks = start_load(&a.url(), &record, OnError::Continue);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    load::stop(&record);
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    let status = a.terminate();
+    let needle = match mode {
+        Mode::Fail => format!("failpoint {name}"),
+        Mode::Crash => format!("failpoint {name}: crashing"),
+    };
+    assert!(a.log().contains(&needle), "{status:?}\n{}", a.log());
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    assert!(!record.rooms.is_empty(), "the load got rooms");
+    let checker = ServerProcess::start(&dir.path().join("c"), &args);
+    check_after(
+        &format!("{name} {mode:?}"),
+        &checker,
+        record,
+        Duration::from_secs(86_400),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_issued_written_fails() {
+    etcd_issued_case(Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_issued_written_crashes() {
+    etcd_issued_case(Mode::Crash).await;
+}
+
+/// The remaining TTL of the lease `kv` has (0 without one).
+async fn lease_ttl(
+    etcd: &EtcdProcess,
+    kv: &room_allocator::store::etcd::client::pb::KeyValue,
+) -> i64 {
+    if kv.lease == 0 {
+        return 0;
+    }
+    etcd.admin()
+        .await
+        .lease_time_to_live(kv.lease)
+        .await
+        .expect("lease TTL")
+        .ttl
+}
+
+/// A deregistration fails (or its replica dies) after etcd took it, through
+/// a replica that read a short retention while the worker's ranges were
+/// reserved under a long one; deregistering again through a clean replica
+/// leaves a record that outlives every range of the worker.
+async fn etcd_deregister_case(name: &str, mode: Mode) {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix(&name.replace("::", "-"));
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = ServerProcess::start(
+        &dir.path().join("long"),
+        &[&args[..], &["--retention", "1h"]].concat(),
+    );
+    let leaving = pb::RegisterWorkerRequest {
+        prefill_worker: "fp-leaving".into(),
+        dp_size: 2,
+    };
+    timed(long.client().await.register_worker(leaving.clone()))
+        .await
+        .expect("register");
+    let room = timed(long.client().await.allocate_room(pb::AllocateRoomRequest {
+        prefill_worker: "fp-leaving".into(),
+        dp_rank: 1,
+        dp_size: 2,
+    }))
+    .await
+    .expect("allocate")
+    .into_inner()
+    .room;
+    let set = common::run_cli(&[
+        "retention",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+        "--set",
+        "10s",
+    ]);
+    assert_eq!(set.0, 0, "{}", set.2);
+    let mut short = ServerProcess::try_start_with(&dir.path().join("short"), &args, |command| {
+        command.env("FAILPOINTS", failpoints(name, 0, mode));
+    })
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    let deregister = pb::DeregisterWorkerRequest {
+        prefill_worker: "fp-leaving".into(),
+    };
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        short.lazy_client().deregister_worker(deregister.clone()),
+    )
+    .await;
+    match mode {
+        Mode::Fail => {
+            let status = answer.expect("an answer").expect_err("the step failed");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(short.terminate().success(), "{}", short.log());
+        }
+        Mode::Crash => {
+            assert!(short.wait_exit(Duration::from_secs(10)).is_some(), "died");
+            assert!(short.log().contains("crashing"), "{}", short.log());
+        }
+    }
+    // The caller retries elsewhere.
+    let clean = ServerProcess::start(&dir.path().join("clean"), &args);
+    timed(clean.client().await.deregister_worker(deregister))
+        .await
+        .expect("deregister again");
+    let mut range_ttl = 0;
+    for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
+        if String::from_utf8_lossy(&kv.value).contains("\"fp-leaving\"") {
+            range_ttl = range_ttl.max(lease_ttl(&etcd, &kv).await);
+        }
+    }
+    let worker = etcd
+        .get(&format!("{prefix}v1/workers/fp-leaving"))
+        .await
+        .expect("the record");
+    let worker_ttl = lease_ttl(&etcd, &worker).await;
+    assert!(
+        range_ttl > 3600 && worker_ttl >= range_ttl,
+        "record TTL {worker_ttl} s, range TTL {range_ttl} s"
+    );
+    let resolved = timed(
+        clean
+            .client()
+            .await
+            .resolve_rank(pb::ResolveRankRequest { room }),
+    )
+    .await
+    .expect("resolve")
+    .into_inner();
+    assert_eq!(
+        (resolved.prefill_worker.as_str(), resolved.dp_size),
+        ("fp-leaving", 2)
+    );
+    println!("failpoint {name} {mode:?}: record TTL {worker_ttl} s >= range TTL {range_ttl} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_deregistered_fails() {
+    etcd_deregister_case("etcd::deregistered", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_deregistered_crashes() {
+    etcd_deregister_case("etcd::deregistered", Mode::Crash).await;
+}
+
+/// `retention --set` fails (or dies) after etcd took the new value: the
+/// tool exits non-zero, and showing the retention tells what etcd holds.
+async fn etcd_retention_set_case(mode: Mode) {
+    let name = "etcd::retention_set";
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("retention-set");
+    let base = [
+        "retention",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+    ];
+    let (code, _, err) = run_cli_env(
+        &[&base[..], &["--set", "2h"]].concat(),
+        &[("FAILPOINTS", &failpoints(name, 0, mode))],
+    );
+    assert_ne!(code, 0, "{err}");
+    match mode {
+        Mode::Fail => assert!(err.contains(&format!("failpoint {name}")), "{err}"),
+        Mode::Crash => assert!(err.contains("crashing"), "{err}"),
+    }
+    let (code, out, err) = common::run_cli(&base);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"retention_secs\":7200"), "{out}");
+    let (code, _, err) = common::run_cli(&[&base[..], &["--set", "2h"]].concat());
+    assert_eq!(code, 0, "setting it again: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_retention_set_fails() {
+    etcd_retention_set_case(Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_retention_set_crashes() {
+    etcd_retention_set_case(Mode::Crash).await;
+}
+
+/// A range record written without a lease (by a 0.1 replica) is attached to
+/// one; the attaching transaction fails (or the replica dies) after etcd
+/// took it: the record still ends up leased, and still resolves.
+async fn etcd_range_leased_case(mode: Mode) {
+    let name = "etcd::range_leased";
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("range-leased");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let key = format!("{prefix}v1/ranges/{:020}", 1000);
+    etcd.put(&format!("{prefix}v1/high_water"), "2000").await;
+    etcd.put(
+        &key,
+        r#"{"end":1010,"dp_size":1,"prefill_worker":"fp-old","created_unix_ms":1}"#,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut armed = ServerProcess::try_start_with(&dir.path().join("a"), &args, |command| {
+        command.env("FAILPOINTS", failpoints(name, 0, mode));
+    })
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    let needle = match mode {
+        Mode::Fail => format!("failpoint {name}"),
+        Mode::Crash => format!("failpoint {name}: crashing"),
+    };
+    assert!(
+        wait_for_log(&armed, &needle, Duration::from_secs(10)).await,
+        "{}",
+        armed.log()
+    );
+    let server = match mode {
+        // It retries in 5 s.
+        Mode::Fail => armed,
+        Mode::Crash => {
+            assert!(armed.wait_exit(Duration::from_secs(10)).is_some(), "died");
+            ServerProcess::start(&dir.path().join("b"), &args)
+        }
+    };
+    let started = Instant::now();
+    loop {
+        let kv = etcd.get(&key).await.expect("the range record");
+        if kv.lease != 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the record never got a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let resolved = timed(
+        server
+            .client()
+            .await
+            .resolve_rank(pb::ResolveRankRequest { room: 1003 }),
+    )
+    .await
+    .expect("resolve")
+    .into_inner();
+    assert_eq!(resolved.prefill_worker, "fp-old");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_range_leased_fails() {
+    etcd_range_leased_case(Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_range_leased_crashes() {
+    etcd_range_leased_case(Mode::Crash).await;
+}

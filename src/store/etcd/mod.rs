@@ -653,11 +653,16 @@ impl EtcdStore {
         let shared = &self.shared;
         let key = shared.keys.worker(&worker);
         let value = encode_worker(dp_size, false);
-        // The record outlives every range of the worker: those this replica
-        // reserved, and those of a replica with the fleet's retention now.
+        // The record outlives every range of the worker: those reserved
+        // under this replica's retention or the fleet's (read now), and
+        // those whose leases a replica granted under a longer retention
+        // since changed. All in the one write: a caller retrying a failed
+        // deregistration finds the worker deregistered and writes nothing.
         let fleet = fleet_retention_now(shared).await?;
         let retention = shared.retention.max(fleet);
-        let ttl = lease_ttl_secs(retention, bucket_for(retention));
+        let (longest, read_at) = longest_range_lease_secs(shared, &worker, 0).await?;
+        // etcd rounds a remaining TTL down: a second more covers the rest.
+        let ttl = lease_ttl_secs(retention, bucket_for(retention)).max(longest + 1);
         let lease = shared
             .timed(
                 "grant the deregistration's lease",
@@ -682,16 +687,15 @@ impl EtcdStore {
             StoreError::Injected("etcd::deregistered")
         );
         let mut revision = revision_of(&response, &key)?;
-        // And every range already reserved for it (no later one can be:
-        // reservations compare the registration's revision), whose leases a
-        // replica may have granted under a longer retention, since changed.
-        // etcd rounds a remaining TTL down: a second more covers the rest.
-        let longest = longest_range_lease_secs(shared, &worker).await? + 1;
-        if longest > ttl {
+        // A range reserved for it between that read and the write (none
+        // after: reservations compare the registration's revision) may have
+        // a longer lease still: then the record gets one to match.
+        let (late, _) = longest_range_lease_secs(shared, &worker, read_at).await?;
+        if late + 1 > ttl {
             let lease = shared
                 .timed(
                     "grant the deregistration's lease",
-                    shared.client.lease_grant(longest),
+                    shared.client.lease_grant(late + 1),
                 )
                 .await?
                 .id;
@@ -704,10 +708,6 @@ impl EtcdStore {
             let response = shared
                 .timed("extend the deregistration", shared.client.txn(request))
                 .await?;
-            failpoint!(
-                "etcd::deregistration_extended",
-                StoreError::Injected("etcd::deregistration_extended")
-            );
             if response.succeeded {
                 revision = revision_of(&response, &key)?;
             }
@@ -913,9 +913,14 @@ async fn fleet_retention_now(shared: &Shared) -> Result<Duration, StoreError> {
 }
 
 /// The longest remaining TTL, in seconds, of the leases `worker`'s ranges
-/// have (0 if none): one read of the range keys (deregistrations are rare),
-/// then one lease query per distinct lease (one per bucket and replica).
-async fn longest_range_lease_secs(shared: &Shared, worker: &str) -> Result<i64, StoreError> {
+/// written after revision `after` have (0 if none), and the revision read
+/// at: one read of the range keys (deregistrations are rare), then one
+/// lease query per distinct lease (one per bucket and replica).
+async fn longest_range_lease_secs(
+    shared: &Shared,
+    worker: &str,
+    after: i64,
+) -> Result<(i64, i64), StoreError> {
     let ranges = shared.keys.ranges();
     let end = prefix_end(ranges.as_bytes());
     let mut from = ranges.clone().into_bytes();
@@ -930,6 +935,7 @@ async fn longest_range_lease_secs(shared: &Shared, worker: &str) -> Result<i64, 
                     range_end: end.clone(),
                     limit: PAGE_KEYS,
                     revision,
+                    min_mod_revision: if after > 0 { after + 1 } else { 0 },
                     ..Default::default()
                 }),
             )
@@ -964,7 +970,7 @@ async fn longest_range_lease_secs(shared: &Shared, worker: &str) -> Result<i64, 
             .await?;
         longest = longest.max(remaining.ttl);
     }
-    Ok(longest)
+    Ok((longest, revision))
 }
 
 /// The mod revision of `key` as a transaction read it.
