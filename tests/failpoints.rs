@@ -1073,3 +1073,100 @@ async fn etcd_range_leased_fails() {
 async fn etcd_range_leased_crashes() {
     etcd_range_leased_case(Mode::Crash).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_deregister_send_fails() {
+    etcd_deregister_case("etcd::deregister_send", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_deregister_send_crashes() {
+    etcd_deregister_case("etcd::deregister_send", Mode::Crash).await;
+}
+
+/// A range reserved for a worker while its deregistration is on its way
+/// (after the deregistering replica read the worker's range leases, before
+/// it wrote), by a replica with a longer retention than any seen: the
+/// record still outlives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_reserved_while_its_worker_is_deregistered_never_outlives_the_record() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("deregister-race");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let retention = |value: &str| {
+        let (code, _, err) = common::run_cli(&[
+            "retention",
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            &prefix,
+            "--set",
+            value,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = ServerProcess::start(
+        &dir.path().join("hour"),
+        &[&args[..], &["--retention", "1h"]].concat(),
+    );
+    timed(
+        hour.client()
+            .await
+            .register_worker(pb::RegisterWorkerRequest {
+                prefill_worker: "racing".into(),
+                dp_size: 1,
+            }),
+    )
+    .await
+    .expect("register");
+    let lease = |count| pb::LeaseRoomsRequest {
+        prefill_worker: "racing".into(),
+        count,
+        dp_size: 1,
+    };
+    timed(hour.client().await.lease_rooms(lease(1)))
+        .await
+        .expect("a range under 1 h");
+    retention("2h");
+    let two_hours = ServerProcess::start(&dir.path().join("two-hours"), &args);
+    retention("10s");
+    // The deregistering replica stalls between its read and its write.
+    let short = ServerProcess::try_start_with(&dir.path().join("short"), &args, |command| {
+        command.env("FAILPOINTS", "etcd::deregister_send=sleep(3000)");
+    })
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    let mut on_short = short.client().await;
+    let deregistration = tokio::spawn(async move {
+        on_short
+            .deregister_worker(pb::DeregisterWorkerRequest {
+                prefill_worker: "racing".into(),
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    timed(two_hours.client().await.lease_rooms(lease(1)))
+        .await
+        .expect("a range under 2 h, before the deregistration is written");
+    timed(deregistration)
+        .await
+        .expect("join")
+        .expect("deregister");
+    let mut range_ttl = 0;
+    for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
+        range_ttl = range_ttl.max(lease_ttl(&etcd, &kv).await);
+    }
+    let worker = etcd
+        .get(&format!("{prefix}v1/workers/racing"))
+        .await
+        .expect("the record");
+    let worker_ttl = lease_ttl(&etcd, &worker).await;
+    println!("deregistration race: record TTL {worker_ttl} s, longest range TTL {range_ttl} s");
+    assert!(range_ttl > 7200, "the late range lives by 2 h: {range_ttl}");
+    assert!(
+        worker_ttl >= range_ttl,
+        "the record ({worker_ttl} s) expires before a range ({range_ttl} s)"
+    );
+}

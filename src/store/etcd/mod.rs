@@ -679,6 +679,10 @@ impl EtcdStore {
             ],
             failure: Vec::new(),
         };
+        failpoint!(
+            "etcd::deregister_send",
+            StoreError::Injected("etcd::deregister_send")
+        );
         let response = shared
             .timed("write the deregistration", shared.client.txn(request))
             .await?;
