@@ -14,8 +14,16 @@
 //! - every acknowledged room resolves;
 //! - after each fault, every kind of router gets rooms again within a bound.
 //!
-//! `HARNESS_SECONDS` sets the length (CI: 75 s); `scripts/fault-harness.sh
-//! --long SECONDS` runs it as long as asked.
+//! It runs twice: on one etcd (the faults above), and on a three-member etcd
+//! cluster, where replica 2 reaches only member 2 and the faults are members
+//! killed and restarted, a member paused, and member 2 cut off from the other
+//! two (they are paused, so member 2 has no leader): then no replica may hand
+//! out a room past the staleness window, however fresh member 2's answers
+//! look (an etcd member without a leader still answers reads and progress
+//! requests from its stale state).
+//!
+//! `HARNESS_SECONDS` sets the length of each run (the test command: 45 s);
+//! `scripts/fault-harness.sh --long SECONDS` runs them as long as asked.
 
 mod common;
 
@@ -25,6 +33,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::etcd_cluster::EtcdCluster;
 use common::proxy::Proxy;
 use common::router::Lcg;
 use common::{EtcdProcess, ServerProcess};
@@ -47,6 +56,12 @@ const CLIENT_LEASE_AGE: Duration = Duration::from_secs(2);
 const RECOVERY_BOUND: Duration = Duration::from_secs(15);
 /// Each router call's deadline.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// How long member 2 stays cut off: well past the staleness window, so the
+/// window's end is seen with time to spare.
+const ISOLATION: Duration = Duration::from_secs(7);
+/// Past the last confirmation, a replica stops within the staleness window;
+/// this much more covers the progress interval and a call in flight.
+const STOP_SLACK: Duration = Duration::from_secs(2);
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -58,8 +73,11 @@ fn harness_seconds() -> u64 {
     std::env::var("HARNESS_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(75)
+        .unwrap_or(45)
 }
+
+/// The two harness runs share the machine's two cores: one at a time.
+static ONE_HARNESS_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn all_workers() -> Vec<&'static str> {
     STABLE
@@ -271,6 +289,129 @@ struct Fault {
     name: String,
     began_ms: u64,
     ended_ms: u64,
+    /// etcd had no quorum any replica could reach: past the staleness window
+    /// no replica may hand out a room until the fault ends.
+    quorum_lost: bool,
+}
+
+/// Where the replicas' etcd runs, and the faults it can suffer.
+enum EtcdUnderTest {
+    /// One etcd; replica 2 reaches it through a TCP proxy the test controls.
+    Single { etcd: EtcdProcess, proxy: Proxy },
+    /// Three members: replica 0 knows all three, replica 1 members 0 and 1,
+    /// replica 2 only member 2.
+    Cluster(EtcdCluster),
+}
+
+impl EtcdUnderTest {
+    /// `--etcd-endpoints` of replica `i`.
+    fn endpoints(&self, i: usize) -> String {
+        match self {
+            Self::Single { etcd, proxy } => {
+                if i == 2 {
+                    proxy.url()
+                } else {
+                    etcd.endpoint.clone()
+                }
+            }
+            Self::Cluster(cluster) => {
+                let members: &[usize] = match i {
+                    0 => &[0, 1, 2],
+                    1 => &[0, 1],
+                    _ => &[2],
+                };
+                members
+                    .iter()
+                    .map(|&m| cluster.endpoint(m))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        }
+    }
+
+    /// How many kinds of fault [`Self::inject`] cycles through.
+    fn kinds(&self) -> usize {
+        match self {
+            Self::Single { .. } => 6,
+            Self::Cluster(_) => 5,
+        }
+    }
+
+    /// Injects the `round`th fault and waits for it to end: its name, and
+    /// whether etcd had no reachable quorum meanwhile.
+    async fn inject(&mut self, round: usize, replicas: &mut Replicas) -> (String, bool) {
+        // Each kind of fault hits a different replica each time around.
+        let victim = (round / self.kinds() + round) % 3;
+        match self {
+            Self::Single { etcd, proxy } => match round % 6 {
+                kind @ (0 | 1) => (replicas.fault(victim, kind).await, false),
+                2 => {
+                    proxy.hold();
+                    tokio::time::sleep(STALENESS + Duration::from_secs(2)).await;
+                    proxy.pass();
+                    (
+                        "partition replica 2 from etcd (bytes held) 5 s".to_owned(),
+                        false,
+                    )
+                }
+                3 => {
+                    etcd.signal(libc::SIGSTOP);
+                    tokio::time::sleep(Duration::from_millis(2000)).await;
+                    etcd.signal(libc::SIGCONT);
+                    ("SIGSTOP etcd 2 s".to_owned(), false)
+                }
+                4 => {
+                    proxy.cut();
+                    tokio::time::sleep(Duration::from_millis(2000)).await;
+                    proxy.pass();
+                    (
+                        "cut replica 2's etcd connections, refuse new ones 2 s".to_owned(),
+                        false,
+                    )
+                }
+                _ => {
+                    etcd.kill9();
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    etcd.resume();
+                    ("kill -9 etcd, restart".to_owned(), false)
+                }
+            },
+            Self::Cluster(cluster) => {
+                let member = (round / 5) % 3;
+                match round % 5 {
+                    kind @ (0 | 1) => (replicas.fault(victim, kind).await, false),
+                    2 => {
+                        // Member 2 is cut off from the other two and loses
+                        // its leader; replica 2 reaches only member 2.
+                        cluster.signal(0, libc::SIGSTOP);
+                        cluster.signal(1, libc::SIGSTOP);
+                        tokio::time::sleep(ISOLATION).await;
+                        cluster.signal(0, libc::SIGCONT);
+                        cluster.signal(1, libc::SIGCONT);
+                        (
+                            format!(
+                                "member 2 isolated (members 0 and 1 paused) {} s",
+                                ISOLATION.as_secs()
+                            ),
+                            true,
+                        )
+                    }
+                    3 => {
+                        cluster.kill9(member);
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        cluster.restart(member);
+                        (format!("kill -9 etcd member {member}, restart"), false)
+                    }
+                    _ => {
+                        cluster.signal(member, libc::SIGSTOP);
+                        tokio::time::sleep(Duration::from_millis(2000)).await;
+                        cluster.signal(member, libc::SIGCONT);
+                        (format!("SIGSTOP etcd member {member} 2 s"), false)
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The replicas, restartable on their ports.
@@ -288,6 +429,22 @@ impl Replicas {
 
     fn signal(&self, i: usize, signal: i32) {
         self.processes[i].signal(signal);
+    }
+
+    /// The replica faults both topologies share: `kill -9` and a restart
+    /// (kind 0), or a pause (kind 1).
+    async fn fault(&mut self, victim: usize, kind: usize) -> String {
+        if kind == 0 {
+            self.processes[victim].kill9();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            self.restart(victim);
+            format!("kill -9 replica {victim}, restart")
+        } else {
+            self.signal(victim, libc::SIGSTOP);
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            self.signal(victim, libc::SIGCONT);
+            format!("SIGSTOP replica {victim} 2.5 s")
+        }
     }
 }
 
@@ -326,15 +483,36 @@ struct Realignment {
     worker: String,
     dp_size: u32,
     sent_ms: u64,
+    /// When RegisterWorker answered OK; `None` when no replica did (it may
+    /// still have landed).
+    acked_ms: Option<u64>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
-    let Some(mut etcd) = EtcdProcess::start() else {
+    let _one = ONE_HARNESS_AT_A_TIME.lock().await;
+    let Some(etcd) = EtcdProcess::start() else {
         return;
     };
-    let seconds = harness_seconds();
     let proxy = Proxy::start(etcd.addr()).await;
+    run_harness(EtcdUnderTest::Single { etcd, proxy }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_three_member_etcd_never_repeat_misalign_or_serve_past_a_lost_quorum() {
+    let _one = ONE_HARNESS_AT_A_TIME.lock().await;
+    let Some(cluster) = EtcdCluster::start() else {
+        return;
+    };
+    run_harness(EtcdUnderTest::Cluster(cluster)).await;
+}
+
+async fn run_harness(mut etcd: EtcdUnderTest) {
+    let seconds = harness_seconds();
+    let topology = match etcd {
+        EtcdUnderTest::Single { .. } => "one etcd",
+        EtcdUnderTest::Cluster(_) => "a three-member etcd",
+    };
     let prefix = common::unique_prefix("harness");
     let staleness = STALENESS.as_secs().to_string();
     let mut replicas = Replicas {
@@ -343,11 +521,7 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
         dirs: Vec::new(),
     };
     for i in 0..3 {
-        let endpoint = if i == 2 {
-            proxy.url()
-        } else {
-            etcd.endpoint.clone()
-        };
+        let endpoint = etcd.endpoints(i);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut args: Vec<String> = [
             "--etcd-endpoints",
@@ -405,51 +579,13 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     while unix_ms() + 10_000 < until_ms {
         let began_ms = unix_ms();
-        // Each kind of fault hits a different replica each time around.
-        let victim = (round / 6 + round) % 3;
-        let name = match round % 6 {
-            0 => {
-                replicas.processes[victim].kill9();
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                replicas.restart(victim);
-                format!("kill -9 replica {victim}, restart")
-            }
-            1 => {
-                replicas.signal(victim, libc::SIGSTOP);
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                replicas.signal(victim, libc::SIGCONT);
-                format!("SIGSTOP replica {victim} 2.5 s")
-            }
-            2 => {
-                proxy.hold();
-                tokio::time::sleep(STALENESS + Duration::from_secs(2)).await;
-                proxy.pass();
-                "partition replica 2 from etcd (bytes held) 5 s".to_owned()
-            }
-            3 => {
-                etcd.signal(libc::SIGSTOP);
-                tokio::time::sleep(Duration::from_millis(2000)).await;
-                etcd.signal(libc::SIGCONT);
-                "SIGSTOP etcd 2 s".to_owned()
-            }
-            4 => {
-                proxy.cut();
-                tokio::time::sleep(Duration::from_millis(2000)).await;
-                proxy.pass();
-                "cut replica 2's etcd connections, refuse new ones 2 s".to_owned()
-            }
-            _ => {
-                etcd.kill9();
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                etcd.resume();
-                "kill -9 etcd, restart".to_owned()
-            }
-        };
+        let (name, quorum_lost) = etcd.inject(round, &mut replicas).await;
         eprintln!("fault harness: {name} ({} ms)", unix_ms() - began_ms);
         faults.push(Fault {
             name,
             began_ms,
             ended_ms: unix_ms(),
+            quorum_lost,
         });
         round += 1;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -482,10 +618,11 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
                     dp_size: dp_size.parse().expect("dp_size"),
                     at_ms: at.parse().expect("time"),
                 }),
-                ["REALIGN", worker, dp_size, sent, _acked] => realignments.push(Realignment {
+                ["REALIGN", worker, dp_size, sent, acked] => realignments.push(Realignment {
                     worker: worker.to_owned(),
                     dp_size: dp_size.parse().expect("dp_size"),
                     sent_ms: sent.parse().expect("time"),
+                    acked_ms: acked.parse().ok(),
                 }),
                 ["ERR", ..] => errors += 1,
                 _ => panic!("bad router line {line:?}"),
@@ -519,18 +656,24 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
             _ => STALENESS + Duration::from_secs(1),
         };
         let window_ms = u64::try_from(window.as_millis()).expect("fits");
-        // The realignments of this worker, the initial registration first.
-        let mut history = vec![(REALIGN_SIZES[0], 0u64)];
+        // The realignments of this worker, the initial registration first:
+        // (dp_size, sent, acknowledged). A dp_size is in force from when its
+        // registration was sent (it cannot commit earlier) until a later one
+        // was acknowledged (it committed by then), plus the window; an
+        // unacknowledged one may never have landed, so it ends nothing.
+        let mut history = vec![(REALIGN_SIZES[0], 0u64, Some(0u64))];
         history.extend(
             realignments
                 .iter()
                 .filter(|r| r.worker == room.worker)
-                .map(|r| (r.dp_size, r.sent_ms)),
+                .map(|r| (r.dp_size, r.sent_ms, r.acked_ms)),
         );
-        let in_force = history.iter().enumerate().any(|(k, (dp_size, sent))| {
-            let superseded = history
-                .get(k + 1)
-                .map_or(u64::MAX, |(_, next_sent)| *next_sent);
+        let in_force = history.iter().enumerate().any(|(k, (dp_size, sent, _))| {
+            let superseded = history[k + 1..]
+                .iter()
+                .filter_map(|(_, _, acked)| *acked)
+                .min()
+                .unwrap_or(u64::MAX);
             *dp_size == room.dp_size
                 && *sent <= room.at_ms
                 && room.at_ms <= superseded.saturating_add(window_ms)
@@ -540,11 +683,27 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
             "{room:?} came with a dp_size not in force then (history {history:?})"
         );
     }
+    // 4. No room while etcd had no quorum a replica could reach, once the
+    // staleness window ran out (a leaderless member's answers are stale).
+    for fault in faults.iter().filter(|f| f.quorum_lost) {
+        for room in &issued {
+            let after = match room.mode.as_str() {
+                "client" => STALENESS + STOP_SLACK + CLIENT_LEASE_AGE,
+                _ => STALENESS + STOP_SLACK,
+            };
+            let stop_ms = fault.began_ms + u64::try_from(after.as_millis()).expect("fits");
+            assert!(
+                !(stop_ms..fault.ended_ms).contains(&room.at_ms),
+                "{room:?} was handed out {} ms into {fault:?}, past the staleness window: a replica kept confirming from a member without a quorum",
+                room.at_ms - fault.began_ms
+            );
+        }
+    }
     eprintln!(
         "fault harness: {} rooms collected; resolving them",
         issued.len()
     );
-    // 4. Every acknowledged room resolves, to its worker and dp_size.
+    // 5. Every acknowledged room resolves, to its worker and dp_size.
     let mut channels = Vec::new();
     for replica in &replicas.processes {
         channels.push(replica.channel().await);
@@ -581,7 +740,7 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
     for lane in lanes_done {
         lane.await.expect("resolve lane");
     }
-    // 5. Service back within the bound after each fault.
+    // 6. Service back within the bound after each fault.
     let mut worst = Duration::ZERO;
     for fault in &faults {
         if fault.ended_ms + u64::try_from(RECOVERY_BOUND.as_millis()).expect("fits") > until_ms {
@@ -602,8 +761,17 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
             worst = worst.max(recovery);
         }
     }
-    if seconds >= 70 {
-        assert!(faults.len() >= 6, "every kind of fault ran: {faults:?}");
+    if seconds >= 40 {
+        assert!(
+            faults.len() >= etcd.kinds(),
+            "every kind of fault ran: {faults:?}"
+        );
+    }
+    if let EtcdUnderTest::Cluster(_) = etcd {
+        assert!(
+            faults.iter().any(|f| f.quorum_lost),
+            "member 2 was cut off at least once: {faults:?}"
+        );
     }
     assert!(
         realignments.len() >= 4,
@@ -611,7 +779,8 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
     );
     let downtime: u64 = faults.iter().map(|f| f.ended_ms - f.began_ms).sum();
     let summary = format!(
-        "fault harness: {} s ({} s under a fault), {} faults ({}), {} rooms checked (unique, aligned, in force, resolved), {} realignments, {} router errors (all retried), worst recovery {:?}, 0 duplicates",
+        "fault harness on {}: {} s ({} s under a fault), {} faults ({}), {} rooms checked (unique, aligned, in force, none past a lost quorum, resolved), {} realignments, {} router errors (all retried), worst recovery {:?}, 0 duplicates",
+        topology,
         seconds,
         downtime / 1000,
         faults.len(),
@@ -623,6 +792,11 @@ async fn three_replicas_under_faults_never_repeat_or_misalign_a_room() {
     );
     println!("{summary}");
     if let Ok(path) = std::env::var("HARNESS_REPORT") {
-        std::fs::write(path, format!("{summary}\n")).expect("report");
+        let mut report = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("report");
+        writeln!(report, "{summary}").expect("report");
     }
 }
