@@ -257,12 +257,30 @@ fn commit_seeds() -> Vec<Vec<u8>> {
     both.extend_from_slice(&slot(5, 1200, 2));
     let mut one = slot(0, 16, 0);
     one.resize(1024, 0);
-    vec![both, one]
+    // Format version 2: the slots 4 KiB apart.
+    let mut v2 = vec![0u8; 8192];
+    for (at, mut slot) in [(0, slot(6, 1000, 3)), (4096, slot(7, 1300, 3))] {
+        slot[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32fast::hash(&slot[..32]);
+        slot[32..36].copy_from_slice(&crc.to_le_bytes());
+        v2[at..at + 36].copy_from_slice(&slot[..36]);
+    }
+    vec![both, one, v2]
+}
+
+/// Where the slots of a commit file of this length are, and their version.
+fn commit_layout(len: usize) -> (usize, u32) {
+    if len >= 8192 {
+        (4096, 2)
+    } else {
+        (512, 1)
+    }
 }
 
 /// Rewrites each slot's checksum to match its body.
 fn fix_slots(input: &mut [u8]) {
-    for start in [0usize, 512] {
+    let (spacing, _) = commit_layout(input.len());
+    for start in [0usize, spacing] {
         if input.len() >= start + 36 {
             let crc = crc32fast::hash(&input[start..start + 32]);
             input[start + 32..start + 36].copy_from_slice(&crc.to_le_bytes());
@@ -274,23 +292,29 @@ fn check_commit(input: &[u8]) -> Result<(), String> {
     let Ok((seq, generation, len)) = decode_commit(input) else {
         return Ok(());
     };
-    // The accepted slot is one whose checksum holds, in the position its
-    // commit number puts it, and the newest of those.
+    // The accepted slot is one whose checksum holds, of the version the
+    // file's length says, in the position its commit number puts it, and
+    // the newest of those.
+    let (spacing, version) = commit_layout(input.len());
     let read_seq =
         |start: usize| u64::from_le_bytes(input[start + 16..start + 24].try_into().expect("8"));
     let valid = |start: usize| {
-        let slot = &input[start..start + 512];
+        let slot = &input[start..start + 36];
         &slot[..8] == b"RALLOCCM"
+            && slot[8..12] == version.to_le_bytes()
             && slot[32..36] == crc32fast::hash(&slot[..32]).to_le_bytes()
-            && read_seq(start) % 2 == (start / 512) as u64
+            && read_seq(start) % 2 == (start / spacing) as u64
     };
-    let candidates: Vec<usize> = [0usize, 512].into_iter().filter(|s| valid(*s)).collect();
+    let candidates: Vec<usize> = [0usize, spacing]
+        .into_iter()
+        .filter(|s| valid(*s))
+        .collect();
     let newest = candidates
         .iter()
         .copied()
         .max_by_key(|s| read_seq(*s))
         .ok_or("accepted a commit file with no valid slot")?;
-    let slot = &input[newest..newest + 512];
+    let slot = &input[newest..newest + 36];
     let expected = (
         read_seq(newest),
         u32::from_le_bytes(slot[12..16].try_into().expect("4")),

@@ -29,10 +29,19 @@
 //!     retention; the high-water mark is at least this)
 //!   - 6 deregister: worker, deregistered_unix_ms u64
 //!   - 7 probe: nothing (a write that checks the disk takes writes again)
-//! - `rooms.commit`: two 512-byte slots at offsets 0 and 512, each
-//!   `b"RALLOCCM"`, version u32, log generation u32, `commit_seq: u64`,
-//!   `log_len: u64`, crc32 of the preceding 32 bytes. Commit `n` goes to slot
-//!   `n % 2`, so the slot of the previous commit is never written over.
+//! - `rooms.commit`: 8 KiB, two slots at offsets 0 and 4096 (each at the
+//!   start of its own 4 KiB block, the rest zeros), each `b"RALLOCCM"`,
+//!   version u32 (2), log generation u32, `commit_seq: u64`, `log_len: u64`,
+//!   crc32 of the preceding 32 bytes. Commit `n` goes to slot `n % 2`, so
+//!   the slot of the previous commit is never written over; numbers may skip
+//!   (see "Opening"). Format version 1 (up to issue 16) had the same slots,
+//!   version 1, at offsets 0 and 512 of a 1 KiB file, so a device that tears
+//!   4 KiB at a time could destroy both: it is still read (by its length),
+//!   and upgraded at open: an 8 KiB file holding the same commit (in both
+//!   slots, as `n` and `n + 1`, so a version-1 binary finds version 2 in slot
+//!   0 and refuses) is written to `rooms.commit.tmp`, fsynced, renamed over
+//!   `rooms.commit`, and the directory fsynced. A crash at any step leaves one
+//!   whole file or the other, and the old one is upgraded at the next start.
 //!
 //! A registration's revision is `generation << 40 | seq` of its record: it
 //! only grows, across compactions too.
@@ -50,7 +59,9 @@
 //! exactly as a restart would ("settling" them, below). Once that succeeds it
 //! takes writes again, past everything the files hold. So a caller is told a
 //! range is reserved only when it is durable, and a range that may be durable
-//! is never reserved again.
+//! is never reserved again. A failed rename of a compaction counts as a
+//! failure after it: a rename may take effect and still report an error (an
+//! NFS retry that gets ENOENT, a journal error).
 //!
 //! # Opening (and settling after a failure), and the crash cases
 //! The valid slot with the highest `commit_seq` says how many log bytes were
@@ -65,10 +76,21 @@
 //! write of an unacknowledged commit: the file is cut there, so stray bytes
 //! of it can never be read as records later. A log holding only its header
 //! and no commit file is an interrupted first start and is initialised again;
-//! any other missing file is refused. Whenever opening adopted anything (records
-//! past the commit, or a compacted log, below), it writes a commit slot for
-//! what it adopted before taking writes, so a later torn append is never
-//! inside the acknowledged region.
+//! any other missing file is refused. Settling always ends with a fresh
+//! commit slot for what the files hold (records adopted past the commit and
+//! a compacted log included), fsynced after the log and the directory, before
+//! the writer takes writes: so a later torn append is never inside the
+//! acknowledged region, and the newest slot read back, which may exist only
+//! in the page cache (its fsync failed, or the process died before it), is
+//! never the only one standing when the writer next writes over the other
+//! slot. The fresh slot goes over that doubtful newest slot (its number
+//! skips one), keeping the older, durable one, unless the older one is not
+//! valid (then the newest is the only slot there is).
+//!
+//! The data dir and any missing parent are made one level at a time, the
+//! parent of each fsynced: a directory entry is durable only once its parent
+//! is, and a data dir lost after rooms were issued would start the room
+//! space over.
 //!
 //! # Compaction (retention)
 //! Pruning old ranges rewrites the log: the current registrations, counters,
@@ -85,11 +107,18 @@
 //!
 //! # Media assumptions
 //! fsync (`sync_data`) makes written bytes durable, and a directory fsync
-//! makes a rename durable; unsynced writes may be lost or reordered; a torn
-//! write damages at most the bytes being written; the two slots lie in
-//! different 512-byte sectors. Checksums catch torn or rotted bytes; they are
-//! not cryptographic. `sim_fs` tests the protocol against a file system that
-//! loses and reorders whatever was not synced.
+//! makes the entries of that directory (creations, renames, removals, new
+//! subdirectories) durable; unsynced writes may be lost, reordered, or torn
+//! at any byte; a write cut by a power loss damages at most the 4 KiB blocks
+//! it touches (a device with 4 KiB physical sectors may garble the whole
+//! block), which is why the two commit slots lie in different 4 KiB blocks.
+//! The log's last block is exposed the same way: a torn append can damage
+//! acknowledged records sharing its block, which the checksums catch and
+//! the store then refuses to start (never a reissue). A failed fsync may have
+//! persisted some, all or none of the data, while reads still return it.
+//! Checksums catch torn or rotted bytes; they are not cryptographic.
+//! `sim_fs` tests the protocol against a file system that does all of this
+//! (see its docs for exactly what it models).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,11 +147,20 @@ const LOCK_FILE: &str = "LOCK";
 const MIGRATED_FILE: &str = "MIGRATED";
 const LOG_MAGIC: &[u8; 8] = b"RALLOCLG";
 const COMMIT_MAGIC: &[u8; 8] = b"RALLOCCM";
-const FORMAT_VERSION: u32 = 1;
+const LOG_VERSION: u32 = 1;
 const LOG_HEADER_LEN: u64 = 16;
-/// One slot per 512-byte sector, so a torn slot write cannot reach the other.
-const SLOT_LEN: u64 = 512;
+/// The commit file's format: each slot at the start of its own 4 KiB block,
+/// so a torn write of one (even on a device that rewrites 4 KiB at a time)
+/// cannot reach the other.
+const COMMIT_VERSION: u32 = 2;
+const SLOT_SPACING: u64 = 4096;
+/// The first format: both slots in the first 1 KiB, 512 bytes apart. Read,
+/// and upgraded at open.
+const COMMIT_VERSION_V1: u32 = 1;
+const SLOT_SPACING_V1: u64 = 512;
+/// A slot: the body, then its crc32.
 const SLOT_BODY_LEN: usize = 32;
+const SLOT_LEN: usize = SLOT_BODY_LEN + 4;
 /// Larger than any valid record (a worker name is at most 253 bytes); a
 /// longer length field is damage, not a record.
 const MAX_RECORD_LEN: u32 = 4096;
@@ -602,7 +640,7 @@ fn prepare_files(fs: &dyn Fs, files: &Files) -> Result<bool, OpenError> {
     // The commit file appears whole or not at all: write aside, then rename.
     let tmp = files.commit.with_extension("commit.tmp");
     let commit = fs.create(&tmp).map_err(io_err_of(&tmp))?;
-    let mut slots = vec![0u8; 2 * SLOT_LEN as usize];
+    let mut slots = vec![0u8; 2 * SLOT_SPACING as usize];
     let first = encode_slot(0, LOG_HEADER_LEN, 0);
     slots[..first.len()].copy_from_slice(&first);
     commit.write_all_at(&slots, 0).map_err(io_err_of(&tmp))?;
@@ -620,20 +658,31 @@ struct Slot {
     generation: u32,
     /// The other slot holds a valid (older) commit too.
     other_valid: bool,
+    /// The commit file's format (a version-1 file is upgraded at open).
+    version: u32,
+}
+
+/// Where commit `commit_seq` goes (commit `n` goes to slot `n % 2`).
+fn slot_offset(commit_seq: u64) -> u64 {
+    (commit_seq % 2) * SLOT_SPACING
 }
 
 fn encode_log_header(generation: u32) -> Vec<u8> {
     let mut header = Vec::with_capacity(16);
     header.extend_from_slice(LOG_MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&LOG_VERSION.to_le_bytes());
     header.extend_from_slice(&generation.to_le_bytes());
     header
 }
 
 fn encode_slot(commit_seq: u64, log_len: u64, generation: u32) -> Vec<u8> {
-    let mut slot = Vec::with_capacity(SLOT_BODY_LEN + 4);
+    encode_slot_version(COMMIT_VERSION, commit_seq, log_len, generation)
+}
+
+fn encode_slot_version(version: u32, commit_seq: u64, log_len: u64, generation: u32) -> Vec<u8> {
+    let mut slot = Vec::with_capacity(SLOT_LEN);
     slot.extend_from_slice(COMMIT_MAGIC);
-    slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    slot.extend_from_slice(&version.to_le_bytes());
     slot.extend_from_slice(&generation.to_le_bytes());
     slot.extend_from_slice(&commit_seq.to_le_bytes());
     slot.extend_from_slice(&log_len.to_le_bytes());
@@ -655,6 +704,12 @@ pub(crate) enum CommitProblem {
         slot: usize,
         commit_seq: u64,
     },
+    /// A valid slot of the other format than the file's length says: a
+    /// version-2 file cut short, or a version-1 file grown.
+    WrongLayout {
+        slot: usize,
+        version: u32,
+    },
 }
 
 /// The newest valid slot of a commit file's bytes: (commit_seq, generation,
@@ -662,18 +717,22 @@ pub(crate) enum CommitProblem {
 /// checksum holds, each in the position its commit_seq puts it.
 #[cfg(test)]
 pub(crate) fn decode_commit(bytes: &[u8]) -> Result<(u64, u32, u64), CommitProblem> {
-    decode_slots(bytes).map(|(newest, _)| newest)
+    decode_slots(bytes).map(|slot| (slot.commit_seq, slot.generation, slot.log_len))
 }
 
-/// [`decode_commit`], and whether both slots are valid.
-fn decode_slots(bytes: &[u8]) -> Result<((u64, u32, u64), bool), CommitProblem> {
+/// The newest valid slot, whether the other is valid too, and the file's
+/// format (by its length: 8 KiB for version 2, 1 KiB for version 1).
+fn decode_slots(bytes: &[u8]) -> Result<Slot, CommitProblem> {
     let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-    if len < 2 * SLOT_LEN {
+    let (file_version, spacing) = if len >= 2 * SLOT_SPACING {
+        (COMMIT_VERSION, SLOT_SPACING)
+    } else if len >= 2 * SLOT_SPACING_V1 {
+        (COMMIT_VERSION_V1, SLOT_SPACING_V1)
+    } else {
         return Err(CommitProblem::TooShort(len));
-    }
-    let slots: Vec<&[u8]> = bytes[..2 * SLOT_LEN as usize]
-        .chunks(SLOT_LEN as usize)
-        .collect();
+    };
+    let spacing = usize::try_from(spacing).expect("4 KiB fits");
+    let slots = [&bytes[..SLOT_LEN], &bytes[spacing..spacing + SLOT_LEN]];
     if slots.iter().all(|slot| &slot[..8] != COMMIT_MAGIC) {
         return Err(CommitProblem::Foreign);
     }
@@ -696,8 +755,14 @@ fn decode_slots(bytes: &[u8]) -> Result<((u64, u32, u64), bool), CommitProblem> 
         else {
             continue;
         };
-        if version != FORMAT_VERSION {
+        if version != COMMIT_VERSION && version != COMMIT_VERSION_V1 {
             return Err(CommitProblem::Version(version));
+        }
+        if version != file_version {
+            return Err(CommitProblem::WrongLayout {
+                slot: index,
+                version,
+            });
         }
         if commit_seq % 2 != index as u64 {
             return Err(CommitProblem::Misplaced {
@@ -710,22 +775,23 @@ fn decode_slots(bytes: &[u8]) -> Result<((u64, u32, u64), bool), CommitProblem> 
             best = Some((commit_seq, generation, log_len));
         }
     }
-    best.map(|best| (best, valid_slots == 2))
-        .ok_or(CommitProblem::BothDamaged)
+    best.map(|(commit_seq, generation, log_len)| Slot {
+        commit_seq,
+        log_len,
+        generation,
+        other_valid: valid_slots == 2,
+        version: file_version,
+    })
+    .ok_or(CommitProblem::BothDamaged)
 }
 
 fn read_commit(file: &dyn FsFile, path: &Path) -> Result<Slot, OpenError> {
     let bytes = file.read_all().map_err(io_err_of(path))?;
     match decode_slots(&bytes) {
-        Ok(((commit_seq, generation, log_len), other_valid)) => Ok(Slot {
-            commit_seq,
-            log_len,
-            generation,
-            other_valid,
-        }),
+        Ok(slot) => Ok(slot),
         Err(CommitProblem::TooShort(actual)) => Err(OpenError::Truncated {
             path: path.to_path_buf(),
-            committed: 2 * SLOT_LEN,
+            committed: 2 * SLOT_SPACING,
             actual,
         }),
         Err(CommitProblem::Foreign) => Err(OpenError::Foreign {
@@ -734,7 +800,7 @@ fn read_commit(file: &dyn FsFile, path: &Path) -> Result<Slot, OpenError> {
         Err(CommitProblem::Version(found)) => Err(OpenError::UnsupportedVersion {
             path: path.to_path_buf(),
             found,
-            supported: FORMAT_VERSION,
+            supported: COMMIT_VERSION,
         }),
         Err(CommitProblem::BothDamaged) => Err(OpenError::Corrupt {
             path: path.to_path_buf(),
@@ -743,9 +809,17 @@ fn read_commit(file: &dyn FsFile, path: &Path) -> Result<Slot, OpenError> {
         }),
         Err(CommitProblem::Misplaced { slot, commit_seq }) => Err(OpenError::Corrupt {
             path: path.to_path_buf(),
-            offset: slot as u64 * SLOT_LEN,
+            offset: slot as u64 * SLOT_SPACING,
             reason: format!(
                 "slot {slot} holds commit {commit_seq}, which belongs in the other slot"
+            ),
+        }),
+        Err(CommitProblem::WrongLayout { slot, version }) => Err(OpenError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: format!(
+                "slot {slot} is of format version {version}, which the file's length ({} bytes) does not fit",
+                bytes.len()
             ),
         }),
     }
@@ -782,11 +856,11 @@ fn read_log(file: &dyn FsFile, path: &Path, slot: Slot) -> Result<Loaded, OpenEr
     }
     let mut header = Reader::new(&bytes[8..]);
     let version = header.u32();
-    if version != Some(FORMAT_VERSION) {
+    if version != Some(LOG_VERSION) {
         return Err(OpenError::UnsupportedVersion {
             path: path.to_path_buf(),
             found: version.unwrap_or(0),
-            supported: FORMAT_VERSION,
+            supported: LOG_VERSION,
         });
     }
     let generation = header.u32().unwrap_or(u32::MAX);
@@ -853,10 +927,16 @@ struct Settled {
 /// Reads the files as a restart does, cuts a torn tail, and commits what was
 /// adopted (see "Opening" above). Used at open and after any failed write.
 fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
-    let commit = fs.open(&files.commit).map_err(io_err_of(&files.commit))?;
+    let mut commit = fs.open(&files.commit).map_err(io_err_of(&files.commit))?;
     let log = fs.open(&files.log).map_err(io_err_of(&files.log))?;
-    let slot = read_commit(&*commit, &files.commit)?;
+    let mut slot = read_commit(&*commit, &files.commit)?;
     let loaded = read_log(&*log, &files.log, slot)?;
+    if slot.version == COMMIT_VERSION_V1 {
+        // Only a store that reads back whole is upgraded.
+        upgrade_commit(fs, files, slot)?;
+        commit = fs.open(&files.commit).map_err(io_err_of(&files.commit))?;
+        slot = read_commit(&*commit, &files.commit)?;
+    }
     let io = |path: &Path| io_err_of(path);
     if loaded.end > loaded.committed {
         warn!(
@@ -940,7 +1020,7 @@ fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
     commit
         .write_all_at(
             &encode_slot(commit_seq, loaded.end, loaded.generation),
-            (commit_seq % 2) * SLOT_LEN,
+            slot_offset(commit_seq),
         )
         .map_err(io(&files.commit))?;
     failpoint!(
@@ -957,6 +1037,66 @@ fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
         commit,
         commit_seq,
     })
+}
+
+/// Rewrites a version-1 commit file (both slots in one 1 KiB) as version 2
+/// (each slot in its own 4 KiB block), holding the same commit. Written
+/// aside, synced and renamed over the old file, so a crash at any step
+/// leaves one whole file or the other: the old one is upgraded again at
+/// the next start. Both slots of the new file are valid (the commit, and
+/// the same again as the next commit), so a binary that reads only version
+/// 1 finds version 2 in slot 0 and refuses, rather than reading slot 1 of
+/// the old layout.
+fn upgrade_commit(fs: &dyn Fs, files: &Files, slot: Slot) -> Result<(), OpenError> {
+    let tmp = files.commit.with_extension("commit.tmp");
+    let io = |path: &Path| io_err_of(path);
+    let mut bytes = vec![0u8; 2 * SLOT_SPACING as usize];
+    for commit_seq in [slot.commit_seq, slot.commit_seq + 1] {
+        let at = usize::try_from(slot_offset(commit_seq)).expect("4 KiB fits");
+        bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(
+            commit_seq,
+            slot.log_len,
+            slot.generation,
+        ));
+    }
+    failpoint!(
+        "embedded::upgrade_write",
+        OpenError::Io {
+            path: tmp.clone(),
+            cause: io_error("embedded::upgrade_write"),
+        }
+    );
+    let file = fs.create(&tmp).map_err(io(&tmp))?;
+    file.write_all_at(&bytes, 0).map_err(io(&tmp))?;
+    failpoint!(
+        "embedded::upgrade_fsync",
+        OpenError::Io {
+            path: tmp.clone(),
+            cause: io_error("embedded::upgrade_fsync"),
+        }
+    );
+    file.sync_data().map_err(io(&tmp))?;
+    failpoint!(
+        "embedded::upgrade_rename",
+        OpenError::Io {
+            path: files.commit.clone(),
+            cause: io_error("embedded::upgrade_rename"),
+        }
+    );
+    fs.rename(&tmp, &files.commit).map_err(io(&files.commit))?;
+    failpoint!(
+        "embedded::upgrade_dir_fsync",
+        OpenError::Io {
+            path: files.dir.clone(),
+            cause: io_error("embedded::upgrade_dir_fsync"),
+        }
+    );
+    fs.sync_dir(&files.dir).map_err(io(&files.dir))?;
+    info!(
+        file = %files.commit.display(),
+        "upgraded the commit file to format version 2 (each commit slot in its own 4 KiB block)"
+    );
+    Ok(())
 }
 
 /// The state a log's records describe, up to the first record that does not
@@ -1487,7 +1627,7 @@ impl Writer {
         self.commit
             .write_all_at(
                 &encode_slot(commit_seq, new_len, self.generation),
-                (commit_seq % 2) * SLOT_LEN,
+                slot_offset(commit_seq),
             )
             .map_err(|e| self.io_error(&commit, e))?;
         failpoint!(
@@ -1668,7 +1808,7 @@ impl Writer {
         self.commit
             .write_all_at(
                 &encode_slot(commit_seq, new_len, generation),
-                (commit_seq % 2) * SLOT_LEN,
+                slot_offset(commit_seq),
             )
             .map_err(|e| self.io_error(&commit, e))?;
         failpoint!(

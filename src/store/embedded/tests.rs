@@ -59,6 +59,19 @@ fn populate(dir: &Path) -> Vec<RoomRange> {
     })
 }
 
+/// A commit file of the first format (version 1: both slots in the first
+/// 1 KiB, 512 bytes apart), as 0.x wrote it: `commit_seq` in its slot, the
+/// commit before it in the other.
+fn old_commit_file(commit_seq: u64, log_len: u64, generation: u32) -> Vec<u8> {
+    let mut bytes = vec![0u8; 2 * SLOT_SPACING_V1 as usize];
+    for seq in [commit_seq.saturating_sub(1), commit_seq] {
+        let at = (seq % 2 * SLOT_SPACING_V1) as usize;
+        let slot = encode_slot_version(COMMIT_VERSION_V1, seq, log_len, generation);
+        bytes[at..at + SLOT_LEN].copy_from_slice(&slot);
+    }
+    bytes
+}
+
 fn open_err(dir: &Path) -> OpenError {
     match EmbeddedStore::open(dir, Bounds::FULL) {
         Ok(_) => panic!("the store opened but should have refused"),
@@ -130,8 +143,9 @@ fn durable_records_past_the_last_commit_are_adopted_and_committed() {
     // Lose the newest commit slot, as a crash during its write would.
     let commit_path = dir.path().join(COMMIT_FILE);
     let mut commit = fs::read(&commit_path).expect("read");
-    let newest = usize::from(commit[SLOT_LEN as usize + 16] > commit[16]);
-    commit[newest * SLOT_LEN as usize + 20] ^= 0xff;
+    let spacing = SLOT_SPACING as usize;
+    let newest = usize::from(commit[spacing + 16] > commit[16]);
+    commit[newest * spacing + 20] ^= 0xff;
     fs::write(&commit_path, &commit).expect("write");
     let (store, snapshot) = EmbeddedStore::open(dir.path(), Bounds::FULL).expect("opens");
     assert_eq!(snapshot.high_water, ranges[1].end());
@@ -662,6 +676,137 @@ fn a_failed_fsync_of_a_new_generations_commit_then_power_loss_still_opens() {
     }
 }
 
+/// Issue 16, defect 6: on a device that writes (and tears) 4 KiB at a
+/// time, a commit slot write cut by a power loss garbles its whole page.
+/// Both slots in one page: both gone, and the store refuses to start.
+#[test]
+fn a_torn_page_under_a_commit_slot_write_leaves_the_other_slot() {
+    let rt = runtime();
+    let commit = Path::new("/data/rooms.commit");
+    for seed in 0..16 {
+        let fs = SimFs::new(seed);
+        fs.tear_whole_pages(commit);
+        let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
+        let mut acked = Vec::new();
+        for _ in 0..3 {
+            acked.push(
+                rt.block_on(store.reserve(reservation("w", 1, 4)))
+                    .expect("reserve"),
+            );
+        }
+        fs.cut_power_after("write", commit);
+        let _ = rt.block_on(store.reserve(reservation("w", 1, 4)));
+        drop(store);
+        let after = fs.power_loss(seed);
+        let (_, snapshot) = sim_open(&after, Bounds::FULL)
+            .unwrap_or_else(|e| panic!("seed {seed}: refused to open: {e}"));
+        for range in &acked {
+            assert!(
+                snapshot.high_water >= range.end(),
+                "seed {seed}: lost {range:?}"
+            );
+        }
+    }
+}
+
+/// A data dir as the first format left it: a log with a registration and
+/// one range, and a version-1 commit file acknowledging all of it.
+fn old_format_files() -> (Vec<u8>, Vec<u8>, RoomRange) {
+    let range = RoomRange::from_parts(4, 44, dp(4)).expect("range");
+    let mut log = encode_log_header(0);
+    encode_record(&mut log, 1, &Record::Register(Arc::from("w"), dp(4)));
+    encode_record(
+        &mut log,
+        2,
+        &Record::Reserve {
+            worker: Arc::from("w"),
+            range,
+            rooms_issued: 3,
+            created_unix_ms: 1_000,
+        },
+    );
+    let commit = old_commit_file(1, log.len() as u64, 0);
+    (log, commit, range)
+}
+
+/// The commit file is of format version 2, and a reader of version 1 only
+/// (which reads slot 0 at offset 0) finds version 2 there and refuses.
+fn assert_upgraded(commit: &[u8]) {
+    assert_eq!(commit.len(), 2 * SLOT_SPACING as usize, "the new layout");
+    assert!(decode_commit(commit).is_ok());
+    assert_eq!(&commit[..8], COMMIT_MAGIC);
+    assert_eq!(
+        commit[8..12],
+        COMMIT_VERSION.to_le_bytes(),
+        "slot 0 says version 2"
+    );
+    assert_eq!(
+        commit[32..36],
+        crc32fast::hash(&commit[..32]).to_le_bytes(),
+        "slot 0 is valid, so an old binary refuses rather than reading slot 1 of the old layout"
+    );
+}
+
+/// Issue 16, defect 6: data dirs of the first format (both slots in one
+/// 1 KiB) are read as before and upgraded at open.
+#[test]
+fn an_old_format_data_dir_is_read_and_upgraded_to_separate_4_kib_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, commit, range) = old_format_files();
+    fs::write(dir.path().join(LOG_FILE), &log).expect("log");
+    fs::write(dir.path().join(COMMIT_FILE), &commit).expect("commit");
+    let (store, snapshot) = EmbeddedStore::open(dir.path(), Bounds::FULL).expect("opens");
+    assert_eq!(snapshot.high_water, range.end());
+    assert_eq!(snapshot.workers[0].rooms_issued, 3);
+    assert_upgraded(&fs::read(dir.path().join(COMMIT_FILE)).expect("commit"));
+    let next = runtime()
+        .block_on(store.reserve(reservation("w", 4, 2)))
+        .expect("reserve");
+    assert!(next.start() >= range.end());
+    drop(store);
+    let (_, snapshot) = EmbeddedStore::open(dir.path(), Bounds::FULL).expect("reopens");
+    assert_eq!(snapshot.high_water, next.end());
+    assert_eq!(snapshot.ranges.len(), 2);
+    assert!(!dir.path().join("rooms.commit.tmp").exists());
+}
+
+/// Issue 16, defect 6: the upgrade is crash-safe at every step. The power
+/// is cut (or one operation fails, perhaps having taken effect) at each
+/// step of the first open of an old-format dir; the next start opens, holds
+/// the range, and is upgraded.
+#[test]
+fn a_power_loss_or_failure_at_any_step_of_the_upgrade_keeps_the_store() {
+    let (log, commit, range) = old_format_files();
+    let data = Path::new("/data");
+    let mut upgraded_at = None;
+    for step in 0..16u64 {
+        for seed in 0..8 {
+            for cut_power in [true, false] {
+                let fs = SimFs::new(seed);
+                fs.put_durable(&data.join(LOG_FILE), &log);
+                fs.put_durable(&data.join(COMMIT_FILE), &commit);
+                if cut_power {
+                    fs.cut_power_at(step);
+                } else {
+                    fs.fail_op(step);
+                }
+                let first = sim_open(&fs, Bounds::FULL);
+                if first.is_ok() && upgraded_at.is_none() {
+                    upgraded_at = Some(step);
+                }
+                drop(first);
+                let after = fs.power_loss(seed);
+                let (_, snapshot) = sim_open(&after, Bounds::FULL).unwrap_or_else(|e| {
+                    panic!("step {step}, seed {seed}, power cut {cut_power}: refused: {e}")
+                });
+                assert_eq!(snapshot.high_water, range.end());
+                assert_upgraded(&after.contents(&data.join(COMMIT_FILE)).expect("commit"));
+            }
+        }
+    }
+    assert!(upgraded_at.is_some(), "some step is past the upgrade");
+}
+
 #[derive(Debug, Clone)]
 enum StoreOp {
     Register(u8, u32),
@@ -818,17 +963,26 @@ proptest! {
 
 #[test]
 fn commit_slots_decode_only_when_their_checksum_holds() {
-    let mut bytes = vec![0u8; 2 * SLOT_LEN as usize];
-    bytes[..36].copy_from_slice(&encode_slot(4, 100, 2));
+    let spacing = SLOT_SPACING as usize;
+    let mut bytes = vec![0u8; 2 * spacing];
+    bytes[..SLOT_LEN].copy_from_slice(&encode_slot(4, 100, 2));
     assert_eq!(decode_commit(&bytes), Ok((4, 2, 100)));
     // A checksummed slot where its commit number does not go: damage.
     let mut misplaced = bytes.clone();
-    misplaced[512..548].copy_from_slice(&encode_slot(6, 100, 2));
+    misplaced[spacing..spacing + SLOT_LEN].copy_from_slice(&encode_slot(6, 100, 2));
     assert!(matches!(
         decode_commit(&misplaced),
         Err(CommitProblem::Misplaced {
             slot: 1,
             commit_seq: 6
+        })
+    ));
+    // A version-2 file cut to the old length: not read as the old layout.
+    assert!(matches!(
+        decode_commit(&bytes[..2 * SLOT_SPACING_V1 as usize]),
+        Err(CommitProblem::WrongLayout {
+            slot: 0,
+            version: 2
         })
     ));
     bytes[20] ^= 1;
@@ -837,6 +991,9 @@ fn commit_slots_decode_only_when_their_checksum_holds() {
         decode_commit(&bytes[..10]),
         Err(CommitProblem::TooShort(10))
     );
+    // The first format still reads: slots 512 bytes apart, version 1.
+    let old = old_commit_file(5, 300, 1);
+    assert_eq!(decode_commit(&old), Ok((5, 1, 300)));
 }
 
 #[test]
