@@ -2253,7 +2253,11 @@ async fn read_or_create_store_id(
     };
     etcd_call(config, client.txn(request)).await?;
     let stored = etcd_call(config, client.range(get(&key))).await?;
-    let value = stored.kvs.first().map(|kv| kv.value.clone()).unwrap_or_default();
+    let value = stored
+        .kvs
+        .first()
+        .map(|kv| kv.value.clone())
+        .unwrap_or_default();
     match std::str::from_utf8(&value) {
         Ok(id) if super::store_id::is_uuid(id) => Ok(id.to_owned()),
         _ => Err(OpenError::CorruptKey {
@@ -2293,6 +2297,19 @@ fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<(), OpenError
     // only its ranges: ranges pruned by retention (and gaps between ranges)
     // held rooms too, which callers may still hold.
     let used_end = embedded.high_water;
+    // Chunks replicas took first (a chunk holds the ranges carved from it,
+    // so it names the wider conflict): they issued, or may still issue,
+    // rooms anywhere in them.
+    if let Some(&(start, end)) = chunks.iter().find(|&&(start, _)| start < used_end) {
+        return Err(OpenError::CorruptKey {
+            key: keys.chunk(start),
+            reason: format!(
+                "a replica took {start}..{end} of the space, below the embedded store's high-water mark {used_end} (every number below it was issued, or pruned after it was); both may have issued those numbers (or a replica is running), so refusing to merge them"
+            ),
+        });
+    }
+
+    // Ranges in etcd, unless one is the embedded store's own (a rerun).
     for owner in existing.ranges.iter() {
         // The same range as the embedded store's is a rerun's own copy.
         let rerun = Room::try_new(owner.range.start())
@@ -2309,17 +2326,6 @@ fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<(), OpenError
                 ),
             });
         }
-    }
-
-    // So are chunks replicas took: they issued, or may still issue, rooms
-    // anywhere in them.
-    if let Some(&(start, end)) = chunks.iter().find(|&&(start, _)| start < used_end) {
-        return Err(OpenError::CorruptKey {
-            key: keys.chunk(start),
-            reason: format!(
-                "a replica took {start}..{end} of the space, below the embedded store's high-water mark {used_end} (every number below it was issued, or pruned after it was); both may have issued those numbers (or a replica is running), so refusing to merge them"
-            ),
-        });
     }
 
     Ok(())
