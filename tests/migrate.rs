@@ -380,3 +380,85 @@ async fn etcd_replicas_of_one_prefix_export_one_store_id() {
     let again = replica("c");
     assert_eq!(exported(&again), id);
 }
+
+/// Issue 16, item 5: with no mark in etcd (deleted), `migrate` must not
+/// write one below the chunks replicas took, or the next replica would
+/// carve rooms a replica already leased. Since the start-up check of
+/// RELIABILITY.md's defect 16 (a mark below any chunk refuses), the load
+/// refuses first; import also raises any mark it writes to the highest
+/// chunk or range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_never_writes_a_mark_below_a_chunk_when_etcd_has_none() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("migrate-no-mark");
+    let top = tempfile::tempdir().expect("tempdir");
+    {
+        let mut high = ServerProcess::start(
+            &top.path().join("replica"),
+            &[
+                "--etcd-endpoints",
+                &etcd.endpoint,
+                "--etcd-prefix",
+                &prefix,
+                "--min-room",
+                "1000000000",
+            ],
+        );
+        allocate(&high, "n", 1).await;
+        assert!(high.terminate().success());
+    }
+    let chunk_end = etcd
+        .read_under(&format!("{prefix}v1/chunks/"))
+        .await
+        .iter()
+        .filter_map(|kv| {
+            serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()?
+                .get("end")?
+                .as_u64()
+        })
+        .max()
+        .expect("the replica announced its chunk");
+    etcd.delete(&format!("{prefix}v1/high_water")).await;
+
+    // An embedded store that issued a few rooms low in the space.
+    let dir = top.path().join("embedded");
+    {
+        let (store, _) = EmbeddedStore::open(&dir, Bounds::FULL).expect("open");
+        let dp_size = DpSize::try_new(1).expect("dp_size");
+        let worker: Arc<str> = "low".into();
+        let revision = timed(store.register(worker.clone(), dp_size))
+            .await
+            .expect("register");
+        timed(store.reserve(Reservation {
+            prefill_worker: worker,
+            dp_size,
+            revision,
+            want_bases: 100,
+            need_bases: 100,
+            rooms_issued: 0,
+            created_unix_ms: 1,
+        }))
+        .await
+        .expect("reserve");
+        timed(store.close()).await.expect("close");
+    }
+    let (code, _, err) = migrate(&dir, &etcd, &prefix, &[]);
+    let mark = etcd.get(&format!("{prefix}v1/high_water")).await.map(|kv| {
+        String::from_utf8_lossy(&kv.value)
+            .trim()
+            .parse::<u64>()
+            .expect("a number")
+    });
+    match (code, mark) {
+        (0, Some(mark)) => assert!(
+            mark >= chunk_end,
+            "migrate wrote the mark {mark} below the chunk a replica took (ending at {chunk_end})"
+        ),
+        (0, None) => panic!("migrate succeeded without a mark"),
+        (_, Some(mark)) => panic!("migrate failed ({err}) but wrote the mark {mark}"),
+        (_, None) => assert!(err.contains("high_water"), "names the missing mark: {err}"),
+    }
+}
