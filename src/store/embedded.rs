@@ -15,6 +15,9 @@
 //!   (`complete <target>`); the store then refuses to serve (and so does an
 //!   unreadable `MIGRATED`: fail closed). `migrate` reruns a pending
 //!   migration and refuses a complete one.
+//! - `STORE_ID`: the store's id, a UUID written (durably) at its first start
+//!   or, for a store from before ids, at its next one (see `store_id`, which
+//!   also says when `serve` may create a store and `migrate` may read one).
 //! - `rooms.log`: a 16-byte header, `b"RALLOCLG"`, format version (u32 LE),
 //!   generation (u32 LE, +1 at each compaction), then records. A record is
 //!   `len: u32 LE`, `crc32: u32 LE` of the body, and a body of `len` bytes:
