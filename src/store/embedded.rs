@@ -280,6 +280,15 @@ impl EmbeddedStore {
             .is_some()
         {
             // A compaction that died before its rename; the log is intact.
+            // (Not synced: if the removal is lost, the next start removes
+            // it again.)
+            failpoint!(
+                "embedded::remove_compact",
+                OpenError::Io {
+                    path: files.compact.clone(),
+                    cause: io_error("embedded::remove_compact"),
+                }
+            );
             fs.remove_file(&files.compact)
                 .map_err(io_err_of(&files.compact))?;
         }
@@ -462,6 +471,42 @@ fn create_dir_durably(fs: &dyn Fs, dir: &Path) -> Result<(), OpenError> {
     Ok(())
 }
 
+/// Syncs every directory above `dir` (up to `/`, or `.` for a relative
+/// path) before a first start writes anything: an earlier attempt may have
+/// made `dir` or a parent and failed before syncing its parent, and this
+/// start, finding them, made nothing. Ancestors this process may not read
+/// are skipped with a warning (they were not made by us).
+fn sync_ancestors(fs: &dyn Fs, dir: &Path) -> Result<(), OpenError> {
+    let mut at = dir;
+    while at.parent().is_some() {
+        let parent = parent_dir(at);
+        failpoint!(
+            "embedded::first_start_sync_parents",
+            OpenError::Io {
+                path: parent.to_path_buf(),
+                cause: io_error("embedded::first_start_sync_parents"),
+            }
+        );
+        match fs.sync_dir(parent) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                warn!(dir = %parent.display(), %error, "cannot sync a parent of the data dir; make sure its entries are durable");
+            }
+            Err(cause) => {
+                return Err(OpenError::Io {
+                    path: parent.to_path_buf(),
+                    cause,
+                })
+            }
+        }
+        if parent == Path::new(".") {
+            break;
+        }
+        at = parent;
+    }
+    Ok(())
+}
+
 fn io_err_of(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError {
     let path = path.to_path_buf();
     move |cause| OpenError::Io { path, cause }
@@ -623,12 +668,19 @@ fn prepare_files(fs: &dyn Fs, files: &Files) -> Result<bool, OpenError> {
         }
         (Some(_), None) => {
             // At most a header: a first start that died before its first
-            // commit, so nothing was ever issued. Foreign content is refused.
+            // commit, so nothing was ever issued. Its header write may be
+            // torn anywhere (each byte written or still zero); anything
+            // else is foreign and refused.
             let bytes = fs
                 .open(&files.log)
                 .and_then(|f| f.read_all())
                 .map_err(io_err_of(&files.log))?;
-            if !LOG_MAGIC.starts_with(&bytes[..bytes.len().min(LOG_MAGIC.len())]) {
+            let header = encode_log_header(0);
+            let torn_header = bytes
+                .iter()
+                .zip(&header)
+                .all(|(byte, expected)| *byte == 0 || byte == expected);
+            if !torn_header {
                 return Err(OpenError::Foreign {
                     path: files.log.clone(),
                 });
@@ -636,20 +688,63 @@ fn prepare_files(fs: &dyn Fs, files: &Files) -> Result<bool, OpenError> {
         }
         (None, None) => {}
     }
+    sync_ancestors(fs, &files.dir)?;
+    failpoint!(
+        "embedded::first_start_log",
+        OpenError::Io {
+            path: files.log.clone(),
+            cause: io_error("embedded::first_start_log"),
+        }
+    );
     let log = fs.create(&files.log).map_err(io_err_of(&files.log))?;
     log.write_all_at(&encode_log_header(0), 0)
         .map_err(io_err_of(&files.log))?;
+    failpoint!(
+        "embedded::first_start_log_fsync",
+        OpenError::Io {
+            path: files.log.clone(),
+            cause: io_error("embedded::first_start_log_fsync"),
+        }
+    );
     log.sync_data().map_err(io_err_of(&files.log))?;
     // The commit file appears whole or not at all: write aside, then rename.
     let tmp = files.commit.with_extension("commit.tmp");
+    failpoint!(
+        "embedded::first_start_commit",
+        OpenError::Io {
+            path: tmp.clone(),
+            cause: io_error("embedded::first_start_commit"),
+        }
+    );
     let commit = fs.create(&tmp).map_err(io_err_of(&tmp))?;
     let mut slots = vec![0u8; 2 * SLOT_SPACING as usize];
     let first = encode_slot(0, LOG_HEADER_LEN, 0);
     slots[..first.len()].copy_from_slice(&first);
     commit.write_all_at(&slots, 0).map_err(io_err_of(&tmp))?;
+    failpoint!(
+        "embedded::first_start_commit_fsync",
+        OpenError::Io {
+            path: tmp.clone(),
+            cause: io_error("embedded::first_start_commit_fsync"),
+        }
+    );
     commit.sync_data().map_err(io_err_of(&tmp))?;
+    failpoint!(
+        "embedded::first_start_rename",
+        OpenError::Io {
+            path: files.commit.clone(),
+            cause: io_error("embedded::first_start_rename"),
+        }
+    );
     fs.rename(&tmp, &files.commit)
         .map_err(io_err_of(&files.commit))?;
+    failpoint!(
+        "embedded::first_start_dir_fsync",
+        OpenError::Io {
+            path: files.dir.clone(),
+            cause: io_error("embedded::first_start_dir_fsync"),
+        }
+    );
     fs.sync_dir(&files.dir).map_err(io_err_of(&files.dir))?;
     Ok(true)
 }
