@@ -161,6 +161,7 @@ pub const METHODS: &[&str] = &[
     "ResolveRank",
     "ListWorkers",
     "DeregisterWorker",
+    "GetRoomSpace",
 ];
 /// The allocator service's full name.
 pub const SERVICE: &str = "room_allocator.v1.RoomAllocatorService";

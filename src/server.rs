@@ -895,6 +895,7 @@ fn grpc_labels(path: &str) -> (&'static str, &'static str, &'static str) {
         ("unary", metrics::SERVICE, "ResolveRank"),
         ("unary", metrics::SERVICE, "ListWorkers"),
         ("unary", metrics::SERVICE, "DeregisterWorker"),
+        ("unary", metrics::SERVICE, "GetRoomSpace"),
         ("unary", "grpc.health.v1.Health", "Check"),
         ("server_stream", "grpc.health.v1.Health", "Watch"),
         (

@@ -381,6 +381,21 @@ impl RoomAllocatorService for Service {
         })
         .await
     }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn get_room_space(
+        &self,
+        request: Request<pb::GetRoomSpaceRequest>,
+    ) -> Result<Response<pb::RoomSpace>, Status> {
+        self.handle("GetRoomSpace", false, request, |_, _| async move {
+            let bounds = self.allocator.limits().bounds;
+            Ok(pb::RoomSpace {
+                min_room: bounds.min_room(),
+                max_room: bounds.max_room(),
+            })
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

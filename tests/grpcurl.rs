@@ -105,6 +105,13 @@ fn grpcurl_lists_describes_allocates_and_resolves_over_reflection() {
         "{refused}"
     );
 
+    assert!(described.contains("rpc GetRoomSpace ( .room_allocator.v1.GetRoomSpaceRequest ) returns ( .room_allocator.v1.RoomSpace )"), "{described}");
+    let (ok, space) = call(&[&addr, "room_allocator.v1.RoomAllocatorService/GetRoomSpace"]);
+    assert!(ok, "{space}");
+    let response: serde_json::Value = serde_json::from_str(&space).expect("JSON response");
+    assert_eq!(response["minRoom"], "1", "{space}");
+    assert_eq!(response["maxRoom"], "9223372036854775807", "{space}");
+
     let (ok, health) = call(&[&addr, "grpc.health.v1.Health/Check"]);
     assert!(ok, "{health}");
     assert!(health.contains("SERVING"), "{health}");

@@ -147,6 +147,21 @@ pub struct DeregisterWorkerRequest {
 /// Response of DeregisterWorker.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeregisterWorkerResponse {}
+/// Request of GetRoomSpace.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRoomSpaceRequest {}
+/// The part of the room space a service hands out: every room it issues,
+/// from AllocateRoom or as base + dp_rank of a LeaseRooms base, lies in
+/// min_room..=max_room.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoomSpace {
+    /// The lowest room the service hands out: 1 or more.
+    #[prost(uint64, tag = "1")]
+    pub min_room: u64,
+    /// The highest room the service hands out: at most 2^63-1.
+    #[prost(uint64, tag = "2")]
+    pub max_room: u64,
+}
 /// Generated client implementations.
 pub mod room_allocator_service_client {
     #![allow(
@@ -424,6 +439,38 @@ pub mod room_allocator_service_client {
                     GrpcMethod::new(
                         "room_allocator.v1.RoomAllocatorService",
                         "DeregisterWorker",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Tells which part of the room space this service hands out (its
+        /// --min-room and --max-room). Read-only and fixed while the server runs.
+        /// Clients read it to pick an outage fallback region that can never meet
+        /// the allocator's rooms: any room outside \[min_room, max_room\].
+        /// The response is the resource itself, as AIP-131 has Get methods answer.
+        /// buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        pub async fn get_room_space(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRoomSpaceRequest>,
+        ) -> std::result::Result<tonic::Response<super::RoomSpace>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/room_allocator.v1.RoomAllocatorService/GetRoomSpace",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "room_allocator.v1.RoomAllocatorService",
+                        "GetRoomSpace",
                     ),
                 );
             self.inner.unary(req, path, codec).await
