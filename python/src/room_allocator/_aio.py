@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 
 from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
+from . import _fork
 from ._fork import grpc_aio_inherited, keep_inherited, mark_grpc_aio_inherited, track
 from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
 from ._pb import room_allocator_pb2 as pb
@@ -227,6 +228,14 @@ class AsyncRoomClient:
         if self._channel_stub is None:
             spec = self._spec
             if grpc_aio_inherited():
+                if _fork.grpcio_version() < _fork.FIRST_GRPCIO_SAFE_AFTER_AIO_FORK:
+                    raise RoomAllocatorError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"this process was forked while a grpc.aio channel was open, and with grpcio "
+                        f"{grpc.__version__} gRPC calls here hang or crash the parent process; create the "
+                        f"AsyncRoomClient in a process not forked from one using grpc.aio (multiprocessing's "
+                        f"spawn or forkserver start method), or upgrade grpcio to 1.81 or later",
+                    )
                 if spec.credentials is None:
                     channel = grpc.insecure_channel(spec.address, options=spec.options)
                 else:

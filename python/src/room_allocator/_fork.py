@@ -17,7 +17,11 @@ open: its process-wide completion queue is served by a poller thread that
 the child does not have, so every call in the child, on any new channel too,
 waits forever, deadline or not (seen with grpcio 1.85, with and without
 ``GRPC_ENABLE_FORK_SUPPORT``). In such a child the asyncio client makes its
-calls on the blocking grpc stack, in the event loop's default executor.
+calls on the blocking grpc stack, in the event loop's default executor. That
+works from grpcio 1.81 on (tested: 1.81.0, 1.81.2, 1.82.3, 1.85.4); with
+older grpcio, gRPC calls in such a child hung (1.80.1) or crashed the
+*parent* with a segmentation fault (1.71.0, 1.78.2), so there the client
+refuses to call at all (FAILED_PRECONDITION) rather than risk its parent.
 
 Only forks that run Python's at-fork handlers are seen: ``os.fork()`` and
 what is built on it (multiprocessing's fork start method, gunicorn and
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, List, Protocol
+from typing import Any, List, Protocol, Tuple
+
+import grpc
 
 
 class ForkAware(Protocol):
@@ -46,6 +52,18 @@ _inherited_channels: List[Any] = []
 #: Set in a child forked while an :class:`AsyncRoomClient` had a grpc.aio
 #: channel open (and inherited by that child's own children).
 _grpc_aio_inherited = False
+
+#: The first grpcio whose blocking stack worked, in our tests, in a child
+#: forked while a grpc.aio channel was open (see above).
+FIRST_GRPCIO_SAFE_AFTER_AIO_FORK = (1, 81)
+
+
+def grpcio_version() -> Tuple[int, ...]:
+    """``grpc.__version__`` as numbers (major, minor); (0,) if unreadable."""
+    try:
+        return tuple(int(part) for part in grpc.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        return (0,)
 
 
 def track(client: ForkAware) -> None:
