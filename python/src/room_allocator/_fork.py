@@ -38,6 +38,8 @@ import grpc
 
 
 class ForkAware(Protocol):
+    _closed: bool
+
     def _forget_after_fork(self) -> None: ...
 
 
@@ -91,7 +93,12 @@ def _after_fork_in_child() -> None:
     # Runs in the child before fork() returns there: the child has one
     # thread, so nothing else touches the clients meanwhile.
     for client in list(_live_clients):
-        client._forget_after_fork()
+        try:
+            client._forget_after_fork()
+        except BaseException:  # noqa: BLE001 - an at-fork handler has no caller
+            # A client that kept the parent's leases must not hand them out:
+            # closed, it refuses every call and try_allocate gives None.
+            client._closed = True
 
 
 if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
