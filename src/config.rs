@@ -23,6 +23,8 @@ pub const BOUNDS: &[(&str, u64, u64)] = &[
     ("--drain-delay-secs", 0, 3600),
     ("--drain-timeout-secs", 0, 3600),
     ("--request-timeout-secs", 1, 300),
+    ("--max-connection-age-secs", 1, 86400),
+    ("--max-connection-age-grace-secs", 1, 3600),
     ("--max-concurrent-requests", 1, 1_000_000),
     ("--store-timeout-secs", 1, 60),
     ("--etcd-staleness-secs", 2, 3600),
@@ -248,6 +250,20 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_REQUEST_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(bound("--request-timeout-secs").0..=bound("--request-timeout-secs").1))]
     pub request_timeout_secs: u64,
+
+    /// Age after which a client connection is told to go away (HTTP/2
+    /// GOAWAY) and the client reconnects, so routers spread onto replicas
+    /// added by a scale-up or a rollout instead of staying on the old ones.
+    #[arg(long, env = "ROOM_ALLOCATOR_MAX_CONNECTION_AGE_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(bound("--max-connection-age-secs").0..=bound("--max-connection-age-secs").1))]
+    pub max_connection_age_secs: u64,
+
+    /// After --max-connection-age-secs, how long calls in flight on the old
+    /// connection may take before it is closed anyway; keep it at or above
+    /// --request-timeout-secs.
+    #[arg(long, env = "ROOM_ALLOCATOR_MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(bound("--max-connection-age-grace-secs").0..=bound("--max-connection-age-grace-secs").1))]
+    pub max_connection_age_grace_secs: u64,
 
     /// Calls in flight at most; more are refused at once with
     /// RESOURCE_EXHAUSTED instead of queueing without bound.

@@ -28,7 +28,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::server::limits;
 
 /// Latency buckets in seconds, 100 µs to 20 s: allocation is in memory and
 /// sits in the lowest buckets; the tail reaches past the store timeout (3 s)
@@ -175,6 +177,9 @@ pub struct Metrics {
     pub requests: Family<Counter>,
     pub request_duration: Family<Histogram>,
     pub reloads: Family<Counter>,
+    /// 1 while the last reload of a file succeeded, 0 while it fails: an
+    /// alert on it stays firing for as long as the problem lasts.
+    pub reload_last_success: Family<Gauge>,
     pub workers_registered: Gauge,
     pub workers_limit: Gauge,
     pub space_used: Gauge,
@@ -205,6 +210,7 @@ impl Metrics {
             requests: Family::new(&["method", "code"]),
             request_duration: Family::new(&["method", "code"]),
             reloads: Family::new(&["file", "result"]),
+            reload_last_success: Family::new(&["file"]),
             workers_registered: Gauge::default(),
             workers_limit: Gauge::default(),
             space_used: Gauge::default(),
@@ -303,6 +309,11 @@ impl Metrics {
             "room_allocator_reloads",
             "Reloads of --tls-cert/--tls-key/--tls-client-ca (file=tls) and --auth-token-file (file=token) after they changed, by result",
             &self.reloads,
+        );
+        out.gauges(
+            "room_allocator_reload_last_success",
+            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls) or --auth-token-file (file=token) succeeded, 0 while a changed file is unusable (the previous one stays in use); only files this server was started with",
+            &self.reload_last_success,
         );
         out.gauge(
             "room_allocator_workers_registered",
@@ -609,32 +620,30 @@ fn wants_openmetrics(accept: Option<&str>) -> bool {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` turns true; `refresh`
-/// sets the gauges just before each scrape.
+/// sets the gauges just before each scrape. At most
+/// [`limits::MAX_SIDE_CONNECTIONS`] connections at once, each closed if a
+/// request's headers take longer than [`limits::HEADER_READ_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = limits::Slots::new();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let connection = tokio::select! {
+            connection = slots.accept(&listener, "metrics") => connection,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(error) => {
-                warn!(%error, "metrics listener failed to accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let (stream, slot) = connection.into_parts();
+        let Ok(peer) = stream.peer_addr() else {
+            continue;
         };
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            metrics.clone(),
-            refresh.clone(),
-        ));
+        let (metrics, refresh) = (metrics.clone(), refresh.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, peer, metrics, refresh).await;
+            drop(slot);
+        });
     }
 }
 
@@ -670,6 +679,8 @@ async fn serve_connection(
         }
     });
     if let Err(error) = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits::HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .await
     {

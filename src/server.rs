@@ -33,11 +33,13 @@ use tracing::{error, info, warn};
 
 use crate::allocator::{Allocator, Limits};
 use crate::config::ServeArgs;
-use crate::metrics::{self, Histogram, Metrics};
+use crate::metrics::{self, Metrics};
 use crate::pb;
 use crate::service::{Auth, RoomAllocatorServiceServer, Service};
 use crate::space::{Bounds, SpaceError};
 use crate::store::{EmbeddedStore, EtcdStore, OpenError, Store};
+
+pub(crate) mod limits;
 
 /// Largest request accepted: every request of the contract is far smaller
 /// (a worker name is at most 253 bytes).
@@ -305,6 +307,8 @@ pub struct Server {
     drain_delay: Duration,
     drain_timeout: Duration,
     request_timeout: Duration,
+    max_connection_age: Duration,
+    max_connection_age_grace: Duration,
     max_concurrent_requests: usize,
     tls: Option<Arc<Tls>>,
     auth: Option<(Auth, PathBuf, Vec<String>)>,
@@ -372,6 +376,8 @@ impl Server {
             drain_delay: Duration::from_secs(config.drain_delay_secs),
             drain_timeout: Duration::from_secs(config.drain_timeout_secs),
             request_timeout: Duration::from_secs(config.request_timeout_secs),
+            max_connection_age: Duration::from_secs(config.max_connection_age_secs),
+            max_connection_age_grace: Duration::from_secs(config.max_connection_age_grace_secs),
             max_concurrent_requests: usize::try_from(config.max_concurrent_requests)
                 .unwrap_or(usize::MAX),
             tls,
@@ -396,7 +402,8 @@ impl Server {
         let reporter = tonic_health::server::HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
-        );
+        )
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let health = Arc::new(Health {
             reporter,
             shutting_down: tokio::sync::Mutex::new(false),
@@ -409,6 +416,13 @@ impl Server {
             health.clone(),
             self.metrics.clone(),
         )));
+        // The files a start loaded are in use; a later bad version turns 0.
+        if self.tls.is_some() {
+            self.metrics.reload_last_success.get(&["tls"]).set(1.0);
+        }
+        if self.auth.is_some() {
+            self.metrics.reload_last_success.get(&["token"]).set(1.0);
+        }
         if self.tls.is_some() || self.auth.is_some() {
             tasks.push(tokio::spawn(reload_files(
                 self.tls.clone(),
@@ -416,8 +430,12 @@ impl Server {
                 self.metrics.clone(),
             )));
         }
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let reflection_v1 = reflection()
+            .build_v1()?
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()?
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let (stop_side, side_stopped) = watch::channel(false);
         let refresh = {
@@ -434,12 +452,20 @@ impl Server {
         let health_task = health_listener.map(|listener| {
             let mut stopped = side_stopped.clone();
             let service = health_service.clone();
+            let (connections, incoming) = mpsc::channel(limits::MAX_SIDE_CONNECTIONS);
+            tasks.push(tokio::spawn(accept_health(listener, connections)));
+            let request_timeout = self.request_timeout;
             tokio::spawn(async move {
                 let served = tonic::transport::Server::builder()
+                    // A request half sent never holds its stream past this.
+                    .timeout(request_timeout.min(limits::HEADER_READ_TIMEOUT))
                     .add_service(service)
-                    .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    })
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::ReceiverStream::new(incoming),
+                        async move {
+                            let _ = stopped.wait_for(|stop| *stop).await;
+                        },
+                    )
                     .await;
                 if let Err(error) = served {
                     error!(%error, "the health listener failed");
@@ -472,7 +498,14 @@ impl Server {
         let in_flight = InFlight::new(self.max_concurrent_requests);
         let router = tonic::transport::Server::builder()
             .timeout(self.request_timeout)
-            .layer(GrpcMetricsLayer(self.metrics.clone()))
+            // Routers keep their connections for good: without an age, a
+            // replica added by a scale-up or a rollout gets no calls.
+            .max_connection_age(self.max_connection_age)
+            .max_connection_age_grace(self.max_connection_age_grace)
+            .layer(GrpcMetricsLayer {
+                metrics: self.metrics.clone(),
+                request_timeout: self.request_timeout,
+            })
             .layer(in_flight.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -635,10 +668,12 @@ async fn reload_files(
                             *tls.current.write().expect("tls lock is never poisoned") =
                                 (material, config);
                             metrics.reloads.get(&["tls", "success"]).inc();
+                            metrics.reload_last_success.get(&["tls"]).set(1.0);
                             info!("reloaded the TLS certificate; new connections use it");
                         }
                         Err(error) => {
                             metrics.reloads.get(&["tls", "failure"]).inc();
+                            metrics.reload_last_success.get(&["tls"]).set(0.0);
                             error!(%error, "the new TLS files are unusable; keeping the previous certificate");
                         }
                     }
@@ -646,6 +681,7 @@ async fn reload_files(
                 Ok(_) => {}
                 Err(error) => {
                     // Mid-swap, or gone: try again next tick; count once.
+                    metrics.reload_last_success.get(&["tls"]).set(0.0);
                     if last_tls_attempt.take().is_some() {
                         metrics.reloads.get(&["tls", "failure"]).inc();
                         error!(%error, "cannot read the TLS files; keeping the previous certificate");
@@ -660,10 +696,12 @@ async fn reload_files(
                     last_token = Some(token);
                     last_token_failure = None;
                     metrics.reloads.get(&["token", "success"]).inc();
+                    metrics.reload_last_success.get(&["token"]).set(1.0);
                     info!("reloaded the bearer token");
                 }
                 Ok(_) => {}
                 Err(error) => {
+                    metrics.reload_last_success.get(&["token"]).set(0.0);
                     let text = error.to_string();
                     if last_token_failure.as_ref() != Some(&text) {
                         metrics.reloads.get(&["token", "failure"]).inc();
@@ -714,6 +752,26 @@ async fn accept_tls(
                     tracing::debug!(%peer, %error, "TLS handshake failed")
                 }
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Accepts the plaintext health port's connections within its cap, and hands
+/// over those that start talking within the header-read timeout.
+async fn accept_health(
+    listener: TcpListener,
+    connections: mpsc::Sender<Result<limits::Limited, std::io::Error>>,
+) {
+    let slots = limits::Slots::new();
+    loop {
+        let connection = slots.accept(&listener, "health").await;
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            if limits::sends_in_time(&connection).await {
+                let _ = connections.send(Ok(connection)).await;
+            } else {
+                tracing::debug!("a health connection sent nothing in time; closed");
             }
         });
     }
@@ -852,7 +910,9 @@ where
                         "the server is overloaded ({max} calls in flight, --max-concurrent-requests); retry with backoff"
                     )),
                 };
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+                let mut response = status.into_http();
+                response.extensions_mut().insert(NotServed);
+                return Box::pin(std::future::ready(Ok(response)));
             }
         };
         let response = self.inner.call(request);
@@ -864,9 +924,13 @@ where
     }
 }
 
-/// go-grpc-middleware's server metrics for every call to every service.
+/// go-grpc-middleware's server metrics for every call to every service,
+/// with `--request-timeout-secs` to tell a timed-out call from a cancelled one.
 #[derive(Clone)]
-struct GrpcMetricsLayer(Arc<Metrics>);
+struct GrpcMetricsLayer {
+    metrics: Arc<Metrics>,
+    request_timeout: Duration,
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetricsService<S>;
@@ -874,7 +938,8 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GrpcMetricsService {
             inner,
-            metrics: self.0.clone(),
+            metrics: self.metrics.clone(),
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -883,6 +948,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 pub struct GrpcMetricsService<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    request_timeout: Duration,
 }
 
 /// The (type, service, method) labels of a request path; bounded: paths this
@@ -942,6 +1008,85 @@ fn grpc_go_code(code: tonic::Code) -> &'static str {
     }
 }
 
+/// One call's outcome, recorded exactly once: when its response is ready,
+/// or, when the call is dropped first, as DeadlineExceeded (its deadline
+/// passed: tonic's timeout wraps this layer and drops the call) or Canceled
+/// (the client reset the stream). Without the drop, the calls an incident is
+/// made of would never reach `grpc_server_handled_total`, and `started -
+/// handled` would grow for good.
+struct CallRecord {
+    metrics: Arc<Metrics>,
+    labels: (&'static str, &'static str, &'static str),
+    started: Instant,
+    /// The sooner of `--request-timeout-secs` and the client's grpc-timeout.
+    deadline: Duration,
+    recorded: bool,
+}
+
+/// Marks a response that the allocator service never saw (shed, or refused
+/// during shutdown), so that its `room_allocator_requests_total` count comes
+/// from the metrics layer instead.
+#[derive(Clone, Copy)]
+struct NotServed;
+
+/// tokio's timers fire up to a millisecond late, never early; the record's
+/// clock starts a little after tonic's, so allow for both.
+const DEADLINE_SLACK: Duration = Duration::from_millis(5);
+
+impl CallRecord {
+    /// `counted` says whether the allocator service already counted the call
+    /// in `room_allocator_requests_total`.
+    fn record(&mut self, code: tonic::Code, counted: bool) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let (kind, service, method) = self.labels;
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .grpc_handling
+            .get(&[kind, service, method])
+            .observe(elapsed);
+        self.metrics
+            .grpc_handled
+            .get(&[kind, service, method, grpc_go_code(code)])
+            .inc();
+        if !counted && service == metrics::SERVICE {
+            // This family names codes as the contract does (UNAVAILABLE).
+            self.metrics
+                .observe_request(method, crate::service::code_name(code), elapsed);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let code = if self.started.elapsed() + DEADLINE_SLACK >= self.deadline {
+            tonic::Code::DeadlineExceeded
+        } else {
+            tonic::Code::Cancelled
+        };
+        self.record(code, false);
+    }
+}
+
+/// The `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and a unit).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 impl<S, B> tower::Service<http::Request<B>> for GrpcMetricsService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -958,29 +1103,42 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (kind, service, method) = grpc_labels(request.uri().path());
-        let metrics = self.metrics.clone();
-        metrics.grpc_started.get(&[kind, service, method]).inc();
-        let histogram: Arc<Histogram> = metrics.grpc_handling.get(&[kind, service, method]);
-        let started = Instant::now();
+        self.metrics
+            .grpc_started
+            .get(&[kind, service, method])
+            .inc();
+        let client_deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
+        let mut record = CallRecord {
+            metrics: self.metrics.clone(),
+            labels: (kind, service, method),
+            started: Instant::now(),
+            deadline: client_deadline.map_or(self.request_timeout, |client| {
+                client.min(self.request_timeout)
+            }),
+            recorded: false,
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
             // An error answers trailers-only: its code is in the headers. A
             // unary success carries grpc-status 0 in its trailers.
-            let code = match &response {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from),
-                Err(_) => tonic::Code::Unknown,
+            let (code, counted) = match &response {
+                Ok(response) => (
+                    response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from),
+                    response.extensions().get::<NotServed>().is_none(),
+                ),
+                Err(_) => (tonic::Code::Unknown, false),
             };
-            histogram.observe(started.elapsed());
-            metrics
-                .grpc_handled
-                .get(&[kind, service, method, grpc_go_code(code)])
-                .inc();
+            record.record(code, counted);
             response
         })
     }
