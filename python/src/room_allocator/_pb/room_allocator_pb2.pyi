@@ -110,3 +110,15 @@ class DeregisterWorkerRequest(_message.Message):
 class DeregisterWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetRoomSpaceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoomSpace(_message.Message):
+    __slots__ = ("min_room", "max_room")
+    MIN_ROOM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROOM_FIELD_NUMBER: _ClassVar[int]
+    min_room: int
+    max_room: int
+    def __init__(self, min_room: _Optional[int] = ..., max_room: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class RoomAllocatorServiceStub(object):
                 request_serializer=room__allocator_dot_v1_dot_room__allocator__pb2.DeregisterWorkerRequest.SerializeToString,
                 response_deserializer=room__allocator_dot_v1_dot_room__allocator__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.GetRoomSpace = channel.unary_unary(
+                '/room_allocator.v1.RoomAllocatorService/GetRoomSpace',
+                request_serializer=room__allocator_dot_v1_dot_room__allocator__pb2.GetRoomSpaceRequest.SerializeToString,
+                response_deserializer=room__allocator_dot_v1_dot_room__allocator__pb2.RoomSpace.FromString,
+                _registered_method=True)
 
 
 class RoomAllocatorServiceServicer(object):
@@ -122,6 +127,18 @@ class RoomAllocatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoomSpace(self, request, context):
+        """Tells which part of the room space this service hands out (its
+        --min-room and --max-room). Read-only and fixed while the server runs.
+        Clients read it to pick an outage fallback region that can never meet
+        the allocator's rooms: any room outside [min_room, max_room].
+        The response is the resource itself, as AIP-131 has Get methods answer.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoomAllocatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +171,11 @@ def add_RoomAllocatorServiceServicer_to_server(servicer, server):
                     servicer.DeregisterWorker,
                     request_deserializer=room__allocator_dot_v1_dot_room__allocator__pb2.DeregisterWorkerRequest.FromString,
                     response_serializer=room__allocator_dot_v1_dot_room__allocator__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+            'GetRoomSpace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoomSpace,
+                    request_deserializer=room__allocator_dot_v1_dot_room__allocator__pb2.GetRoomSpaceRequest.FromString,
+                    response_serializer=room__allocator_dot_v1_dot_room__allocator__pb2.RoomSpace.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +341,33 @@ class RoomAllocatorService(object):
             '/room_allocator.v1.RoomAllocatorService/DeregisterWorker',
             room__allocator_dot_v1_dot_room__allocator__pb2.DeregisterWorkerRequest.SerializeToString,
             room__allocator_dot_v1_dot_room__allocator__pb2.DeregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoomSpace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/room_allocator.v1.RoomAllocatorService/GetRoomSpace',
+            room__allocator_dot_v1_dot_room__allocator__pb2.GetRoomSpaceRequest.SerializeToString,
+            room__allocator_dot_v1_dot_room__allocator__pb2.RoomSpace.FromString,
             options,
             channel_credentials,
             insecure,
