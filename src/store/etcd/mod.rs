@@ -71,11 +71,13 @@
 //!
 //! A progress notification alone proves little: a member cut off from its
 //! cluster answers it from its own, stale revision. So the watch requires a
-//! leader (`hasleader`: such a member cancels it), and a progress request
-//! confirms the view only with a linearizable read made after it (a quorum
-//! read, which a member without a leader cannot answer): the notification's
-//! revision must reach the read's. Confirming never moves the revision a
-//! broken watch resumes from; only applied events do (see [`watch`]).
+//! leader (`hasleader`: such a member cancels it), and each confirmation
+//! starts with a linearizable read (a quorum read, which a member without a
+//! leader cannot answer); the progress request goes once it answers, and
+//! the notification's revision must reach the read's: the view is then
+//! confirmed as of when the read was sent. Confirming never moves the
+//! revision a broken watch resumes from; only applied events do (see
+//! [`watch`]).
 //!
 //! # etcd versions
 //! etcd 3.4 or later (3.4, 3.5, 3.6): progress requests came with 3.4; an
@@ -2042,7 +2044,7 @@ impl RegistrationSync {
         };
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The quorum read made after the outstanding progress request.
+        // The quorum read of the outstanding request, while in flight.
         let mut quorum: Option<QuorumRead> = None;
         loop {
             tokio::select! {
@@ -2077,12 +2079,18 @@ impl RegistrationSync {
                     quorum = None;
                     match read {
                         Ok(revision) => {
-                            if let Some(asked) = progress.quorum_read(revision) {
-                                self.confirm(asked);
+                            progress.quorum_read(revision);
+                            let request = pb::WatchRequest {
+                                request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+                                    pb::WatchProgressRequest {},
+                                )),
+                            };
+                            if requests.send(request).await.is_err() {
+                                return failed("the watch request stream closed".into(), &progress);
                             }
                         }
                         Err(error) => {
-                            debug!(%error, "the quorum read after a progress request failed; the view stays unconfirmed");
+                            debug!(%error, "the quorum read that confirms the view failed; it stays unconfirmed");
                             progress.quorum_failed();
                         }
                     }
@@ -2096,14 +2104,6 @@ impl RegistrationSync {
                         continue;
                     }
                     progress.asked(self.shared.elapsed_ms());
-                    let request = pb::WatchRequest {
-                        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
-                            pb::WatchProgressRequest {},
-                        )),
-                    };
-                    if requests.send(request).await.is_err() {
-                        return failed("the watch request stream closed".into(), &progress);
-                    }
                     quorum = Some(Box::pin(quorum_revision(self.shared.clone())));
                 }
             }

@@ -5,12 +5,16 @@
 //! - **Applied**: the last revision whose events the replica applied. A new
 //!   watch resumes right after it; events delivered again are harmless (the
 //!   allocator applies a registration by its revision).
-//! - **Confirmed**: a progress notification vouches that the watch delivered
-//!   everything up to its revision, and a linearizable read (a quorum read,
-//!   made after the progress request was sent) says which revision the
-//!   cluster had reached by then. A progress notification at or above that
-//!   revision confirms the view as of the request; one below it (a member
-//!   cut off from its cluster answers from its own, stale revision) does not.
+//! - **Confirmed**: a linearizable read (a quorum read: a member without a
+//!   leader cannot answer it) says which revision the cluster had reached
+//!   when it was sent; a progress request sent after it returns is answered
+//!   with the revision up to which the watch delivered everything (as the
+//!   answering member knows it). At or above the read's revision, the view
+//!   is confirmed as of when the read was sent; below it (a member cut off
+//!   from its cluster answers from its own, stale revision) it is not. The
+//!   read goes first: under a steady write load a read made after the
+//!   progress request nearly always sees a later revision than the answer
+//!   carries, and would never confirm.
 //!
 //! Confirmation never moves the resume point: on etcd 3.4.23 (Debian's) a
 //! progress notification can overtake the catch-up events of a new watch
@@ -21,17 +25,16 @@
 #[derive(Debug, Clone)]
 pub(crate) struct WatchProgress {
     applied: i64,
-    /// The highest revision a progress notification vouched for.
-    delivered: i64,
     ask: Option<Ask>,
 }
 
 /// An outstanding request for confirmation.
 #[derive(Debug, Clone, Copy)]
 struct Ask {
-    /// When the progress request was sent (ms since the store's epoch).
+    /// When the quorum read was sent (ms since the store's epoch).
     sent_ms: u64,
-    /// The revision of the quorum read made after it, once answered.
+    /// The revision it answered, once it did (then the progress request
+    /// is sent).
     quorum: Option<i64>,
 }
 
@@ -39,11 +42,7 @@ impl WatchProgress {
     /// A watch that starts after `applied` (the revision of the snapshot or
     /// of the last event the replica applied).
     pub(crate) fn new(applied: i64) -> Self {
-        Self {
-            applied,
-            delivered: 0,
-            ask: None,
-        }
+        Self { applied, ask: None }
     }
 
     /// Where a new watch resumes: right after the last revision applied.
@@ -56,12 +55,12 @@ impl WatchProgress {
         self.applied = self.applied.max(revision);
     }
 
-    /// When the outstanding request was sent, if one is.
+    /// When the outstanding request began, if one is.
     pub(crate) fn asked_at(&self) -> Option<u64> {
         self.ask.map(|ask| ask.sent_ms)
     }
 
-    /// A progress request was sent at `now_ms`; a quorum read follows.
+    /// A quorum read was sent at `now_ms`.
     pub(crate) fn asked(&mut self, now_ms: u64) {
         self.ask = Some(Ask {
             sent_ms: now_ms,
@@ -74,30 +73,23 @@ impl WatchProgress {
         self.ask = None;
     }
 
-    /// The quorum read made after the request saw `revision`. Returns when
-    /// the view is confirmed as of, if it now is.
-    pub(crate) fn quorum_read(&mut self, revision: i64) -> Option<u64> {
+    /// The quorum read saw `revision`; the progress request goes next.
+    pub(crate) fn quorum_read(&mut self, revision: i64) {
         if let Some(ask) = &mut self.ask {
             ask.quorum = Some(revision);
         }
-        self.settle()
     }
 
     /// A progress notification at `revision`. Returns when the view is
-    /// confirmed as of, if it now is. It never moves the resume point.
+    /// confirmed as of, if it is; it ends the request either way (one
+    /// below the read's revision: the next request tries again). It never
+    /// moves the resume point.
     pub(crate) fn progress(&mut self, revision: i64) -> Option<u64> {
-        self.delivered = self.delivered.max(revision);
-        self.settle()
-    }
-
-    fn settle(&mut self) -> Option<u64> {
         let ask = self.ask?;
+        // Not the answer to a request sent after this read.
         let quorum = ask.quorum?;
-        if self.delivered < quorum {
-            return None;
-        }
         self.ask = None;
-        Some(ask.sent_ms)
+        (revision >= quorum).then_some(ask.sent_ms)
     }
 }
 
@@ -111,8 +103,8 @@ mod tests {
         // request at revision 7 before the catch-up event of revision 2.
         let mut watch = WatchProgress::new(1);
         watch.asked(1000);
-        let _ = watch.quorum_read(7);
-        let _ = watch.progress(7);
+        watch.quorum_read(7);
+        assert_eq!(watch.progress(7), Some(1000));
         // The stream breaks here: the next watch must deliver revision 2.
         assert_eq!(watch.resume_after(), 1, "resumes past an unapplied event");
         watch.applied(2);
@@ -125,19 +117,22 @@ mod tests {
         // the cluster is at 9.
         let mut watch = WatchProgress::new(5);
         watch.asked(1000);
-        assert_eq!(watch.progress(5), None);
-        assert_eq!(watch.quorum_read(9), None, "stale progress confirmed");
-        assert_eq!(watch.asked_at(), Some(1000), "still waiting");
-        assert_eq!(watch.progress(9), Some(1000));
-        assert_eq!(watch.asked_at(), None);
+        watch.quorum_read(9);
+        assert_eq!(watch.progress(5), None, "stale progress confirmed");
+        assert_eq!(watch.asked_at(), None, "the next request tries again");
+        watch.asked(2000);
+        watch.quorum_read(9);
+        assert_eq!(watch.progress(9), Some(2000));
     }
 
     #[test]
-    fn a_progress_confirms_only_once_the_quorum_read_answers() {
+    fn only_a_progress_after_the_quorum_read_confirms() {
         let mut watch = WatchProgress::new(3);
         watch.asked(2000);
         assert_eq!(watch.progress(4), None, "no quorum read yet");
-        assert_eq!(watch.quorum_read(4), Some(2000));
+        assert_eq!(watch.asked_at(), Some(2000), "still waiting");
+        watch.quorum_read(4);
+        assert_eq!(watch.progress(6), Some(2000));
         // A failed quorum read confirms nothing, whatever progress says.
         watch.asked(3000);
         watch.quorum_failed();
@@ -149,6 +144,7 @@ mod tests {
     fn progress_without_a_request_confirms_nothing() {
         let mut watch = WatchProgress::new(3);
         assert_eq!(watch.progress(8), None);
-        assert_eq!(watch.quorum_read(8), None);
+        watch.quorum_read(8);
+        assert_eq!(watch.progress(8), None);
     }
 }
