@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -16,7 +15,6 @@ use tonic::{Code, Request, Status};
 use tracing::debug;
 
 use crate::error::{cause_chain, Error};
-use crate::fallback::{Draws, Region};
 use crate::fork;
 use crate::lease::{Block, LeaseState};
 use crate::limits::{MAX_LEASE_COUNT, MAX_LEASE_NUMBERS};
@@ -44,12 +42,6 @@ const WORKERS_PAGE_SIZE: i32 = 1000;
 const FIRST_ENDPOINT_PAUSE: Duration = Duration::from_millis(500);
 /// ...up to this; then one call tries it again.
 const MAX_ENDPOINT_PAUSE: Duration = Duration::from_secs(30);
-/// Default bound on getting a room from the allocator before an outage
-/// fallback room is used: a leased room costs microseconds and a lease a
-/// round trip of about a millisecond in one data centre, so tens of
-/// milliseconds mean the allocator is not answering, while a router's
-/// request (its prefill alone) takes far longer than the wait.
-const DEFAULT_ALLOCATION_DEADLINE: Duration = Duration::from_millis(50);
 
 /// A worker as the server has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,57 +60,6 @@ pub struct Resolved {
     pub dp_rank: u32,
     /// The dp_size in force when the room was issued.
     pub dp_size: u32,
-}
-
-/// The part of the room space a server hands out (GetRoomSpace): its
-/// `--min-room` and `--max-room`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RoomSpace {
-    pub min_room: u64,
-    pub max_room: u64,
-}
-
-/// What the outage fallback callback is told about each fallback room (or
-/// block, or batch item): see [`RoomClientBuilder::outage_fallback`].
-#[derive(Debug)]
-pub struct FallbackRoom<'a> {
-    pub prefill_worker: &'a str,
-    /// The rank of the room (of the block's first room).
-    pub dp_rank: u32,
-    pub dp_size: u32,
-    pub room: u64,
-    /// Consecutive numbers the room starts: 1, or `num` of `allocate_block`.
-    pub num: u64,
-    /// Why the allocator gave no room: unreachable, UNAVAILABLE, or no
-    /// answer within the allocation deadline.
-    pub cause: &'a Error,
-}
-
-/// Called for every fallback room; must be cheap and must not block.
-type FallbackCallback = Arc<dyn Fn(&FallbackRoom<'_>) + Send + Sync>;
-
-/// The outage fallback of a client that has one.
-struct Fallback {
-    region: Region,
-    deadline: Duration,
-    on_fallback: Option<FallbackCallback>,
-    draws: Draws,
-    /// Fallback rooms handed out (a block or a batch item counts one).
-    rooms: AtomicU64,
-}
-
-/// Whether an error means the allocator could not be reached or could not
-/// reserve: the only failures the outage fallback stands in for. A refusal
-/// (a stale dp_size, a deregistered worker, a full space) is returned.
-fn is_outage(error: &Error) -> bool {
-    match error {
-        Error::Connect { .. } => true,
-        Error::Status(status) => matches!(
-            status.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-        ),
-        _ => false,
-    }
 }
 
 /// A raw block of bases from LeaseRooms: `first_base + i * dp_size` for `i <
@@ -203,9 +144,6 @@ pub struct RoomClientBuilder {
     keep_alive: Option<(Duration, Duration)>,
     patience: Duration,
     max_lease_age: Duration,
-    fallback_region: Option<RangeInclusive<u64>>,
-    allocation_deadline: Duration,
-    on_fallback: Option<FallbackCallback>,
 }
 
 impl RoomClientBuilder {
@@ -221,9 +159,6 @@ impl RoomClientBuilder {
             keep_alive: None,
             patience: Duration::from_secs(30),
             max_lease_age: DEFAULT_MAX_LEASE_AGE,
-            fallback_region: None,
-            allocation_deadline: DEFAULT_ALLOCATION_DEADLINE,
-            on_fallback: None,
         }
     }
 
@@ -296,48 +231,6 @@ impl RoomClientBuilder {
     /// expired bases are used late by as long (still unique and aligned).
     pub fn max_lease_age(mut self, age: Duration) -> Self {
         self.max_lease_age = age;
-        self
-    }
-
-    /// Opts in to the outage fallback: when no leased room is left and the
-    /// allocator gives none within the [allocation
-    /// deadline](Self::allocation_deadline) (it cannot be reached, answers
-    /// UNAVAILABLE, or is too slow), `allocate`, `allocate_many` and
-    /// `allocate_block` return a rank-aligned random room from `region`
-    /// instead of failing. Refusals (a stale dp_size, a deregistered worker)
-    /// are still returned.
-    ///
-    /// `region` must miss every room the allocator hands out: `connect`
-    /// reads the server's bounds (GetRoomSpace) and refuses an overlapping
-    /// region with [`Error::Config`]. The default bounds (`1..=2^63-1`)
-    /// leave no region, so the operator leaves one, e.g. the server with
-    /// `--max-room 4611686018427387903` and the region `2^62..=2^63-1`.
-    /// Fallback rooms can only collide with other fallback rooms; the odds
-    /// are in the crate docs. They are counted
-    /// ([`RoomClient::fallback_rooms`]) and reported to
-    /// [`on_fallback`](Self::on_fallback); ResolveRank does not know them.
-    pub fn outage_fallback(mut self, region: RangeInclusive<u64>) -> Self {
-        self.fallback_region = Some(region);
-        self
-    }
-
-    /// With an [outage fallback](Self::outage_fallback), longest an
-    /// allocation waits for the allocator when no leased room is left
-    /// (default 50 ms) before it uses a fallback room; separate from the
-    /// per-call [`timeout`](Self::timeout). A lease that arrives later still
-    /// serves later calls.
-    pub fn allocation_deadline(mut self, deadline: Duration) -> Self {
-        self.allocation_deadline = deadline;
-        self
-    }
-
-    /// Called once for every fallback room, e.g. to count it in the
-    /// router's metrics or log it; must be cheap and must not block.
-    pub fn on_fallback(
-        mut self,
-        callback: impl Fn(&FallbackRoom<'_>) + Send + Sync + 'static,
-    ) -> Self {
-        self.on_fallback = Some(Arc::new(callback));
         self
     }
 
@@ -415,10 +308,6 @@ impl RoomClientBuilder {
         if self.endpoints.is_empty() {
             return Err(Error::Config("no endpoint given".into()));
         }
-        let region = match &self.fallback_region {
-            Some(region) => Some(Region::try_new(region).map_err(Error::Config)?),
-            None => None,
-        };
         let token = match &self.token {
             Some(token) => Some(
                 format!("Bearer {}", token.trim())
@@ -481,24 +370,12 @@ impl RoomClientBuilder {
                 target
             })
             .collect();
-        let fallback = region.map(|region| Fallback {
-            region,
-            deadline: self.allocation_deadline,
-            on_fallback: self.on_fallback.clone(),
-            draws: Draws::new(),
-            rooms: AtomicU64::new(0),
-        });
-        let client = RoomClient::new(targets, epoch, self.timeout, self.max_lease_age, fallback);
-        if let Some(fallback) = &client.inner.fallback {
-            // Checked once: a server's bounds are fixed while it runs, and
-            // every replica of one room space shares them.
-            let space = client.room_space().await?;
-            fallback
-                .region
-                .check_disjoint(space.min_room, space.max_room)
-                .map_err(Error::Config)?;
-        }
-        Ok(client)
+        Ok(RoomClient::new(
+            targets,
+            epoch,
+            self.timeout,
+            self.max_lease_age,
+        ))
     }
 
     fn context(&self, url: &str) -> Context {
@@ -667,7 +544,6 @@ struct Inner {
     /// The fork generation of the process that made the client: a copy in a
     /// forked child refuses to work (see `fork.rs`).
     fork_generation: u64,
-    fallback: Option<Fallback>,
 }
 
 struct WorkerLease {
@@ -727,7 +603,6 @@ impl RoomClient {
             Instant::now(),
             DEFAULT_TIMEOUT,
             DEFAULT_MAX_LEASE_AGE,
-            None,
         )
     }
 
@@ -736,7 +611,6 @@ impl RoomClient {
         epoch: Instant,
         timeout: Duration,
         max_lease_age: Duration,
-        fallback: Option<Fallback>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -748,7 +622,6 @@ impl RoomClient {
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 max_lease_age,
                 fork_generation: fork::register_and_get(),
-                fallback,
             }),
         }
     }
