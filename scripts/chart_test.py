@@ -904,6 +904,8 @@ VALUE_OF_FLAG = {
     "--drain-timeout-secs": ("shutdown", "drainTimeoutSecs"),
     "--request-timeout-secs": ("requestTimeoutSecs",),
     "--max-concurrent-requests": ("maxConcurrentRequests",),
+    "--max-connection-age-secs": ("maxConnectionAgeSecs",),
+    "--max-connection-age-grace-secs": ("maxConnectionAgeGraceSecs",),
     "--store-timeout-secs": ("storeTimeoutSecs",),
     "--etcd-staleness-secs": ("etcd", "stalenessSecs"),
     "--worker-threads": ("workerThreads",),

@@ -249,6 +249,8 @@ impl Metrics {
             for result in ["success", "failure"] {
                 metrics.reloads.get(&[file, result]);
             }
+            // Nothing has failed yet (a start with a bad file does not serve).
+            metrics.reload_last_success.get(&[file]).set(1.0);
         }
         metrics
             .build_info
@@ -312,7 +314,7 @@ impl Metrics {
         );
         out.gauges(
             "room_allocator_reload_last_success",
-            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls) or --auth-token-file (file=token) succeeded, 0 while a changed file is unusable (the previous one stays in use); only files this server was started with",
+            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls) or --auth-token-file (file=token) succeeded (or the file is not configured), 0 while a changed file is unusable or unreadable (the previous one stays in use)",
             &self.reload_last_success,
         );
         out.gauge(

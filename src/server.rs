@@ -416,13 +416,6 @@ impl Server {
             health.clone(),
             self.metrics.clone(),
         )));
-        // The files a start loaded are in use; a later bad version turns 0.
-        if self.tls.is_some() {
-            self.metrics.reload_last_success.get(&["tls"]).set(1.0);
-        }
-        if self.auth.is_some() {
-            self.metrics.reload_last_success.get(&["token"]).set(1.0);
-        }
         if self.tls.is_some() || self.auth.is_some() {
             tasks.push(tokio::spawn(reload_files(
                 self.tls.clone(),
