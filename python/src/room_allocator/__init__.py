@@ -12,8 +12,9 @@ See README.md for the lease semantics, errors and options.
 
 from ._aio import AsyncRoomClient
 from ._client import RoomClient
+from ._fallback import DEFAULT_ALLOCATION_DEADLINE, FallbackRoom
 from ._lease import DEFAULT_MAX_LEASE_AGE, MAX_LEASE_COUNT, MAX_LEASE_NUMBERS, MAX_ROOM
-from ._types import AllocatedRoom, Lease, Resolved, WorkerInfo
+from ._types import AllocatedRoom, Lease, Resolved, RoomSpace, WorkerInfo
 from .errors import (
     DpSizeMismatch,
     RoomAllocatorError,
@@ -29,8 +30,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocatedRoom",
     "AsyncRoomClient",
+    "DEFAULT_ALLOCATION_DEADLINE",
     "DEFAULT_MAX_LEASE_AGE",
     "DpSizeMismatch",
+    "FallbackRoom",
     "Lease",
     "MAX_LEASE_COUNT",
     "MAX_LEASE_NUMBERS",
@@ -39,6 +42,7 @@ __all__ = [
     "RoomAllocatorError",
     "RoomClient",
     "RoomNotFound",
+    "RoomSpace",
     "Unauthenticated",
     "Unavailable",
     "WorkerDeregistered",

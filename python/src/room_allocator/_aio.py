@@ -7,7 +7,7 @@ import functools
 import logging
 from time import monotonic
 from types import TracebackType
-from typing import Any, Awaitable, Callable, List, Optional, Set, Type, TypeVar, Union
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Sequence, Set, Tuple, Type, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -15,10 +15,20 @@ import grpc.aio
 from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
 from . import _fork
 from ._fork import grpc_aio_inherited, keep_inherited, mark_grpc_aio_inherited, track
-from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
+from ._fallback import DEFAULT_ALLOCATION_DEADLINE, Fallback, FallbackCallback, is_outage
+from ._lease import (
+    BLOCK_ATTEMPTS,
+    DEFAULT_MAX_LEASE_AGE,
+    LeaseBook,
+    WorkerLease,
+    check_allocated,
+    check_block,
+    check_rank,
+    max_lease_count,
+)
 from ._pb import room_allocator_pb2 as pb
 from ._pb.room_allocator_pb2_grpc import RoomAllocatorServiceStub
-from ._types import AllocatedRoom, Lease, Resolved, WorkerInfo
+from ._types import AllocatedRoom, Lease, Resolved, RoomSpace, WorkerInfo
 from .errors import DpSizeMismatch, RoomAllocatorError, WorkerDeregistered, from_rpc_error
 
 __all__ = ["AsyncRoomClient"]
@@ -54,7 +64,13 @@ class AsyncRoomClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_lease_age: float = DEFAULT_MAX_LEASE_AGE,
         options: ChannelOptions = (),
+        fallback_region: Optional[Tuple[int, int]] = None,
+        allocation_deadline: float = DEFAULT_ALLOCATION_DEADLINE,
+        on_fallback: Optional[FallbackCallback] = None,
     ) -> None:
+        self._fallback = (
+            None if fallback_region is None else Fallback(fallback_region, allocation_deadline, on_fallback)
+        )
         spec = channel_spec(
             target,
             token=token,
@@ -127,16 +143,70 @@ class AsyncRoomClient:
             if room is not None:
                 return room
             self._leases.realign(worker, dp_size)
-            try:
-                await self._refill_locked(worker, dp_size)
-            except (DpSizeMismatch, WorkerDeregistered):
-                raise
-            except RoomAllocatorError as error:
-                log.debug("leasing for %r failed (%s); falling back to AllocateRoom", prefill_worker, error)
+            failure = await self._refill_inline(worker, dp_size, 1)
         room = self._leases.take(prefill_worker, dp_rank, dp_size)
         if room is not None:
             return room
-        return (await self.allocate_room(prefill_worker, dp_rank, dp_size)).room
+        if failure is not None and self._outage(failure):
+            return self._fallback_room(prefill_worker, dp_rank, dp_size, 1, failure)
+        return await self._allocate_one(prefill_worker, dp_rank, dp_size)
+
+    async def allocate_many(self, prefill_worker: str, dp_ranks: Sequence[int], dp_size: int) -> List[int]:
+        """A room for each rank of ``dp_ranks``, in order; see
+        :meth:`RoomClient.allocate_many`."""
+        if self._closed:
+            raise ValueError("the AsyncRoomClient is closed")
+        ranks = list(dp_ranks)
+        for dp_rank in ranks:
+            check_rank(dp_rank, dp_size)
+        rooms = self._leases.take_many(prefill_worker, ranks, dp_size)
+        if len(rooms) == len(ranks):
+            return rooms
+        worker = self._leases.worker(prefill_worker)
+        failure: Optional[RoomAllocatorError] = None
+        async with worker.refill_lock:
+            rooms += self._leases.take_many(prefill_worker, ranks[len(rooms) :], dp_size)
+            if len(rooms) < len(ranks):
+                self._leases.realign(worker, dp_size)
+                needed = min(len(ranks) - len(rooms), max_lease_count(dp_size))
+                failure = await self._refill_inline(worker, dp_size, needed)
+                rooms += self._leases.take_many(prefill_worker, ranks[len(rooms) :], dp_size)
+        for dp_rank in ranks[len(rooms) :]:
+            if failure is not None and self._outage(failure):
+                rooms.append(self._fallback_room(prefill_worker, dp_rank, dp_size, 1, failure))
+            else:
+                rooms.append(await self.allocate(prefill_worker, dp_rank, dp_size))
+        return rooms
+
+    async def allocate_block(self, prefill_worker: str, first_rank: int, num: int, dp_size: int) -> int:
+        """The first room of ``num`` consecutive numbers no one else gets;
+        see :meth:`RoomClient.allocate_block`."""
+        if self._closed:
+            raise ValueError("the AsyncRoomClient is closed")
+        bases = check_block(first_rank, num, dp_size)
+        room = self._leases.take_block(prefill_worker, first_rank, num, dp_size)
+        if room is not None:
+            return room
+        worker = self._leases.worker(prefill_worker)
+        failure: Optional[RoomAllocatorError] = None
+        for _ in range(BLOCK_ATTEMPTS):
+            async with worker.refill_lock:
+                room = self._leases.take_block(prefill_worker, first_rank, num, dp_size)
+                if room is not None:
+                    return room
+                self._leases.realign(worker, dp_size)
+                failure = await self._refill_inline(worker, dp_size, bases)
+                room = self._leases.take_block(prefill_worker, first_rank, num, dp_size)
+                if room is not None:
+                    return room
+            if failure is not None:
+                break
+        if failure is not None and self._outage(failure):
+            return self._fallback_room(prefill_worker, first_rank, dp_size, num, failure)
+        raise failure or RoomAllocatorError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no lease of {prefill_worker!r} held {bases} consecutive bases after {BLOCK_ATTEMPTS} leases; retry",
+        )
 
     def try_allocate(self, prefill_worker: str, dp_rank: int, dp_size: int) -> Optional[int]:
         """A room from the lease with no call and no await, or ``None``; see
@@ -155,13 +225,46 @@ class AsyncRoomClient:
         )
         return check_allocated(AllocatedRoom(response.room, response.dp_size), dp_rank, dp_size)
 
+    async def room_space(self) -> RoomSpace:
+        """The rooms the server hands out (GetRoomSpace); see
+        :meth:`RoomClient.room_space`."""
+        return await self._room_space(self._timeout)
+
+    async def _room_space(self, timeout: float) -> RoomSpace:
+        response = await self._call(self._stub.GetRoomSpace, pb.GetRoomSpaceRequest(), timeout=timeout)
+        space = RoomSpace(response.min_room, response.max_room)
+        if self._fallback is not None:
+            self._fallback.learn(space)
+        return space
+
+    async def warm_up(self, workers: Iterable[Tuple[str, int]] = ()) -> RoomSpace:
+        """Connects now and leases for each ``(prefill_worker, dp_size)``;
+        see :meth:`RoomClient.warm_up`."""
+        space = await self.room_space()
+        for prefill_worker, dp_size in workers:
+            worker = self._leases.worker(prefill_worker)
+            async with worker.refill_lock:
+                self._leases.realign(worker, dp_size)
+                if self._leases.available(prefill_worker) == 0:
+                    await self._refill_locked(worker, dp_size)
+        return space
+
+    @property
+    def fallback_rooms(self) -> int:
+        """Fallback rooms handed out so far (0 without a fallback region)."""
+        return 0 if self._fallback is None else self._fallback.rooms
+
     async def lease_rooms(self, prefill_worker: str, count: int, dp_size: int = 0) -> Lease:
         """One raw LeaseRooms call; see :meth:`RoomClient.lease_rooms`."""
+        return await self._lease_rooms(prefill_worker, count, dp_size, self._timeout)
+
+    async def _lease_rooms(self, prefill_worker: str, count: int, dp_size: int, timeout: float) -> Lease:
         response = await self._call(
             self._stub.LeaseRooms,
             pb.LeaseRoomsRequest(prefill_worker=prefill_worker, count=count, dp_size=dp_size),
             prefill_worker,
             dp_size,
+            timeout=timeout,
         )
         return Lease(response.first_base, response.count, response.dp_size, response.valid_for_ms)
 
@@ -273,20 +376,76 @@ class AsyncRoomClient:
         request: Any,
         prefill_worker: str = "",
         dp_size: int = 0,
+        timeout: Optional[float] = None,
     ) -> _Response:
         if self._closed:
             raise ValueError("the AsyncRoomClient is closed")
         try:
-            return await method(request, timeout=self._timeout, metadata=self._metadata)
+            return await method(
+                request, timeout=self._timeout if timeout is None else timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error, worker=prefill_worker, dp_size=dp_size) from error
 
-    async def _refill_locked(self, worker: WorkerLease, dp_size: int) -> None:
+    def _allocation_timeout(self) -> float:
+        fallback = self._fallback
+        return self._timeout if fallback is None else min(self._timeout, fallback.deadline)
+
+    def _outage(self, failure: RoomAllocatorError) -> bool:
+        return self._fallback is not None and is_outage(failure)
+
+    def _fallback_room(
+        self, prefill_worker: str, first_rank: int, dp_size: int, num: int, cause: RoomAllocatorError
+    ) -> int:
+        fallback = self._fallback
+        if fallback is None:
+            raise cause
+        return fallback.room(prefill_worker, first_rank, dp_size, num, cause)
+
+    async def _allocate_one(self, prefill_worker: str, dp_rank: int, dp_size: int) -> int:
+        """One AllocateRoom, or a fallback room when it meets an outage."""
+        try:
+            response = await self._call(
+                self._stub.AllocateRoom,
+                pb.AllocateRoomRequest(prefill_worker=prefill_worker, dp_rank=dp_rank, dp_size=dp_size),
+                prefill_worker,
+                dp_size,
+                timeout=self._allocation_timeout(),
+            )
+        except (DpSizeMismatch, WorkerDeregistered):
+            raise
+        except RoomAllocatorError as error:
+            if self._outage(error):
+                return self._fallback_room(prefill_worker, dp_rank, dp_size, 1, error)
+            raise
+        allocated = AllocatedRoom(response.room, response.dp_size)
+        return check_allocated(allocated, dp_rank, dp_size).room
+
+    async def _refill_inline(
+        self, worker: WorkerLease, dp_size: int, at_least: int
+    ) -> Optional[RoomAllocatorError]:
+        """See :meth:`RoomClient._refill_inline`."""
+        try:
+            if self._fallback is not None and self._fallback.space is None:
+                await self._room_space(self._allocation_timeout())
+            await self._refill_locked(worker, dp_size, at_least, self._allocation_timeout())
+        except (DpSizeMismatch, WorkerDeregistered):
+            raise
+        except RoomAllocatorError as error:
+            log.debug("leasing for %r failed (%s)", worker.prefill_worker, error)
+            return error
+        return None
+
+    async def _refill_locked(
+        self, worker: WorkerLease, dp_size: int, at_least: int = 1, timeout: Optional[float] = None
+    ) -> None:
         """Leases one more block; see :meth:`RoomClient._refill_locked`."""
-        count = self._leases.lease_count(worker, dp_size)
+        count = self._leases.lease_count(worker, dp_size, at_least)
         sent_at = monotonic()
         try:
-            lease = await self.lease_rooms(worker.prefill_worker, count, dp_size)
+            lease = await self._lease_rooms(
+                worker.prefill_worker, count, dp_size, self._timeout if timeout is None else timeout
+            )
         except (DpSizeMismatch, WorkerDeregistered):
             self._leases.drop(worker.prefill_worker)
             raise

@@ -7,16 +7,26 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from types import TracebackType
-from typing import Any, Callable, List, Optional, Type, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import grpc
 
 from ._channel import DEFAULT_TIMEOUT, WORKERS_PAGE_SIZE, ChannelOptions, channel_spec
 from ._fork import keep_inherited, track
-from ._lease import DEFAULT_MAX_LEASE_AGE, LeaseBook, WorkerLease, check_allocated, check_rank
+from ._fallback import DEFAULT_ALLOCATION_DEADLINE, Fallback, FallbackCallback, is_outage
+from ._lease import (
+    BLOCK_ATTEMPTS,
+    DEFAULT_MAX_LEASE_AGE,
+    LeaseBook,
+    WorkerLease,
+    check_allocated,
+    check_block,
+    check_rank,
+    max_lease_count,
+)
 from ._pb import room_allocator_pb2 as pb
 from ._pb.room_allocator_pb2_grpc import RoomAllocatorServiceStub
-from ._types import AllocatedRoom, Lease, Resolved, WorkerInfo
+from ._types import AllocatedRoom, Lease, Resolved, RoomSpace, WorkerInfo
 from .errors import DpSizeMismatch, RoomAllocatorError, WorkerDeregistered, from_rpc_error
 
 __all__ = ["RoomClient"]
@@ -43,6 +53,15 @@ class RoomClient:
     ``tls_server_name`` overrides the name the server's certificate is
     checked against; ``options`` are extra grpc channel options.
 
+    ``fallback_region=(start, end)`` opts in to the outage fallback: when no
+    leased room is left and the allocator does not answer within
+    ``allocation_deadline`` seconds, the allocate methods return a
+    rank-aligned random room from ``start..=end``, which must be disjoint
+    from the server's rooms (GetRoomSpace; checked by :meth:`warm_up` or the
+    first lease, ValueError when it overlaps). Each fallback room is counted
+    (:attr:`fallback_rooms`) and passed to ``on_fallback`` (cheap, must not
+    block). See README, "Outage fallback", for the odds of a collision.
+
     Use it as a context manager, or call :meth:`close`.
 
     A child forked from a process using the client (``os.fork()``,
@@ -63,7 +82,13 @@ class RoomClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_lease_age: float = DEFAULT_MAX_LEASE_AGE,
         options: ChannelOptions = (),
+        fallback_region: Optional[Tuple[int, int]] = None,
+        allocation_deadline: float = DEFAULT_ALLOCATION_DEADLINE,
+        on_fallback: Optional[FallbackCallback] = None,
     ) -> None:
+        self._fallback = (
+            None if fallback_region is None else Fallback(fallback_region, allocation_deadline, on_fallback)
+        )
         spec = channel_spec(
             target,
             token=token,
@@ -146,16 +171,82 @@ class RoomClient:
             if room is not None:
                 return room
             self._leases.realign(worker, dp_size)
-            try:
-                self._refill_locked(worker, dp_size)
-            except (DpSizeMismatch, WorkerDeregistered):
-                raise
-            except RoomAllocatorError as error:
-                log.debug("leasing for %r failed (%s); falling back to AllocateRoom", prefill_worker, error)
+            failure = self._refill_inline(worker, dp_size, 1)
         room = self._leases.take(prefill_worker, dp_rank, dp_size)
         if room is not None:
             return room
-        return self.allocate_room(prefill_worker, dp_rank, dp_size).room
+        if failure is not None and self._outage(failure):
+            return self._fallback_room(prefill_worker, dp_rank, dp_size, 1, failure)
+        return self._allocate_one(prefill_worker, dp_rank, dp_size)
+
+    def allocate_many(self, prefill_worker: str, dp_ranks: Sequence[int], dp_size: int) -> List[int]:
+        """A room for each rank of ``dp_ranks``, in order (``rooms[i] %
+        dp_size == dp_ranks[i]``), for a batch: one lease take for the whole
+        batch, at most one LeaseRooms of at least the batch's size. Raises
+        as :meth:`allocate`; ValueError, without a call, for a rank out of
+        range."""
+        if self._closed:
+            raise ValueError("the RoomClient is closed")
+        ranks = list(dp_ranks)
+        for dp_rank in ranks:
+            check_rank(dp_rank, dp_size)
+        rooms = self._leases.take_many(prefill_worker, ranks, dp_size)
+        if len(rooms) == len(ranks):
+            return rooms
+        worker = self._leases.worker(prefill_worker)
+        failure: Optional[RoomAllocatorError] = None
+        with worker.refill_lock:
+            rooms += self._leases.take_many(prefill_worker, ranks[len(rooms) :], dp_size)
+            if len(rooms) < len(ranks):
+                self._leases.realign(worker, dp_size)
+                needed = min(len(ranks) - len(rooms), max_lease_count(dp_size))
+                failure = self._refill_inline(worker, dp_size, needed)
+                rooms += self._leases.take_many(prefill_worker, ranks[len(rooms) :], dp_size)
+        for dp_rank in ranks[len(rooms) :]:
+            if failure is not None and self._outage(failure):
+                rooms.append(self._fallback_room(prefill_worker, dp_rank, dp_size, 1, failure))
+            else:
+                rooms.append(self.allocate(prefill_worker, dp_rank, dp_size))
+        return rooms
+
+    def allocate_block(self, prefill_worker: str, first_rank: int, num: int, dp_size: int) -> int:
+        """The first room of ``num`` consecutive numbers no one else gets:
+        item ``i`` of a request is ``room + i``, on rank ``(first_rank + i)
+        % dp_size``. This is what SGLang needs for one ``bootstrap_room``
+        sent with a request of ``num`` items (batch size times
+        ``sampling_params.n``), which it expands to ``room + i`` (see
+        docs/integration.md). Takes ``ceil((first_rank + num) / dp_size)``
+        consecutive leased bases. Raises as :meth:`allocate`; ValueError,
+        without a call, for a rank out of range or a block larger than one
+        lease."""
+        if self._closed:
+            raise ValueError("the RoomClient is closed")
+        bases = check_block(first_rank, num, dp_size)
+        room = self._leases.take_block(prefill_worker, first_rank, num, dp_size)
+        if room is not None:
+            return room
+        worker = self._leases.worker(prefill_worker)
+        failure: Optional[RoomAllocatorError] = None
+        # Bounded: each round leases at least the block's bases; only
+        # concurrent takers between the lease and the take make it short.
+        for _ in range(BLOCK_ATTEMPTS):
+            with worker.refill_lock:
+                room = self._leases.take_block(prefill_worker, first_rank, num, dp_size)
+                if room is not None:
+                    return room
+                self._leases.realign(worker, dp_size)
+                failure = self._refill_inline(worker, dp_size, bases)
+                room = self._leases.take_block(prefill_worker, first_rank, num, dp_size)
+                if room is not None:
+                    return room
+            if failure is not None:
+                break
+        if failure is not None and self._outage(failure):
+            return self._fallback_room(prefill_worker, first_rank, dp_size, num, failure)
+        raise failure or RoomAllocatorError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no lease of {prefill_worker!r} held {bases} consecutive bases after {BLOCK_ATTEMPTS} leases; retry",
+        )
 
     def try_allocate(self, prefill_worker: str, dp_rank: int, dp_size: int) -> Optional[int]:
         """A room from the lease with no call and no wait, or ``None`` when
@@ -182,13 +273,48 @@ class RoomClient:
         """One raw LeaseRooms call, not kept by the client: for tools and
         routers that manage their own leases. ``dp_size`` 0 means "as
         registered"; LeaseRooms never registers a worker."""
+        return self._lease_rooms(prefill_worker, count, dp_size, self._timeout)
+
+    def _lease_rooms(self, prefill_worker: str, count: int, dp_size: int, timeout: float) -> Lease:
         response = self._call(
             self._stub.LeaseRooms,
             pb.LeaseRoomsRequest(prefill_worker=prefill_worker, count=count, dp_size=dp_size),
             prefill_worker,
             dp_size,
+            timeout=timeout,
         )
         return Lease(response.first_base, response.count, response.dp_size, response.valid_for_ms)
+
+    def room_space(self) -> RoomSpace:
+        """The rooms the server hands out (GetRoomSpace). With a fallback
+        region, checks it is disjoint from them (ValueError otherwise)."""
+        return self._room_space(self._timeout)
+
+    def _room_space(self, timeout: float) -> RoomSpace:
+        response = self._call(self._stub.GetRoomSpace, pb.GetRoomSpaceRequest(), timeout=timeout)
+        space = RoomSpace(response.min_room, response.max_room)
+        if self._fallback is not None:
+            self._fallback.learn(space)
+        return space
+
+    def warm_up(self, workers: Iterable[Tuple[str, int]] = ()) -> RoomSpace:
+        """Connects now (GetRoomSpace, which also checks the fallback region)
+        and leases for each ``(prefill_worker, dp_size)`` of ``workers``, so
+        that the first requests pay neither the connect nor a lease. Raises
+        what the calls raise."""
+        space = self.room_space()
+        for prefill_worker, dp_size in workers:
+            worker = self._leases.worker(prefill_worker)
+            with worker.refill_lock:
+                self._leases.realign(worker, dp_size)
+                if self._leases.available(prefill_worker) == 0:
+                    self._refill_locked(worker, dp_size)
+        return space
+
+    @property
+    def fallback_rooms(self) -> int:
+        """Fallback rooms handed out so far (0 without a fallback region)."""
+        return 0 if self._fallback is None else self._fallback.rooms
 
     def resolve(self, room: int) -> Resolved:
         """Which worker, rank and dp_size ``room`` was issued for."""
@@ -286,23 +412,81 @@ class RoomClient:
         request: Any,
         prefill_worker: str = "",
         dp_size: int = 0,
+        timeout: Optional[float] = None,
     ) -> _Response:
         if self._closed:
             raise ValueError("the RoomClient is closed")
         try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
+            return method(request, timeout=self._timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error, worker=prefill_worker, dp_size=dp_size) from error
 
-    def _refill_locked(self, worker: WorkerLease, dp_size: int) -> None:
+    def _allocation_timeout(self) -> float:
+        """The deadline of a call an allocation waits for: the short
+        allocation deadline when a fallback can stand in."""
+        fallback = self._fallback
+        return self._timeout if fallback is None else min(self._timeout, fallback.deadline)
+
+    def _outage(self, failure: RoomAllocatorError) -> bool:
+        return self._fallback is not None and is_outage(failure)
+
+    def _fallback_room(
+        self, prefill_worker: str, first_rank: int, dp_size: int, num: int, cause: RoomAllocatorError
+    ) -> int:
+        fallback = self._fallback
+        if fallback is None:
+            raise cause
+        return fallback.room(prefill_worker, first_rank, dp_size, num, cause)
+
+    def _allocate_one(self, prefill_worker: str, dp_rank: int, dp_size: int) -> int:
+        """One AllocateRoom, or a fallback room when it meets an outage."""
+        try:
+            response = self._call(
+                self._stub.AllocateRoom,
+                pb.AllocateRoomRequest(prefill_worker=prefill_worker, dp_rank=dp_rank, dp_size=dp_size),
+                prefill_worker,
+                dp_size,
+                timeout=self._allocation_timeout(),
+            )
+        except (DpSizeMismatch, WorkerDeregistered):
+            raise
+        except RoomAllocatorError as error:
+            if self._outage(error):
+                return self._fallback_room(prefill_worker, dp_rank, dp_size, 1, error)
+            raise
+        allocated = AllocatedRoom(response.room, response.dp_size)
+        return check_allocated(allocated, dp_rank, dp_size).room
+
+    def _refill_inline(self, worker: WorkerLease, dp_size: int, at_least: int) -> Optional[RoomAllocatorError]:
+        """Leases (at least ``at_least`` bases) for a caller that found the
+        lease empty; the caller holds the refill lock. Returns the failure
+        the caller may stand in for (AllocateRoom, or the fallback); a
+        mismatch or a deregistration is raised."""
+        try:
+            if self._fallback is not None and self._fallback.space is None:
+                # The fallback needs the server's bounds before an outage.
+                self._room_space(self._allocation_timeout())
+            self._refill_locked(worker, dp_size, at_least, self._allocation_timeout())
+        except (DpSizeMismatch, WorkerDeregistered):
+            raise
+        except RoomAllocatorError as error:
+            log.debug("leasing for %r failed (%s)", worker.prefill_worker, error)
+            return error
+        return None
+
+    def _refill_locked(
+        self, worker: WorkerLease, dp_size: int, at_least: int = 1, timeout: Optional[float] = None
+    ) -> None:
         """Leases one more block for ``worker`` at ``dp_size``; the caller
         holds the worker's refill lock. LeaseRooms always carries the dp_size
         the caller expects, so a realignment is refused, never adopted; a
         mismatch or a deregistration drops the lease."""
-        count = self._leases.lease_count(worker, dp_size)
+        count = self._leases.lease_count(worker, dp_size, at_least)
         sent_at = monotonic()
         try:
-            lease = self.lease_rooms(worker.prefill_worker, count, dp_size)
+            lease = self._lease_rooms(
+                worker.prefill_worker, count, dp_size, self._timeout if timeout is None else timeout
+            )
         except (DpSizeMismatch, WorkerDeregistered):
             self._leases.drop(worker.prefill_worker)
             raise

@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import grpc
 
@@ -36,6 +36,10 @@ MAX_ROOM = (1 << 63) - 1
 MAX_LEASE_COUNT = 1_000_000
 #: ...and most numbers of the room space (``count * dp_size``) it may cover.
 MAX_LEASE_NUMBERS = 1 << 24
+#: Leases an ``allocate_block`` makes at most before it gives up: each holds
+#: the block's bases, so only concurrent takers between its arrival and the
+#: take can leave it short.
+BLOCK_ATTEMPTS = 3
 
 
 @dataclass
@@ -92,6 +96,23 @@ class LeaseState:
             if block.left == 0:
                 blocks.popleft()
             self.available -= 1
+            return base
+        return None
+
+    def take_run(self, bases: int, now: float) -> Optional[int]:
+        """The first of ``bases`` consecutive bases of one unexpired block
+        (they cover ``bases * dp_size`` consecutive numbers no one else
+        gets), or ``None`` when no block has that many left. Blocks too short
+        for the run stay for single takes."""
+        for index, block in enumerate(self.blocks):
+            if block.expires_at <= now or block.left < bases:
+                continue
+            base = block.next
+            block.next += bases * self.dp_size
+            block.left -= bases
+            if block.left == 0:
+                del self.blocks[index]
+            self.available -= bases
             return base
         return None
 
@@ -204,6 +225,53 @@ class LeaseBook:
             self._start_refill(worker)
         return base + dp_rank
 
+    def take_many(self, prefill_worker: str, dp_ranks: Sequence[int], dp_size: int) -> List[int]:
+        """Rooms for the first ranks of ``dp_ranks`` from the lease, in
+        order, under one lock; fewer (maybe none) when the lease runs out.
+        The caller gets the rest after a refill."""
+        worker = self._workers.get(prefill_worker)
+        if worker is None:
+            return []
+        rooms: List[int] = []
+        with worker.lock:
+            state = worker.state
+            if state.dp_size != dp_size:
+                return rooms
+            now = monotonic()
+            for dp_rank in dp_ranks:
+                base = state.take(now)
+                if base is None:
+                    break
+                rooms.append(base + dp_rank)
+            refill = bool(rooms) and not worker.refilling and state.low()
+            if refill:
+                worker.refilling = True
+        if refill:
+            self._start_refill(worker)
+        return rooms
+
+    def take_block(self, prefill_worker: str, first_rank: int, num: int, dp_size: int) -> Optional[int]:
+        """The first room of ``num`` consecutive numbers from the lease
+        (``room % dp_size == first_rank``), or ``None``. It takes
+        :func:`block_bases` consecutive bases of one block: the numbers of
+        the block before ``room`` and after ``room + num - 1`` are skipped."""
+        worker = self._workers.get(prefill_worker)
+        if worker is None:
+            return None
+        with worker.lock:
+            state = worker.state
+            if state.dp_size != dp_size:
+                return None
+            base = state.take_run(block_bases(first_rank, num, dp_size), monotonic())
+            if base is None:
+                return None
+            refill = not worker.refilling and state.low()
+            if refill:
+                worker.refilling = True
+        if refill:
+            self._start_refill(worker)
+        return base + first_rank
+
     def worker(self, prefill_worker: str) -> WorkerLease:
         worker = self._workers.get(prefill_worker)
         if worker is None:
@@ -223,10 +291,12 @@ class LeaseBook:
                 worker.state.drop_leases()
                 worker.state.dp_size = dp_size
 
-    def lease_count(self, worker: WorkerLease, dp_size: int) -> int:
-        """How many bases to ask for now (see :meth:`LeaseState.next_lease_size`)."""
+    def lease_count(self, worker: WorkerLease, dp_size: int, at_least: int = 1) -> int:
+        """How many bases to ask for now (see :meth:`LeaseState.next_lease_size`),
+        and never fewer than ``at_least`` (a batch or a block that needs them
+        in one lease)."""
         with worker.lock:
-            return worker.state.next_lease_size(monotonic(), dp_size)
+            return max(at_least, worker.state.next_lease_size(monotonic(), dp_size))
 
     def add(self, worker: WorkerLease, lease: Lease, dp_size: int, sent_at: float) -> None:
         """Keeps the bases of a LeaseRooms response asked for at ``dp_size``,
@@ -290,6 +360,28 @@ def block_of(lease: Lease, dp_size: int, sent_at: float, max_lease_age: float) -
     valid_for = lease.valid_for_ms / 1000.0
     valid_for = min(valid_for, max_lease_age) if valid_for > 0 else max_lease_age
     return Block(lease.first_base, lease.count, sent_at + valid_for)
+
+
+def block_bases(first_rank: int, num: int, dp_size: int) -> int:
+    """How many consecutive bases hold the numbers ``base + first_rank ..
+    base + first_rank + num - 1``."""
+    return -(-(first_rank + num) // dp_size)
+
+
+def check_block(first_rank: int, num: int, dp_size: int) -> int:
+    """Raises ValueError, without a call, unless a block of ``num`` rooms
+    from ``first_rank`` fits in one LeaseRooms at ``dp_size``; returns the
+    bases it takes."""
+    check_rank(first_rank, dp_size)
+    if num < 1:
+        raise ValueError(f"a block needs at least one room, not {num}")
+    bases = block_bases(first_rank, num, dp_size)
+    if bases > max_lease_count(dp_size):
+        raise ValueError(
+            f"a block of {num} rooms at dp_size {dp_size} needs {bases} bases, more than one lease holds "
+            f"({max_lease_count(dp_size)}); split the request"
+        )
+    return bases
 
 
 def check_allocated(allocated: AllocatedRoom, dp_rank: int, dp_size: int) -> AllocatedRoom:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ._pb import room_allocator_pb2 as pb
 
-__all__ = ["WorkerInfo", "Resolved", "Lease", "AllocatedRoom"]
+__all__ = ["WorkerInfo", "Resolved", "Lease", "AllocatedRoom", "RoomSpace"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,12 @@ class AllocatedRoom:
 
     room: int
     dp_size: int
+
+
+@dataclass(frozen=True)
+class RoomSpace:
+    """The rooms a server hands out, ``min_room..=max_room`` (GetRoomSpace:
+    its ``--min-room``/``--max-room``)."""
+
+    min_room: int
+    max_room: int
