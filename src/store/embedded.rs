@@ -1711,11 +1711,13 @@ impl Writer {
         self.log
             .write_all_at(records, self.log_len)
             .map_err(|e| self.io_error(&log, e))?;
-        failpoint!(
-            "embedded::log_fsync",
-            self.io_error(&log, io_error("embedded::log_fsync"))
-        );
-        self.log.sync_data().map_err(|e| self.io_error(&log, e))?;
+        // The failpoint's error is the fsync's own result, so code that
+        // ignored the fsync's errors would ignore it too (and its test fail).
+        let synced = (|| {
+            failpoint!("embedded::log_fsync", io_error("embedded::log_fsync"));
+            self.log.sync_data()
+        })();
+        synced.map_err(|e| self.io_error(&log, e))?;
         let new_len = self.log_len + u64::try_from(records.len()).expect("a batch fits in u64");
         let commit_seq = self.commit_seq + 1;
         failpoint!(
@@ -1728,13 +1730,11 @@ impl Writer {
                 slot_offset(commit_seq),
             )
             .map_err(|e| self.io_error(&commit, e))?;
-        failpoint!(
-            "embedded::slot_fsync",
-            self.io_error(&commit, io_error("embedded::slot_fsync"))
-        );
-        self.commit
-            .sync_data()
-            .map_err(|e| self.io_error(&commit, e))?;
+        let synced = (|| {
+            failpoint!("embedded::slot_fsync", io_error("embedded::slot_fsync"));
+            self.commit.sync_data()
+        })();
+        synced.map_err(|e| self.io_error(&commit, e))?;
         failpoint!(
             "embedded::committed",
             StoreError::Injected("embedded::committed")
@@ -1892,11 +1892,11 @@ impl Writer {
     fn commit_compaction(&mut self, generation: u32, log: &[u8]) -> Result<(), StoreError> {
         let dir = self.files.dir.clone();
         let commit = self.files.commit.clone();
-        failpoint!(
-            "compact::dir_fsync",
-            self.io_error(&dir, io_error("compact::dir_fsync"))
-        );
-        self.fs.sync_dir(&dir).map_err(|e| self.io_error(&dir, e))?;
+        let synced = (|| {
+            failpoint!("compact::dir_fsync", io_error("compact::dir_fsync"));
+            self.fs.sync_dir(&dir)
+        })();
+        synced.map_err(|e| self.io_error(&dir, e))?;
         let commit_seq = self.commit_seq + 1;
         let new_len = u64::try_from(log.len()).expect("fits");
         failpoint!(
@@ -1909,13 +1909,11 @@ impl Writer {
                 slot_offset(commit_seq),
             )
             .map_err(|e| self.io_error(&commit, e))?;
-        failpoint!(
-            "compact::slot_fsync",
-            self.io_error(&commit, io_error("compact::slot_fsync"))
-        );
-        self.commit
-            .sync_data()
-            .map_err(|e| self.io_error(&commit, e))?;
+        let synced = (|| {
+            failpoint!("compact::slot_fsync", io_error("compact::slot_fsync"));
+            self.commit.sync_data()
+        })();
+        synced.map_err(|e| self.io_error(&commit, e))?;
         self.commit_seq = commit_seq;
         Ok(())
     }
