@@ -4,8 +4,9 @@
 #   python/run_tests.sh [pytest args...]      (from anywhere; paths are the repo's)
 #
 # Creates (or reuses) a virtualenv at target/tools/pyvenv, installs the test
-# tools and a fresh, non-editable `pip install ./python` (so the packaging is
-# what is tested), then runs pytest against $ROOM_ALLOCATOR_BIN (default
+# tools and a fresh, non-editable `pip install "./python[sglang]"` (so the
+# packaging is what is tested, with the real sglang-router from PyPI for the
+# end-to-end test of `python -m room_allocator.sglang`), then runs pytest against $ROOM_ALLOCATOR_BIN (default
 # target/debug/room-allocator). Needs Python >= 3.10 with venv and pip, and
 # PyPI. Ends with one line `python: N passed, M failed`.
 set -euo pipefail
@@ -58,15 +59,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "${TEST_REQUIREMENTS[*]}" ]; then
   echo "${TEST_REQUIREMENTS[*]}" >"$stamp"
 fi
 
-step "pip install ./python (fresh, not editable)"
+step "pip install ./python[sglang] (fresh, not editable)"
 # Stale build output could leak removed modules into the wheel.
 rm -rf python/build python/src/room_allocator.egg-info
 "$PY" -m pip uninstall --quiet --yes room-allocator >/dev/null 2>&1 || true
-"$PY" -m pip install --quiet --disable-pip-version-check ./python
+"$PY" -m pip install --quiet --disable-pip-version-check "./python[sglang]"
 rm -rf python/build python/src/room_allocator.egg-info
 "$PY" -m pip check
 # Run from outside the source tree: tests import the installed package.
 "$PY" -c 'import room_allocator, grpc, google.protobuf as p; print("room_allocator", room_allocator.__version__, "from", room_allocator.__file__); print("grpcio", grpc.__version__, "protobuf", p.__version__)'
+"$PY" -c 'import importlib.metadata as m, sglang_router.mini_lb; print("sglang-router", m.version("sglang-router"))'
 
 step "pytest (server: $ROOM_ALLOCATOR_BIN)"
 report="$REPO/target/tools/python-tests.xml"
