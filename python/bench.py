@@ -7,10 +7,15 @@ Measures, in one run against one server:
 - ``AsyncRoomClient.allocate`` (leased) from one asyncio loop;
 - ``RoomClient.allocate_room``: one AllocateRoom RPC per room (sync),
 
+- ``RoomClient.allocate_many`` (a batch of 8) and ``allocate_block`` (a
+  block of 3, SGLang's ``n = 3``), per call;
+
 each for ``--duration`` seconds after a short warm-up, cycling over
 ``--workers`` prefill workers of ``--dp-size`` and all their ranks. Every
 room is checked afterwards (unique across all methods, ``room % dp_size ==
 dp_rank``). Prints a table, the ratios to the RPC path, and one JSON line.
+Then the first call of a new client, the median of ``FIRST_CALL_RUNS``:
+cold (the call connects and leases) and after ``warm_up``.
 
     python python/bench.py                         # starts target/release (or debug) room-allocator
     python python/bench.py --bin PATH              # starts that binary
@@ -42,6 +47,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Rooms between two clock reads on the leased paths (a read costs about as
 #: much as a leased room); the RPC path reads the clock after every room.
 CHECK_EVERY = 512
+#: New clients timed for the first-call figures (the median is printed).
+FIRST_CALL_RUNS = 7
 
 
 def start_server(binary: Path, directory: Path) -> Tuple[subprocess.Popen, str]:
@@ -116,6 +123,45 @@ async def run_async(client: AsyncRoomClient, names: List[str], dp_size: int, sec
             return out, now - start
 
 
+def first_call_ms(address: str, name: str, dp_size: int) -> Dict[str, float]:
+    """Milliseconds of a new client's first ``allocate``, median of
+    ``FIRST_CALL_RUNS`` clients: cold, and after ``warm_up`` (not timed)."""
+    def median(values: List[float]) -> float:
+        return round(sorted(values)[len(values) // 2] * 1000, 3)
+
+    cold, warm, acold, awarm = [], [], [], []
+    for _ in range(FIRST_CALL_RUNS):
+        start = time.perf_counter()
+        with RoomClient(address) as client:
+            client.allocate(name, 0, dp_size)
+            cold.append(time.perf_counter() - start)
+        with RoomClient(address) as client:
+            client.warm_up([(name, dp_size)])
+            start = time.perf_counter()
+            client.allocate(name, 0, dp_size)
+            warm.append(time.perf_counter() - start)
+
+    async def async_first() -> None:
+        for _ in range(FIRST_CALL_RUNS):
+            start = time.perf_counter()
+            async with AsyncRoomClient(address) as client:
+                await client.allocate(name, 0, dp_size)
+                acold.append(time.perf_counter() - start)
+            async with AsyncRoomClient(address) as client:
+                await client.warm_up([(name, dp_size)])
+                start = time.perf_counter()
+                await client.allocate(name, 0, dp_size)
+                awarm.append(time.perf_counter() - start)
+
+    asyncio.run(async_first())
+    return {
+        "RoomClient first allocate, cold (ms)": median(cold),
+        "RoomClient first allocate after warm_up (ms)": median(warm),
+        "AsyncRoomClient first allocate, cold (ms)": median(acold),
+        "AsyncRoomClient first allocate after warm_up (ms)": median(awarm),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="host:port of a running server (default: start one)")
@@ -143,6 +189,24 @@ def main() -> int:
                 client.register(name, args.dp_size)
             run_sync(client.allocate, names, args.dp_size, args.warmup)
             results["RoomClient.allocate (leased, 1 thread)"] = run_sync(client.allocate, names, args.dp_size, args.duration)
+            batch = 8
+
+            def allocate_many(name: str, rank: int, dp_size: int) -> int:
+                # The batch's first room stands for the call in the checks;
+                # its other rooms are distinct numbers all the same.
+                return client.allocate_many(name, [(rank + i) % dp_size for i in range(batch)], dp_size)[0]
+
+            def allocate_block(name: str, rank: int, dp_size: int) -> int:
+                return client.allocate_block(name, rank, 3, dp_size)
+
+            run_sync(allocate_many, names, args.dp_size, args.warmup)
+            results[f"RoomClient.allocate_many ({batch} rooms) per call"] = run_sync(
+                allocate_many, names, args.dp_size, args.duration
+            )
+            run_sync(allocate_block, names, args.dp_size, args.warmup)
+            results["RoomClient.allocate_block (3 rooms) per call"] = run_sync(
+                allocate_block, names, args.dp_size, args.duration
+            )
 
         async def async_bench() -> Tuple[List[Sample], float]:
             async with AsyncRoomClient(address) as aclient:
@@ -159,6 +223,7 @@ def main() -> int:
             results["AllocateRoom RPC per room (sync)"] = run_sync(
                 allocate_room, names, args.dp_size, args.duration, check_every=1
             )
+        first_call = first_call_ms(address, names[0], args.dp_size)
     finally:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -192,15 +257,19 @@ def main() -> int:
     print(f"\nroom-allocator Python client {room_allocator.__version__}, grpcio {grpc.__version__}, "
           f"Python {platform.python_version()}; server: {binary} at {address}; "
           f"{args.workers} workers of dp_size {args.dp_size}; {args.duration:g} s per method\n")
-    print(f"| {'method':<45} | {'rooms':>10} | {'seconds':>7} | {'rooms/s':>12} | {'x AllocateRoom':>14} |")
-    print(f"|{'-' * 47}|{'-' * 12}:|{'-' * 8}:|{'-' * 13}:|{'-' * 15}:|")
+    print(f"| {'method':<45} | {'calls':>10} | {'seconds':>7} | {'calls/s':>12} | {'us/call':>8} | {'x AllocateRoom':>14} |")
+    print(f"|{'-' * 47}|{'-' * 12}:|{'-' * 8}:|{'-' * 13}:|{'-' * 9}:|{'-' * 15}:|")
     for method, count, elapsed, rate in rows:
         ratio = f"{rate / rpc_rate:,.1f}" if rpc_rate else "-"
-        print(f"| {method:<45} | {count:>10,} | {elapsed:>7.2f} | {rate:>12,.0f} | {ratio:>14} |")
+        print(f"| {method:<45} | {count:>10,} | {elapsed:>7.2f} | {rate:>12,.0f} | {1e6 / rate:>8.2f} | {ratio:>14} |")
+    print()
+    for what, ms in first_call.items():
+        print(f"{what}: {ms:.3f}")
     print(f"\nchecked {checked:,} rooms: {duplicates} duplicates, {misaligned} misaligned")
     print(json.dumps({
         "server": binary,
         "methods": {m: {"rooms": c, "seconds": round(e, 3), "rooms_per_s": round(r)} for m, c, e, r in rows},
+        "first_call_ms": first_call,
         "checked": checked, "duplicates": duplicates, "misaligned": misaligned,
     }))
     return 0 if duplicates == 0 and misaligned == 0 else 1
