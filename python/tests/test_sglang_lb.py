@@ -247,3 +247,42 @@ def test_the_lb_refuses_the_rust_router_and_a_bad_dp_size_flag(tmp_path: Path) -
         cwd=tmp_path,
     )
     assert result.returncode != 0 and "expected URL=N" in result.stderr, result.stderr
+
+
+def test_a_dp_size_mismatch_makes_the_lb_read_server_info_and_register_again(server_factory: ServerFactory) -> None:
+    import asyncio
+
+    from room_allocator.sglang import AllocatorOptions, RoomSource
+
+    allocator = server_factory(token=TOKEN)
+    prefill = FakeSglangServer("prefill", dp_size=4, bootstrap_port=P0_BOOTSTRAP)
+    name = f"127.0.0.1:{P0_BOOTSTRAP}"
+
+    async def main() -> None:
+        source = RoomSource(AllocatorOptions(allocator.address, token=TOKEN), [(prefill.url, P0_BOOTSTRAP)])
+        await source.start()
+        try:
+            worker = source.workers[(prefill.url, P0_BOOTSTRAP)]
+            assert (worker.name, worker.dp_size) == (name, 4)
+            assert (await source.rooms(worker, None, 1)) % 4 == 0
+            # The prefill restarts with --dp-size 2 and an operator realigns
+            # it; this LB's lease (still of dp_size 4) runs out.
+            prefill.dp_size = 2
+            with RoomClient(allocator.address, token=TOKEN) as admin:
+                admin.register(name, 2)
+            assert source.client is not None
+            source.client._leases.drop(name)
+            room = await source.rooms(worker, None, 1)
+            assert worker.dp_size == 2 and room % 2 == 0
+            block = await source.rooms(worker, None, 3)
+            assert block % 2 == 1  # the rotation went on from rank 1
+            with RoomClient(allocator.address, token=TOKEN) as client:
+                assert client.resolve(room) == Resolved(name, 0, 2)
+                assert client.resolve(block + 2) == Resolved(name, 1, 2)
+        finally:
+            await source.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        prefill.close()
