@@ -281,8 +281,9 @@ def install(lb: Any, source: RoomSource) -> None:
         worker = source.workers[(prefill_server, bootstrap_port)]
         try:
             batch_size, n = request_items(request_data, endpoint)
-        except (TypeError, ValueError) as error:
-            raise HTTPException(status_code=400, detail=f"bad request: {error}") from error
+        except (TypeError, ValueError, IndexError, AttributeError) as error:
+            # The real LB would fail on these shapes too; SGLang would refuse them.
+            raise HTTPException(status_code=400, detail=f"bad request: {error!r}") from error
         try:
             room = await source.rooms(worker, batch_size, n)
         except RoomAllocatorError as error:
