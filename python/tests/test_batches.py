@@ -218,3 +218,21 @@ def test_async_fallback_when_the_allocator_is_down(tmp_path: Path) -> None:
         run(main())
     finally:
         server.stop()
+
+
+def test_a_forked_child_draws_its_own_fallback_rooms(tmp_path: Path) -> None:
+    from test_fork import fork_child
+
+    server = start_server(tmp_path / "server", ["--max-room", str(SERVER_MAX_ROOM)])
+    with RoomClient(server.address, fallback_region=FALLBACK_REGION) as client:
+        client.warm_up()
+        assert server.stop() == 0, server.log()
+        # The count's lock is held while the child is forked: the child must
+        # not wait for a parent thread it does not have.
+        with client._fallback._count_lock:  # type: ignore[union-attr]
+            child = fork_child("os.fork", lambda: [client.allocate("fork-down-0", 1, 2) for _ in range(3)])
+        child_rooms = child.rooms()
+        parent_rooms = [client.allocate("fork-down-0", 1, 2) for _ in range(3)]
+        assert all(room >= HALF and room % 2 == 1 for room in child_rooms + parent_rooms)
+        assert len(set(child_rooms + parent_rooms)) == 6
+        assert client.fallback_rooms == 3

@@ -369,6 +369,8 @@ class AsyncRoomClient:
         self._channel_stub = None
         self._leases = self._new_lease_book()
         self._refills = set()
+        if self._fallback is not None:
+            self._fallback.after_fork()
 
     async def _call(
         self,

@@ -405,6 +405,8 @@ class RoomClient:
         self._leases = self._new_lease_book()
         self._executor = None
         self._executor_lock = threading.Lock()
+        if self._fallback is not None:
+            self._fallback.after_fork()
 
     def _call(
         self,

@@ -98,6 +98,13 @@ class Fallback:
     def rooms(self) -> int:
         return self._count
 
+    def after_fork(self) -> None:
+        """In a forked child: the count's lock may be held by a parent thread
+        the child does not have. The region and the learned bounds stay
+        valid; ``SystemRandom`` reads the operating system's randomness, so
+        the child never repeats the parent's draws."""
+        self._count_lock = threading.Lock()
+
     def learn(self, space: RoomSpace) -> None:
         """Keeps the server's bounds; raises ValueError when the region
         shares a number with them."""
