@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fault harness (tests/fault_harness.rs) for as long as asked: three
+# The fault harness (tests/it/fault_harness.rs) for as long as asked: three
 # replicas on a real etcd, router processes of every kind, and round after
 # round of kill -9, SIGSTOP/SIGCONT of a replica and of etcd, etcd restarts
 # and a partition between one replica and etcd; then again on a three-member
@@ -19,5 +19,5 @@ report="target/fault-harness-report.txt"
 mkdir -p target
 rm -f "$report"
 CI=true HARNESS_SECONDS="$seconds" HARNESS_REPORT="$report" \
-  cargo test --features failpoints --test fault_harness -- --nocapture three_replicas
+  cargo test --features failpoints --test it -- --nocapture fault_harness::three_replicas
 cat "$report"

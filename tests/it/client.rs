@@ -4,7 +4,7 @@
 //! failover; deregistration, paging, the raw calls; what a client learns of a
 //! realignment made by another client, and when; and the example router.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -992,7 +992,7 @@ fn newest(path: &std::path::Path) -> std::time::SystemTime {
 }
 
 /// The example `name`. `cargo test` builds the examples, but not when only
-/// some test targets are asked for (`--test client`); then an example older
+/// some test targets are asked for (`--test it`); then an example older
 /// than the sources is built here first, so old code is never tested.
 fn example(name: &str) -> std::path::PathBuf {
     // The test binary is in <target>/<profile>/deps.

@@ -2,7 +2,7 @@
 //! the bearer token, load shedding, and the graceful drain, through the real
 //! binary. Certificates are made in the test with rcgen.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

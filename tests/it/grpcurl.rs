@@ -2,7 +2,7 @@
 //! reflection v1alpha only) lists, describes and calls the service: the same
 //! commands the README shows.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! commands' output and errors (status code names, connection causes, TLS),
 //! every flag's environment variable, and `serve --check-config`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::Read;

@@ -2,7 +2,7 @@
 //! register/realign/deregister rules, health, reflection, metrics, the CLI,
 //! and refusing to start on a locked or damaged data dir.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

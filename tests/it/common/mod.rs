@@ -1,7 +1,6 @@
 //! Test harness: runs the real `room-allocator` binary on loopback ports the
 //! kernel picks, reads the bound addresses from its log, and kills it (by
 //! PID, only processes we started) when the guard drops.
-#![allow(dead_code)]
 
 pub mod etcd_cluster;
 pub mod load;
@@ -33,7 +32,6 @@ pub struct ServerProcess {
     child: Option<Child>,
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -99,12 +97,12 @@ impl ServerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         adjust(&mut command);
-        Self::spawn(command, data_dir)
+        Self::spawn(command)
     }
 
     /// Spawns a prepared command (which must run `serve` with loopback
     /// listeners and piped stderr) and waits until it logs its addresses.
-    pub fn spawn(mut command: Command, data_dir: &Path) -> Result<Self, StartFailure> {
+    pub fn spawn(mut command: Command) -> Result<Self, StartFailure> {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -136,7 +134,6 @@ impl ServerProcess {
                     child: Some(child),
                     grpc_addr,
                     metrics_addr,
-                    data_dir: data_dir.to_path_buf(),
                     log,
                 });
             }
@@ -183,6 +180,8 @@ impl ServerProcess {
     }
 
     /// A client that connects at its first call (the server may be gone).
+    // Only the failpoint tests call it; without the feature it would be dead.
+    #[cfg(feature = "failpoints")]
     pub fn lazy_client(&self) -> Client {
         let channel = Channel::from_shared(self.url())
             .expect("url")
@@ -205,6 +204,7 @@ impl ServerProcess {
 
     /// Waits up to `limit` for the process to exit by itself (a failpoint
     /// killed it, say); its status, or `None` if it still runs.
+    #[cfg(feature = "failpoints")]
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {

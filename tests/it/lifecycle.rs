@@ -5,7 +5,7 @@
 //! ListWorkers under churn from several processes, disjoint room spaces
 //! with --min-room/--max-room, and the bound on one LeaseRooms call.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -239,7 +239,7 @@ async fn paging_while_other_processes_churn_never_returns_a_worker_twice() {
     let churners: Vec<_> = (0..2)
         .map(|id| {
             std::process::Command::new(std::env::current_exe().expect("test binary"))
-                .args(["churn_process", "--exact", "--ignored"])
+                .args(["lifecycle::churn_process", "--exact", "--ignored"])
                 .env("CHURN_SERVER", server.url())
                 .env("CHURN_ID", id.to_string())
                 .stdout(std::process::Stdio::null())

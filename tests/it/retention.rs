@@ -2,7 +2,7 @@
 //! are pruned (the log compacted) once twice `--retention` old, a pruned room
 //! gets NOT_FOUND saying so, also after a restart, and new rooms never repeat.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

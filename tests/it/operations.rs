@@ -3,7 +3,7 @@
 //! limits on every port, and connections recycled so routers reach new
 //! replicas.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! and router processes, cross-replica resolve, replicas killed and joining,
 //! etcd stopped under load, skewed replicas, and realignment across replicas.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ async fn three_replicas_and_four_router_processes_share_one_room_space() {
     let prefix = unique_prefix("three-replicas");
     let replicas: Vec<ServerProcess> = (0..3).map(|_| replica(&etcd, &prefix, &[])).collect();
     let routers = (0..4)
-        .map(|id| router::spawn("etcd_router_process", &replicas[id % 3].url(), id))
+        .map(|id| router::spawn("etcd::etcd_router_process", &replicas[id % 3].url(), id))
         .collect();
     let owner_of_room = router::collect(routers).await;
 

@@ -25,7 +25,7 @@
 //! `HARNESS_SECONDS` sets the length of each run (the test command: 45 s);
 //! `scripts/fault-harness.sh --long SECONDS` runs them as long as asked.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -456,7 +456,12 @@ fn spawn_router(
     out: &std::path::Path,
 ) -> Child {
     Command::new(std::env::current_exe().expect("test binary"))
-        .args(["harness_router", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "fault_harness::harness_router",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("HARNESS_MODE", mode)
         .env("HARNESS_ID", id.to_string())
         .env("HARNESS_SERVERS", servers)

@@ -2,7 +2,7 @@
 //! every room acknowledged before a crash still resolves to its owner, and a
 //! SIGTERM under load drains and exits 0.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -8,9 +8,8 @@
 //! dp_size it was issued for, and rooms issued after the restart are new.
 //!
 //! Needs the `failpoints` feature (the test command builds with it).
-#![cfg(feature = "failpoints")]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! number below the embedded store's high-water mark as issued, pruned ones
 //! included.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! the real binary that way, in a private mount namespace where `/` is
 //! remounted read-only and only the data dir is a writable bind mount.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -29,7 +29,7 @@ async fn the_server_runs_with_a_read_only_root_and_only_the_data_dir_writable() 
     command
         .args(["--mount", "sh", "-c", &script])
         .env("RUST_LOG", "info");
-    let mut server = match ServerProcess::spawn(command, dir.path()) {
+    let mut server = match ServerProcess::spawn(command) {
         Ok(server) => server,
         Err(failure) => {
             assert!(

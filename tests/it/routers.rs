@@ -4,7 +4,7 @@
 //! `room % dp_size` gives back the rank the router chose, and no room appears
 //! twice across all processes.
 
-mod common;
+use crate::common;
 
 use common::{router, timed, ServerProcess};
 use room_allocator::pb;
@@ -20,7 +20,7 @@ async fn four_router_processes_get_unique_rank_aligned_rooms() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(dir.path(), &[]);
     let routers = (0..4)
-        .map(|id| router::spawn("router_process", &server.url(), id))
+        .map(|id| router::spawn("routers::router_process", &server.url(), id))
         .collect();
     let owner_of_room = router::collect(routers).await;
 

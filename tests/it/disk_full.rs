@@ -2,7 +2,7 @@
 //! like a full disk) gives UNAVAILABLE, keeps serving what is already
 //! reserved, never hands out a room twice, and recovers after a restart.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
