@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use tonic::{Code, Request, Status};
 use tracing::debug;
 
 use crate::error::{cause_chain, Error};
+use crate::fallback::{Draws, Region};
 use crate::fork;
 use crate::lease::{Block, LeaseState};
 use crate::limits::{MAX_LEASE_COUNT, MAX_LEASE_NUMBERS};
@@ -42,6 +44,12 @@ const WORKERS_PAGE_SIZE: i32 = 1000;
 const FIRST_ENDPOINT_PAUSE: Duration = Duration::from_millis(500);
 /// ...up to this; then one call tries it again.
 const MAX_ENDPOINT_PAUSE: Duration = Duration::from_secs(30);
+/// Default bound on getting a room from the allocator before an outage
+/// fallback room is used: a leased room costs microseconds and a lease a
+/// round trip of about a millisecond in one data centre, so tens of
+/// milliseconds mean the allocator is not answering, while a router's
+/// request (its prefill alone) takes far longer than the wait.
+const DEFAULT_ALLOCATION_DEADLINE: Duration = Duration::from_millis(50);
 
 /// A worker as the server has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +68,57 @@ pub struct Resolved {
     pub dp_rank: u32,
     /// The dp_size in force when the room was issued.
     pub dp_size: u32,
+}
+
+/// The part of the room space a server hands out (GetRoomSpace): its
+/// `--min-room` and `--max-room`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomSpace {
+    pub min_room: u64,
+    pub max_room: u64,
+}
+
+/// What the outage fallback callback is told about each fallback room (or
+/// block, or batch item): see [`RoomClientBuilder::outage_fallback`].
+#[derive(Debug)]
+pub struct FallbackRoom<'a> {
+    pub prefill_worker: &'a str,
+    /// The rank of the room (of the block's first room).
+    pub dp_rank: u32,
+    pub dp_size: u32,
+    pub room: u64,
+    /// Consecutive numbers the room starts: 1, or `num` of `allocate_block`.
+    pub num: u64,
+    /// Why the allocator gave no room: unreachable, UNAVAILABLE, or no
+    /// answer within the allocation deadline.
+    pub cause: &'a Error,
+}
+
+/// Called for every fallback room; must be cheap and must not block.
+type FallbackCallback = Arc<dyn Fn(&FallbackRoom<'_>) + Send + Sync>;
+
+/// The outage fallback of a client that has one.
+struct Fallback {
+    region: Region,
+    deadline: Duration,
+    on_fallback: Option<FallbackCallback>,
+    draws: Draws,
+    /// Fallback rooms handed out (a block or a batch item counts one).
+    rooms: AtomicU64,
+}
+
+/// Whether an error means the allocator could not be reached or could not
+/// reserve: the only failures the outage fallback stands in for. A refusal
+/// (a stale dp_size, a deregistered worker, a full space) is returned.
+fn is_outage(error: &Error) -> bool {
+    match error {
+        Error::Connect { .. } => true,
+        Error::Status(status) => matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        ),
+        _ => false,
+    }
 }
 
 /// A raw block of bases from LeaseRooms: `first_base + i * dp_size` for `i <
@@ -144,6 +203,9 @@ pub struct RoomClientBuilder {
     keep_alive: Option<(Duration, Duration)>,
     patience: Duration,
     max_lease_age: Duration,
+    fallback_region: Option<RangeInclusive<u64>>,
+    allocation_deadline: Duration,
+    on_fallback: Option<FallbackCallback>,
 }
 
 impl RoomClientBuilder {
@@ -159,6 +221,9 @@ impl RoomClientBuilder {
             keep_alive: None,
             patience: Duration::from_secs(30),
             max_lease_age: DEFAULT_MAX_LEASE_AGE,
+            fallback_region: None,
+            allocation_deadline: DEFAULT_ALLOCATION_DEADLINE,
+            on_fallback: None,
         }
     }
 
@@ -231,6 +296,48 @@ impl RoomClientBuilder {
     /// expired bases are used late by as long (still unique and aligned).
     pub fn max_lease_age(mut self, age: Duration) -> Self {
         self.max_lease_age = age;
+        self
+    }
+
+    /// Opts in to the outage fallback: when no leased room is left and the
+    /// allocator gives none within the [allocation
+    /// deadline](Self::allocation_deadline) (it cannot be reached, answers
+    /// UNAVAILABLE, or is too slow), `allocate`, `allocate_many` and
+    /// `allocate_block` return a rank-aligned random room from `region`
+    /// instead of failing. Refusals (a stale dp_size, a deregistered worker)
+    /// are still returned.
+    ///
+    /// `region` must miss every room the allocator hands out: `connect`
+    /// reads the server's bounds (GetRoomSpace) and refuses an overlapping
+    /// region with [`Error::Config`]. The default bounds (`1..=2^63-1`)
+    /// leave no region, so the operator leaves one, e.g. the server with
+    /// `--max-room 4611686018427387903` and the region `2^62..=2^63-1`.
+    /// Fallback rooms can only collide with other fallback rooms; the odds
+    /// are in the crate docs. They are counted
+    /// ([`RoomClient::fallback_rooms`]) and reported to
+    /// [`on_fallback`](Self::on_fallback); ResolveRank does not know them.
+    pub fn outage_fallback(mut self, region: RangeInclusive<u64>) -> Self {
+        self.fallback_region = Some(region);
+        self
+    }
+
+    /// With an [outage fallback](Self::outage_fallback), longest an
+    /// allocation waits for the allocator when no leased room is left
+    /// (default 50 ms) before it uses a fallback room; separate from the
+    /// per-call [`timeout`](Self::timeout). A lease that arrives later still
+    /// serves later calls.
+    pub fn allocation_deadline(mut self, deadline: Duration) -> Self {
+        self.allocation_deadline = deadline;
+        self
+    }
+
+    /// Called once for every fallback room, e.g. to count it in the
+    /// router's metrics or log it; must be cheap and must not block.
+    pub fn on_fallback(
+        mut self,
+        callback: impl Fn(&FallbackRoom<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_fallback = Some(Arc::new(callback));
         self
     }
 
@@ -308,6 +415,10 @@ impl RoomClientBuilder {
         if self.endpoints.is_empty() {
             return Err(Error::Config("no endpoint given".into()));
         }
+        let region = match &self.fallback_region {
+            Some(region) => Some(Region::try_new(region).map_err(Error::Config)?),
+            None => None,
+        };
         let token = match &self.token {
             Some(token) => Some(
                 format!("Bearer {}", token.trim())
@@ -370,12 +481,24 @@ impl RoomClientBuilder {
                 target
             })
             .collect();
-        Ok(RoomClient::new(
-            targets,
-            epoch,
-            self.timeout,
-            self.max_lease_age,
-        ))
+        let fallback = region.map(|region| Fallback {
+            region,
+            deadline: self.allocation_deadline,
+            on_fallback: self.on_fallback.clone(),
+            draws: Draws::new(),
+            rooms: AtomicU64::new(0),
+        });
+        let client = RoomClient::new(targets, epoch, self.timeout, self.max_lease_age, fallback);
+        if let Some(fallback) = &client.inner.fallback {
+            // Checked once: a server's bounds are fixed while it runs, and
+            // every replica of one room space shares them.
+            let space = client.room_space().await?;
+            fallback
+                .region
+                .check_disjoint(space.min_room, space.max_room)
+                .map_err(Error::Config)?;
+        }
+        Ok(client)
     }
 
     fn context(&self, url: &str) -> Context {
@@ -544,6 +667,7 @@ struct Inner {
     /// The fork generation of the process that made the client: a copy in a
     /// forked child refuses to work (see `fork.rs`).
     fork_generation: u64,
+    fallback: Option<Fallback>,
 }
 
 struct WorkerLease {
@@ -603,6 +727,7 @@ impl RoomClient {
             Instant::now(),
             DEFAULT_TIMEOUT,
             DEFAULT_MAX_LEASE_AGE,
+            None,
         )
     }
 
@@ -611,6 +736,7 @@ impl RoomClient {
         epoch: Instant,
         timeout: Duration,
         max_lease_age: Duration,
+        fallback: Option<Fallback>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -622,6 +748,7 @@ impl RoomClient {
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 max_lease_age,
                 fork_generation: fork::register_and_get(),
+                fallback,
             }),
         }
     }
@@ -834,23 +961,31 @@ impl RoomClient {
         if let Some(room) = self.try_allocate(prefill_worker, dp_rank, dp_size) {
             return Ok(room);
         }
+        let allocation = self.allocate_slow(prefill_worker, dp_rank, dp_size);
+        match self.bounded(prefill_worker, dp_size, allocation).await {
+            Outcome::Done(result) => result,
+            Outcome::Outage(fallback, cause) => {
+                self.fallback_room(fallback, prefill_worker, dp_rank, dp_size, 1, &cause)
+            }
+        }
+    }
+
+    /// `allocate` once the lease had no room: lease (one caller at a time
+    /// per worker), else AllocateRoom.
+    async fn allocate_slow(
+        &self,
+        prefill_worker: &str,
+        dp_rank: u32,
+        dp_size: u32,
+    ) -> Result<u64, Error> {
         let worker = self.worker(prefill_worker);
         {
             let _one_lease = worker.refill.lock().await;
             if let Some(room) = self.try_allocate(prefill_worker, dp_rank, dp_size) {
                 return Ok(room);
             }
-            {
-                let mut state = worker.lock();
-                if state.dp_size != dp_size {
-                    // The caller's view of the worker changed: the old lease
-                    // is of no use for the new alignment.
-                    state.drop_leases();
-                    state.dp_size = dp_size;
-                }
-                state.drop_expired(Instant::now());
-            }
-            match self.refill_locked(&worker, dp_size).await {
+            adopt_dp_size(&worker, dp_size);
+            match self.refill_locked(&worker, dp_size, 1).await {
                 Ok(()) => {}
                 Err(error @ (Error::DpSizeMismatch { .. } | Error::Deregistered { .. })) => {
                     return Err(error)
@@ -862,6 +997,368 @@ impl RoomClient {
             return Ok(room);
         }
         self.allocate_by_rpc(prefill_worker, dp_rank, dp_size).await
+    }
+
+    /// Rooms for a batch, one per rank of `dp_ranks`, in order, each aligned
+    /// to its own rank: all from the lease in one take when it holds enough,
+    /// else after leasing enough (one lease per 2^24 numbers of the room
+    /// space), else one AllocateRoom each. Each room is a single number:
+    /// for a request SGLang expands into `room + i`, use
+    /// [`allocate_block`](Self::allocate_block). With an outage fallback,
+    /// a batch the allocator cannot serve gets fallback rooms, all of it.
+    pub async fn allocate_many(
+        &self,
+        prefill_worker: &str,
+        dp_ranks: &[u32],
+        dp_size: u32,
+    ) -> Result<Vec<u64>, Error> {
+        if let Some(&dp_rank) = dp_ranks.iter().find(|&&dp_rank| dp_rank >= dp_size) {
+            return Err(Error::RankOutOfRange { dp_rank, dp_size });
+        }
+        self.check_same_process().map_err(Error::Status)?;
+        if dp_ranks.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(rooms) = self.try_allocate_many(prefill_worker, dp_ranks, dp_size) {
+            return Ok(rooms);
+        }
+        let allocation = self.allocate_many_slow(prefill_worker, dp_ranks, dp_size);
+        match self.bounded(prefill_worker, dp_size, allocation).await {
+            Outcome::Done(result) => result,
+            Outcome::Outage(fallback, cause) => dp_ranks
+                .iter()
+                .map(|&dp_rank| {
+                    self.fallback_room(fallback, prefill_worker, dp_rank, dp_size, 1, &cause)
+                })
+                .collect(),
+        }
+    }
+
+    /// The batch from the lease in one take, or `None` (nothing taken).
+    fn try_allocate_many(
+        &self,
+        prefill_worker: &str,
+        dp_ranks: &[u32],
+        dp_size: u32,
+    ) -> Option<Vec<u64>> {
+        if fork::generation() != self.inner.fork_generation {
+            return None;
+        }
+        let worker = self.lease_of(prefill_worker)?;
+        let mut state = worker.lock();
+        if state.dp_size != dp_size {
+            return None;
+        }
+        if self.inner.runtime.is_none() {
+            state.drop_expired(Instant::now());
+        }
+        let bases = state.take_many(dp_ranks.len())?;
+        if state.low() && !worker.refilling.swap(true, Ordering::AcqRel) {
+            drop(state);
+            self.spawn_refill(worker);
+        }
+        Some(
+            bases
+                .into_iter()
+                .zip(dp_ranks)
+                .map(|(base, &dp_rank)| base + u64::from(dp_rank))
+                .collect(),
+        )
+    }
+
+    async fn allocate_many_slow(
+        &self,
+        prefill_worker: &str,
+        dp_ranks: &[u32],
+        dp_size: u32,
+    ) -> Result<Vec<u64>, Error> {
+        let worker = self.worker(prefill_worker);
+        let needed = u64::try_from(dp_ranks.len()).unwrap_or(u64::MAX);
+        // Enough leases for the batch, and one more for bases that expire
+        // meanwhile: the loop is bounded by the batch, not by time.
+        let leases = needed / max_lease_count(dp_size) + 2;
+        {
+            let _one_lease = worker.refill.lock().await;
+            adopt_dp_size(&worker, dp_size);
+            for _ in 0..leases {
+                if let Some(rooms) = self.try_allocate_many(prefill_worker, dp_ranks, dp_size) {
+                    return Ok(rooms);
+                }
+                let missing = needed.saturating_sub(worker.lock().available);
+                let missing = u32::try_from(missing).unwrap_or(u32::MAX);
+                match self.refill_locked(&worker, dp_size, missing).await {
+                    Ok(()) => {}
+                    Err(error @ (Error::DpSizeMismatch { .. } | Error::Deregistered { .. })) => {
+                        return Err(error)
+                    }
+                    Err(error) => {
+                        debug!(%error, "leasing failed; falling back to AllocateRoom");
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(rooms) = self.try_allocate_many(prefill_worker, dp_ranks, dp_size) {
+            return Ok(rooms);
+        }
+        let mut rooms = Vec::with_capacity(dp_ranks.len());
+        for &dp_rank in dp_ranks {
+            rooms.push(
+                self.allocate_by_rpc(prefill_worker, dp_rank, dp_size)
+                    .await?,
+            );
+        }
+        Ok(rooms)
+    }
+
+    /// The first room of `num` consecutive numbers no one else gets: room
+    /// `r` with `r % dp_size == first_rank`, and every number of `r..r +
+    /// num` this client's alone, so item `i` of a request SGLang expands into
+    /// `room + i` lands on rank `(first_rank + i) % dp_size` and meets no
+    /// other request's room. (A router rotating ranks then moves on by
+    /// `num`.)
+    ///
+    /// Why it holds: a lease's bases `first_base + j * dp_size` (`j <
+    /// count`) cover `[first_base, first_base + count * dp_size)` with no
+    /// gap, and the server never hands a number of it to anyone else; the
+    /// block takes `ceil((first_rank + num) / dp_size)` consecutive bases of
+    /// one lease, so its numbers lie inside them, and uses each base once.
+    /// The other ranks' numbers of those bases go unused.
+    ///
+    /// Fails with [`Error::BlockSize`] when `num` is 0 or the bases needed do
+    /// not fit in one lease (2^24 numbers of the room space). With an outage
+    /// fallback, a fallback block lies wholly inside the fallback region.
+    pub async fn allocate_block(
+        &self,
+        prefill_worker: &str,
+        first_rank: u32,
+        num: u32,
+        dp_size: u32,
+    ) -> Result<u64, Error> {
+        if first_rank >= dp_size {
+            return Err(Error::RankOutOfRange {
+                dp_rank: first_rank,
+                dp_size,
+            });
+        }
+        let max_bases = max_lease_count(dp_size);
+        let max = (max_bases * u64::from(dp_size)).saturating_sub(u64::from(first_rank));
+        if num == 0 || u64::from(num) > max {
+            return Err(Error::BlockSize { num, dp_size, max });
+        }
+        self.check_same_process().map_err(Error::Status)?;
+        // num >= 1, so the block's last number is first_rank + num - 1
+        // past its first base.
+        let bases = (u64::from(first_rank) + u64::from(num) - 1) / u64::from(dp_size) + 1;
+        if let Some(room) = self.try_allocate_block(prefill_worker, first_rank, bases, dp_size) {
+            return Ok(room);
+        }
+        let allocation = self.allocate_block_slow(prefill_worker, first_rank, bases, dp_size);
+        match self.bounded(prefill_worker, dp_size, allocation).await {
+            Outcome::Done(result) => result,
+            Outcome::Outage(fallback, cause) => self.fallback_room(
+                fallback,
+                prefill_worker,
+                first_rank,
+                dp_size,
+                u64::from(num),
+                &cause,
+            ),
+        }
+    }
+
+    /// `bases` consecutive bases of one leased block, as a room for
+    /// `first_rank`; `None` when no block has that many left.
+    fn try_allocate_block(
+        &self,
+        prefill_worker: &str,
+        first_rank: u32,
+        bases: u64,
+        dp_size: u32,
+    ) -> Option<u64> {
+        if fork::generation() != self.inner.fork_generation {
+            return None;
+        }
+        let worker = self.lease_of(prefill_worker)?;
+        let mut state = worker.lock();
+        if state.dp_size != dp_size {
+            return None;
+        }
+        if self.inner.runtime.is_none() {
+            state.drop_expired(Instant::now());
+        }
+        let base = state.take_run(bases)?;
+        if state.low() && !worker.refilling.swap(true, Ordering::AcqRel) {
+            drop(state);
+            self.spawn_refill(worker);
+        }
+        Some(base + u64::from(first_rank))
+    }
+
+    async fn allocate_block_slow(
+        &self,
+        prefill_worker: &str,
+        first_rank: u32,
+        bases: u64,
+        dp_size: u32,
+    ) -> Result<u64, Error> {
+        let worker = self.worker(prefill_worker);
+        let _one_lease = worker.refill.lock().await;
+        adopt_dp_size(&worker, dp_size);
+        // One lease of at least `bases` bases is one block that holds the
+        // run; a second try covers a lease that expired on arrival.
+        for _ in 0..2 {
+            if let Some(room) = self.try_allocate_block(prefill_worker, first_rank, bases, dp_size)
+            {
+                return Ok(room);
+            }
+            let at_least = u32::try_from(bases).unwrap_or(u32::MAX);
+            self.refill_locked(&worker, dp_size, at_least).await?;
+        }
+        self.try_allocate_block(prefill_worker, first_rank, bases, dp_size)
+            .ok_or_else(|| {
+                Error::Status(Status::unavailable(format!(
+                    "two leases of at least {bases} bases each brought no block of {bases} bases for {:?}; retry",
+                    prefill_worker.escape_debug().to_string()
+                )))
+            })
+    }
+
+    /// Runs an allocation the lease could not serve: as it is without an
+    /// outage fallback; with one, bounded by the allocation deadline, and an
+    /// outage (unreachable, UNAVAILABLE, the deadline) is returned for the
+    /// caller to use fallback rooms.
+    async fn bounded<T>(
+        &self,
+        prefill_worker: &str,
+        dp_size: u32,
+        allocation: impl Future<Output = Result<T, Error>>,
+    ) -> Outcome<'_, T> {
+        let Some(fallback) = &self.inner.fallback else {
+            return Outcome::Done(allocation.await);
+        };
+        match tokio::time::timeout(fallback.deadline, allocation).await {
+            Ok(Err(error)) if is_outage(&error) => Outcome::Outage(fallback, error),
+            Ok(result) => Outcome::Done(result),
+            Err(_elapsed) => {
+                // The lease in flight was abandoned; let one go on in the
+                // background (bounded by the call timeout) so the next
+                // calls find rooms as soon as the allocator answers again.
+                if let Some(worker) = self.lease_of(prefill_worker) {
+                    if worker.lock().dp_size == dp_size
+                        && !worker.refilling.swap(true, Ordering::AcqRel)
+                    {
+                        self.spawn_refill(worker);
+                    }
+                }
+                Outcome::Outage(
+                    fallback,
+                    Error::Status(Status::deadline_exceeded(format!(
+                        "no room from the allocator within the allocation deadline of {:?}",
+                        fallback.deadline
+                    ))),
+                )
+            }
+        }
+    }
+
+    /// A fallback room (the first of `num`), counted and reported.
+    fn fallback_room(
+        &self,
+        fallback: &Fallback,
+        prefill_worker: &str,
+        dp_rank: u32,
+        dp_size: u32,
+        num: u64,
+        cause: &Error,
+    ) -> Result<u64, Error> {
+        let Some(room) = fallback
+            .region
+            .pick(dp_rank, dp_size, num, fallback.draws.next())
+        else {
+            return Err(Error::Config(format!(
+                "the allocator gave no room ({cause}) and the outage fallback region {}..={} holds no block of {num} rooms from rank {dp_rank} of dp_size {dp_size}; give a larger region",
+                fallback.region.start, fallback.region.end
+            )));
+        };
+        fallback.rooms.fetch_add(1, Ordering::Relaxed);
+        if let Some(callback) = &fallback.on_fallback {
+            callback(&FallbackRoom {
+                prefill_worker,
+                dp_rank,
+                dp_size,
+                room,
+                num,
+                cause,
+            });
+        }
+        debug!(worker = %prefill_worker.escape_debug(), dp_rank, dp_size, room, num, %cause, "outage fallback room");
+        Ok(room)
+    }
+
+    /// Fallback rooms handed out so far (a block or a batch item counts
+    /// one); 0 without an outage fallback. Export it as a router metric,
+    /// e.g. `room_allocator_client_fallback_rooms_total`.
+    pub fn fallback_rooms(&self) -> u64 {
+        self.inner
+            .fallback
+            .as_ref()
+            .map_or(0, |fallback| fallback.rooms.load(Ordering::Relaxed))
+    }
+
+    /// The part of the room space the server hands out (GetRoomSpace).
+    pub async fn room_space(&self) -> Result<RoomSpace, Error> {
+        let response = self
+            .call(pb::GetRoomSpaceRequest {}, |mut rpc, request| async move {
+                rpc.get_room_space(request).await
+            })
+            .await?;
+        Ok(RoomSpace {
+            min_room: response.min_room,
+            max_room: response.max_room,
+        })
+    }
+
+    /// Makes the first requests as cheap as the later ones: connects to
+    /// every endpoint (`connect` reaches only one) and leases rooms for each
+    /// `(prefill_worker, dp_size)`, so the next `allocate` for them takes a
+    /// leased room with no RPC. Fails if no endpoint answers, or with the
+    /// first worker's error (a stale dp_size, a deregistered worker).
+    pub async fn warm_up(&self, workers: &[(&str, u32)]) -> Result<(), Error> {
+        self.check_same_process().map_err(Error::Status)?;
+        let mut failure = None;
+        let mut answered = false;
+        for target in &self.inner.targets {
+            let mut rpc = target.rpc.clone();
+            match rpc.get_room_space(pb::GetRoomSpaceRequest {}).await {
+                Ok(_) => {
+                    target.answered();
+                    answered = true;
+                }
+                Err(status) => {
+                    let status = if failed_locally(&status) {
+                        explain_status(&status, &target.context, self.inner.timeout)
+                    } else {
+                        status
+                    };
+                    failure = Some(status);
+                }
+            }
+        }
+        if !answered {
+            if let Some(status) = failure {
+                return Err(Error::Status(status));
+            }
+        }
+        for &(prefill_worker, dp_size) in workers {
+            let worker = self.worker(prefill_worker);
+            let _one_lease = worker.refill.lock().await;
+            adopt_dp_size(&worker, dp_size);
+            if worker.lock().available == 0 {
+                self.refill_locked(&worker, dp_size, 1).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn allocate_by_rpc(
@@ -965,7 +1462,7 @@ impl RoomClient {
         runtime.spawn(async move {
             if let Ok(_one_lease) = worker.refill.try_lock() {
                 let dp_size = worker.lock().dp_size;
-                if let Err(error) = client.refill_locked(&worker, dp_size).await {
+                if let Err(error) = client.refill_locked(&worker, dp_size, 1).await {
                     debug!(worker = %worker.name.escape_debug(), %error, "refilling the room lease failed; the next allocate leases or falls back to AllocateRoom");
                 }
             }
@@ -973,15 +1470,21 @@ impl RoomClient {
         });
     }
 
-    /// Leases one more block for `worker` at `dp_size` (the caller holds the
+    /// Leases one more block for `worker` at `dp_size`, of at least
+    /// `at_least` bases as far as one lease may hold (the caller holds the
     /// worker's refill lock). A mismatch or a deregistration drops the lease.
-    async fn refill_locked(&self, worker: &Arc<WorkerLease>, dp_size: u32) -> Result<(), Error> {
+    async fn refill_locked(
+        &self,
+        worker: &Arc<WorkerLease>,
+        dp_size: u32,
+        at_least: u32,
+    ) -> Result<(), Error> {
         let count = {
             let mut state = worker.lock();
-            let max = (MAX_LEASE_NUMBERS / u64::from(dp_size.max(1)))
-                .clamp(1, u64::from(MAX_LEASE_COUNT));
-            let max = u32::try_from(max).expect("clamped to MAX_LEASE_COUNT");
-            state.next_lease_size(Instant::now(), FAST_LEASE, INITIAL_LEASE.min(max), max)
+            let max = u32::try_from(max_lease_count(dp_size)).expect("clamped to MAX_LEASE_COUNT");
+            let sized =
+                state.next_lease_size(Instant::now(), FAST_LEASE, INITIAL_LEASE.min(max), max);
+            sized.max(at_least.min(max))
         };
         let sent_at = Instant::now();
         let lease = match self.lease_rooms(&worker.name, count, dp_size).await {
@@ -1040,6 +1543,33 @@ impl RoomClient {
             }
         });
     }
+}
+
+/// Most bases one LeaseRooms call may take at `dp_size`: the server's
+/// limits on the count and on the numbers of the room space per call.
+fn max_lease_count(dp_size: u32) -> u64 {
+    (MAX_LEASE_NUMBERS / u64::from(dp_size.max(1))).clamp(1, u64::from(MAX_LEASE_COUNT))
+}
+
+/// Makes `dp_size` the worker's lease alignment (the caller holds its refill
+/// lock), and drops expired blocks.
+fn adopt_dp_size(worker: &WorkerLease, dp_size: u32) {
+    let mut state = worker.lock();
+    if state.dp_size != dp_size {
+        // The caller's view of the worker changed: the old lease is of no
+        // use for the new alignment.
+        state.drop_leases();
+        state.dp_size = dp_size;
+    }
+    state.drop_expired(Instant::now());
+}
+
+/// How an allocation the lease could not serve ended.
+enum Outcome<'a, T> {
+    /// The allocator's answer (or a refusal).
+    Done(Result<T, Error>),
+    /// An outage, and the client's fallback to stand in for it.
+    Outage(&'a Fallback, Error),
 }
 
 impl std::fmt::Debug for RoomClient {

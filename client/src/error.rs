@@ -26,6 +26,9 @@ pub enum Error {
     Deregistered { worker: String },
     /// `dp_rank` is not below `dp_size`; nothing was sent.
     RankOutOfRange { dp_rank: u32, dp_size: u32 },
+    /// `allocate_block` was asked for 0 numbers, or for more than one lease
+    /// can hold at this dp_size (`max`); nothing was sent.
+    BlockSize { num: u32, dp_size: u32, max: u64 },
     /// No endpoint could be reached; `reason` is the underlying cause.
     Connect { url: String, reason: String },
     /// A client option is unusable (a token with non-ASCII bytes, a bad URL,
@@ -40,7 +43,9 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::DpSizeMismatch { .. } | Error::Deregistered { .. } => Code::FailedPrecondition,
-            Error::RankOutOfRange { .. } | Error::Config(_) => Code::InvalidArgument,
+            Error::RankOutOfRange { .. } | Error::BlockSize { .. } | Error::Config(_) => {
+                Code::InvalidArgument
+            }
             Error::Connect { .. } => Code::Unavailable,
             Error::Status(status) => status.code(),
         }
@@ -106,6 +111,10 @@ impl fmt::Display for Error {
             Error::RankOutOfRange { dp_rank, dp_size } => write!(
                 f,
                 "dp_rank {dp_rank} is out of range for dp_size {dp_size}; choose a rank in 0..{dp_size}"
+            ),
+            Error::BlockSize { num, dp_size, max } => write!(
+                f,
+                "a block of {num} consecutive rooms cannot be leased at dp_size {dp_size}: ask for 1 to {max} (split a larger request)"
             ),
             Error::Connect { url, reason } => write!(f, "cannot connect to {url}: {reason}"),
             Error::Config(message) => f.write_str(message),

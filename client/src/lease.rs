@@ -54,6 +54,41 @@ impl LeaseState {
         Some(base)
     }
 
+    /// Takes `n` bases in one go, or none when fewer are leased, so a batch
+    /// costs one lock and never leaves half its rooms taken.
+    pub fn take_many(&mut self, n: usize) -> Option<Vec<u64>> {
+        if self.available < u64::try_from(n).ok()? {
+            return None;
+        }
+        let mut bases = Vec::with_capacity(n);
+        for _ in 0..n {
+            bases.push(self.take()?);
+        }
+        Some(bases)
+    }
+
+    /// Takes `count` (1 or more) consecutive bases of one block and returns
+    /// the first: `base, base + dp_size, ..` are then all used, so every
+    /// number of `[base, base + count * dp_size)` is this client's alone (a
+    /// lease's bases cover its numbers with no gap, and the server never
+    /// hands a number to two leases). `None` when no block has that many left.
+    pub fn take_run(&mut self, count: u64) -> Option<u64> {
+        if count == 0 {
+            return None;
+        }
+        let dp_size = u64::from(self.dp_size);
+        let index = self.blocks.iter().position(|block| block.left >= count)?;
+        let block = &mut self.blocks[index];
+        let base = block.next;
+        block.next += count * dp_size;
+        block.left -= count;
+        if block.left == 0 {
+            self.blocks.remove(index);
+        }
+        self.available -= count;
+        Some(base)
+    }
+
     /// Drops every block past its expiry; returns how many bases went unused.
     pub fn drop_expired(&mut self, now: Instant) -> u64 {
         let mut dropped = 0;
@@ -126,6 +161,35 @@ mod tests {
         assert_eq!(state.drop_expired(now + Duration::from_secs(30)), 1);
         assert_eq!(state.take(), None);
         assert_eq!(state.available, 0);
+    }
+
+    #[test]
+    fn a_batch_takes_all_its_bases_or_none_and_a_run_comes_from_one_block() {
+        let later = Instant::now() + Duration::from_secs(10);
+        let mut state = LeaseState::new(4);
+        state.dp_size = 4;
+        state.push(Block {
+            next: 8,
+            left: 2,
+            expires_at: later,
+        });
+        state.push(Block {
+            next: 100,
+            left: 3,
+            expires_at: later,
+        });
+        assert_eq!(state.take_many(6), None, "5 bases are leased");
+        assert_eq!(state.available, 5, "a refused batch takes nothing");
+        // Two bases do not fit in what is left of the first block, so the
+        // run comes whole from the second: numbers 100..108 are all ours.
+        assert_eq!(state.take(), Some(8));
+        assert_eq!(state.take_run(2), Some(100));
+        assert_eq!(state.available, 2);
+        assert_eq!(state.take_run(2), None, "no block has two bases left");
+        assert_eq!(state.take_run(0), None);
+        assert_eq!(state.take_many(2), Some(vec![12, 108]));
+        assert_eq!(state.available, 0);
+        assert!(state.blocks.is_empty());
     }
 
     #[test]

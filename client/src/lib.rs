@@ -46,6 +46,71 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Batches, and SGLang's `room + i`
+//!
+//! [`RoomClient::allocate_many`] returns one room per rank of a batch, in
+//! order, from one take of the lease. But SGLang turns a single
+//! `bootstrap_room` for a request of `num` items (batch size times
+//! `sampling_params.n`) into `room + i` for each item
+//! (`GenerateReqInput._normalize_bootstrap_params` in
+//! `python/sglang/srt/managers/io_struct.py`), and a room list repeats each
+//! room once per sample. Allocator rooms are dense, so `room + 1` is most
+//! likely another request's room. So a request with `n > 1`, or any request
+//! sent with one room for `num > 1` items, takes
+//! [`RoomClient::allocate_block`]: the first room of `num` consecutive
+//! numbers no one else gets, item `i` on rank `(first_rank + i) % dp_size`.
+//! It holds because a lease's bases `first_base + j * dp_size` (`j < count`)
+//! cover `[first_base, first_base + count * dp_size)` with no gap, and a
+//! block is cut from one lease.
+//!
+//! ```no_run
+//! # async fn demo(client: room_allocator_client::RoomClient) -> Result<(), room_allocator_client::Error> {
+//! // A batch of three prompts with n = 1: a room per item, each on its rank.
+//! let rooms = client.allocate_many("prefill-0:8998", &[0, 1, 2], 4).await?;
+//! // One prompt with n = 3: SGLang sends items to rooms room, room+1, room+2.
+//! let room = client.allocate_block("prefill-0:8998", 3, 3, 4).await?;
+//! assert_eq!(room % 4, 3); // items on ranks 3, 0, 1
+//! # Ok(()) }
+//! ```
+//!
+//! # Outage fallback
+//!
+//! Opt-in with [`RoomClientBuilder::outage_fallback`]: when no leased room
+//! is left and the allocator gives none within the allocation deadline
+//! (default 50 ms, apart from the per-call timeout), the client returns a
+//! rank-aligned random room from a region the allocator never hands out.
+//! `connect` learns the server's bounds (GetRoomSpace) and refuses a region
+//! that overlaps them; the default bounds `1..=2^63-1` leave no room for one,
+//! so run the server with e.g. `--max-room 4611686018427387903` and fall
+//! back from `2^62`. Fallback rooms are counted
+//! ([`RoomClient::fallback_rooms`], export it e.g. as
+//! `room_allocator_client_fallback_rooms_total`) and reported to
+//! [`RoomClientBuilder::on_fallback`]; ResolveRank does not know them.
+//!
+//! Odds of a collision: fallback rooms can only meet other fallback rooms,
+//! and only of the same rank. With `N = region_size / dp_size` aligned
+//! numbers, `k` fallback rooms of one rank in flight at once collide with
+//! probability at most `k^2 / (2 N)`; blocks of `num` numbers at most `k^2 *
+//! (2 num - 1) / (2 N)`. For the region `2^62..=2^63-1`, `dp_size = 8` and a
+//! million fallback rooms of one rank: under one in a million.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), room_allocator_client::Error> {
+//! use std::time::Duration;
+//! use room_allocator_client::RoomClient;
+//!
+//! let client = RoomClient::builder(["http://allocator:50051"])
+//!     .outage_fallback((1 << 62)..=room_allocator_client::limits::MAX_ROOM)
+//!     .allocation_deadline(Duration::from_millis(30))
+//!     .on_fallback(|fallback| eprintln!("fallback room {} ({})", fallback.room, fallback.cause))
+//!     .connect()
+//!     .await?;
+//! // Before traffic: connect every endpoint and lease for the known workers,
+//! // so the first request takes a leased room with no RPC.
+//! client.warm_up(&[("prefill-0:8998", 4)]).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Errors a router acts on
 //!
 //! - [`Error::DpSizeMismatch`]: the worker is registered with another
@@ -86,11 +151,14 @@
 
 mod client;
 mod error;
+mod fallback;
 mod fork;
 mod lease;
 pub mod limits;
 
-pub use client::{Lease, Resolved, RoomClient, RoomClientBuilder, WorkerInfo};
+pub use client::{
+    FallbackRoom, Lease, Resolved, RoomClient, RoomClientBuilder, RoomSpace, WorkerInfo,
+};
 pub use error::{cause_chain, code_name, Error, ERROR_REASON, REGISTERED_DP_SIZE};
 
 /// The gRPC types of `room_allocator.v1`, generated from
