@@ -10,6 +10,12 @@ It plays both halves of each request, as SGLang's mini load balancer does:
    the KV cache from rank ``bootstrap_room % prefill_dp_size``, which is the
    rank the router chose.
 
+A batch of ``n = 1`` items gets one room per item (``allocate_many``), and
+a request with ``n = 3`` samples one room starting a block of 3 numbers
+(``allocate_block``): SGLang expands a single room sent with ``num`` items
+to ``room + i`` (``GenerateReqInput._normalize_bootstrap_params``), and with
+dense allocator rooms ``room + 1`` would otherwise be another request's.
+
 Then a prefill worker is realigned to another dp_size while the router still
 believes the old one: the router gets ``DpSizeMismatch`` carrying the
 registered size, refreshes its view and carries on, and never gets a room
@@ -78,6 +84,22 @@ def main() -> int:
             )
             if not ok:
                 return 1
+
+        # A batch of three prompts, n = 1: a list, one room per item.
+        name, dp_size = "10.0.0.1:8998", prefill["10.0.0.1:8998"]
+        ranks = [0, 1, 2]
+        rooms = client.allocate_many(name, ranks, dp_size)
+        print(f"batch of 3 on {name}: bootstrap_room {rooms}, ranks {[decode_side(r, dp_size) for r in rooms]}")
+        if [decode_side(r, dp_size) for r in rooms] != ranks:
+            return 1
+        # One prompt with n = 3 samples: one room; SGLang makes it room + i.
+        room = client.allocate_block(name, 1, 3, dp_size)
+        expanded = [room + i for i in range(3)]
+        owners = [client.resolve(r) for r in expanded]
+        print(f"n = 3 on {name}: bootstrap_room {room}, SGLang's items {expanded} on ranks "
+              f"{[decode_side(r, dp_size) for r in expanded]}, all issued to {name}")
+        if any(owner.prefill_worker != name or owner.dp_rank != (1 + i) % dp_size for i, owner in enumerate(owners)):
+            return 1
 
         # An operator scales a prefill worker from dp_size 2 to 4; this router
         # has not heard yet.

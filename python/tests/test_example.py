@@ -23,6 +23,8 @@ def test_pd_router_example_runs_with_the_token(server_factory: ServerFactory) ->
         assert result.stdout.count(" ok\n") == 20
         assert "dp_size mismatch: 10.0.0.2:8998 is registered with dp_size 4, the router believed 2" in result.stdout
         assert "all rooms aligned" in result.stdout
+        assert "batch of 3 on 10.0.0.1:8998" in result.stdout and "ranks [0, 1, 2]" in result.stdout
+        assert "n = 3 on 10.0.0.1:8998" in result.stdout and "on ranks [1, 2, 3], all issued" in result.stdout
 
 
 def test_pd_router_example_explains_a_missing_token(server_factory: ServerFactory) -> None:
