@@ -697,6 +697,8 @@ for bad, words in [
     ({"tls": {"enabled": True}}, "tls.existingSecret"),
     ({"tls": {"requireClientCert": True}}, "tls.enabled"),
     ({"auth": {"requireForAllocation": True}}, "auth.existingSecret"),
+    ({"auth": {"allowUnauthenticatedAllocation": True}}, "auth.existingSecret"),
+    ({"auth": {"existingSecret": "ra-token", "requireForAllocation": True, "allowUnauthenticatedAllocation": True}}, "contradict"),
     ({"etcd": {"endpoints": ["http://etcd:2379"], "auth": {"username": "u"}}}, "etcd.auth.existingSecret"),
     ({"grpcRoute": {"enabled": True}}, "parentRefs"),
     ({"minRoom": "10", "maxRoom": "9"}, "minRoom 10 is above maxRoom 9"),
@@ -1142,7 +1144,7 @@ def check_mode(name, values, docs, server, root):
             connect += ["--tls-cert", f"{root}/test-pod-1/client-tls/tls.crt", "--tls-key", f"{root}/test-pod-1/client-tls/tls.key"]
         anonymous = client("register", *connect, "--worker", "no-token", "--dp-size", "1")
         check(f"{name}: RegisterWorker without the token is refused", anonymous.returncode != 0 and "UNAUTHENTICATED" in anonymous.stderr, anonymous.stderr)
-        if auth.get("requireForAllocation"):
+        if not auth.get("allowUnauthenticatedAllocation"):
             anonymous = client("resolve", *connect, "1")
             check(f"{name}: ResolveRank without the token is refused", anonymous.returncode != 0 and "UNAUTHENTICATED" in anonymous.stderr, anonymous.stderr)
         if tls.get("enabled") and not tls.get("requireClientCert"):

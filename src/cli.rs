@@ -31,7 +31,7 @@ async fn connect(args: &ClientArgs) -> Result<RoomClient, Error> {
         .connect_timeout(timeout)
         .connect_patience(CONNECT_PATIENCE);
     if let Some(token) = &args.token {
-        builder = builder.bearer_token(token.clone());
+        builder = builder.bearer_token(token.expose());
     }
     if let Some(ca) = &args.tls_ca {
         builder = builder.ca_certificate_pem(read("--tls-ca", ca)?);

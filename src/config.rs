@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::secret::Secret;
 use crate::space::{Bounds, MAX_ROOM};
 
 /// Inclusive bounds of every numeric `serve` flag: (flag, min, max).
@@ -230,14 +231,26 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOM_ALLOCATOR_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// File holding the bearer token that RegisterWorker, DeregisterWorker
-    /// and registering through AllocateRoom require (`authorization: Bearer
-    /// <token>`); several tokens, one per line, are all accepted (to rotate
+    /// With --tls-client-ca, accept only client certificates carrying one of
+    /// these names (DNS names or IP addresses, comma-separated) in their
+    /// subject alternative names; others are closed after the handshake.
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_TLS_CLIENT_ALLOWED_NAMES",
+        requires = "tls_client_ca",
+        value_delimiter = ','
+    )]
+    pub tls_client_allowed_names: Vec<String>,
+
+    /// File holding the bearer token that every RoomAllocatorService call
+    /// requires (`authorization: Bearer <token>`; health and reflection stay
+    /// open); several tokens, one per line, are all accepted (to rotate
     /// without a gap). Reloaded when the file changes.
     #[arg(long, env = "ROOM_ALLOCATOR_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
 
-    /// Require the token for every call, allocation and resolve included.
+    /// Require the token for every call, allocation and resolve included:
+    /// the default with --auth-token-file; accepted for older deployments.
     #[arg(
         long,
         env = "ROOM_ALLOCATOR_AUTH_REQUIRED_FOR_ALLOCATION",
@@ -245,6 +258,20 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub auth_required_for_allocation: bool,
+
+    /// Let callers without the token use AllocateRoom, LeaseRooms,
+    /// ResolveRank, ListWorkers and GetRoomSpace (registering, also through
+    /// AllocateRoom, and deregistering still need it). Risk: anyone who can
+    /// reach the port can then reserve up to 2^24 numbers a call, use up a
+    /// narrowed --min-room/--max-room space and grow the store, and list
+    /// the workers. Refused together with --auth-required-for-allocation.
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_ALLOW_UNAUTHENTICATED_ALLOCATION",
+        requires = "auth_token_file",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_unauthenticated_allocation: bool,
 
     /// Per-call deadline; calls still running then are cancelled.
     #[arg(long, env = "ROOM_ALLOCATOR_REQUEST_TIMEOUT_SECS", default_value_t = 10,
@@ -340,7 +367,7 @@ pub struct ClientArgs {
 
     /// Bearer token to send (for servers run with --auth-token-file).
     #[arg(long, env = "ROOM_ALLOCATOR_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -444,7 +471,7 @@ pub struct EtcdArgs {
         hide_env_values = true,
         requires = "etcd_username"
     )]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<Secret>,
 
     /// CA certificate (PEM) to verify etcd's TLS certificate.
     #[arg(long, env = "ROOM_ALLOCATOR_ETCD_CA")]

@@ -11,7 +11,8 @@
 //! - [`server`]: health, reflection, metrics endpoint, TLS and token reload,
 //!   graceful shutdown.
 //! - [`config`], [`metrics`], [`cli`], [`bench`]: flags, metric definitions,
-//!   client commands, the load generator; [`failpoint`]: test-only faults.
+//!   client commands, the load generator; [`failpoint`]: test-only faults;
+//!   [`secret`]: tokens and passwords kept out of `Debug`.
 //!
 //! The Rust client is its own crate, `room-allocator-client` (`client/`);
 //! [`client`] re-exports it.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod failpoint;
 pub mod metrics;
+pub mod secret;
 pub mod server;
 pub mod service;
 pub mod space;

@@ -86,6 +86,13 @@ pub enum StartError {
     DataDirNotDir { path: PathBuf },
     #[error("--etcd-cert and --etcd-key go together; pass both")]
     EtcdIdentity,
+    #[error(
+        "--allow-unauthenticated-allocation and --auth-required-for-allocation contradict each other; \
+         drop one (with --auth-token-file the token is required for every call by default)"
+    )]
+    AuthFlags,
+    #[error("--tls-client-allowed-names {name:?}: not a DNS name or IP address")]
+    AllowedName { name: String },
 }
 
 /// Failures while serving; opening failures are [`StartError`]s.
@@ -111,6 +118,8 @@ struct TlsFiles {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    /// `--tls-client-allowed-names`: empty allows every client the CA signed.
+    allowed_names: Vec<rustls::pki_types::ServerName<'static>>,
 }
 
 impl TlsFiles {
@@ -232,10 +241,19 @@ fn check(config: &ServeArgs) -> Result<Checked, StartError> {
     let bounds = Bounds::try_new(config.min_room, config.max_room).map_err(StartError::Bounds)?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
+            let allowed_names = config
+                .tls_client_allowed_names
+                .iter()
+                .map(|name| {
+                    rustls::pki_types::ServerName::try_from(name.trim().to_owned())
+                        .map_err(|_| StartError::AllowedName { name: name.clone() })
+                })
+                .collect::<Result<_, _>>()?;
             let files = TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: config.tls_client_ca.clone(),
+                allowed_names,
             };
             let material = files.read()?;
             let server_config = material.config()?;
@@ -243,6 +261,9 @@ fn check(config: &ServeArgs) -> Result<Checked, StartError> {
         }
         _ => None,
     };
+    if config.allow_unauthenticated_allocation && config.auth_required_for_allocation {
+        return Err(StartError::AuthFlags);
+    }
     let token = config
         .auth_token_file
         .as_ref()
@@ -365,7 +386,7 @@ impl Server {
         });
         let auth = token.map(|(path, tokens)| {
             (
-                Auth::new(&tokens, config.auth_required_for_allocation),
+                Auth::new(&tokens, config.allow_unauthenticated_allocation),
                 path,
                 tokens,
             )
@@ -735,9 +756,13 @@ async fn accept_tls(
             .1
             .clone();
         let connections = connections.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) if !client_allowed(&stream, &tls.files.allowed_names) => {
+                    tracing::debug!(%peer, "client certificate names none of --tls-client-allowed-names; closed")
+                }
                 Ok(Ok(stream)) => {
                     let _ = connections.send(Ok(stream)).await;
                 }
@@ -768,6 +793,32 @@ async fn accept_health(
             }
         });
     }
+}
+
+/// Whether the client's certificate (verified against `--tls-client-ca` in
+/// the handshake) carries one of `allowed` in its subject alternative names;
+/// with no names given, every verified client is allowed.
+fn client_allowed(
+    stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    allowed: &[rustls::pki_types::ServerName<'static>],
+) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(cert) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+    else {
+        return false;
+    };
+    let Ok(cert) = rustls::server::ParsedCertificate::try_from(cert) else {
+        return false;
+    };
+    allowed
+        .iter()
+        .any(|name| rustls::client::verify_server_name(&cert, name).is_ok())
 }
 
 fn reflection() -> tonic_reflection::server::Builder<'static> {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use subtle::ConstantTimeEq;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info, instrument, warn};
 
@@ -13,6 +14,7 @@ use crate::allocator::{Allocator, Error, Escaped, Registrar, WorkerInfo};
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::room_allocator_service_server::RoomAllocatorService;
+use crate::secret::Secret;
 use crate::space::SpaceError;
 
 pub use crate::pb::room_allocator_service_server::RoomAllocatorServiceServer;
@@ -73,54 +75,64 @@ impl From<Error> for Status {
     }
 }
 
-/// Who may call what: with a token, RegisterWorker and DeregisterWorker
-/// always need it, and so does registering through AllocateRoom; the other
-/// calls need it when `all` is set. Any of several tokens is accepted (a
-/// rotation adds the new token, moves the callers, then drops the old one),
-/// and they can be replaced while serving.
+/// Who may call what: with a token, every call of the allocator service
+/// needs it (health and reflection are other services and stay open), unless
+/// `open_allocation` (`--allow-unauthenticated-allocation`) opens the calls
+/// that only hand out or read rooms again; RegisterWorker, DeregisterWorker
+/// and registering through AllocateRoom always need it. Any of several
+/// tokens is accepted (a rotation adds the new token, moves the callers,
+/// then drops the old one), and they can be replaced while serving.
 #[derive(Clone)]
 pub struct Auth {
-    expected: Arc<RwLock<Vec<String>>>,
-    all: bool,
+    expected: Arc<RwLock<Vec<Secret>>>,
+    open_allocation: bool,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("open_allocation", &self.open_allocation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Auth {
-    pub fn new(tokens: &[String], all: bool) -> Self {
+    pub fn new(tokens: &[String], open_allocation: bool) -> Self {
         Self {
-            expected: Arc::new(RwLock::new(tokens.iter().map(|t| bearer(t)).collect())),
-            all,
+            expected: Arc::new(RwLock::new(secrets(tokens))),
+            open_allocation,
         }
     }
 
     /// Takes new tokens (a rotated `--auth-token-file`) for later calls.
     pub fn replace(&self, tokens: &[String]) {
-        *self.expected.write().expect("token lock is never poisoned") =
-            tokens.iter().map(|t| bearer(t)).collect();
+        *self.expected.write().expect("token lock is never poisoned") = secrets(tokens);
     }
 
     /// Whether the request carries the token: `Err` says how it fails.
     fn verify<T>(&self, request: &Request<T>) -> Result<(), Error> {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.as_bytes());
+        let Some(value) = request.metadata().get("authorization") else {
+            return Err(Error::Unauthenticated { presented: false });
+        };
+        let presented = bearer_credentials(value.as_bytes());
         let expected = self.expected.read().expect("token lock is never poisoned");
-        match presented {
-            // Every token compared, so timing does not tell which matched.
-            Some(value)
-                if expected.iter().fold(false, |any, token| {
-                    constant_time_eq(value, token.as_bytes()) | any
-                }) =>
-            {
-                Ok(())
-            }
-            Some(_) => Err(Error::Unauthenticated { presented: true }),
-            None => Err(Error::Unauthenticated { presented: false }),
+        // Every token compared in constant time (subtle), so timing tells
+        // neither which one matched nor how much of one did.
+        let matched = expected.iter().fold(subtle::Choice::from(0), |any, token| {
+            any | token
+                .expose()
+                .as_bytes()
+                .ct_eq(presented.unwrap_or_default())
+        });
+        if presented.is_some() && bool::from(matched) {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated { presented: true })
         }
     }
 
     fn check<T>(&self, request: &Request<T>, admin: bool) -> Result<(), Error> {
-        if !admin && !self.all {
+        if !admin && self.open_allocation {
             return Ok(());
         }
         self.verify(request)
@@ -136,13 +148,26 @@ impl Auth {
     }
 }
 
-fn bearer(token: &str) -> String {
-    format!("Bearer {}", token.trim())
+fn secrets(tokens: &[String]) -> Vec<Secret> {
+    tokens.iter().map(|t| Secret::new(t.trim())).collect()
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+/// The credentials of an `authorization` value in the `Bearer` scheme, whose
+/// name is case-insensitive (RFC 9110, 11.1); `None` for another scheme.
+fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer";
+    let scheme = value.get(..SCHEME.len())?;
+    let rest = value.get(SCHEME.len()..)?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    let credentials = &rest[start..];
+    let end = credentials
+        .iter()
+        .rposition(|&b| b != b' ')
+        .map_or(0, |last| last + 1);
+    Some(&credentials[..end])
 }
 
 /// At most [`REFUSED_LOGS_PER_SECOND`] "request refused" lines a second; the
@@ -411,6 +436,61 @@ mod tests {
             log.suppressed.load(Ordering::Acquire),
             100 - REFUSED_LOGS_PER_SECOND
         );
+    }
+
+    fn request(authorization: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().expect("ascii"));
+        }
+        request
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        let auth = Auth::new(&["s3cret".into(), "next token".into()], false);
+        for accepted in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER   s3cret ",
+            "Bearer next token",
+        ] {
+            assert!(auth.verify(&request(Some(accepted))).is_ok(), "{accepted}");
+        }
+        for refused in [
+            "Bearer S3cret",
+            "Bearer s3cre",
+            "Bearer s3crett",
+            "Basic s3cret",
+            "Bearers3cret",
+            "Bearer",
+            "s3cret",
+        ] {
+            assert!(
+                matches!(
+                    auth.verify(&request(Some(refused))),
+                    Err(Error::Unauthenticated { presented: true })
+                ),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            auth.verify(&request(None)),
+            Err(Error::Unauthenticated { presented: false })
+        ));
+    }
+
+    #[test]
+    fn with_a_token_every_call_needs_it_unless_allocation_is_opened() {
+        let strict = Auth::new(&["s3cret".into()], false);
+        assert!(strict.check(&request(None), false).is_err());
+        assert!(strict.check(&request(None), true).is_err());
+        let open = Auth::new(&["s3cret".into()], true);
+        assert!(open.check(&request(None), false).is_ok());
+        assert!(open.check(&request(None), true).is_err());
+        assert!(!format!("{open:?}").contains("s3cret"));
     }
 
     #[test]

@@ -66,6 +66,12 @@ the binary would refuse at start. */}}
 {{- if and .Values.auth.requireForAllocation (not .Values.auth.existingSecret) }}
 {{- fail "auth.requireForAllocation needs auth.existingSecret: a Secret whose key \"token\" holds the bearer token" }}
 {{- end }}
+{{- if and .Values.auth.allowUnauthenticatedAllocation (not .Values.auth.existingSecret) }}
+{{- fail "auth.allowUnauthenticatedAllocation needs auth.existingSecret: without a token every call is open already" }}
+{{- end }}
+{{- if and .Values.auth.allowUnauthenticatedAllocation .Values.auth.requireForAllocation }}
+{{- fail "auth.allowUnauthenticatedAllocation and auth.requireForAllocation contradict each other (the server refuses both flags): requiring the token for every call is the default with auth.existingSecret; remove one" }}
+{{- end }}
 {{- /* The binary takes --etcd-username and its password only together, and
 only with --etcd-endpoints: anything else renders a pod that exits at start,
 over and over. */}}

@@ -21,6 +21,8 @@ use tonic::{Code, Request, Status, Streaming};
 
 use room_allocator_client::cause_chain;
 
+use crate::secret::Secret;
+
 /// Generated etcd types and clients (`etcdserverpb`).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -86,11 +88,11 @@ impl EtcdError {
     }
 }
 
-/// How to reach etcd.
-#[derive(Debug, Clone, Default)]
+/// How to reach etcd. Its `Debug` leaves out the password and the key.
+#[derive(Clone, Default)]
 pub struct ConnectOptions {
     pub endpoints: Vec<String>,
-    pub user: Option<(String, String)>,
+    pub user: Option<(String, Secret)>,
     /// CA (PEM) to verify etcd's certificate; turns `http://` endpoints into TLS.
     pub ca_pem: Option<Vec<u8>>,
     /// Client certificate and key (PEM) for mutual TLS.
@@ -99,11 +101,26 @@ pub struct ConnectOptions {
     pub timeout: Duration,
 }
 
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("endpoints", &self.endpoints)
+            .field("user", &self.user)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
+            .field(
+                "identity_pem",
+                &self.identity_pem.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 /// A connected etcd client; clones share the connection and the token.
 #[derive(Clone)]
 pub struct EtcdClient {
     channel: Channel,
-    user: Option<Arc<(String, String)>>,
+    user: Option<Arc<(String, Secret)>>,
     token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
 }
 
@@ -159,7 +176,7 @@ impl EtcdClient {
         let response = AuthClient::new(self.channel.clone())
             .authenticate(pb::AuthenticateRequest {
                 name: user.0.clone(),
-                password: user.1.clone(),
+                password: user.1.expose().to_owned(),
             })
             .await?
             .into_inner();

@@ -153,7 +153,7 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub prefix: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<crate::secret::Secret>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
