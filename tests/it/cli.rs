@@ -440,6 +440,7 @@ fn client_commands_take_every_setting_from_the_environment() {
         &["allocate"],
         &[
             env[0],
+            env[1],
             env[2],
             env[3],
             ("ROOM_ALLOCATOR_RANK", "1"),
@@ -458,7 +459,7 @@ fn client_commands_take_every_setting_from_the_environment() {
     // The env's dp_size is checked against the registered one.
     let stale = run_env(
         &["allocate", "--rank", "0"],
-        &[env[0], env[2], ("ROOM_ALLOCATOR_DP_SIZE", "4")],
+        &[env[0], env[1], env[2], ("ROOM_ALLOCATOR_DP_SIZE", "4")],
     );
     assert!(
         stale.failed().contains("FAILED_PRECONDITION"),

@@ -116,9 +116,15 @@ async fn registering_through_allocate_room_needs_the_token_and_registers_nothing
     let dir = tempfile::tempdir().expect("tempdir");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "s3cret\n").expect("token");
+    // Allocation opened to callers without the token: registering through
+    // it still needs the token.
     let server = ServerProcess::start(
         &dir.path().join("data"),
-        &["--auth-token-file", token_file.to_str().expect("utf-8")],
+        &[
+            "--auth-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--allow-unauthenticated-allocation",
+        ],
     );
     let mut client = server.client().await;
     let refused = timed(client.allocate_room(allocate("implicit", 0, 2)))

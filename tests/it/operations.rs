@@ -1,7 +1,8 @@
 //! What operators rely on, through the real binary (issue 21): every call
 //! counted however it ends, reload gauges that stay 0 while a file is bad,
-//! limits on every port, and connections recycled so routers reach new
-//! replicas.
+//! limits on every port, connections recycled so routers reach new
+//! replicas, and secure defaults (a configured token guards every call,
+//! mTLS clients restricted by name).
 
 use crate::common;
 
@@ -10,7 +11,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{http_get, timed, ServerProcess};
+use common::pki::Pki;
+use common::{http_get, run_cli, timed, ServerProcess};
 use room_allocator::pb;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -364,5 +366,194 @@ async fn connections_are_recycled_so_the_rust_client_reaches_a_new_replica() {
         reached(&new) > 0.0,
         "no call reached the new replica in 15 s; old had {}",
         reached(&old)
+    );
+}
+
+fn with_token(request: &mut tonic::Request<impl Sized>, value: &str) {
+    request
+        .metadata_mut()
+        .insert("authorization", value.parse().expect("ascii"));
+}
+
+#[tokio::test]
+async fn with_a_token_every_allocator_call_needs_it_by_default_and_health_stays_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("write");
+    let token = token.to_str().expect("utf-8");
+    let server = ServerProcess::start(&dir.path().join("data"), &["--auth-token-file", token]);
+    let mut client = server.client().await;
+    let mut register = tonic::Request::new(pb::RegisterWorkerRequest {
+        prefill_worker: "w".into(),
+        dp_size: 2,
+    });
+    // The scheme's name in any case (RFC 9110).
+    with_token(&mut register, "bearer s3cret");
+    timed(client.register_worker(register))
+        .await
+        .expect("register with the token");
+    let allocate = || pb::AllocateRoomRequest {
+        prefill_worker: "w".into(),
+        dp_rank: 1,
+        dp_size: 2,
+    };
+    let refused = timed(client.allocate_room(allocate()))
+        .await
+        .expect_err("allocation without the token");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = timed(client.lease_rooms(pb::LeaseRoomsRequest {
+        prefill_worker: "w".into(),
+        count: 1_000_000,
+        dp_size: 2,
+    }))
+    .await
+    .expect_err("a lease without the token");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = timed(client.resolve_rank(pb::ResolveRankRequest { room: 1 }))
+        .await
+        .expect_err("resolve without the token");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = timed(client.list_workers(pb::ListWorkersRequest::default()))
+        .await
+        .expect_err("listing without the token");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let mut allowed = tonic::Request::new(allocate());
+    with_token(&mut allowed, "BEARER s3cret");
+    let room = timed(client.allocate_room(allowed))
+        .await
+        .expect("allocation with the token")
+        .into_inner()
+        .room;
+    assert_eq!(room % 2, 1);
+    // Health stays open: the kubelet probes it without a token.
+    let (code, out, err) = run_cli(&["health", "--server", &server.url()]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The CLI carries the token.
+    let (code, out, err) = run_cli(&[
+        "allocate",
+        "--server",
+        &server.url(),
+        "--worker",
+        "w",
+        "--rank",
+        "0",
+        "--token",
+        "s3cret",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn allowing_unauthenticated_allocation_and_requiring_the_token_for_it_are_refused_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("write");
+    let failure = ServerProcess::try_start(
+        &dir.path().join("data"),
+        &[
+            "--auth-token-file",
+            token.to_str().expect("utf-8"),
+            "--allow-unauthenticated-allocation",
+            "--auth-required-for-allocation",
+        ],
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        failure.log.contains("--allow-unauthenticated-allocation")
+            && failure.log.contains("--auth-required-for-allocation"),
+        "{}",
+        failure.log
+    );
+}
+
+async fn mtls_allocate(server: &ServerProcess, pki: &Pki) -> Result<u64, tonic::Status> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.read("ca.crt")))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            pki.read("client.crt"),
+            pki.read("client.key"),
+        ));
+    let channel = Channel::from_shared(format!("https://{}", server.grpc_addr))
+        .expect("url")
+        .timeout(Duration::from_secs(5))
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+    pb::room_allocator_service_client::RoomAllocatorServiceClient::new(channel)
+        .allocate_room(pb::AllocateRoomRequest {
+            prefill_worker: "mtls".into(),
+            dp_rank: 0,
+            dp_size: 1,
+        })
+        .await
+        .map(|r| r.into_inner().room)
+}
+
+#[tokio::test]
+async fn tls_client_allowed_names_admit_only_clients_whose_certificate_names_one() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = pki.server_args(true);
+    args.extend([
+        "--tls-client-allowed-names".into(),
+        "router-1, router-0".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let allowed = ServerProcess::start(&dir.path().join("a"), &args);
+    timed(mtls_allocate(&allowed, &pki))
+        .await
+        .expect("router-0 is allowed");
+    let mut args = pki.server_args(true);
+    args.extend(["--tls-client-allowed-names".into(), "router-1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let other = ServerProcess::start(&dir.path().join("b"), &args);
+    let refused = timed(mtls_allocate(&other, &pki))
+        .await
+        .expect_err("router-0 is not allowed");
+    assert_ne!(refused.code(), Code::Ok);
+}
+
+#[test]
+fn debug_output_of_the_flags_never_shows_a_secret() {
+    use clap::Parser;
+    let cli = room_allocator::config::Cli::parse_from([
+        "room-allocator",
+        "serve",
+        "--etcd-endpoints",
+        "http://127.0.0.1:2379",
+        "--etcd-username",
+        "root",
+        "--etcd-password",
+        "pa55word",
+    ]);
+    assert!(!format!("{cli:?}").contains("pa55word"), "{cli:?}");
+    let cli = room_allocator::config::Cli::parse_from([
+        "room-allocator",
+        "allocate",
+        "--worker",
+        "w",
+        "--rank",
+        "0",
+        "--token",
+        "t0ken",
+    ]);
+    assert!(!format!("{cli:?}").contains("t0ken"), "{cli:?}");
+    let config = room_allocator::store::etcd::client::ConnectOptions {
+        user: Some((
+            "root".into(),
+            room_allocator::secret::Secret::new("pa55word"),
+        )),
+        identity_pem: Some((b"CERT".to_vec(), b"PRIVATE KEY BYTES".to_vec())),
+        ..Default::default()
+    };
+    let text = format!("{config:?}");
+    assert!(
+        !text.contains("pa55word") && !text.contains("PRIVATE"),
+        "{text}"
     );
 }

@@ -154,7 +154,14 @@ async fn the_bearer_token_guards_admin_calls_and_optionally_allocation() {
     std::fs::write(&token_file, "t0ps3cret\n").expect("write");
     let token_path = token_file.to_str().expect("utf-8");
     let data = dir.path().join("data");
-    let server = start(&data, &["--auth-token-file", token_path]);
+    let server = start(
+        &data,
+        &[
+            "--auth-token-file",
+            token_path,
+            "--allow-unauthenticated-allocation",
+        ],
+    );
     let url = server.url();
 
     let register = |token: Option<&'static str>| {
@@ -189,7 +196,7 @@ async fn the_bearer_token_guards_admin_calls_and_optionally_allocation() {
         .await
         .expect("right token");
 
-    // Allocation does not need the token unless asked to.
+    // With --allow-unauthenticated-allocation allocation needs no token.
     let mut client = server.client().await;
     timed(client.allocate_room(pb::AllocateRoomRequest {
         prefill_worker: "guarded".into(),
