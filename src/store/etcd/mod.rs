@@ -86,6 +86,7 @@
 //! of a new watch's catch-up events; the resume rule above makes that
 //! harmless for the resume point, and the staleness window bounds the rest.
 
+mod carver;
 pub mod client;
 mod watch;
 
@@ -99,6 +100,10 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use self::carver::{
+    check_mark, record_verdicts, Carver, CarverConfig, ChunkOutcome, ChunkReply, ChunkRequest,
+    Mark, MarkRead, Need, RecordVerdict, Step,
+};
 use self::client::{pb, prefix_end, txn, ConnectOptions, EtcdClient, EtcdError};
 use self::watch::WatchProgress;
 use super::{
@@ -117,7 +122,7 @@ const MAX_CAS_ATTEMPTS: usize = 32;
 /// random pause up to this (growing with the attempts) keeps the replicas
 /// of a registration storm from colliding round after round.
 const MAX_CAS_BACKOFF: Duration = Duration::from_millis(20);
-/// Largest chunk of the space a replica takes at once (see [`Chunk`]).
+/// Largest chunk of the space a replica takes at once (see [`carver::Chunk`]).
 const MAX_CHUNK_NUMBERS: u64 = 1 << 32;
 /// A replica's first chunk; chunks double while used up before they expire
 /// and halve while they expire less than half used, so an idle or restarted
@@ -447,7 +452,7 @@ impl Shared {
     /// replica saw or below the end of a chunk or range announced (the key
     /// was deleted or rewritten; a replica that never saw the higher value
     /// can tell only from those): reserving from there would reissue rooms.
-    fn seen_mark(&self, reads: &[&pb::RangeResponse]) -> Result<(u64, i64), StoreError> {
+    fn seen_mark(&self, reads: &[&pb::RangeResponse]) -> Result<Mark, StoreError> {
         let key = self.keys.high_water();
         let first_kv = |i: usize| reads.get(i).and_then(|read| read.kvs.first());
         let repair = "put back a mark at or above the end of every key under v1/chunks/ and v1/ranges/ (never lower: rooms below it were issued)";
@@ -459,24 +464,26 @@ impl Shared {
                 ),
             });
         };
-        let seen = parse_high_water(kv, &key)?;
-        let mut used = self.high_water.load(Ordering::Acquire);
+        let mut highest_announced = 0;
         for kv in (1..reads.len()).filter_map(first_kv) {
-            used = used.max(self.keys.announced_end(kv)?);
+            highest_announced = highest_announced.max(self.keys.announced_end(kv)?);
         }
-        if seen.0 < used {
+        let read = MarkRead {
+            mark: parse_high_water(kv, &key)?,
+            highest_announced,
+        };
+        check_mark(read, self.high_water.load(Ordering::Acquire)).map_err(|went_back| {
             // Remembered, so later reads refuse here without sending a
             // swap whose compare would scan the ranges above the bad mark.
-            self.high_water.fetch_max(used, Ordering::AcqRel);
-            return Err(StoreError::Corrupt {
+            self.high_water.fetch_max(went_back.used, Ordering::AcqRel);
+            StoreError::Corrupt {
                 key,
                 reason: format!(
-                    "it went back to {} below {used}, the end of the space already reserved (it was deleted or rewritten); {repair}",
-                    seen.0
+                    "it went back to {} below {}, the end of the space already reserved (it was deleted or rewritten); {repair}",
+                    went_back.mark, went_back.used
                 ),
-            });
-        }
-        Ok(seen)
+            }
+        })
     }
 
     /// Forgets a lease etcd no longer has (it expired while unused).
@@ -1156,51 +1163,22 @@ mod version_tests {
     }
 }
 
-/// A part of the space this replica took with one compare-and-swap on the
-/// high-water mark, and carves ranges from: replicas contend for the mark
-/// once a chunk, not once a range.
-#[derive(Debug, Clone, Copy)]
-struct Chunk {
-    start: u64,
-    /// Where the next range may start.
-    next: u64,
-    /// Exclusive end.
-    end: u64,
-    taken_at: Instant,
-    /// The lease of its announcement, which every range carved from it gets
-    /// too: the announcement never expires before those ranges, so the
-    /// highest chunk read with the mark covers every live range.
-    lease: i64,
-}
-
-/// The reservation task's state: the mark as last seen, and the chunk.
-struct Carver {
-    cached: Option<(u64, i64)>,
-    chunk: Option<Chunk>,
-    /// Numbers the next chunk takes (at least what its first range needs),
-    /// between `min_size` and `max_size` (from the bounds).
-    chunk_size: u64,
-    min_size: u64,
-    max_size: u64,
-    rng: Jitter,
-}
-
 /// Reservations, folded into one transaction per round trip.
 async fn run_reservations(
     shared: Arc<Shared>,
     mut queue: mpsc::UnboundedReceiver<PendingReservation>,
-    cached: Option<(u64, i64)>,
+    mark: Option<Mark>,
 ) {
     let max_size = max_chunk_numbers(shared.bounds);
-    let min_size = MIN_CHUNK_NUMBERS.min(max_size);
-    let mut carver = Carver {
-        cached,
-        chunk: None,
-        chunk_size: min_size,
-        min_size,
+    let config = CarverConfig {
+        bounds: shared.bounds,
+        lifetime_ms: u64::try_from(CHUNK_LIFETIME.min(shared.retention).as_millis())
+            .unwrap_or(u64::MAX),
+        min_size: MIN_CHUNK_NUMBERS.min(max_size),
         max_size,
-        rng: Jitter::new(),
     };
+    let mut carver = Carver::new(config, mark);
+    let mut rng = Jitter::new();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -1212,7 +1190,7 @@ async fn run_reservations(
         // A caller that gave up (timeout) no longer needs a range.
         batch.retain(|pending| !pending.reply.is_closed());
         if !batch.is_empty() {
-            reserve_batch(&shared, batch, &mut carver).await;
+            reserve_batch(&shared, batch, &mut carver, &mut rng).await;
         }
     }
 }
@@ -1226,7 +1204,12 @@ fn max_chunk_numbers(bounds: Bounds) -> u64 {
 
 /// Reserves a range for every request in `batch` (one transaction, more if
 /// registrations changed meanwhile), or answers why not.
-async fn reserve_batch(shared: &Shared, mut batch: Vec<PendingReservation>, carver: &mut Carver) {
+async fn reserve_batch(
+    shared: &Shared,
+    mut batch: Vec<PendingReservation>,
+    carver: &mut Carver,
+    rng: &mut Jitter,
+) {
     // Beaten by other replicas at the mark, the batch retries (with a random
     // pause) until its callers would have given up anyway: the store timeout.
     let deadline = Instant::now() + shared.timeout;
@@ -1263,7 +1246,7 @@ async fn reserve_batch(shared: &Shared, mut batch: Vec<PendingReservation>, carv
                 "retrying reservations (a registration changed, or another replica took the chunk)"
             );
             let ceiling = MAX_CAS_BACKOFF.min(Duration::from_millis(1 << attempts.min(5)));
-            tokio::time::sleep(carver.rng.below(ceiling)).await;
+            tokio::time::sleep(rng.below(ceiling)).await;
         }
     }
     if !batch.is_empty() {
@@ -1282,107 +1265,97 @@ enum Carve {
 }
 
 /// Carves `r`'s range from the chunk, taking a new chunk (one
-/// compare-and-swap on the mark) when needed.
+/// compare-and-swap on the mark) when needed: the I/O of [`Carver`]'s steps.
 async fn carve(shared: &Shared, carver: &mut Carver, r: &Reservation, lease: i64) -> Carve {
-    for _ in 0..2 {
-        let lifetime = CHUNK_LIFETIME.min(shared.retention);
-        if let Some(chunk) = carver.chunk.take() {
-            // Ended by age, or by the bucket's lease changing (ranges now
-            // get the new lease, which the chunk's announcement lacks).
-            if chunk.lease != lease || chunk.taken_at.elapsed() >= lifetime {
-                if chunk.next - chunk.start < (chunk.end - chunk.start) / 2 {
-                    carver.chunk_size = (carver.chunk_size / 2).max(carver.min_size);
+    let need = Need {
+        dp_size: r.dp_size,
+        want_bases: r.want_bases,
+        need_bases: r.need_bases,
+    };
+    // At most two chunks per range: one taken, one more if the first could
+    // not hold it (then another replica's chunk came in between).
+    let mut chunks_taken = 0;
+    let mut reads = 0;
+    // Bounded: each pass reads the mark (at most twice) or takes a chunk.
+    while chunks_taken < 2 && reads < 2 {
+        match carver.carve(need, lease, shared.elapsed_ms()) {
+            Step::Range(range) => return Carve::Range(range),
+            Step::Full(space) => return Carve::Full(space),
+            Step::ReadMark => {
+                reads += 1;
+                match read_mark(shared).await {
+                    Ok(mark) => carver.mark_read(mark),
+                    Err(error) => {
+                        carver.forget_mark();
+                        return Carve::Failed(error);
+                    }
                 }
-            } else {
-                let inside =
-                    Bounds::try_new(chunk.next.max(shared.bounds.min_room()), chunk.end - 1);
-                if let Some(range) = inside.ok().and_then(|inside| {
-                    RoomRange::reserve_after(
-                        chunk.next,
-                        r.dp_size,
-                        r.want_bases,
-                        r.need_bases,
-                        inside,
-                    )
-                    .ok()
-                }) {
-                    carver.chunk = Some(Chunk {
-                        next: range.end(),
-                        ..chunk
-                    });
-                    return Carve::Range(range);
-                }
-                // Used up before it expired: demand outgrew the size.
-                carver.chunk_size = carver.chunk_size.saturating_mul(2).min(carver.max_size);
             }
-        }
-        // A new chunk, big enough for this range.
-        let numbers = r
-            .want_bases
-            .saturating_add(1)
-            .saturating_mul(u64::from(r.dp_size.get()))
-            .max(carver.chunk_size);
-        match take_chunk(shared, carver, numbers, r, lease).await {
-            Ok(()) => continue,
-            Err(carve) => return carve,
+            Step::TakeChunk(request) => {
+                chunks_taken += 1;
+                let reply = match take_chunk(shared, request).await {
+                    Ok(reply) => reply,
+                    Err(error) => {
+                        // Unknown outcome: the carver never uses the chunk.
+                        carver.chunk_reply(request, ChunkReply::Unknown);
+                        return Carve::Failed(error);
+                    }
+                };
+                match carver.chunk_reply(request, reply) {
+                    ChunkOutcome::Taken => {
+                        shared.high_water.fetch_max(request.end, Ordering::AcqRel);
+                    }
+                    ChunkOutcome::Lost => {
+                        if reply == ChunkReply::LeaseNotFound {
+                            shared.drop_lease(lease).await;
+                        }
+                        return Carve::Lost;
+                    }
+                    // Only a reply of unknown outcome fails, handled above.
+                    ChunkOutcome::Failed => return Carve::Lost,
+                }
+            }
         }
     }
     Carve::Lost
 }
 
-/// One compare-and-swap on the mark for a chunk of about `numbers`,
-/// announced in `v1/chunks/` (so ResolveRank knows rooms in it may still be
-/// issued). A chunk of unknown outcome is never used.
-async fn take_chunk(
-    shared: &Shared,
-    carver: &mut Carver,
-    numbers: u64,
-    r: &Reservation,
-    lease: i64,
-) -> Result<(), Carve> {
-    let hw_key = shared.keys.high_water();
-    let (high_water, revision) = match carver.cached {
-        Some(seen) => seen,
-        None => {
-            let request = pb::TxnRequest {
-                compare: Vec::new(),
-                success: mark_reads(&shared.keys),
-                failure: Vec::new(),
-            };
-            let read = shared
-                .timed("read the high-water mark", shared.client.txn(request))
-                .await
-                .and_then(|response| shared.seen_mark(&txn::ranges(&response)));
-            match read {
-                Ok(seen) => seen,
-                Err(error) => return Err(Carve::Failed(error)),
-            }
-        }
+/// The mark as etcd holds it now, checked (see [`Shared::seen_mark`]).
+async fn read_mark(shared: &Shared) -> Result<Mark, StoreError> {
+    let request = pb::TxnRequest {
+        compare: Vec::new(),
+        success: mark_reads(&shared.keys),
+        failure: Vec::new(),
     };
-    let start = high_water.max(shared.bounds.min_room());
-    // The space above the mark must hold this reservation's need (with
-    // another replica's larger --max-room, the mark may lie above ours).
-    let needed =
-        RoomRange::reserve_after(start, r.dp_size, r.need_bases, r.need_bases, shared.bounds)
-            .map_err(Carve::Full)?;
-    // At least the needed range, so the mark only ever rises.
-    let end = start
-        .saturating_add(numbers)
-        .min(shared.bounds.end())
-        .max(needed.end());
+    let response = shared
+        .timed("read the high-water mark", shared.client.txn(request))
+        .await?;
+    shared.seen_mark(&txn::ranges(&response))
+}
+
+/// Sends the compare-and-swap of `request`: a chunk of the space announced
+/// in `v1/chunks/` (so ResolveRank knows rooms in it may still be issued).
+/// `Err` is a transaction of unknown outcome (or a mark refused when it was
+/// read back): never used.
+async fn take_chunk(shared: &Shared, request: ChunkRequest) -> Result<ChunkReply, StoreError> {
+    let ChunkRequest {
+        mark,
+        start,
+        end,
+        lease,
+        ..
+    } = request;
+    let hw_key = shared.keys.high_water();
     let chunk_key = shared.keys.chunk(start);
-    let ranges_above = shared.keys.range(high_water);
+    let ranges_above = shared.keys.range(mark.value);
     let ranges_end = prefix_end(shared.keys.ranges().as_bytes());
-    // Timed from before the request: the lease was granted earlier still,
-    // so the chunk's announcement outlives the carving (see CHUNK_LIFETIME).
-    let taken_at = Instant::now();
     let request = pb::TxnRequest {
         // The value too: a restore of etcd's data may reuse revisions. And
         // no range at or above the mark: one would mean the mark was
         // rewritten below it (a cheap compare: healthy, the span is empty).
         compare: vec![
-            txn::unchanged_since(&hw_key, revision),
-            txn::value_is(&hw_key, &high_water.to_string()),
+            txn::unchanged_since(&hw_key, mark.revision),
+            txn::value_is(&hw_key, &mark.value.to_string()),
             txn::none_in(&ranges_above, ranges_end.clone()),
         ],
         success: vec![
@@ -1414,38 +1387,21 @@ async fn take_chunk(
     let response = match sent.await {
         Ok(response) => response,
         Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => {
-            shared.drop_lease(lease).await;
-            return Err(Carve::Lost);
+            return Ok(ChunkReply::LeaseNotFound);
         }
-        Err(error) => {
-            // Unknown outcome: never use it; reread the mark next time.
-            carver.cached = None;
-            carver.chunk = None;
-            return Err(Carve::Failed(error));
-        }
+        Err(error) => return Err(error),
     };
     if response.succeeded {
         let revision = response.header.as_ref().map_or(0, |h| h.revision);
-        carver.cached = Some((end, revision));
-        carver.chunk = Some(Chunk {
-            start,
-            next: start,
-            end,
-            taken_at,
-            lease,
-        });
-        shared.high_water.fetch_max(end, Ordering::AcqRel);
-        return Ok(());
+        return Ok(ChunkReply::Taken { revision });
     }
     let reads = txn::ranges(&response);
     if reads.is_empty() {
-        carver.cached = None;
-    } else {
-        let seen = shared.seen_mark(&reads).map_err(Carve::Failed)?;
-        shared.high_water.fetch_max(seen.0, Ordering::AcqRel);
-        carver.cached = Some(seen);
+        return Ok(ChunkReply::Beaten { mark: None });
     }
-    Err(Carve::Lost)
+    let seen = shared.seen_mark(&reads)?;
+    shared.high_water.fetch_max(seen.value, Ordering::AcqRel);
+    Ok(ChunkReply::Beaten { mark: Some(seen) })
 }
 
 /// Writes the planned ranges in one transaction, if every worker's
@@ -1514,14 +1470,22 @@ async fn commit_ranges(
     }
     // A registration changed: its callers learn of it; the others retry.
     let reads = txn::ranges(&response);
+    let current = |i: usize| reads.get(i).and_then(|read| read.kvs.first());
+    let reserved_for: Vec<i64> = planned
+        .iter()
+        .map(|(pending, _)| pending.reservation.revision)
+        .collect();
+    let revisions: Vec<Option<i64>> = (0..planned.len())
+        .map(|i| current(i).map(|kv| kv.mod_revision))
+        .collect();
+    let verdicts = record_verdicts(false, &reserved_for, &revisions);
     let mut retry = Vec::new();
-    for (i, (pending, _)) in planned.into_iter().enumerate() {
+    for (i, ((pending, _), verdict)) in planned.into_iter().zip(verdicts).enumerate() {
         let r = &pending.reservation;
-        let current = reads.get(i).and_then(|read| read.kvs.first());
-        if current.map(|kv| kv.mod_revision) == Some(r.revision) {
+        if verdict == RecordVerdict::Retry {
             retry.push(pending);
         } else {
-            let record = current
+            let record = current(i)
                 .and_then(|kv| worker_record(r.prefill_worker.clone(), kv))
                 .map(Box::new);
             let _ = pending.reply.send(Err(StoreError::StaleRegistration {
@@ -1745,19 +1709,24 @@ struct Loaded {
     client: EtcdClient,
     keys: Keys,
     snapshot: Snapshot,
-    high_water: Option<(u64, i64)>,
+    high_water: Option<Mark>,
     revision: i64,
     /// Range keys written without a lease, with their mod revision.
     unleased: Vec<(String, i64)>,
-    /// The chunks replicas took (start, end), as announced.
-    chunks: Vec<(u64, u64)>,
+    /// The chunks replicas took, as announced.
+    chunks: Vec<AnnouncedChunk>,
 }
 
 async fn connect_and_load(config: &EtcdConfig) -> Result<Loaded, OpenError> {
     let client = connect(config).await?;
     let keys = Keys::new(&config.prefix);
     let (kvs, revision) = read_prefix(config, &client, &keys.root).await?;
-    let (snapshot, high_water, unleased, chunks) = parse_snapshot(&keys, &kvs)?;
+    let ParsedSnapshot {
+        snapshot,
+        high_water,
+        unleased,
+        chunks,
+    } = parse_snapshot(&keys, &kvs)?;
     Ok(Loaded {
         client,
         keys,
@@ -1818,21 +1787,34 @@ pub(crate) fn counter_guard(kv: Option<&pb::KeyValue>, key: &str) -> Option<(u64
     })
 }
 
-fn parse_high_water(kv: &pb::KeyValue, key: &str) -> Result<(u64, i64), StoreError> {
+fn parse_high_water(kv: &pb::KeyValue, key: &str) -> Result<Mark, StoreError> {
     parse_mark(&kv.value)
-        .map(|hw| (hw, kv.mod_revision))
+        .map(|value| Mark {
+            value,
+            revision: kv.mod_revision,
+        })
         .ok_or_else(|| StoreError::Corrupt {
             key: key.to_owned(),
             reason: NOT_A_MARK.into(),
         })
 }
 
-type ParsedSnapshot = (
-    Snapshot,
-    Option<(u64, i64)>,
-    Vec<(String, i64)>,
-    Vec<(u64, u64)>,
-);
+/// Everything under the prefix, as [`parse_snapshot`] read it.
+struct ParsedSnapshot {
+    snapshot: Snapshot,
+    /// The mark, if there is one.
+    high_water: Option<Mark>,
+    /// Range keys written without a lease, with their mod revision.
+    unleased: Vec<(String, i64)>,
+    chunks: Vec<AnnouncedChunk>,
+}
+
+/// A chunk a replica took, as its key announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AnnouncedChunk {
+    start: u64,
+    end: u64,
+}
 
 /// Everything under the prefix, checked: a key this binary cannot trust
 /// refuses the start. A fuzz target through `parse_entry`.
@@ -1851,7 +1833,12 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             reason: reason.to_owned(),
         };
         match parse_entry(keys, kv).map_err(|reason| corrupt(&reason))? {
-            Entry::HighWater(hw) => high_water = Some((hw, kv.mod_revision)),
+            Entry::HighWater(value) => {
+                high_water = Some(Mark {
+                    value,
+                    revision: kv.mod_revision,
+                })
+            }
             Entry::PrunedBelow(below) => pruned_below = below,
             Entry::Range(owner) => {
                 if kv.lease == 0 {
@@ -1867,11 +1854,11 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             Entry::Issued(worker, count) => {
                 issued.insert(worker, count);
             }
-            Entry::Chunk { start, end } => chunks.push((start, end)),
+            Entry::Chunk { start, end } => chunks.push(AnnouncedChunk { start, end }),
             Entry::Other => {}
         }
     }
-    let hw = high_water.map_or(SPACE_START, |(hw, _)| hw);
+    let hw = high_water.map_or(SPACE_START, |mark| mark.value);
     if ranges.high_water() > hw {
         return Err(OpenError::CorruptKey {
             key: keys.high_water(),
@@ -1883,7 +1870,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
     }
     let chunks_end = chunks
         .iter()
-        .map(|&(_, end)| end)
+        .map(|chunk| chunk.end)
         .max()
         .unwrap_or(SPACE_START);
     if chunks_end > hw {
@@ -1901,8 +1888,8 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
             ..record
         })
         .collect();
-    Ok((
-        Snapshot {
+    Ok(ParsedSnapshot {
+        snapshot: Snapshot {
             workers,
             ranges,
             pruned_below,
@@ -1912,7 +1899,7 @@ fn parse_snapshot(keys: &Keys, kvs: &[pb::KeyValue]) -> Result<ParsedSnapshot, O
         high_water,
         unleased,
         chunks,
-    ))
+    })
 }
 
 const NOT_A_MARK: &str = "not a decimal number without leading zeros";
@@ -2300,7 +2287,8 @@ fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<(), OpenError
     // Chunks replicas took first (a chunk holds the ranges carved from it,
     // so it names the wider conflict): they issued, or may still issue,
     // rooms anywhere in them.
-    if let Some(&(start, end)) = chunks.iter().find(|&&(start, _)| start < used_end) {
+    if let Some(&AnnouncedChunk { start, end }) = chunks.iter().find(|chunk| chunk.start < used_end)
+    {
         return Err(OpenError::CorruptKey {
             key: keys.chunk(start),
             reason: format!(
@@ -2349,12 +2337,18 @@ pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportRe
     } = loaded;
     let retention = fleet_retention(&client, &keys, config).await?;
 
-    let (etcd_high_water, revision) = high_water.unwrap_or((0, 0));
+    let Mark {
+        value: etcd_high_water,
+        revision,
+    } = high_water.unwrap_or(Mark {
+        value: 0,
+        revision: 0,
+    });
     // Never a mark below what replicas took, whatever etcd's mark says (a
     // missing one included): replicas refuse a mark below a chunk or range.
     let taken_end = chunks
         .iter()
-        .map(|&(_, end)| end)
+        .map(|chunk| chunk.end)
         .max()
         .unwrap_or(0)
         .max(existing.ranges.high_water());
