@@ -25,5 +25,6 @@ mod migrate;
 mod operations;
 mod readonly_root;
 mod retention;
+mod router_rooms;
 mod routers;
 mod security;
