@@ -807,6 +807,47 @@ fn a_power_loss_or_failure_at_any_step_of_the_upgrade_keeps_the_store() {
     assert!(upgraded_at.is_some(), "some step is past the upgrade");
 }
 
+/// `MIGRATED` goes through the file system like the store's files: a power
+/// cut (or a failure, perhaps having taken effect) at any step of writing it
+/// leaves either no mark (`migrate` failed, copied nothing, and the dir still
+/// serves) or the whole mark, never a torn one that a server might misread.
+#[test]
+fn a_power_loss_at_any_step_of_marking_migrated_leaves_no_mark_or_a_whole_one() {
+    let data = Path::new("/data");
+    let mut marked = false;
+    for step in 0..8u64 {
+        for seed in 0..8 {
+            for cut_power in [true, false] {
+                let fs = SimFs::new(seed);
+                let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
+                let at = fs.ops() + step;
+                if cut_power {
+                    fs.cut_power_at(at);
+                } else {
+                    fs.fail_op(at);
+                }
+                let result = store.mark_migrated(data, "etcd http://127.0.0.1:2379", false);
+                drop(store);
+                let after = fs.power_loss(seed);
+                match sim_open(&after, Bounds::FULL) {
+                    Ok(_) => assert!(
+                        result.is_err(),
+                        "step {step}, seed {seed}: the mark was reported written, then lost"
+                    ),
+                    Err(OpenError::Migrated { target, .. }) => {
+                        assert_eq!(target, "pending etcd http://127.0.0.1:2379");
+                        marked = true;
+                    }
+                    Err(error) => {
+                        panic!("step {step}, seed {seed}, power cut {cut_power}: {error}")
+                    }
+                }
+            }
+        }
+    }
+    assert!(marked, "some step is past the mark");
+}
+
 #[derive(Debug, Clone)]
 enum StoreOp {
     Register(u8, u32),
