@@ -7,6 +7,10 @@
 //! [`TARGET_RANGE_LIFETIME`] and halve when they last much longer, so a busy
 //! worker writes to the store rarely and an idle one wastes little space.
 //!
+//! Each worker's state (registration, epoch, the range served and the one
+//! reserved ahead, sizing) is pure decision code in [`worker`]; this file
+//! holds the locks, tasks and store calls that drive it.
+//!
 //! Invariants:
 //! - Every registration change goes through [`Allocator::apply_registration`]
 //!   under the worker's state lock: it applies only changes newer than what
@@ -36,7 +40,7 @@ use tracing::{info, warn};
 
 use crate::metrics::{Counter, Metrics};
 use crate::space::{
-    Base, BaseCursor, Bounds, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
+    Base, Bounds, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
 use crate::store::{
     unix_ms, IssuedCount, PruneRequest, Reservation, Snapshot, Store, StoreError, StoreUpdate,
@@ -47,16 +51,6 @@ pub use room_allocator_client::limits::{
     DEFAULT_PAGE_SIZE, MAX_LEASE_COUNT, MAX_LEASE_NUMBERS, MAX_PAGE_SIZE, MAX_WORKER_LEN,
 };
 
-/// Smallest range reserved: a restart skips at most this many bases per worker.
-const MIN_RANGE_BASES: u64 = 1024;
-/// Largest range reserved, in bases: minutes of traffic at millions/s...
-const MAX_RANGE_BASES: u64 = 1 << 26;
-/// ...and in numbers of the space, so a large dp_size does not eat it faster.
-const MAX_RANGE_NUMBERS: u64 = 1 << 32;
-/// Ranges are sized to last about this long, so store writes stay rare and
-/// the range table (kept for twice the retention) stays small: a busy worker
-/// adds about 576 ranges a day.
-const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(300);
 /// Rounds of "look at the worker, reserve or learn, look again" one call may
 /// take before it gives up with UNAVAILABLE (each round is a store call).
 const MAX_ROUNDS: usize = 8;
@@ -242,69 +236,11 @@ struct Worker {
     refill: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug)]
-struct WorkerState {
-    dp_size: DpSize,
-    registered: bool,
-    /// Store revision of the registration in force; older changes are ignored.
-    revision: i64,
-    /// Bumped whenever dp_size or the registration changes.
-    epoch: u64,
-    current: Option<Held>,
-    next: Option<Held>,
-    prefetching: bool,
-    rooms_issued: u64,
-    /// `rooms_issued` when the store was opened (what it already holds).
-    rooms_issued_at_open: u64,
-    range_bases: u64,
-    current_since: Instant,
-}
-
-/// A range being served, and until when.
-#[derive(Debug)]
-struct Held {
-    cursor: BaseCursor,
-    /// Past this (reservation + retention) no room comes from it.
-    serve_until: Instant,
-}
-
-impl Held {
-    fn remaining(&self) -> u64 {
-        self.cursor.remaining()
-    }
-
-    /// Can serve `count` bases that stay usable for `validity` after `now`.
-    fn can_serve(&self, count: u64, now: Instant, validity: Duration) -> bool {
-        self.remaining() >= count && self.serve_until.saturating_duration_since(now) > validity
-    }
-}
-
-/// What a caller needs from a worker's cursors.
-#[derive(Debug, Clone, Copy)]
-enum Demand {
-    /// `count` consecutive bases, usable for `validity` from now.
-    Bases { count: u64, validity: Duration },
-    /// A range reserved ahead; nothing is taken.
-    Prefetch,
-}
-
 impl Worker {
     fn new(name: Arc<str>, now: Instant) -> Self {
         Self {
             name,
-            state: Mutex::new(WorkerState {
-                dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
-                registered: false,
-                revision: i64::MIN,
-                epoch: 0,
-                current: None,
-                next: None,
-                prefetching: false,
-                rooms_issued: 0,
-                rooms_issued_at_open: 0,
-                range_bases: MIN_RANGE_BASES,
-                current_since: now,
-            }),
+            state: Mutex::new(WorkerState::new(now)),
             refill: tokio::sync::Mutex::new(()),
         }
     }
@@ -316,87 +252,11 @@ impl Worker {
     }
 }
 
-impl WorkerState {
-    /// Takes `count` consecutive bases usable for `validity`, moving on to
-    /// the reserved-ahead range when the current one cannot serve them. The
-    /// rest of a range that cannot is skipped, never reissued. Returns the
-    /// first base and how long the bases stay usable.
-    fn take(&mut self, count: u64, now: Instant, validity: Duration) -> Option<(Base, Duration)> {
-        for held in [&mut self.current, &mut self.next] {
-            if held.as_ref().is_some_and(|h| h.serve_until <= now) {
-                *held = None;
-            }
-        }
-        if !self
-            .current
-            .as_ref()
-            .is_some_and(|c| c.can_serve(count, now, validity))
-        {
-            if !self
-                .next
-                .as_ref()
-                .is_some_and(|n| n.can_serve(count, now, validity))
-            {
-                return None;
-            }
-            self.current = self.next.take();
-            self.current_since = now;
-        }
-        let current = self.current.as_mut()?;
-        let base = current.cursor.take_block(count)?;
-        Some((base, current.serve_until.saturating_duration_since(now)))
-    }
-
-    fn has(&self, demand: Demand, now: Instant) -> bool {
-        match demand {
-            Demand::Bases { count, validity } => [&self.current, &self.next]
-                .into_iter()
-                .flatten()
-                .any(|held| held.can_serve(count, now, validity)),
-            Demand::Prefetch => self.next.is_some(),
-        }
-    }
-
-    /// True when the current range is half used and nothing is reserved ahead.
-    fn wants_prefetch(&self) -> bool {
-        let low = self
-            .current
-            .as_ref()
-            .is_none_or(|c| c.remaining() <= c.cursor.range().bases() / 2);
-        low && self.next.is_none() && !self.prefetching
-    }
-
-    /// Size of the next range: grows while ranges are used up quickly.
-    fn next_range_bases(&mut self, now: Instant) -> u64 {
-        let lifetime = now.saturating_duration_since(self.current_since);
-        if lifetime < TARGET_RANGE_LIFETIME / 2 {
-            // Grow faster the faster the range went: a busy worker reaches
-            // its size in a few ranges, not one doubling each.
-            let factor = if lifetime < TARGET_RANGE_LIFETIME / 64 {
-                8
-            } else {
-                2
-            };
-            self.range_bases = self.range_bases.saturating_mul(factor);
-        } else if lifetime > TARGET_RANGE_LIFETIME * 4 {
-            self.range_bases /= 2;
-        }
-        let max = (MAX_RANGE_NUMBERS / u64::from(self.dp_size.get())).clamp(1, MAX_RANGE_BASES);
-        self.range_bases = self.range_bases.clamp(MIN_RANGE_BASES.min(max), max);
-        self.range_bases
-    }
-
-    fn drop_ranges(&mut self) {
-        self.current = None;
-        self.next = None;
-    }
-
-    fn held_starts(&self) -> impl Iterator<Item = u64> + '_ {
-        [&self.current, &self.next]
-            .into_iter()
-            .flatten()
-            .map(|held| held.cursor.range().start())
-    }
+/// Bases [`Allocator::take_bases`] took, and what the caller's check made
+/// of the dp_size they were taken under.
+struct TakenBases<T> {
+    taken: Taken,
+    checked: T,
 }
 
 /// What one look at a worker decided.
@@ -567,28 +427,16 @@ impl Allocator {
             Some(worker) => worker,
             None => self.insert_worker(&record.prefill_worker),
         };
-        let mut state = worker.lock();
-        let was_registered = state.registered;
-        if record.revision < state.revision {
-            // Older than what is applied (a late watch event).
-            drop(state);
+        let applied = worker.lock().apply(record);
+        let Applied::Applied { was_registered, .. } = applied else {
             if slot_taken {
                 self.inner.registered.fetch_sub(1, Ordering::AcqRel);
             }
             return Some(worker);
+        };
+        if was_registered && !record.registered {
+            info!(worker = %Escaped(&worker.name), "worker deregistered");
         }
-        state.revision = record.revision;
-        let changed = state.dp_size != record.dp_size || was_registered != record.registered;
-        if changed {
-            state.epoch += 1;
-            state.drop_ranges();
-            state.dp_size = record.dp_size;
-            state.registered = record.registered;
-            if was_registered && !record.registered {
-                info!(worker = %Escaped(&worker.name), "worker deregistered");
-            }
-        }
-        drop(state);
         match (was_registered, record.registered) {
             (false, true) if slot_taken => {}
             (false, true) => {
@@ -634,7 +482,10 @@ impl Allocator {
         dp_size: u32,
         registrar: Registrar,
     ) -> Result<(Room, DpSize), Error> {
-        let (base, dp_size, rank, _) = self
+        let TakenBases {
+            taken,
+            checked: rank,
+        } = self
             .take_bases(
                 prefill_worker,
                 dp_size,
@@ -647,7 +498,7 @@ impl Allocator {
             )
             .await?;
         self.inner.allocated_rooms.inc();
-        Ok((base.room(rank), dp_size))
+        Ok((taken.first_base.room(rank), taken.dp_size))
     }
 
     /// A block of `count` bases for `prefill_worker`; `dp_size` 0 means "as
@@ -679,15 +530,15 @@ impl Allocator {
             count: u64::from(count),
             validity,
         };
-        let (first_base, dp_size, (), valid_for) = self
+        let TakenBases { taken, checked: () } = self
             .take_bases(prefill_worker, dp_size, None, demand, check)
             .await?;
         self.inner.leased_bases.inc_by(u64::from(count));
         Ok(Lease {
-            first_base,
+            first_base: taken.first_base,
             count,
-            dp_size,
-            valid_for,
+            dp_size: taken.dp_size,
+            valid_for: taken.valid_for,
         })
     }
 
@@ -704,7 +555,7 @@ impl Allocator {
         registrar: Option<Registrar>,
         demand: Demand,
         check: impl Fn(DpSize) -> Result<T, Error>,
-    ) -> Result<(Base, DpSize, T, Duration), Error> {
+    ) -> Result<TakenBases<T>, Error> {
         validate_worker(prefill_worker)?;
         let requested = match requested_dp_size {
             0 => None,
@@ -761,15 +612,12 @@ impl Allocator {
                     let checked = check(state.dp_size)?;
                     self.inner.store.check_fresh().map_err(Error::Store)?;
                     match state.take(count, now, validity) {
-                        Some((base, valid_for)) => {
-                            state.rooms_issued += count;
-                            let dp_size = state.dp_size;
-                            if state.wants_prefetch() {
-                                state.prefetching = true;
+                        Some(taken) => {
+                            if taken.prefetch {
                                 drop(state);
                                 self.spawn_prefetch(worker.clone());
                             }
-                            Step::Done((base, dp_size, checked, valid_for))
+                            Step::Done(TakenBases { taken, checked })
                         }
                         None => Step::Refill,
                     }
@@ -797,7 +645,7 @@ impl Allocator {
                 // current range runs dry, and get the error then.
                 warn!(worker = %Escaped(&worker.name), %error, "reserving a range ahead failed");
             }
-            worker.lock().prefetching = false;
+            worker.lock().prefetch_ended();
         });
     }
 
@@ -818,27 +666,22 @@ impl Allocator {
         let (reservation, epoch, serve_until) = {
             let mut state = worker.lock();
             let now = Instant::now();
-            if !state.registered || state.has(demand, now) {
+            let Some(plan) = state.plan_refill(demand, now) else {
                 // The caller looks again and acts on what it sees.
                 return Ok(());
-            }
-            let need = match demand {
-                Demand::Bases { count, .. } => count,
-                Demand::Prefetch => 1,
             };
-            let want = state.next_range_bases(now).max(need);
             let reservation = Reservation {
                 prefill_worker: worker.name.clone(),
-                dp_size: state.dp_size,
-                revision: state.revision,
-                want_bases: want,
-                need_bases: need,
+                dp_size: plan.dp_size,
+                revision: plan.revision,
+                want_bases: plan.want_bases,
+                need_bases: plan.need_bases,
                 rooms_issued: state.rooms_issued,
                 created_unix_ms: unix_ms(),
             };
             // Timed from before the store call: the store keeps the range
             // for twice the retention from a moment after this.
-            (reservation, state.epoch, now + self.inner.limits.retention)
+            (reservation, plan.epoch, now + self.inner.limits.retention)
         };
         let dp_size = reservation.dp_size;
         let created_unix_ms = reservation.created_unix_ms;
@@ -868,8 +711,10 @@ impl Allocator {
             .inc();
         // The store committed it: it resolves whatever happens next.
         self.record_range(&worker.name, range, created_unix_ms)?;
-        let mut state = worker.lock();
-        if state.epoch != epoch {
+        let placed = worker
+            .lock()
+            .place(epoch, range, serve_until, Instant::now());
+        if placed == Placed::Overtaken {
             // A registration change overtook this reservation: its rooms
             // would be aligned to the old dp_size. Skip them.
             info!(
@@ -889,17 +734,6 @@ impl Allocator {
             bases = range.bases(),
             "reserved range"
         );
-        let held = Held {
-            cursor: range.cursor(),
-            serve_until,
-        };
-        match &state.current {
-            Some(current) if current.remaining() > 0 => state.next = Some(held),
-            _ => {
-                state.current = Some(held);
-                state.current_since = Instant::now();
-            }
-        }
         Ok(())
     }
 
@@ -1305,3 +1139,6 @@ fn decode_page_token(token: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests;
+mod worker;
+
+use self::worker::{Applied, Demand, Placed, Taken, WorkerState};
