@@ -129,6 +129,18 @@ impl RoomAllocatorService for Ceiling {
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
         Err(Status::unimplemented("the ceiling server only allocates"))
     }
+
+    async fn get_room_space(
+        &self,
+        _request: Request<pb::GetRoomSpaceRequest>,
+    ) -> Result<Response<pb::RoomSpace>, Status> {
+        // Slices are carved from anywhere in the space: claim all of it, so
+        // no client takes a fallback region from here.
+        Ok(Response::new(pb::RoomSpace {
+            min_room: 1,
+            max_room: room_allocator::client::limits::MAX_ROOM,
+        }))
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
