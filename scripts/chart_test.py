@@ -1275,5 +1275,10 @@ if have["promtool"]:
     differing = {a for a in etcd_alerts if etcd_alerts[a] != embedded_alerts.get(a)}
     check("etcd mode pages shared state once per job (its rules differ)", set(SHARED) <= differing, sorted(differing))
     promtool_rules("etcd", etcd_groups, "alerts_test_etcd.yaml", differing)
+    # Alerts rendered only where the pods mount certificates.
+    tls_groups = by_kind(render({**RULE_VALUES, "tls": {"enabled": True, "existingSecret": "ra-tls"}})[0], "PrometheusRule")[0]["spec"]["groups"]
+    tls_alerts = {r["alert"] for g in tls_groups for r in g["rules"]} - set(embedded_alerts)
+    check("tls: the certificate expiry alert renders with tls.enabled", "RoomAllocatorCertificateExpiringSoon" in tls_alerts, sorted(tls_alerts))
+    promtool_rules("tls", tls_groups, "alerts_test_tls.yaml", tls_alerts)
 
 report_and_exit()

@@ -180,6 +180,8 @@ pub struct Metrics {
     /// 1 while the last reload of a file succeeded, 0 while it fails: an
     /// alert on it stays firing for as long as the problem lasts.
     pub reload_last_success: Family<Gauge>,
+    /// The soonest notAfter (unix seconds) of each certificate file in use.
+    pub certificate_not_after: Family<Gauge>,
     pub workers_registered: Gauge,
     pub workers_limit: Gauge,
     pub space_used: Gauge,
@@ -211,6 +213,7 @@ impl Metrics {
             request_duration: Family::new(&["method", "code"]),
             reloads: Family::new(&["file", "result"]),
             reload_last_success: Family::new(&["file"]),
+            certificate_not_after: Family::new(&["file"]),
             workers_registered: Gauge::default(),
             workers_limit: Gauge::default(),
             space_used: Gauge::default(),
@@ -314,8 +317,13 @@ impl Metrics {
         );
         out.gauges(
             "room_allocator_reload_last_success",
-            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls) or --auth-token-file (file=token) succeeded (or the file is not configured), 0 while a changed file is unusable or unreadable (the previous one stays in use)",
+            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls), --auth-token-file (file=token) or --etcd-ca/--etcd-cert/--etcd-key (file=etcd_tls, with those flags) succeeded (or the file is not configured), 0 while a changed file is unusable or unreadable (the previous one stays in use)",
             &self.reload_last_success,
+        );
+        out.gauges(
+            "room_allocator_certificate_not_after_seconds",
+            "When the certificate file expires, in unix seconds (the soonest notAfter of its certificates): file=tls (--tls-cert), tls_client_ca (--tls-client-ca), etcd_client (--etcd-cert), etcd_ca (--etcd-ca); only files configured and readable",
+            &self.certificate_not_after,
         );
         out.gauge(
             "room_allocator_workers_registered",

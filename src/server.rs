@@ -333,6 +333,8 @@ pub struct Server {
     max_concurrent_requests: usize,
     tls: Option<Arc<Tls>>,
     auth: Option<(Auth, PathBuf, Vec<String>)>,
+    /// Certificate files whose expiry is exported, by their `file` label.
+    certificates: Vec<(&'static str, PathBuf)>,
 }
 
 impl Server {
@@ -403,6 +405,15 @@ impl Server {
                 .unwrap_or(usize::MAX),
             tls,
             auth,
+            certificates: [
+                ("tls", &config.tls_cert),
+                ("tls_client_ca", &config.tls_client_ca),
+                ("etcd_client", &config.etcd.etcd_cert),
+                ("etcd_ca", &config.etcd.etcd_ca),
+            ]
+            .into_iter()
+            .filter_map(|(file, path)| Some((file, path.clone()?)))
+            .collect(),
         })
     }
 
@@ -455,7 +466,11 @@ impl Server {
         let refresh = {
             let allocator = self.allocator.clone();
             let metrics = self.metrics.clone();
-            Arc::new(move || refresh_gauges(&allocator, &metrics)) as Arc<dyn Fn() + Send + Sync>
+            let certificates = self.certificates.clone();
+            Arc::new(move || {
+                refresh_gauges(&allocator, &metrics);
+                refresh_certificates(&certificates, &metrics);
+            }) as Arc<dyn Fn() + Send + Sync>
         };
         let metrics_task = tokio::spawn(metrics::serve(
             metrics_listener,
@@ -650,6 +665,40 @@ fn refresh_gauges(allocator: &Allocator, metrics: &Metrics) {
             .map_or(0.0, |age| age.as_secs_f64()),
     );
     metrics.ready.set(if gauges.ready { 1.0 } else { 0.0 });
+}
+
+/// Exports when each certificate file expires, read at scrape time so a
+/// renewed file shows at once (the files are small; scrapes are rare).
+fn refresh_certificates(certificates: &[(&'static str, PathBuf)], metrics: &Metrics) {
+    for (file, path) in certificates {
+        // Mid-swap, or not a certificate: the reload reports that.
+        if let Ok(Some(not_after)) = std::fs::read(path).map(|pem| soonest_not_after(&pem)) {
+            metrics
+                .certificate_not_after
+                .get(&[file])
+                .set(not_after as f64);
+        }
+    }
+    if let Some(succeeded) = crate::store::etcd::client::tls_reload_succeeded() {
+        metrics
+            .reload_last_success
+            .get(&["etcd_tls"])
+            .set(if succeeded { 1.0 } else { 0.0 });
+    }
+}
+
+/// The soonest notAfter (unix seconds) of the PEM certificates in `pem`.
+fn soonest_not_after(pem: &[u8]) -> Option<i64> {
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(Result::ok)
+        .filter(|block| block.label == "CERTIFICATE")
+        .filter_map(|block| {
+            block
+                .parse_x509()
+                .ok()
+                .map(|cert| cert.validity().not_after.timestamp())
+        })
+        .min()
 }
 
 /// Rereads the TLS files and the token file every [`RELOAD_INTERVAL`]; a

@@ -8,11 +8,20 @@
 //! password: the token goes in the `token` metadata, and a call refused for
 //! an expired token is retried once after authenticating again.
 //!
+//! The TLS files (`--etcd-ca`, `--etcd-cert`, `--etcd-key`) are reread every
+//! [`TLS_RELOAD_INTERVAL`] while the client lives; when they change, a new
+//! channel is built with them and later calls use it. tonic's channel
+//! redials with the TLS settings it was built with, so without this every
+//! replica would fail its next reconnect once cert-manager renewed the
+//! client certificate or rotated the CA: a fleet-wide outage on schedule.
+//!
 //! Watches require a leader (the `hasleader` metadata, as etcd's clientv3
 //! `WithRequireLeader` sends): a member cut off from its cluster cancels
 //! them instead of serving its stale revision as if it were current.
 
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -99,6 +108,47 @@ pub struct ConnectOptions {
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// Bound on connecting and on each call.
     pub timeout: Duration,
+    /// Where `ca_pem` and `identity_pem` came from, to reread them.
+    pub tls_files: Option<TlsFiles>,
+}
+
+/// The etcd TLS files, as flags name them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The contents of [`TlsFiles`]: the CA and the client certificate and key.
+type TlsPem = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+
+impl TlsFiles {
+    fn read(&self) -> std::io::Result<TlsPem> {
+        let ca = self.ca.as_ref().map(std::fs::read).transpose()?;
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
+            _ => None,
+        };
+        Ok((ca, identity))
+    }
+}
+
+/// How often the etcd TLS files are checked for changes, as the server's
+/// own certificate files are.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The last etcd TLS reload of this process: 0 none configured, 1 the files
+/// in use are the newest (or unchanged), 2 the newest are unusable.
+static TLS_RELOAD_STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the last reload of the etcd TLS files succeeded (`None` without
+/// etcd TLS files), for `room_allocator_reload_last_success{file="etcd_tls"}`.
+pub fn tls_reload_succeeded() -> Option<bool> {
+    match TLS_RELOAD_STATE.load(Ordering::Relaxed) {
+        0 => None,
+        state => Some(state == 1),
+    }
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -112,6 +162,7 @@ impl std::fmt::Debug for ConnectOptions {
                 &self.identity_pem.as_ref().map(|_| "<redacted>"),
             )
             .field("timeout", &self.timeout)
+            .field("tls_files", &self.tls_files)
             .finish()
     }
 }
@@ -119,7 +170,8 @@ impl std::fmt::Debug for ConnectOptions {
 /// A connected etcd client; clones share the connection and the token.
 #[derive(Clone)]
 pub struct EtcdClient {
-    channel: Channel,
+    /// Replaced when the TLS files change; calls take the current one.
+    channel: Arc<RwLock<Channel>>,
     user: Option<Arc<(String, Secret)>>,
     token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
 }
@@ -153,27 +205,38 @@ impl EtcdClient {
                 message: failure.unwrap_or_default(),
             });
         }
-        let channel = if endpoints.len() == 1 {
-            endpoints[0].connect_lazy()
-        } else {
-            Channel::balance_list(endpoints.into_iter())
-        };
         let client = Self {
-            channel,
+            channel: Arc::new(RwLock::new(balanced(endpoints))),
             user: options.user.clone().map(Arc::new),
             token: Arc::default(),
         };
+        if let Some(files) = &options.tls_files {
+            TLS_RELOAD_STATE.store(1, Ordering::Relaxed);
+            tokio::spawn(reload_tls(
+                Arc::downgrade(&client.channel),
+                options.clone(),
+                files.clone(),
+            ));
+        }
         if client.user.is_some() {
             client.authenticate().await?;
         }
         Ok(client)
     }
 
+    /// The channel in force.
+    fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .expect("channel lock is never poisoned")
+            .clone()
+    }
+
     async fn authenticate(&self) -> Result<(), EtcdError> {
         let Some(user) = &self.user else {
             return Ok(());
         };
-        let response = AuthClient::new(self.channel.clone())
+        let response = AuthClient::new(self.channel())
             .authenticate(pb::AuthenticateRequest {
                 name: user.0.clone(),
                 password: user.1.expose().to_owned(),
@@ -209,7 +272,7 @@ impl EtcdClient {
         F: Fn(Channel, Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
-        match call(self.channel.clone(), self.request(message.clone())).await {
+        match call(self.channel(), self.request(message.clone())).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => {
                 let error = EtcdError::from(status);
@@ -217,7 +280,7 @@ impl EtcdClient {
                     return Err(error);
                 }
                 self.authenticate().await?;
-                Ok(call(self.channel.clone(), self.request(message))
+                Ok(call(self.channel(), self.request(message))
                     .await?
                     .into_inner())
             }
@@ -294,7 +357,7 @@ impl EtcdClient {
         requests: tokio::sync::mpsc::Receiver<pb::WatchRequest>,
     ) -> Result<Streaming<pb::WatchResponse>, EtcdError> {
         let requests = tokio_stream::wrappers::ReceiverStream::new(requests);
-        let mut client = WatchClient::new(self.channel.clone());
+        let mut client = WatchClient::new(self.channel());
         let mut request = self.request(requests);
         // etcd's key for clientv3.WithRequireLeader: a member without a
         // leader cancels the watch ("no leader") rather than keep it open
@@ -346,6 +409,62 @@ impl EtcdClient {
         })
         .await
         .map(drop)
+    }
+}
+
+/// One channel over `endpoints`, dialled lazily.
+fn balanced(endpoints: Vec<Endpoint>) -> Channel {
+    if endpoints.len() == 1 {
+        endpoints[0].connect_lazy()
+    } else {
+        Channel::balance_list(endpoints.into_iter())
+    }
+}
+
+/// Rereads the TLS files every [`TLS_RELOAD_INTERVAL`] until the client is
+/// dropped; changed files that make a usable TLS setting replace the channel
+/// (calls in flight finish on the old one), unusable ones are logged and the
+/// old channel stays.
+async fn reload_tls(channel: Weak<RwLock<Channel>>, mut options: ConnectOptions, files: TlsFiles) {
+    let mut last = (options.ca_pem.clone(), options.identity_pem.clone());
+    let mut ticker = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(current) = channel.upgrade() else {
+            return;
+        };
+        let pem = match files.read() {
+            Ok(pem) => pem,
+            Err(error) => {
+                // Mid-swap, or gone: try again next tick.
+                if TLS_RELOAD_STATE.swap(2, Ordering::Relaxed) != 2 {
+                    tracing::error!(%error, "cannot read the etcd TLS files; keeping the connection settings in use");
+                }
+                continue;
+            }
+        };
+        if pem == last {
+            continue;
+        }
+        (options.ca_pem, options.identity_pem) = pem.clone();
+        let built = options
+            .endpoints
+            .iter()
+            .map(|url| endpoint(url, &options))
+            .collect::<Result<Vec<_>, _>>();
+        match built {
+            Ok(endpoints) => {
+                *current.write().expect("channel lock is never poisoned") = balanced(endpoints);
+                TLS_RELOAD_STATE.store(1, Ordering::Relaxed);
+                tracing::info!("reloaded the etcd TLS files; new calls use them");
+            }
+            Err(error) => {
+                TLS_RELOAD_STATE.store(2, Ordering::Relaxed);
+                tracing::error!(%error, "the new etcd TLS files are unusable; keeping the previous ones");
+            }
+        }
+        last = pem;
     }
 }
 

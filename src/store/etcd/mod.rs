@@ -191,6 +191,11 @@ impl EtcdConfig {
             ca_pem: self.ca.as_ref().map(read).transpose()?,
             identity_pem,
             timeout: self.timeout,
+            tls_files: (self.ca.is_some() || self.cert.is_some()).then(|| client::TlsFiles {
+                ca: self.ca.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            }),
         })
     }
 }
