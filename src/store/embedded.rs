@@ -1713,6 +1713,8 @@ impl Writer {
             .map_err(|e| self.io_error(&log, e))?;
         // The failpoint's error is the fsync's own result, so code that
         // ignored the fsync's errors would ignore it too (and its test fail).
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
         let synced = (|| {
             failpoint!("embedded::log_fsync", io_error("embedded::log_fsync"));
             self.log.sync_data()
@@ -1730,6 +1732,8 @@ impl Writer {
                 slot_offset(commit_seq),
             )
             .map_err(|e| self.io_error(&commit, e))?;
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
         let synced = (|| {
             failpoint!("embedded::slot_fsync", io_error("embedded::slot_fsync"));
             self.commit.sync_data()
@@ -1892,6 +1896,8 @@ impl Writer {
     fn commit_compaction(&mut self, generation: u32, log: &[u8]) -> Result<(), StoreError> {
         let dir = self.files.dir.clone();
         let commit = self.files.commit.clone();
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
         let synced = (|| {
             failpoint!("compact::dir_fsync", io_error("compact::dir_fsync"));
             self.fs.sync_dir(&dir)
@@ -1909,6 +1915,8 @@ impl Writer {
                 slot_offset(commit_seq),
             )
             .map_err(|e| self.io_error(&commit, e))?;
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
         let synced = (|| {
             failpoint!("compact::slot_fsync", io_error("compact::slot_fsync"));
             self.commit.sync_data()
