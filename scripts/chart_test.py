@@ -628,11 +628,14 @@ check("etcd: password from the Secret", password["valueFrom"]["secretKeyRef"]["n
 docs, deployment, main, pod = common_checks("etcd, no Secrets", {"replicaCount": 2, "etcd": {"endpoints": ["http://etcd.etcd:2379"]}})
 check("etcd, no Secrets: no volumes", "volumes" not in pod and "volumeMounts" not in main, pod.get("volumes"))
 
+docs, deployment, main, pod = common_checks("token, allocation opened", {"auth": {"existingSecret": "ra-token", "allowUnauthenticatedAllocation": True}})
+check("token, allocation opened: the opt-out flag", "--allow-unauthenticated-allocation" in main["args"], main["args"])
+
 # 4. TLS with client certificates, a bearer token, and every option on.
 digest = "sha256:" + "ab" * 32
 all_on = {
     "image": {"digest": digest, "tag": "ignored"},
-    "tls": {"enabled": True, "existingSecret": "ra-tls", "requireClientCert": True},
+    "tls": {"enabled": True, "existingSecret": "ra-tls", "requireClientCert": True, "clientAllowedNames": ["router-0", "10.0.0.7"]},
     "auth": {"existingSecret": "ra-token", "requireForAllocation": True},
     "tests": {"clientCertSecret": "router-tls", "tlsServerName": "rooms.example.com"},
     "serviceMonitor": {"enabled": True},
@@ -647,6 +650,7 @@ all_on = {
 docs, deployment, main, pod = common_checks("all options", all_on)
 check("all options: TLS flags", "--tls-client-ca=/etc/room-allocator/tls/ca.crt" in main["args"])
 check("all options: token flag", "--auth-token-file=/etc/room-allocator/auth/token" in main["args"])
+check("all options: client names flag", "--tls-client-allowed-names=router-0,10.0.0.7" in main["args"], main["args"])
 check("all options: ServiceMonitor", len(by_kind(docs, "ServiceMonitor")) == 1)
 check("all options: NetworkPolicy", len(by_kind(docs, "NetworkPolicy")) == 1)
 check("all options: Ingress", len(by_kind(docs, "Ingress")) == 1)
@@ -698,6 +702,7 @@ for bad, words in [
     ({"tls": {"requireClientCert": True}}, "tls.enabled"),
     ({"auth": {"requireForAllocation": True}}, "auth.existingSecret"),
     ({"auth": {"allowUnauthenticatedAllocation": True}}, "auth.existingSecret"),
+    ({"tls": {"enabled": True, "existingSecret": "ra-tls", "clientAllowedNames": ["router-0"]}}, "tls.requireClientCert"),
     ({"auth": {"existingSecret": "ra-token", "requireForAllocation": True, "allowUnauthenticatedAllocation": True}}, "contradict"),
     ({"etcd": {"endpoints": ["http://etcd:2379"], "auth": {"username": "u"}}}, "etcd.auth.existingSecret"),
     ({"grpcRoute": {"enabled": True}}, "parentRefs"),

@@ -60,6 +60,9 @@ the binary would refuse at start. */}}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret: a Secret with tls.crt and tls.key (and ca.crt with tls.requireClientCert)" }}
 {{- end }}
+{{- if and .Values.tls.clientAllowedNames (not .Values.tls.requireClientCert) }}
+{{- fail "tls.clientAllowedNames needs tls.requireClientCert: the names are checked on client certificates" }}
+{{- end }}
 {{- if and .Values.tls.requireClientCert (not .Values.tls.enabled) }}
 {{- fail "tls.requireClientCert needs tls.enabled: client certificates are checked during the TLS handshake" }}
 {{- end }}
