@@ -7,8 +7,11 @@
 # A suite is a pattern over "test NAME ... ok" lines; each must match at
 # least one passed test.
 BEGIN {
-    need["failpoints (every durable step failed and crashed at)"] = "(log|slot|compaction|settle|etcd|migrate)_[a-z_]*(fails|crashes)$"
-    need["fault harness (replicas, etcd, routers under faults)"] = "three_replicas_under_faults_never_repeat_or_misalign_a_room"
+    # Integration tests are modules of one binary (tests/it): their names
+    # start with the module's.
+    need["failpoints (every durable step failed and crashed at)"] = "^failpoints::(log|slot|compaction|settle|etcd|migrate)_[a-z_]*(fails|crashes)$"
+    need["fault harness (replicas, etcd, routers under faults)"] = "^fault_harness::three_replicas_under_faults_never_repeat_or_misalign_a_room$"
+    need["fault harness on a three-member etcd cluster"] = "^fault_harness::three_replicas_on_a_three_member_etcd_"
     need["fuzzing of every decoder"] = "^fuzz::"
     need["power-loss property tests"] = "power_loss"
     need["interleavings of replicas"] = "any_interleaving"
