@@ -488,6 +488,10 @@ impl Server {
                 let served = tonic::transport::Server::builder()
                     // A request half sent never holds its stream past this.
                     .timeout(request_timeout.min(limits::HEADER_READ_TIMEOUT))
+                    // Nor an idle or stalled connection one of the slots for
+                    // good: probes open a new connection each time.
+                    .max_connection_age(limits::SIDE_CONNECTION_AGE)
+                    .max_connection_age_grace(limits::HEADER_READ_TIMEOUT)
                     .add_service(service)
                     .serve_with_incoming_shutdown(
                         tokio_stream::wrappers::ReceiverStream::new(incoming),

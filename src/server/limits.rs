@@ -22,6 +22,10 @@ pub const MAX_SIDE_CONNECTIONS: usize = 64;
 /// A request's headers (on the health port: its first bytes) must arrive
 /// within this long; slow or stalled clients are closed.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A health-port connection is told to go away after this long (and closed
+/// [`HEADER_READ_TIMEOUT`] later), so a client that opened one and went
+/// quiet after its first bytes frees its slot.
+pub const SIDE_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// A connection that holds one of its listener's slots until it closes.
 pub struct Limited {
