@@ -243,6 +243,11 @@ pub enum OpenError {
     )]
     NotAStore { dir: PathBuf, entry: String },
     #[error(
+        "{} held a room-allocator store ({trace} is still there) but its rooms.log and rooms.commit are gone; refusing to start a new room space in it (rooms would start over at 1 and repeat the lost store's). Restore the two files from where they went; to abandon that space knowingly, start on a new empty directory with bounds (--min-room) above every room it issued",
+        dir.display()
+    )]
+    StoreGone { dir: PathBuf, trace: String },
+    #[error(
         "the store has reserved rooms up to {high_water}, past --max-room {max_room}: nothing is left to hand out, and handing out rooms below it again would repeat them. Raise --max-room, or give this deployment a new store (data dir or --etcd-prefix) with bounds disjoint from every other"
     )]
     BeyondBounds { high_water: u64, max_room: u64 },

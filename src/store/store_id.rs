@@ -26,14 +26,17 @@ pub const STORE_ID_FILE: &str = "STORE_ID";
 const STORE_ID_TMP: &str = "STORE_ID.tmp";
 /// Files a store's first start may leave before its log and commit file
 /// exist: a dir holding only these (and `lost+found`) counts as empty.
-const SETUP_FILES: &[&str] = &[
-    "LOCK",
+/// (`rooms.commit.tmp` only beside a log: the first start writes the log
+/// first.)
+const SETUP_FILES: &[&str] = &["LOCK", "rooms.log", "rooms.commit", "rooms.commit.tmp"];
+/// Files written only once a store's log and commit file exist (its id, a
+/// compaction, the commit file's upgrade): without those two files they are
+/// the traces of a store that was lost, not of one being made.
+const STORE_TRACES: &[&str] = &[
     STORE_ID_FILE,
     STORE_ID_TMP,
-    "rooms.log",
-    "rooms.commit",
-    "rooms.commit.tmp",
     "rooms.log.compact",
+    "rooms.commit.tmp",
 ];
 /// The two files that make a dir a store.
 const STORE_FILES: &[&str] = &["rooms.log", "rooms.commit"];
@@ -76,16 +79,27 @@ pub fn check_data_dir(dir: &Path, use_: DataDirUse) -> Result<(), OpenError> {
             dir: dir.to_path_buf(),
         }),
         DataDirUse::Serve if is_store => Ok(()),
-        DataDirUse::Serve => match entries
-            .into_iter()
-            .find(|entry| entry != LOST_AND_FOUND && !SETUP_FILES.contains(&entry.as_str()))
-        {
-            None => Ok(()),
-            Some(entry) => Err(OpenError::NotAStore {
-                dir: dir.to_path_buf(),
-                entry,
-            }),
-        },
+        DataDirUse::Serve => {
+            if let Some(trace) = entries
+                .iter()
+                .find(|entry| STORE_TRACES.contains(&entry.as_str()))
+            {
+                return Err(OpenError::StoreGone {
+                    dir: dir.to_path_buf(),
+                    trace: trace.clone(),
+                });
+            }
+            match entries
+                .into_iter()
+                .find(|entry| entry != LOST_AND_FOUND && !SETUP_FILES.contains(&entry.as_str()))
+            {
+                None => Ok(()),
+                Some(entry) => Err(OpenError::NotAStore {
+                    dir: dir.to_path_buf(),
+                    entry,
+                }),
+            }
+        }
     }
 }
 
@@ -240,5 +254,36 @@ mod tests {
         }
         assert!(check_data_dir(&mount, DataDirUse::Serve).is_ok());
         assert!(check_data_dir(&mount, DataDirUse::Migrate).is_ok());
+    }
+
+    /// `STORE_ID` (and its temp file), a compacted log and an upgraded commit
+    /// file are written only once a store's log and commit file exist: a dir
+    /// holding one of them without those files lost its store (a clean-up,
+    /// a partial restore), and a new space there would repeat its rooms.
+    #[test]
+    fn serve_refuses_a_dir_whose_store_files_are_gone_but_whose_traces_remain() {
+        for trace in [
+            STORE_ID_FILE,
+            STORE_ID_TMP,
+            "rooms.log.compact",
+            "rooms.commit.tmp",
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("LOCK"), "").expect("write");
+            std::fs::write(dir.path().join(trace), "x").expect("write");
+            let error = check_data_dir(dir.path(), DataDirUse::Serve)
+                .expect_err("a dir that held a store is not empty");
+            assert!(
+                error.to_string().contains(trace)
+                    && error.to_string().contains("held a room-allocator store"),
+                "{trace}: {error}"
+            );
+        }
+        // An interrupted first start: a log of at most a header, maybe a
+        // commit file being written aside. The open judges the header.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("rooms.log"), "").expect("write");
+        std::fs::write(dir.path().join("rooms.commit.tmp"), "").expect("write");
+        assert!(check_data_dir(dir.path(), DataDirUse::Serve).is_ok());
     }
 }
