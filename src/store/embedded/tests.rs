@@ -3,8 +3,10 @@
 //! one that loses and reorders unsynced writes (power loss) or fails chosen
 //! operations.
 
+use super::format::*;
+use super::recovery::*;
 use super::*;
-use crate::space::{Room, MAX_ROOM};
+use crate::space::{RangeOwner, RangeTable, Room, MAX_ROOM};
 use crate::store::sim_fs::{Effect, Rng, SimFs};
 use proptest::prelude::*;
 use std::fs;

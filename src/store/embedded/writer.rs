@@ -1,0 +1,529 @@
+//! The embedded store's writer: the one thread that appends to the log,
+//! group-commits, compacts, and halts and settles after a failure.
+//!
+//! # Commit protocol
+//! A writer thread takes every queued request (group commit), appends their
+//! records at the end of the log, fsyncs the log, then writes the other
+//! commit slot with the new `log_len` and fsyncs it. Only then are callers
+//! answered, so a range is durable before any room in it leaves the process.
+//!
+//! # Failures while running
+//! After any failed write or fsync the writer no longer trusts its idea of the
+//! files (a failed fsync may or may not have reached the disk): it answers
+//! UNAVAILABLE, stops taking writes, and every second reads the files back
+//! exactly as a restart would ("settling" them, below). Once that succeeds it
+//! takes writes again, past everything the files hold. So a caller is told a
+//! range is reserved only when it is durable, and a range that may be durable
+//! is never reserved again. A failed rename of a compaction counts as a
+//! failure after it: a rename may take effect and still report an error (an
+//! NFS retry that gets ENOENT, a journal error).
+//!
+//!
+//! # Compaction (retention)
+//! Pruning old ranges rewrites the log: the current registrations, counters,
+//! the ranges kept and a `pruned` record go to `rooms.log.compact` with the
+//! next generation, which is fsynced and renamed over `rooms.log` (and the
+//! directory fsynced) before the commit slot names the new generation. A log
+//! one generation ahead of the commit slot is therefore a compaction that
+//! finished its rename: it is complete, and every byte of it must be valid. A
+//! leftover `rooms.log.compact` is a compaction that did not get that far and
+//! is removed. A failure before the rename leaves the live log as it was; a
+//! failure after it halts the writer until the files are settled (above).
+//! Deregistered workers are dropped by compaction once their deregistration
+//! is older than the cutoff and none of their ranges is left.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::format::*;
+use super::recovery::*;
+use crate::failpoint;
+use crate::failpoint::io_error;
+use crate::space::DpSize;
+use crate::space::{Bounds, RoomRange};
+use crate::store::fs::{Fs, FsFile, FsLock};
+use crate::store::Reservation;
+use crate::store::{PruneRequest, Pruned, StoreError};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use tokio::sync::oneshot;
+
+/// Most requests folded into one group commit; bounds the batch's memory.
+pub(super) const MAX_BATCH: usize = 1024;
+/// How often a halted or failing writer reads its files back or probes.
+pub(super) const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the writer thread tells the rest of the process.
+#[derive(Debug, Default)]
+pub(super) struct WriterStatus {
+    /// The last write failed (or the writer is halted) and nothing has
+    /// succeeded since.
+    pub(super) failing: AtomicBool,
+    /// The writer thread has ended.
+    pub(super) gone: AtomicBool,
+    pub(super) high_water: AtomicU64,
+}
+
+pub(super) enum Op {
+    Register(Arc<str>, DpSize),
+    Deregister { worker: Arc<str>, unix_ms: u64 },
+    Reserve(Reservation),
+    Issued(Vec<(Arc<str>, u64)>),
+    Prune(PruneRequest),
+}
+
+pub(super) enum Outcome {
+    Revision(i64),
+    Reserved(RoomRange),
+    Pruned(Pruned),
+    Done,
+}
+
+pub(super) struct Request {
+    pub(super) op: Op,
+    pub(super) reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// Owns the files; the only code that writes them.
+pub(super) struct Writer {
+    pub(super) fs: Arc<dyn Fs>,
+    pub(super) files: Files,
+    pub(super) log: Box<dyn FsFile>,
+    pub(super) commit: Box<dyn FsFile>,
+    /// Held for the life of the writer: the flock on `LOCK`.
+    pub(super) _lock: FsLock,
+    pub(super) log_len: u64,
+    pub(super) next_seq: u64,
+    pub(super) commit_seq: u64,
+    pub(super) generation: u32,
+    pub(super) high_water: u64,
+    pub(super) bounds: Bounds,
+    /// Why writes stopped, until the files are settled again.
+    pub(super) halted: Option<String>,
+    pub(super) status: Arc<WriterStatus>,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, requests: mpsc::Receiver<Request>) {
+        loop {
+            match requests.recv_timeout(RECOVERY_INTERVAL) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match requests.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.halted.is_some() {
+                        self.recover();
+                    }
+                    match self.halted.clone() {
+                        Some(reason) => {
+                            for request in batch {
+                                let _ = request.reply.send(Err(StoreError::Halted {
+                                    reason: reason.clone(),
+                                }));
+                            }
+                        }
+                        None => self.commit_batch(batch),
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.tick(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.status.gone.store(true, Ordering::Release);
+    }
+
+    /// Idle: a halted writer settles its files, a failing one probes the
+    /// disk, so readiness comes back without waiting for a caller.
+    pub(super) fn tick(&mut self) {
+        if self.halted.is_some() {
+            self.recover();
+        } else if self.status.failing.load(Ordering::Acquire) {
+            let mut probe = Vec::new();
+            encode_record(&mut probe, self.next_seq, &Record::Probe);
+            if self.append_and_commit(&probe).is_ok() {
+                self.next_seq += 1;
+            }
+        }
+    }
+
+    /// Stops writes until the files are settled; readiness stays off until
+    /// a write succeeds again.
+    pub(super) fn halt(&mut self, reason: String) {
+        error!(%reason, "the embedded store stopped taking writes until it has read its files back");
+        self.halted = Some(reason);
+        self.status.failing.store(true, Ordering::Release);
+    }
+
+    /// Reads the files back as a restart would and resumes past everything
+    /// they hold (see "Failures while running").
+    pub(super) fn recover(&mut self) {
+        match settle(&*self.fs, &self.files) {
+            Ok(settled) => {
+                let loaded = &settled.loaded;
+                if loaded.high_water() < self.high_water {
+                    // A range acknowledged in this process is not on disk:
+                    // the disk broke its promise. Never go below it anyway.
+                    error!(
+                        on_disk = loaded.high_water(),
+                        in_memory = self.high_water,
+                        "the log lost acknowledged reservations; keeping the in-memory high-water mark"
+                    );
+                }
+                self.high_water = self.high_water.max(loaded.high_water());
+                self.log_len = loaded.end;
+                self.next_seq = loaded.next_seq;
+                self.generation = loaded.generation;
+                self.commit_seq = settled.commit_seq;
+                self.log = settled.log;
+                self.commit = settled.commit;
+                self.status
+                    .high_water
+                    .store(self.high_water, Ordering::Release);
+                // Readiness returns with the next successful write (a probe).
+                self.halted = None;
+                info!(
+                    high_water = self.high_water,
+                    "the embedded store read its files back and takes writes again"
+                );
+            }
+            Err(error) => {
+                warn!(%error, "the embedded store cannot read its files back yet; retrying");
+            }
+        }
+    }
+
+    pub(super) fn commit_batch(&mut self, batch: Vec<Request>) {
+        let mut buf = Vec::new();
+        let mut seq = self.next_seq;
+        let mut high_water = self.high_water;
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut pending_prune = None;
+        for Request { op, reply } in batch {
+            let record = match op {
+                Op::Register(worker, dp_size) => Ok(Record::Register(worker, dp_size)),
+                Op::Deregister { worker, unix_ms } => Ok(Record::Deregister { worker, unix_ms }),
+                Op::Reserve(r) => RoomRange::reserve_after(
+                    high_water,
+                    r.dp_size,
+                    r.want_bases,
+                    r.need_bases,
+                    self.bounds,
+                )
+                .map(|range| {
+                    high_water = range.end();
+                    Record::Reserve {
+                        worker: r.prefill_worker,
+                        range,
+                        rooms_issued: r.rooms_issued,
+                        created_unix_ms: r.created_unix_ms,
+                    }
+                })
+                .map_err(StoreError::Space),
+                Op::Prune(request) => {
+                    // Compaction needs everything before it on disk first.
+                    answers.push((reply, Err(StoreError::Closed)));
+                    pending_prune = Some((answers.len() - 1, request));
+                    continue;
+                }
+                Op::Issued(counts) => {
+                    for (worker, rooms_issued) in counts {
+                        encode_record(&mut buf, seq, &Record::Issued(worker, rooms_issued));
+                        seq += 1;
+                    }
+                    answers.push((reply, Ok(Outcome::Done)));
+                    continue;
+                }
+            };
+            let outcome = record.map(|record| {
+                encode_record(&mut buf, seq, &record);
+                let outcome = match record {
+                    Record::Reserve { range, .. } => Outcome::Reserved(range),
+                    _ => Outcome::Revision(revision(self.generation, seq)),
+                };
+                seq += 1;
+                outcome
+            });
+            answers.push((reply, outcome));
+        }
+
+        if !buf.is_empty() {
+            if let Err(error) = self.append_and_commit(&buf) {
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return;
+            }
+            self.next_seq = seq;
+            self.high_water = high_water;
+            self.status.high_water.store(high_water, Ordering::Release);
+        }
+        if let Some((index, request)) = pending_prune {
+            answers[index].1 = self.compact(&request).map(Outcome::Pruned);
+        }
+        for (reply, outcome) in answers {
+            // A caller that gave up is fine: its range is simply skipped.
+            let _ = reply.send(outcome);
+        }
+    }
+
+    pub(super) fn io_error(&self, path: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            cause: Arc::new(source),
+        }
+    }
+
+    /// Appends `records` and commits them; on any failure halts (the files'
+    /// state is then unknown until settled again).
+    pub(super) fn append_and_commit(&mut self, records: &[u8]) -> Result<(), StoreError> {
+        let result = self.try_append_and_commit(records);
+        match &result {
+            Ok(()) => {
+                if self.status.failing.swap(false, Ordering::AcqRel) {
+                    info!("the embedded store's writes succeed again");
+                }
+            }
+            Err(error) => {
+                warn!(%error, "embedded store write failed; nothing in this batch was acknowledged");
+                self.halt(error.to_string());
+            }
+        }
+        result
+    }
+
+    pub(super) fn try_append_and_commit(&mut self, records: &[u8]) -> Result<(), StoreError> {
+        let log = self.files.log.clone();
+        let commit = self.files.commit.clone();
+        failpoint!(
+            "embedded::log_write",
+            self.io_error(&log, io_error("embedded::log_write"))
+        );
+        self.log
+            .write_all_at(records, self.log_len)
+            .map_err(|e| self.io_error(&log, e))?;
+        // The failpoint's error is the fsync's own result, so code that
+        // ignored the fsync's errors would ignore it too (and its test fail).
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
+        let synced = (|| {
+            failpoint!("embedded::log_fsync", io_error("embedded::log_fsync"));
+            self.log.sync_data()
+        })();
+        synced.map_err(|e| self.io_error(&log, e))?;
+        let new_len = self.log_len + u64::try_from(records.len()).expect("a batch fits in u64");
+        let commit_seq = self.commit_seq + 1;
+        failpoint!(
+            "embedded::slot_write",
+            self.io_error(&commit, io_error("embedded::slot_write"))
+        );
+        self.commit
+            .write_all_at(
+                &encode_slot(commit_seq, new_len, self.generation),
+                slot_offset(commit_seq),
+            )
+            .map_err(|e| self.io_error(&commit, e))?;
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
+        let synced = (|| {
+            failpoint!("embedded::slot_fsync", io_error("embedded::slot_fsync"));
+            self.commit.sync_data()
+        })();
+        synced.map_err(|e| self.io_error(&commit, e))?;
+        failpoint!(
+            "embedded::committed",
+            StoreError::Injected("embedded::committed")
+        );
+        self.log_len = new_len;
+        self.commit_seq = commit_seq;
+        Ok(())
+    }
+
+    /// Rewrites the log without what retention no longer needs (see
+    /// "Compaction" above); the new log state is assigned once, at the end.
+    pub(super) fn compact(&mut self, request: &PruneRequest) -> Result<Pruned, StoreError> {
+        let log_path = self.files.log.clone();
+        let mut bytes = vec![0u8; usize::try_from(self.log_len).expect("the log fits in memory")];
+        self.log
+            .read_exact_at(&mut bytes, 0)
+            .map_err(|e| self.io_error(&log_path, e))?;
+        let Replayed {
+            mut replay,
+            stopped,
+            ..
+        } = replay_log(&bytes, self.generation);
+        if let Some(reason) = stopped {
+            // Everything below log_len was written and read back by us.
+            return Err(self.io_error(
+                &log_path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+            ));
+        }
+        let pruned = replay.ranges.prune(request.cutoff_unix_ms, &request.held);
+        let owners: std::collections::HashSet<Arc<str>> = replay
+            .ranges
+            .iter()
+            .map(|owner| owner.prefill_worker.clone())
+            .collect();
+        let forgotten: Vec<Arc<str>> = replay
+            .workers
+            .values()
+            .filter(|w| {
+                w.deregistered_unix_ms
+                    .is_some_and(|at| at < request.cutoff_unix_ms)
+                    && !owners.contains(&w.record.prefill_worker)
+            })
+            .map(|w| w.record.prefill_worker.clone())
+            .collect();
+        if pruned == 0 && forgotten.is_empty() {
+            return Ok(Pruned {
+                pruned_below: replay.pruned_below,
+                forgotten,
+                revision: revision(self.generation, self.next_seq),
+            });
+        }
+        for name in &forgotten {
+            replay.workers.remove(name);
+        }
+        let pruned_below = replay.pruned_below.max(pruned);
+        let generation = self.generation + 1;
+        let mut log = encode_log_header(generation);
+        let mut seq = 1;
+        let mut push = |log: &mut Vec<u8>, record: Record| {
+            encode_record(log, seq, &record);
+            seq += 1;
+        };
+        for worker in replay.workers.values() {
+            let name = worker.record.prefill_worker.clone();
+            push(
+                &mut log,
+                Record::Register(name.clone(), worker.record.dp_size),
+            );
+            if let Some(unix_ms) = worker.deregistered_unix_ms {
+                push(
+                    &mut log,
+                    Record::Deregister {
+                        worker: name.clone(),
+                        unix_ms,
+                    },
+                );
+            }
+            push(&mut log, Record::Issued(name, worker.record.rooms_issued));
+        }
+        for owner in replay.ranges.iter() {
+            push(
+                &mut log,
+                Record::Reserve {
+                    worker: owner.prefill_worker.clone(),
+                    range: owner.range,
+                    rooms_issued: 0,
+                    created_unix_ms: owner.created_unix_ms,
+                },
+            );
+        }
+        push(&mut log, Record::Pruned(pruned_below));
+
+        let compacted = self.write_compacted(&log)?;
+        // The new log is in place: from here any failure leaves the files in
+        // a state only reading them back can tell.
+        if let Err(error) = self.commit_compaction(generation, &log) {
+            self.halt(error.to_string());
+            return Err(error);
+        }
+        self.log = compacted;
+        self.log_len = u64::try_from(log.len()).expect("fits");
+        self.next_seq = seq;
+        self.generation = generation;
+        info!(
+            ranges_kept = replay.ranges.len(),
+            workers_forgotten = forgotten.len(),
+            pruned_below,
+            log_bytes = self.log_len,
+            "compacted the embedded store's log"
+        );
+        Ok(Pruned {
+            pruned_below,
+            forgotten,
+            revision: revision(generation, 0),
+        })
+    }
+
+    /// Writes the compacted log aside, fsyncs it and renames it over the
+    /// live log. A failure before the rename leaves the live log as it was;
+    /// a failed rename halts the writer, as it may have happened.
+    pub(super) fn write_compacted(&mut self, log: &[u8]) -> Result<Box<dyn FsFile>, StoreError> {
+        let path = self.files.compact.clone();
+        let written = (|| {
+            failpoint!("compact::write", io_error("compact::write"));
+            let file = self.fs.create(&path)?;
+            file.write_all_at(log, 0)?;
+            failpoint!("compact::fsync", io_error("compact::fsync"));
+            file.sync_data()?;
+            Ok(file)
+        })();
+        let file = match written {
+            Ok(file) => file,
+            Err(error) => {
+                let _ = self.fs.remove_file(&path);
+                return Err(self.io_error(&path, error));
+            }
+        };
+        failpoint!(
+            "compact::rename",
+            self.io_error(&self.files.log, io_error("compact::rename"))
+        );
+        if let Err(error) = self.fs.rename(&path, &self.files.log) {
+            // A rename may take effect and still report an error (NFS
+            // retries it and gets ENOENT; a journal error): which log is
+            // live is unknown until the files are read back.
+            let error = self.io_error(&self.files.log, error);
+            self.halt(error.to_string());
+            return Err(error);
+        }
+        Ok(file)
+    }
+
+    /// Makes the rename durable, then commits the new generation.
+    pub(super) fn commit_compaction(
+        &mut self,
+        generation: u32,
+        log: &[u8],
+    ) -> Result<(), StoreError> {
+        let dir = self.files.dir.clone();
+        let commit = self.files.commit.clone();
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
+        let synced = (|| {
+            failpoint!("compact::dir_fsync", io_error("compact::dir_fsync"));
+            self.fs.sync_dir(&dir)
+        })();
+        synced.map_err(|e| self.io_error(&dir, e))?;
+        let commit_seq = self.commit_seq + 1;
+        let new_len = u64::try_from(log.len()).expect("fits");
+        failpoint!(
+            "compact::slot_write",
+            self.io_error(&commit, io_error("compact::slot_write"))
+        );
+        self.commit
+            .write_all_at(
+                &encode_slot(commit_seq, new_len, generation),
+                slot_offset(commit_seq),
+            )
+            .map_err(|e| self.io_error(&commit, e))?;
+        // A closure so the failpoint's `return` ends it, not the function.
+        #[allow(clippy::redundant_closure_call)]
+        let synced = (|| {
+            failpoint!("compact::slot_fsync", io_error("compact::slot_fsync"));
+            self.commit.sync_data()
+        })();
+        synced.map_err(|e| self.io_error(&commit, e))?;
+        self.commit_seq = commit_seq;
+        Ok(())
+    }
+}
