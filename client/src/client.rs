@@ -304,8 +304,9 @@ impl RoomClientBuilder {
     /// deadline](Self::allocation_deadline) (it cannot be reached, answers
     /// UNAVAILABLE, or is too slow), `allocate`, `allocate_many` and
     /// `allocate_block` return a rank-aligned random room from `region`
-    /// instead of failing. Refusals (a stale dp_size, a deregistered worker)
-    /// are still returned.
+    /// instead of failing. Refusals (a stale dp_size, a deregistered worker,
+    /// RESOURCE_EXHAUSTED for a full space or an overloaded server) are
+    /// still returned: the allocator answered.
     ///
     /// `region` must miss every room the allocator hands out: `connect`
     /// reads the server's bounds (GetRoomSpace) and refuses an overlapping
