@@ -65,8 +65,22 @@ def test_admin_calls_without_the_token_are_unauthenticated(token_server: Server,
             router.allocate(worker, 0, 2)
         with RoomClient(token_server.address, token=f"  {TOKEN}\n") as admin:  # trimmed, as in the Rust client
             admin.register(worker, 2)
-        # Allocation needs no token unless --auth-required-for-allocation.
+        # With a token configured every allocator call needs it by default.
+        with pytest.raises(Unauthenticated):
+            router.allocate(worker, 1, 2)
+        with pytest.raises(Unauthenticated):
+            router.deregister(worker)
+        with RoomClient(token_server.address, token=TOKEN) as admin:
+            assert admin.allocate(worker, 1, 2) % 2 == 1
+
+
+def test_allocation_without_the_token_only_where_the_server_allows_it(server_factory: ServerFactory, worker: str) -> None:
+    open_server = server_factory("--allow-unauthenticated-allocation", token=TOKEN)
+    with RoomClient(open_server.address, token=TOKEN) as admin, RoomClient(open_server.address) as router:
+        admin.register(worker, 2)
         assert router.allocate(worker, 1, 2) % 2 == 1
+        with pytest.raises(Unauthenticated):
+            router.register(worker, 4)
         with pytest.raises(Unauthenticated):
             router.deregister(worker)
 
