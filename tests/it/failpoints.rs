@@ -283,7 +283,13 @@ async fn unsettled_dir() -> (tempfile::TempDir, load::Record) {
 }
 
 async fn settle_case(name: &str, mode: Mode) {
+    settle_case_prepared(name, mode, |_| {}).await;
+}
+
+/// [`settle_case`] on the unsettled dir after `prepare` changed it.
+async fn settle_case_prepared(name: &str, mode: Mode, prepare: fn(&std::path::Path)) {
     let (dir, record) = unsettled_dir().await;
+    prepare(dir.path());
     let armed = ServerProcess::try_start_with(dir.path(), &[], |command| {
         command.env("FAILPOINTS", failpoints(name, 0, mode));
     });
@@ -327,6 +333,312 @@ async fn settle_commit_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_commit_crashes() {
     settle_case("embedded::settle_commit", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_truncate_fsync_fails() {
+    settle_case("embedded::settle_truncate_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_truncate_fsync_crashes() {
+    settle_case("embedded::settle_truncate_fsync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_rewrite_fails() {
+    settle_case("embedded::settle_rewrite", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_rewrite_crashes() {
+    settle_case("embedded::settle_rewrite", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_rewrite_fsync_fails() {
+    settle_case("embedded::settle_rewrite_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_rewrite_fsync_crashes() {
+    settle_case("embedded::settle_rewrite_fsync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_dir_fsync_fails() {
+    settle_case("embedded::settle_dir_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_dir_fsync_crashes() {
+    settle_case("embedded::settle_dir_fsync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_commit_fsync_fails() {
+    settle_case("embedded::settle_commit_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_commit_fsync_crashes() {
+    settle_case("embedded::settle_commit_fsync", Mode::Crash).await;
+}
+
+/// A compaction that died before its rename: its file is left over.
+fn leave_a_compaction_file(dir: &std::path::Path) {
+    std::fs::write(dir.join("rooms.log.compact"), b"a compaction cut short").expect("write");
+}
+
+/// Rewrites the commit file in the first format (version 1: both slots in
+/// the first 1 KiB, 512 bytes apart), as releases before issue 16 wrote it,
+/// so the next start upgrades it.
+fn make_the_commit_file_old_format(dir: &std::path::Path) {
+    let path = dir.join("rooms.commit");
+    let new = std::fs::read(&path).expect("commit");
+    assert_eq!(new.len(), 8192, "a version-2 commit file");
+    let mut old = vec![0u8; 1024];
+    for (from, to) in [(0usize, 0usize), (4096, 512)] {
+        let mut slot = new[from..from + 36].to_vec();
+        if slot[32..36] != crc32fast::hash(&slot[..32]).to_le_bytes() {
+            continue;
+        }
+        slot[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&slot[..32]);
+        slot[32..36].copy_from_slice(&crc.to_le_bytes());
+        old[to..to + 36].copy_from_slice(&slot);
+    }
+    std::fs::write(&path, old).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_compact_fails() {
+    settle_case_prepared(
+        "embedded::remove_compact",
+        Mode::Fail,
+        leave_a_compaction_file,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_compact_crashes() {
+    settle_case_prepared(
+        "embedded::remove_compact",
+        Mode::Crash,
+        leave_a_compaction_file,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_write_fails() {
+    settle_case_prepared(
+        "embedded::upgrade_write",
+        Mode::Fail,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_write_crashes() {
+    settle_case_prepared(
+        "embedded::upgrade_write",
+        Mode::Crash,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_fsync_fails() {
+    settle_case_prepared(
+        "embedded::upgrade_fsync",
+        Mode::Fail,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_fsync_crashes() {
+    settle_case_prepared(
+        "embedded::upgrade_fsync",
+        Mode::Crash,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_rename_fails() {
+    settle_case_prepared(
+        "embedded::upgrade_rename",
+        Mode::Fail,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_rename_crashes() {
+    settle_case_prepared(
+        "embedded::upgrade_rename",
+        Mode::Crash,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_dir_fsync_fails() {
+    settle_case_prepared(
+        "embedded::upgrade_dir_fsync",
+        Mode::Fail,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_dir_fsync_crashes() {
+    settle_case_prepared(
+        "embedded::upgrade_dir_fsync",
+        Mode::Crash,
+        make_the_commit_file_old_format,
+    )
+    .await;
+}
+
+/// A first start, in a data dir whose parent is missing too, meets the
+/// failpoint; the next start sets the store up and serves.
+async fn first_start_case(name: &str, mode: Mode) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("volume").join("data");
+    let armed = ServerProcess::try_start_with(&dir, &[], |command| {
+        command.env("FAILPOINTS", failpoints(name, 0, mode));
+    });
+    let Err(failure) = armed else {
+        panic!("the first start went through {name}");
+    };
+    match mode {
+        Mode::Fail => assert!(
+            failure.log.contains(&format!("failpoint {name}"))
+                && failure.log.contains("--data-dir"),
+            "a refusal naming the flag and the step:\n{}",
+            failure.log
+        ),
+        Mode::Crash => assert!(failure.log.contains("crashing"), "{}", failure.log),
+    }
+    let server = ServerProcess::start(&dir, &[]);
+    register_all(&server).await;
+    let record = load::Shared::default();
+    let tasks = start_load(&server.url(), &record, OnError::Stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    load::stop(&record);
+    for task in tasks {
+        timed(task).await.expect("load task");
+    }
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    assert!(!record.rooms.is_empty(), "the store serves after {name}");
+    check_after(
+        &format!("{name} {mode:?}"),
+        &server,
+        record,
+        Duration::from_secs(86_400),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_dir_fails() {
+    first_start_case("embedded::create_dir", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_dir_crashes() {
+    first_start_case("embedded::create_dir", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_dir_sync_fails() {
+    first_start_case("embedded::create_dir_sync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_dir_sync_crashes() {
+    first_start_case("embedded::create_dir_sync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_sync_parents_fails() {
+    first_start_case("embedded::first_start_sync_parents", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_sync_parents_crashes() {
+    first_start_case("embedded::first_start_sync_parents", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_log_fails() {
+    first_start_case("embedded::first_start_log", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_log_crashes() {
+    first_start_case("embedded::first_start_log", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_log_fsync_fails() {
+    first_start_case("embedded::first_start_log_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_log_fsync_crashes() {
+    first_start_case("embedded::first_start_log_fsync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_commit_fails() {
+    first_start_case("embedded::first_start_commit", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_commit_crashes() {
+    first_start_case("embedded::first_start_commit", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_commit_fsync_fails() {
+    first_start_case("embedded::first_start_commit_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_commit_fsync_crashes() {
+    first_start_case("embedded::first_start_commit_fsync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_rename_fails() {
+    first_start_case("embedded::first_start_rename", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_rename_crashes() {
+    first_start_case("embedded::first_start_rename", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_dir_fsync_fails() {
+    first_start_case("embedded::first_start_dir_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_dir_fsync_crashes() {
+    first_start_case("embedded::first_start_dir_fsync", Mode::Crash).await;
 }
 
 /// One etcd case: replica A has the failpoint, replica B none; loads on
@@ -564,7 +876,8 @@ async fn migrate_case(name: &str, mode: Mode) {
     let (code, _, err) = run_cli_env(&args, &[("FAILPOINTS", &failpoints(name, 0, mode))]);
     assert_ne!(code, 0, "migrate went through {name}");
     assert!(err.contains(name), "{err}");
-    let marked = name != "migrate::mark";
+    // Before its rename the mark is not there; after it, it is.
+    let marked = !name.starts_with("migrate::mark") || name == "migrate::mark_dir_fsync";
     let served = ServerProcess::try_start(dir.path(), &[]);
     match served {
         Ok(mut server) => {
@@ -601,6 +914,46 @@ async fn migrate_mark_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_mark_crashes() {
     migrate_case("migrate::mark", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_write_fails() {
+    migrate_case("migrate::mark_write", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_write_crashes() {
+    migrate_case("migrate::mark_write", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_fsync_fails() {
+    migrate_case("migrate::mark_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_fsync_crashes() {
+    migrate_case("migrate::mark_fsync", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_rename_fails() {
+    migrate_case("migrate::mark_rename", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_rename_crashes() {
+    migrate_case("migrate::mark_rename", Mode::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_dir_fsync_fails() {
+    migrate_case("migrate::mark_dir_fsync", Mode::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_mark_dir_fsync_crashes() {
+    migrate_case("migrate::mark_dir_fsync", Mode::Crash).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
