@@ -82,9 +82,13 @@ impl Region {
     }
 }
 
-/// Independent 64-bit draws, seeded from the operating system per instance.
+/// Independent 64-bit draws. std seeds `RandomState` once per thread and
+/// then only steps it, so children forked from one parent would all draw
+/// the same sequence (the same fallback rooms, in the same order): each draw
+/// also hashes the process id and the instance's creation time.
 pub(crate) struct Draws {
     keys: RandomState,
+    created_ns: u128,
     counter: AtomicU64,
 }
 
@@ -92,13 +96,23 @@ impl Draws {
     pub fn new() -> Self {
         Self {
             keys: RandomState::new(),
+            created_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
             counter: AtomicU64::new(0),
         }
     }
 
     pub fn next(&self) -> u64 {
-        self.keys
-            .hash_one(self.counter.fetch_add(1, Ordering::Relaxed))
+        self.next_in(std::process::id())
+    }
+
+    fn next_in(&self, pid: u32) -> u64 {
+        self.keys.hash_one((
+            pid,
+            self.created_ns,
+            self.counter.fetch_add(1, Ordering::Relaxed),
+        ))
     }
 }
 
@@ -154,6 +168,22 @@ mod tests {
         let top = Region::try_new(&((1 << 62)..=MAX_ROOM)).expect("valid");
         assert_eq!(top.pick(0, 1, 1, u64::MAX), Some(MAX_ROOM));
         assert_eq!(top.pick(1, 2, 1, u64::MAX), Some(MAX_ROOM));
+    }
+
+    /// What fork() copies: the same keys, time and counter. Only the
+    /// process id tells the children apart, and it must.
+    #[test]
+    fn copies_of_one_instance_in_different_processes_draw_differently() {
+        let parent = Draws::new();
+        let copy = || Draws {
+            keys: parent.keys.clone(),
+            created_ns: parent.created_ns,
+            counter: AtomicU64::new(parent.counter.load(Ordering::Relaxed)),
+        };
+        let (child_a, child_b) = (copy(), copy());
+        let a: Vec<u64> = (0..4).map(|_| child_a.next_in(1001)).collect();
+        let b: Vec<u64> = (0..4).map(|_| child_b.next_in(1002)).collect();
+        assert!(a.iter().all(|draw| !b.contains(draw)), "{a:?} {b:?}");
     }
 
     #[test]
