@@ -1139,6 +1139,6 @@ fn decode_page_token(token: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests;
-mod worker;
+pub(crate) mod worker;
 
 use self::worker::{Applied, Demand, Placed, Taken, WorkerState};

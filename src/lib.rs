@@ -23,6 +23,8 @@ pub mod cli;
 pub mod config;
 pub mod failpoint;
 pub mod metrics;
+#[cfg(feature = "model-check")]
+pub mod model;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -22,7 +22,7 @@ use crate::space::{Base, BaseCursor, DpSize, RoomRange};
 use crate::store::WorkerRecord;
 
 /// Smallest range reserved: a restart skips at most this many bases per worker.
-pub(super) const MIN_RANGE_BASES: u64 = 1024;
+pub(crate) const MIN_RANGE_BASES: u64 = 1024;
 /// Largest range reserved, in bases: minutes of traffic at millions/s...
 const MAX_RANGE_BASES: u64 = 1 << 26;
 /// ...and in numbers of the space, so a large dp_size does not eat it faster.
@@ -34,7 +34,7 @@ const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(300);
 
 /// A range being served, and until when.
 #[derive(Debug, Clone)]
-pub(super) struct Held {
+pub(crate) struct Held {
     pub cursor: BaseCursor,
     /// Past this (reservation + retention) no room comes from it.
     pub serve_until: Instant,
@@ -54,7 +54,7 @@ impl Held {
 /// The range reserved ahead of need (double-buffering, as in Meituan's
 /// Leaf): at most one reservation ahead is in flight.
 #[derive(Debug, Clone)]
-pub(super) enum Ahead {
+pub(crate) enum Ahead {
     /// Nothing reserved ahead, nothing being reserved.
     Empty,
     /// A reservation ahead is in flight.
@@ -65,7 +65,7 @@ pub(super) enum Ahead {
 
 /// What a caller needs from a worker's ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Demand {
+pub(crate) enum Demand {
     /// `count` consecutive bases, usable for `validity` from now.
     Bases { count: u64, validity: Duration },
     /// A range reserved ahead; nothing is taken.
@@ -74,7 +74,7 @@ pub(super) enum Demand {
 
 /// Bases taken from a worker's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Taken {
+pub(crate) struct Taken {
     pub first_base: Base,
     pub dp_size: DpSize,
     /// How long the bases stay usable.
@@ -87,7 +87,7 @@ pub(super) struct Taken {
 
 /// What applying a registration record did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Applied {
+pub(crate) enum Applied {
     /// Older than the registration applied: ignored.
     Outdated,
     /// Applied; `changed` says the epoch was bumped and ranges dropped.
@@ -96,7 +96,7 @@ pub(super) enum Applied {
 
 /// What became of a reserved range that arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Placed {
+pub(crate) enum Placed {
     /// Served now.
     Current,
     /// Served once the current range cannot serve.
@@ -108,7 +108,7 @@ pub(super) enum Placed {
 
 /// A reservation the state asks for: see [`WorkerState::plan_refill`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct RefillPlan {
+pub(crate) struct RefillPlan {
     pub dp_size: DpSize,
     pub revision: i64,
     pub epoch: u64,
@@ -118,7 +118,7 @@ pub(super) struct RefillPlan {
 
 /// One worker's state: see the module docs.
 #[derive(Debug, Clone)]
-pub(super) struct WorkerState {
+pub(crate) struct WorkerState {
     pub dp_size: DpSize,
     pub registered: bool,
     /// Store revision of the registration in force; older changes are ignored.
@@ -136,7 +136,7 @@ pub(super) struct WorkerState {
 
 impl WorkerState {
     /// A worker not yet registered (its first record is applied next).
-    pub(super) fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
             registered: false,
@@ -152,12 +152,12 @@ impl WorkerState {
     }
 
     #[cfg_attr(not(test), allow(dead_code))]
-    pub(super) fn ahead(&self) -> &Ahead {
+    pub(crate) fn ahead(&self) -> &Ahead {
         &self.ahead
     }
 
     /// Applies `record` unless it is older than the registration in force.
-    pub(super) fn apply(&mut self, record: &WorkerRecord) -> Applied {
+    pub(crate) fn apply(&mut self, record: &WorkerRecord) -> Applied {
         if record.revision < self.revision {
             // Older than what is applied (a late watch event).
             return Applied::Outdated;
@@ -180,7 +180,7 @@ impl WorkerState {
     /// Takes `count` consecutive bases usable for `validity`, moving on to
     /// the range reserved ahead when the current one cannot serve them. The
     /// rest of a range that cannot is skipped, never reissued.
-    pub(super) fn take(&mut self, count: u64, now: Instant, validity: Duration) -> Option<Taken> {
+    pub(crate) fn take(&mut self, count: u64, now: Instant, validity: Duration) -> Option<Taken> {
         if self.current.as_ref().is_some_and(|h| h.serve_until <= now) {
             self.current = None;
         }
@@ -222,14 +222,14 @@ impl WorkerState {
 
     /// A reservation ahead (started by [`Taken::prefetch`]) ended, with a
     /// range placed or not.
-    pub(super) fn prefetch_ended(&mut self) {
+    pub(crate) fn prefetch_ended(&mut self) {
         if matches!(self.ahead, Ahead::Reserving) {
             self.ahead = Ahead::Empty;
         }
     }
 
     /// True if a range on hand meets `demand`.
-    pub(super) fn has(&self, demand: Demand, now: Instant) -> bool {
+    pub(crate) fn has(&self, demand: Demand, now: Instant) -> bool {
         let ahead = match &self.ahead {
             Ahead::Reserved(held) => Some(held),
             Ahead::Empty | Ahead::Reserving => None,
@@ -255,7 +255,7 @@ impl WorkerState {
 
     /// The reservation to make for `demand`, or `None` if the worker is not
     /// registered or a range on hand meets it (the caller looks again).
-    pub(super) fn plan_refill(&mut self, demand: Demand, now: Instant) -> Option<RefillPlan> {
+    pub(crate) fn plan_refill(&mut self, demand: Demand, now: Instant) -> Option<RefillPlan> {
         if !self.registered || self.has(demand, now) {
             return None;
         }
@@ -293,13 +293,21 @@ impl WorkerState {
     }
 
     /// A range reserved under `epoch` arrived, to serve until `serve_until`.
-    pub(super) fn place(
+    pub(crate) fn place(
         &mut self,
         epoch: u64,
         range: RoomRange,
         serve_until: Instant,
         now: Instant,
     ) -> Placed {
+        #[cfg(feature = "model-check")]
+        let epoch = if crate::model::mutants::active(
+            crate::model::mutants::Mutant::RealignOvertakesReservation,
+        ) {
+            self.epoch
+        } else {
+            epoch
+        };
         if self.epoch != epoch {
             return Placed::Overtaken;
         }
@@ -328,7 +336,7 @@ impl WorkerState {
     }
 
     /// Where the ranges on hand start (they are never pruned).
-    pub(super) fn held_starts(&self) -> impl Iterator<Item = u64> + '_ {
+    pub(crate) fn held_starts(&self) -> impl Iterator<Item = u64> + '_ {
         let ahead = match &self.ahead {
             Ahead::Reserved(held) => Some(held),
             Ahead::Empty | Ahead::Reserving => None,

@@ -22,7 +22,7 @@ use crate::space::{Bounds, DpSize, RoomRange, SpaceError};
 
 /// The high-water mark as etcd held it: its value and the mod revision the
 /// next compare-and-swap compares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Mark {
     pub value: u64,
     pub revision: i64,
@@ -46,6 +46,10 @@ pub(crate) struct MarkWentBack {
 /// The mark of `read`, if it lies at or above `used` (the end of the space
 /// this replica saw reserved) and above everything announced with it.
 pub(crate) fn check_mark(read: MarkRead, used: u64) -> Result<Mark, MarkWentBack> {
+    #[cfg(feature = "model-check")]
+    if crate::model::mutants::active(crate::model::mutants::Mutant::MarkLoweredAccepted) {
+        return Ok(read.mark);
+    }
     let used = used.max(read.highest_announced);
     if read.mark.value < used {
         return Err(MarkWentBack {
@@ -170,12 +174,12 @@ impl Carver {
         }
     }
 
-    #[cfg_attr(not(any(test, feature = "model-check")), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn chunk(&self) -> Option<&Chunk> {
         self.chunk.as_ref()
     }
 
-    #[cfg_attr(not(any(test, feature = "model-check")), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn mark(&self) -> Option<Mark> {
         self.mark
     }
@@ -186,6 +190,14 @@ impl Carver {
             // Ended by age, or by the bucket's lease changing (ranges now
             // get the new lease, which the chunk's announcement lacks).
             let age_ms = now_ms.saturating_sub(chunk.taken_at_ms);
+            #[cfg(feature = "model-check")]
+            let lease = if crate::model::mutants::active(
+                crate::model::mutants::Mutant::RangeOutlivesChunkLease,
+            ) {
+                chunk.lease
+            } else {
+                lease
+            };
             if chunk.lease != lease || age_ms >= self.config.lifetime_ms {
                 if chunk.next - chunk.start < (chunk.end - chunk.start) / 2 {
                     self.chunk_size = (self.chunk_size / 2).max(self.config.min_size);
@@ -220,6 +232,16 @@ impl Carver {
         let start = mark.value.max(bounds.min_room());
         // The space above the mark must hold this reservation's need (with
         // another replica's larger --max-room, the mark may lie above ours).
+        #[cfg(feature = "model-check")]
+        if crate::model::mutants::active(crate::model::mutants::Mutant::MarkWrittenDown) {
+            return Step::TakeChunk(ChunkRequest {
+                mark,
+                start,
+                end: start.saturating_add(self.chunk_size).min(bounds.end()),
+                lease,
+                sent_at_ms: now_ms,
+            });
+        }
         let needed = match RoomRange::reserve_after(
             start,
             need.dp_size,
@@ -279,6 +301,19 @@ impl Carver {
                 ChunkOutcome::Lost
             }
             ChunkReply::LeaseNotFound => ChunkOutcome::Lost,
+            #[cfg(feature = "model-check")]
+            ChunkReply::Unknown
+                if crate::model::mutants::active(
+                    crate::model::mutants::Mutant::UnknownOutcomeReused,
+                ) =>
+            {
+                self.chunk_reply(
+                    request,
+                    ChunkReply::Taken {
+                        revision: request.mark.revision,
+                    },
+                )
+            }
             ChunkReply::Unknown => {
                 // Never used: reread the mark next time.
                 self.mark = None;

@@ -86,9 +86,9 @@
 //! of a new watch's catch-up events; the resume rule above makes that
 //! harmless for the resume point, and the staleness window bounds the rest.
 
-mod carver;
+pub(crate) mod carver;
 pub mod client;
-mod watch;
+pub(crate) mod watch;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;

@@ -22,14 +22,14 @@
 //! resuming past it after a break would skip that event forever.
 
 /// One watch stream's progress: see the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct WatchProgress {
     applied: i64,
     ask: Option<Ask>,
 }
 
 /// An outstanding request for confirmation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Ask {
     /// When the quorum read was sent (ms since the store's epoch).
     sent_ms: u64,
@@ -85,7 +85,16 @@ impl WatchProgress {
     /// below the read's revision: the next request tries again). It never
     /// moves the resume point.
     pub(crate) fn progress(&mut self, revision: i64) -> Option<u64> {
+        #[cfg(feature = "model-check")]
+        if crate::model::mutants::active(crate::model::mutants::Mutant::ResumePastUnappliedEvents) {
+            self.applied = self.applied.max(revision);
+        }
         let ask = self.ask?;
+        #[cfg(feature = "model-check")]
+        if crate::model::mutants::active(crate::model::mutants::Mutant::ConfirmWithoutLeader) {
+            self.ask = None;
+            return Some(ask.sent_ms);
+        }
         // Not the answer to a request sent after this read.
         let quorum = ask.quorum?;
         self.ask = None;
