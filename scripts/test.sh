@@ -106,7 +106,8 @@ step "buf lint"
 # clippy (which take the target directory's lock only while they compile;
 # cargo releases it before a test binary runs).
 step "started: integration tests (tests/it), the Python client's and the chart's tests, in the background"
-cargo_test=(cargo test --locked --workspace --features failpoints)
+# --no-fail-fast: a failing test binary does not keep the others from running.
+cargo_test=(cargo test --locked --workspace --features failpoints --no-fail-fast)
 it_log="$TOOLS/it.log"
 "${cargo_test[@]}" --test it >"$it_log" 2>&1 &
 it_pid=$!
