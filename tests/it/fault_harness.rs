@@ -180,8 +180,13 @@ async fn harness_router() {
                             beliefs.insert(worker, registered);
                         }
                         None => {
-                            writeln!(out, "ERR allocate {:?} {}", status.code(), unix_ms())
-                                .expect("write");
+                            writeln!(
+                                out,
+                                "ERR allocate {server} {:?} {}",
+                                status.code(),
+                                unix_ms()
+                            )
+                            .expect("write");
                             server = (server + 1) % servers.len();
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
@@ -216,7 +221,7 @@ async fn harness_router() {
                             beliefs.insert(worker, registered);
                         }
                         None => {
-                            writeln!(out, "ERR lease {:?} {}", status.code(), unix_ms())
+                            writeln!(out, "ERR lease {server} {:?} {}", status.code(), unix_ms())
                                 .expect("write");
                             server = (server + 1) % servers.len();
                             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -240,7 +245,7 @@ async fn harness_router() {
                         beliefs.insert(worker, registered);
                     }
                     Err(error) => {
-                        writeln!(out, "ERR client {:?} {}", error.code(), unix_ms())
+                        writeln!(out, "ERR client - {:?} {}", error.code(), unix_ms())
                             .expect("write");
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -601,6 +606,9 @@ async fn run_harness(mut etcd: EtcdUnderTest) {
     let mut issued: Vec<Issued> = Vec::new();
     let mut realignments: Vec<Realignment> = Vec::new();
     let mut errors = 0usize;
+    // (replica, when): calls a replica refused, to show a quiet window was
+    // asked, not merely unreached.
+    let mut refusals: Vec<(usize, u64)> = Vec::new();
     for (router, out) in routers {
         let output = tokio::task::spawn_blocking(move || router.wait_with_output())
             .await
@@ -629,7 +637,12 @@ async fn run_harness(mut etcd: EtcdUnderTest) {
                     sent_ms: sent.parse().expect("time"),
                     acked_ms: acked.parse().ok(),
                 }),
-                ["ERR", ..] => errors += 1,
+                ["ERR", _, server, _, at] => {
+                    errors += 1;
+                    if let (Ok(server), Ok(at)) = (server.parse::<usize>(), at.parse::<u64>()) {
+                        refusals.push((server, at));
+                    }
+                }
                 _ => panic!("bad router line {line:?}"),
             }
         }
@@ -691,6 +704,14 @@ async fn run_harness(mut etcd: EtcdUnderTest) {
     // 4. No room while etcd had no quorum a replica could reach, once the
     // staleness window ran out (a leaderless member's answers are stale).
     for fault in faults.iter().filter(|f| f.quorum_lost) {
+        let window_ms = u64::try_from((STALENESS + STOP_SLACK).as_millis()).expect("fits");
+        let quiet = (fault.began_ms + window_ms)..fault.ended_ms;
+        assert!(
+            refusals
+                .iter()
+                .any(|(replica, at)| *replica == 2 && quiet.contains(at)),
+            "no router call reached replica 2 (which reaches only the cut-off member) in {quiet:?} of {fault:?}: the check below would hold vacuously"
+        );
         for room in &issued {
             let after = match room.mode.as_str() {
                 "client" => STALENESS + STOP_SLACK + CLIENT_LEASE_AGE,
