@@ -84,7 +84,10 @@
 //! older etcd is refused at start, and the version is logged. etcd before
 //! 3.4.25 and 3.5.8 (Debian's 3.4.23) may send a progress notification ahead
 //! of a new watch's catch-up events; the resume rule above makes that
-//! harmless for the resume point, and the staleness window bounds the rest.
+//! harmless for the resume point, and a watch created at or past the
+//! revision it starts from confirms nothing until a linearizable read of
+//! the registrations modified since that start is applied (see [`watch`]),
+//! so it is harmless for confirmation too, on every version.
 
 pub(crate) mod carver;
 pub mod client;
@@ -2004,6 +2007,21 @@ impl RegistrationSync {
 
     /// Watches from `applied + 1` until the watch breaks; returns how, with
     /// the last revision applied.
+    ///
+    /// A watch etcd created at a revision at or past its start owes a
+    /// catch-up read before progress may confirm the view ([`watch`]): the
+    /// registrations modified since the start, read linearizably and applied
+    /// as events. That read misses a worker key deleted since the start,
+    /// which is safe: a worker key is deleted only when the lease of its
+    /// deregistration expires, at least `2 * retention` after the
+    /// deregistration, so a deletion the read misses with no later put of
+    /// the key means a deregistration missed too, at least that long ago.
+    /// By then no range the replica holds for the worker can serve (each
+    /// was reserved before the deregistration, whose revision the
+    /// reservation compared, and serves for at most `retention`), and a new
+    /// reservation compares the registration's revision and fails
+    /// (`StaleRegistration`): the stale view hands out nothing, and the
+    /// stream still delivers both events.
     async fn watch(&mut self, applied: i64) -> WatchEnd {
         let mut progress = WatchProgress::new(applied);
         let failed = |error: String, progress: &WatchProgress| {
@@ -2038,6 +2056,8 @@ impl RegistrationSync {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The quorum read of the outstanding request, while in flight.
         let mut quorum: Option<QuorumRead> = None;
+        // The catch-up read the watch owes (see `watch`), while in flight.
+        let mut catch_up: Option<CatchUpRead> = None;
         loop {
             tokio::select! {
                 message = stream.message() => {
@@ -2051,6 +2071,13 @@ impl RegistrationSync {
                     }
                     if response.canceled {
                         return failed(format!("etcd cancelled the watch: {}", response.cancel_reason), &progress);
+                    }
+                    if response.created {
+                        // A response without a header confirms nothing.
+                        let revision = response.header.as_ref().map_or(i64::MAX, |h| h.revision);
+                        if let Some(from) = progress.created(revision) {
+                            catch_up = Some(Box::pin(read_workers(self.shared.clone(), from)));
+                        }
                     }
                     for event in &response.events {
                         if let Some(kv) = &event.kv {
@@ -2087,12 +2114,31 @@ impl RegistrationSync {
                         }
                     }
                 }
+                read = async { catch_up.as_mut().expect("polled only while a read is in flight").await }, if catch_up.is_some() => {
+                    catch_up = None;
+                    match read {
+                        Ok((kvs, revision)) => {
+                            // As events, older than the stream's replays
+                            // of them; the resume point stays (see `watch`).
+                            for kv in &kvs {
+                                self.apply(pb::event::EventType::Put as i32, kv);
+                            }
+                            progress.caught_up(revision);
+                        }
+                        Err(error) => return failed(format!("the catch-up read of the registrations failed: {error}"), &progress),
+                    }
+                }
                 _ = ticker.tick() => {
                     if let Some(sent) = progress.asked_at() {
                         let waited = Duration::from_millis(self.shared.elapsed_ms().saturating_sub(sent));
                         if waited > self.shared.timeout {
                             return failed(format!("the watch did not confirm progress within {:?}", self.shared.timeout), &progress);
                         }
+                        continue;
+                    }
+                    if progress.catching_up() {
+                        // Nothing confirms before the catch-up read is
+                        // applied, and that read ends in its timeout.
                         continue;
                     }
                     progress.asked(self.shared.elapsed_ms());
@@ -2144,44 +2190,18 @@ impl RegistrationSync {
     async fn reread(&mut self) -> Result<i64, String> {
         let asked = self.shared.elapsed_ms();
         let prefix = self.shared.keys.workers();
-        let end = prefix_end(prefix.as_bytes());
-        let mut from = prefix.clone().into_bytes();
-        let mut revision = 0;
+        let (kvs, revision) = read_workers(self.shared.clone(), 0)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut seen = HashSet::new();
-        loop {
-            let page = self
-                .shared
-                .timed(
-                    "reread the registrations",
-                    self.shared.client.range(pb::RangeRequest {
-                        key: from.clone(),
-                        range_end: end.clone(),
-                        limit: PAGE_KEYS,
-                        revision,
-                        ..Default::default()
-                    }),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            if revision == 0 {
-                revision = page.header.as_ref().map_or(0, |h| h.revision);
+        for kv in &kvs {
+            if let Some(name) = std::str::from_utf8(&kv.key)
+                .ok()
+                .and_then(|key| key.strip_prefix(&prefix))
+            {
+                seen.insert(Arc::<str>::from(name));
             }
-            for kv in &page.kvs {
-                if let Some(name) = std::str::from_utf8(&kv.key)
-                    .ok()
-                    .and_then(|key| key.strip_prefix(&prefix))
-                {
-                    seen.insert(Arc::<str>::from(name));
-                }
-                self.apply(pb::event::EventType::Put as i32, kv);
-            }
-            if let Some(last) = page.kvs.last() {
-                from = last.key.clone();
-                from.push(0);
-            }
-            if !page.more {
-                break;
-            }
+            self.apply(pb::event::EventType::Put as i32, kv);
         }
         let gone: Vec<Arc<str>> = self.known.difference(&seen).cloned().collect();
         for name in gone {
@@ -2203,6 +2223,62 @@ enum WatchEnd {
     /// The watch broke; the last revision applied, to resume after.
     Failed(String, i64),
 }
+
+/// The registrations modified at or after `min_mod_revision` (0: all), by
+/// a linearizable read in pages at one revision; with that revision.
+/// Deleted keys are not seen: only a deregistered worker's key is deleted
+/// (its lease expired), and see `RegistrationSync::watch` for why the
+/// catch-up read may miss that.
+async fn read_workers(
+    shared: Arc<Shared>,
+    min_mod_revision: i64,
+) -> Result<(Vec<pb::KeyValue>, i64), StoreError> {
+    let prefix = shared.keys.workers();
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.into_bytes();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let page = shared
+            .timed(
+                "read the registrations",
+                shared.client.range(pb::RangeRequest {
+                    key: from.clone(),
+                    range_end: end.clone(),
+                    limit: PAGE_KEYS,
+                    revision,
+                    min_mod_revision,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        if revision == 0 {
+            // A response without a header: a read at "now" again would
+            // not be one view, so take none.
+            revision = page.header.as_ref().map_or(0, |h| h.revision);
+            if revision == 0 {
+                return Err(StoreError::Etcd {
+                    operation: "read the registrations",
+                    message: "the answer carried no revision; retrying".into(),
+                });
+            }
+        }
+        if let Some(last) = page.kvs.last() {
+            from = last.key.clone();
+            from.push(0);
+        }
+        let more = page.more && !page.kvs.is_empty();
+        kvs.extend(page.kvs);
+        if !more {
+            return Ok((kvs, revision));
+        }
+    }
+}
+
+/// A catch-up read in flight (see `RegistrationSync::watch`).
+type CatchUpRead = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(Vec<pb::KeyValue>, i64), StoreError>> + Send>,
+>;
 
 /// A linearizable read in flight, answering the cluster's revision.
 type QuorumRead =

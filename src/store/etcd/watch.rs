@@ -20,12 +20,34 @@
 //! progress notification can overtake the catch-up events of a new watch
 //! (created at revision 7, progress at 7, then the event of revision 2), and
 //! resuming past it after a break would skip that event forever.
+//!
+//! Nor may such a notification confirm the view: a watch that starts at
+//! revision S, created when etcd was at C >= S, delivers the events of
+//! S..=C later (etcd's catch-up), and an etcd before 3.4.25 and 3.5.8 may
+//! answer a progress request at or above the quorum read before them (a
+//! realignment or deregistration not yet applied; if the stream then
+//! breaks, the replica would serve by the old view until that confirmation
+//! plus the staleness window, however old the event). So a watch created at
+//! C >= S owes a **catch-up read**: a linearizable read of the keys modified
+//! at or after S, applied as events; until one at or above C is applied, no
+//! progress notification confirms anything. The stream's catch-up events
+//! are then replays, which the allocator ignores by revision. The read
+//! never moves the resume point: it cannot see keys deleted since S, which
+//! a later watch still delivers.
 
 /// One watch stream's progress: see the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct WatchProgress {
     applied: i64,
     ask: Option<Ask>,
+    catch_up: Option<CatchUp>,
+}
+
+/// A catch-up read the watch owes before anything is confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct CatchUp {
+    /// The revision etcd created the watch at: the read must reach it.
+    created: i64,
 }
 
 /// An outstanding request for confirmation.
@@ -42,7 +64,11 @@ impl WatchProgress {
     /// A watch that starts after `applied` (the revision of the snapshot or
     /// of the last event the replica applied).
     pub(crate) fn new(applied: i64) -> Self {
-        Self { applied, ask: None }
+        Self {
+            applied,
+            ask: None,
+            catch_up: None,
+        }
     }
 
     /// Where a new watch resumes: right after the last revision applied.
@@ -53,6 +79,31 @@ impl WatchProgress {
     /// The replica applied an event of `revision`.
     pub(crate) fn applied(&mut self, revision: i64) {
         self.applied = self.applied.max(revision);
+    }
+
+    /// etcd created the watch (which starts right after `resume_after()`)
+    /// at `revision`. Returns the revision a catch-up read starts from, if
+    /// one is owed.
+    pub(crate) fn created(&mut self, revision: i64) -> Option<i64> {
+        if revision <= self.applied {
+            // Nothing committed since the watch's start: no catch-up.
+            return None;
+        }
+        self.catch_up = Some(CatchUp { created: revision });
+        Some(self.applied.saturating_add(1))
+    }
+
+    /// The catch-up read, at `revision`, is applied: progress may confirm
+    /// again if it reached the revision the watch was created at.
+    pub(crate) fn caught_up(&mut self, revision: i64) {
+        if self.catch_up.is_some_and(|c| revision >= c.created) {
+            self.catch_up = None;
+        }
+    }
+
+    /// Whether a catch-up read is still owed.
+    pub(crate) fn catching_up(&self) -> bool {
+        self.catch_up.is_some()
     }
 
     /// When the outstanding request began, if one is.
@@ -98,6 +149,11 @@ impl WatchProgress {
         // Not the answer to a request sent after this read.
         let quorum = ask.quorum?;
         self.ask = None;
+        if self.catch_up.is_some() {
+            // Maybe ahead of catch-up events not yet applied (see the
+            // module docs).
+            return None;
+        }
         (revision >= quorum).then_some(ask.sent_ms)
     }
 }
@@ -111,6 +167,9 @@ mod tests {
         // A watch resumed after revision 1; etcd 3.4.23 answers the progress
         // request at revision 7 before the catch-up event of revision 2.
         let mut watch = WatchProgress::new(1);
+        assert_eq!(watch.created(7), Some(2));
+        // The catch-up read applied what 2..=7 left (not a deletion).
+        watch.caught_up(7);
         watch.asked(1000);
         watch.quorum_read(7);
         assert_eq!(watch.progress(7), Some(1000));
@@ -118,6 +177,49 @@ mod tests {
         assert_eq!(watch.resume_after(), 1, "resumes past an unapplied event");
         watch.applied(2);
         assert_eq!(watch.resume_after(), 2);
+    }
+
+    #[test]
+    fn a_progress_ahead_of_catch_up_events_confirms_nothing_until_the_catch_up_read() {
+        // A replica back from a partition resumes after revision 1; etcd
+        // creates the watch at revision 7, so the events of 2..=7 (a
+        // realignment at 2) come later, and etcd 3.4.23 may answer the
+        // progress request at 7 before them.
+        let mut watch = WatchProgress::new(1);
+        let catch_up_from = watch.created(7);
+        watch.asked(1000);
+        watch.quorum_read(7);
+        assert_eq!(
+            watch.progress(7),
+            None,
+            "confirmed a view that lacks the catch-up events"
+        );
+        assert_eq!(watch.asked_at(), None, "the next request tries again");
+        assert_eq!(catch_up_from, Some(2), "no catch-up read owed");
+        assert!(watch.catching_up());
+        // A read that did not reach the watch's creation covers too little.
+        watch.caught_up(6);
+        watch.asked(2000);
+        watch.quorum_read(8);
+        assert_eq!(watch.progress(8), None, "confirmed after a short read");
+        // Once the read of revisions 2..=8 is applied, progress confirms.
+        watch.caught_up(8);
+        assert!(!watch.catching_up());
+        watch.asked(3000);
+        watch.quorum_read(8);
+        assert_eq!(watch.progress(8), Some(3000));
+        assert_eq!(watch.resume_after(), 1, "the read moved the resume point");
+    }
+
+    #[test]
+    fn a_watch_created_before_any_new_revision_owes_no_catch_up_read() {
+        // Resumed after 7 (starts at 8), created at 7: nothing to catch up.
+        let mut watch = WatchProgress::new(7);
+        assert_eq!(watch.created(7), None);
+        assert!(!watch.catching_up());
+        watch.asked(1000);
+        watch.quorum_read(7);
+        assert_eq!(watch.progress(7), Some(1000));
     }
 
     #[test]
