@@ -29,11 +29,10 @@
 //! (see its docs for exactly what it models).
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use super::fs::{Fs, RealFs};
@@ -54,14 +53,15 @@ mod writer;
 pub(crate) use format::{decode_commit, encode_record, parse_record, Record};
 use format::{Files, LOCK_FILE, MIGRATED_FILE};
 use recovery::{check_not_migrated, create_dir_durably, io_err_of, prepare_files, settle, Settled};
-use writer::{Op, Outcome, Request, Writer, WriterStatus};
+use writer::{Reply, Request, Writer, WriterState, WriterStatus};
 
 /// The embedded store handle: requests go to one writer thread.
 pub struct EmbeddedStore {
     fs: Arc<dyn Fs>,
     requests: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
-    status: Arc<WriterStatus>,
+    /// The writer's state and high-water mark, as it last published them.
+    status: watch::Receiver<WriterStatus>,
     /// Written when the store was created (see `store_id`).
     store_id: String,
 }
@@ -165,8 +165,10 @@ impl EmbeddedStore {
                 "opened the embedded store; resuming past every reserved range"
             );
         }
-        let status = Arc::new(WriterStatus::default());
-        status.high_water.store(high_water, Ordering::Release);
+        let (status_tx, status) = watch::channel(WriterStatus {
+            state: WriterState::Ready,
+            high_water,
+        });
         let writer = Writer {
             fs: fs.clone(),
             files,
@@ -179,8 +181,8 @@ impl EmbeddedStore {
             generation: loaded.generation,
             high_water,
             bounds,
-            halted: None,
-            status: status.clone(),
+            state: WriterState::Ready,
+            status: status_tx,
         };
         let snapshot = loaded.replay.into_snapshot();
         let (tx, rx) = mpsc::channel();
@@ -222,14 +224,19 @@ impl EmbeddedStore {
         self.fs.sync_dir(dir)
     }
 
-    fn submit(&self, op: Op) -> StoreFuture<'_, Outcome> {
+    /// Queues a request built around its reply channel; the future ends
+    /// with the writer's answer, or `Closed` once the writer is gone.
+    fn submit<T: Send + 'static>(
+        &self,
+        request: impl FnOnce(Reply<T>) -> Request,
+    ) -> StoreFuture<'_, T> {
         let (reply, answer) = oneshot::channel();
         let sent = self
             .requests
             .lock()
             .expect("store sender lock is never poisoned: no code panics while holding it")
             .as_ref()
-            .map(|tx| tx.send(Request { op, reply }).is_ok())
+            .map(|tx| tx.send(request(reply)).is_ok())
             .unwrap_or(false);
         Box::pin(async move {
             if !sent {
@@ -250,36 +257,23 @@ impl Store for EmbeddedStore {
     }
 
     fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
-        let done = self.submit(Op::Register(prefill_worker, dp_size));
-        Box::pin(async move {
-            match done.await? {
-                Outcome::Revision(revision) => Ok(revision),
-                _ => unreachable!("the writer answers a registration with its revision"),
-            }
+        self.submit(|reply| Request::Register {
+            worker: prefill_worker,
+            dp_size,
+            reply,
         })
     }
 
     fn deregister(&self, prefill_worker: Arc<str>, _dp_size: DpSize) -> StoreFuture<'_, i64> {
-        let done = self.submit(Op::Deregister {
+        self.submit(|reply| Request::Deregister {
             worker: prefill_worker,
             unix_ms: super::unix_ms(),
-        });
-        Box::pin(async move {
-            match done.await? {
-                Outcome::Revision(revision) => Ok(revision),
-                _ => unreachable!("the writer answers a deregistration with its revision"),
-            }
+            reply,
         })
     }
 
     fn reserve(&self, reservation: Reservation) -> StoreFuture<'_, RoomRange> {
-        let done = self.submit(Op::Reserve(reservation));
-        Box::pin(async move {
-            match done.await? {
-                Outcome::Reserved(range) => Ok(range),
-                _ => unreachable!("the writer answers a reserve with a range"),
-            }
-        })
+        self.submit(|reply| Request::Reserve { reservation, reply })
     }
 
     fn record_issued(&self, counts: Vec<IssuedCount>) -> StoreFuture<'_, ()> {
@@ -287,34 +281,24 @@ impl Store for EmbeddedStore {
             .into_iter()
             .map(|c| (c.prefill_worker, c.total))
             .collect();
-        let done = self.submit(Op::Issued(counts));
-        Box::pin(async move { done.await.map(|_| ()) })
+        self.submit(|reply| Request::Issued { counts, reply })
     }
 
     fn prune(&self, request: PruneRequest) -> StoreFuture<'_, Pruned> {
-        let done = self.submit(Op::Prune(request));
-        Box::pin(async move {
-            match done.await? {
-                Outcome::Pruned(pruned) => Ok(pruned),
-                _ => unreachable!("the writer answers a prune with what it pruned"),
-            }
-        })
+        self.submit(|reply| Request::Prune { request, reply })
     }
 
     fn check_ready(&self) -> Result<(), StoreError> {
-        if self.status.gone.load(Ordering::Acquire) {
+        // A writer that ended without saying so (it panicked) dropped its
+        // sender: that is gone too.
+        if self.status.has_changed().is_err() {
             return Err(StoreError::Closed);
         }
-        if self.status.failing.load(Ordering::Acquire) {
-            return Err(StoreError::Halted {
-                reason: "a failed write".into(),
-            });
-        }
-        Ok(())
+        self.status.borrow().state.readiness()
     }
 
     fn high_water(&self) -> u64 {
-        self.status.high_water.load(Ordering::Acquire)
+        self.status.borrow().high_water
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

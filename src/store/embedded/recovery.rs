@@ -406,6 +406,30 @@ pub(super) struct Settled {
     pub(super) commit_seq: u64,
 }
 
+/// What settling writes, decided from what was read (pure, so the crash
+/// tests can drive it over every slot and log shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SettlePlan {
+    /// Cut the log here: a torn, never acknowledged write follows.
+    pub(super) cut_at: Option<u64>,
+    /// Write the log again from here to its end and sync it: records past
+    /// the commit, read back perhaps only from the page cache, adopted.
+    pub(super) rewrite_from: Option<u64>,
+    /// The fresh commit's number (see "Opening": it goes over the doubtful
+    /// newest slot and keeps the older one, unless that one is not valid).
+    pub(super) commit_seq: u64,
+}
+
+/// Decides what settling writes: `committed` bytes were acknowledged,
+/// records end at `end`, and `torn_tail` invalid bytes follow them.
+pub(super) fn plan_settle(slot: Slot, committed: u64, end: u64, torn_tail: u64) -> SettlePlan {
+    SettlePlan {
+        cut_at: (torn_tail > 0).then_some(end),
+        rewrite_from: (end > committed).then_some(committed),
+        commit_seq: slot.commit_seq + if slot.other_valid { 2 } else { 1 },
+    }
+}
+
 /// Reads the files as a restart does, cuts a torn tail, and commits what was
 /// adopted (see "Opening" above). Used at open and after any failed write.
 pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
@@ -420,14 +444,15 @@ pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
         slot = read_commit(&*commit, &files.commit)?;
     }
     let io = |path: &Path| io_err_of(path);
-    if loaded.end > loaded.committed {
+    let plan = plan_settle(slot, loaded.committed, loaded.end, loaded.torn_tail);
+    if plan.rewrite_from.is_some() {
         warn!(
             file = %files.log.display(),
             bytes = loaded.end - loaded.committed,
             "adopted durable records written after the last commit (a crash before acknowledging them); their rooms count as reserved"
         );
     }
-    if loaded.torn_tail > 0 {
+    if let Some(cut_at) = plan.cut_at {
         warn!(
             file = %files.log.display(),
             offset = loaded.end,
@@ -441,7 +466,7 @@ pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
                 cause: io_error("embedded::settle_truncate"),
             }
         );
-        log.set_len(loaded.end).map_err(io(&files.log))?;
+        log.set_len(cut_at).map_err(io(&files.log))?;
         failpoint!(
             "embedded::settle_truncate_fsync",
             OpenError::Io {
@@ -451,11 +476,11 @@ pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
         );
         log.sync_data().map_err(io(&files.log))?;
     }
-    if loaded.end > loaded.committed {
+    if let Some(from) = plan.rewrite_from {
         // Read back, but perhaps only from the page cache (after a failed
         // fsync Linux keeps the pages and forgets they were not written):
         // write them again and sync before committing them.
-        let from = usize::try_from(loaded.committed).expect("in memory");
+        let at = usize::try_from(from).expect("in memory");
         failpoint!(
             "embedded::settle_rewrite",
             OpenError::Io {
@@ -463,7 +488,7 @@ pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
                 cause: io_error("embedded::settle_rewrite"),
             }
         );
-        log.write_all_at(&loaded.bytes[from..], loaded.committed)
+        log.write_all_at(&loaded.bytes[at..], from)
             .map_err(io(&files.log))?;
         failpoint!(
             "embedded::settle_rewrite_fsync",
@@ -491,7 +516,7 @@ pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
     // only durable one. The fresh commit goes over the doubtful slot,
     // keeping the other, unless the other is not valid (then the newest
     // was read from the disk itself, or it is the only slot there is).
-    let commit_seq = slot.commit_seq + if slot.other_valid { 2 } else { 1 };
+    let commit_seq = plan.commit_seq;
     failpoint!(
         "embedded::settle_commit",
         OpenError::Io {
@@ -721,6 +746,44 @@ impl Replay {
             ranges: self.ranges,
             pruned_below: self.pruned_below,
             retention: Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    //! The settle decision, driven directly over every slot shape.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The fresh commit never goes over the only durable slot: with two
+        /// valid slots it replaces the newest (perhaps only in the page
+        /// cache) and keeps the older; with one, it goes to the other slot.
+        /// It is always newer than what was read, so it is the one read next.
+        #[test]
+        fn the_fresh_commit_keeps_the_slot_that_may_be_the_only_durable_one(
+            commit_seq in 0u64..1 << 60,
+            other_valid: bool,
+            committed in 16u64..1 << 30,
+            adopted in 0u64..4096,
+            torn_tail in 0u64..4096,
+        ) {
+            let slot = Slot { commit_seq, log_len: committed, generation: 0, other_valid, version: COMMIT_VERSION };
+            let end = committed + adopted;
+            let plan = plan_settle(slot, committed, end, torn_tail);
+            prop_assert!(plan.commit_seq > commit_seq);
+            let older = slot_offset(commit_seq + 1);
+            if other_valid {
+                prop_assert_ne!(slot_offset(plan.commit_seq), older, "the older valid slot is kept");
+            } else {
+                prop_assert_ne!(slot_offset(plan.commit_seq), slot_offset(commit_seq), "the only valid slot is kept");
+            }
+            prop_assert_eq!(plan.cut_at, (torn_tail > 0).then_some(end), "a torn tail is cut right after the last valid record");
+            prop_assert_eq!(plan.rewrite_from.is_some(), adopted > 0, "adopted records are written again before they are committed");
+            if let Some(from) = plan.rewrite_from {
+                prop_assert_eq!(from, committed, "nothing acknowledged is rewritten");
+            }
         }
     }
 }

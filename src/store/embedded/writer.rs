@@ -33,58 +33,194 @@
 //! is older than the cutoff and none of their ranges is left.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::format::*;
 use super::recovery::*;
 use crate::failpoint;
 use crate::failpoint::io_error;
-use crate::space::DpSize;
-use crate::space::{Bounds, RoomRange};
+use crate::space::{Bounds, DpSize, RoomRange};
 use crate::store::fs::{Fs, FsFile, FsLock};
-use crate::store::Reservation;
-use crate::store::{PruneRequest, Pruned, StoreError};
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use tokio::sync::oneshot;
+use crate::store::{PruneRequest, Pruned, Reservation, StoreError};
 
 /// Most requests folded into one group commit; bounds the batch's memory.
 pub(super) const MAX_BATCH: usize = 1024;
 /// How often a halted or failing writer reads its files back or probes.
 pub(super) const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What the writer thread tells the rest of the process.
-#[derive(Debug, Default)]
+/// Where the writer stands. One value, so no reader can see a combination
+/// the writer never was in (halted but ready, gone but failing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum WriterState {
+    /// Takes writes; the last one (if any) succeeded.
+    Ready,
+    /// The files were read back after a failure and writes are taken again,
+    /// but none has succeeded yet: not ready until one does (an idle writer
+    /// probes the disk with a record that holds nothing).
+    Failing,
+    /// A write failed: the files' state is unknown until they are read back,
+    /// and every request is refused until then.
+    Halted { reason: String },
+    /// The writer thread has ended; nothing more is written.
+    Gone,
+}
+
+/// What an idle writer does at its next tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IdleWork {
+    Nothing,
+    /// Read the files back (settle them).
+    Settle,
+    /// Write a probe record: readiness returns only with a write that succeeds.
+    Probe,
+}
+
+impl WriterState {
+    /// The state after a write (or a probe) that succeeded or failed.
+    pub(super) fn after_write(&self, result: Result<(), &StoreError>) -> WriterState {
+        match (self, result) {
+            (WriterState::Gone, _) => WriterState::Gone,
+            (_, Ok(())) => WriterState::Ready,
+            (_, Err(error)) => WriterState::Halted {
+                reason: error.to_string(),
+            },
+        }
+    }
+
+    /// The state after the files were read back: still not ready, as the
+    /// disk has not yet taken a write since it failed one.
+    pub(super) fn after_settle(&self, settled: bool) -> WriterState {
+        match self {
+            WriterState::Halted { .. } if settled => WriterState::Failing,
+            other => other.clone(),
+        }
+    }
+
+    /// Whether requests are written (else refused with this error).
+    pub(super) fn refusal(&self) -> Option<StoreError> {
+        match self {
+            WriterState::Ready | WriterState::Failing => None,
+            WriterState::Halted { reason } => Some(StoreError::Halted {
+                reason: reason.clone(),
+            }),
+            WriterState::Gone => Some(StoreError::Closed),
+        }
+    }
+
+    /// What readiness reports: only `Ready` is ready.
+    pub(super) fn readiness(&self) -> Result<(), StoreError> {
+        match self {
+            WriterState::Ready => Ok(()),
+            WriterState::Failing | WriterState::Halted { .. } => Err(StoreError::Halted {
+                reason: "a failed write".into(),
+            }),
+            WriterState::Gone => Err(StoreError::Closed),
+        }
+    }
+
+    pub(super) fn idle_work(&self) -> IdleWork {
+        match self {
+            WriterState::Halted { .. } => IdleWork::Settle,
+            WriterState::Failing => IdleWork::Probe,
+            WriterState::Ready | WriterState::Gone => IdleWork::Nothing,
+        }
+    }
+}
+
+/// What the writer publishes, through one `watch` channel: its state and
+/// the high-water mark of what it has made durable.
+#[derive(Debug, Clone)]
 pub(super) struct WriterStatus {
-    /// The last write failed (or the writer is halted) and nothing has
-    /// succeeded since.
-    pub(super) failing: AtomicBool,
-    /// The writer thread has ended.
-    pub(super) gone: AtomicBool,
-    pub(super) high_water: AtomicU64,
+    pub(super) state: WriterState,
+    pub(super) high_water: u64,
 }
 
-pub(super) enum Op {
-    Register(Arc<str>, DpSize),
-    Deregister { worker: Arc<str>, unix_ms: u64 },
-    Reserve(Reservation),
-    Issued(Vec<(Arc<str>, u64)>),
-    Prune(PruneRequest),
+/// The answer to one request, typed by the request's kind.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A request to the writer, carrying the channel for its own kind of answer.
+pub(super) enum Request {
+    Register {
+        worker: Arc<str>,
+        dp_size: DpSize,
+        reply: Reply<i64>,
+    },
+    Deregister {
+        worker: Arc<str>,
+        unix_ms: u64,
+        reply: Reply<i64>,
+    },
+    Reserve {
+        reservation: Reservation,
+        reply: Reply<RoomRange>,
+    },
+    Issued {
+        counts: Vec<(Arc<str>, u64)>,
+        reply: Reply<()>,
+    },
+    Prune {
+        request: PruneRequest,
+        reply: Reply<Pruned>,
+    },
 }
 
-pub(super) enum Outcome {
-    Revision(i64),
-    Reserved(RoomRange),
-    Pruned(Pruned),
-    Done,
+impl Request {
+    /// Answers with `error` whatever the kind.
+    fn refuse(self, error: StoreError) {
+        // A caller that gave up is fine: nothing was written for it.
+        match self {
+            Request::Register { reply, .. } | Request::Deregister { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Reserve { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Issued { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Prune { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
 }
 
-pub(super) struct Request {
-    pub(super) op: Op,
-    pub(super) reply: oneshot::Sender<Result<Outcome, StoreError>>,
+/// A batch's answer, held until its records are durable.
+enum Pending {
+    Revision(Reply<i64>, Result<i64, StoreError>),
+    Reserved(Reply<RoomRange>, Result<RoomRange, StoreError>),
+    Done(Reply<()>),
+}
+
+impl Pending {
+    /// Sends the answer, or `failed` in its place when the batch's write failed.
+    fn answer(self, failed: Option<&StoreError>) {
+        // A caller that gave up is fine: its range is simply skipped.
+        match (self, failed) {
+            (Pending::Revision(reply, _), Some(error)) => {
+                let _ = reply.send(Err(error.clone()));
+            }
+            (Pending::Revision(reply, answer), None) => {
+                let _ = reply.send(answer);
+            }
+            (Pending::Reserved(reply, _), Some(error)) => {
+                let _ = reply.send(Err(error.clone()));
+            }
+            (Pending::Reserved(reply, answer), None) => {
+                let _ = reply.send(answer);
+            }
+            (Pending::Done(reply), Some(error)) => {
+                let _ = reply.send(Err(error.clone()));
+            }
+            (Pending::Done(reply), None) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
 }
 
 /// Owns the files; the only code that writes them.
@@ -101,9 +237,10 @@ pub(super) struct Writer {
     pub(super) generation: u32,
     pub(super) high_water: u64,
     pub(super) bounds: Bounds,
-    /// Why writes stopped, until the files are settled again.
-    pub(super) halted: Option<String>,
-    pub(super) status: Arc<WriterStatus>,
+    pub(super) state: WriterState,
+    /// Where `state` and `high_water` are published (dropped with the
+    /// writer, which readers also take as `Gone`).
+    pub(super) status: watch::Sender<WriterStatus>,
 }
 
 impl Writer {
@@ -118,15 +255,13 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    if self.halted.is_some() {
+                    if self.state.idle_work() == IdleWork::Settle {
                         self.recover();
                     }
-                    match self.halted.clone() {
-                        Some(reason) => {
+                    match self.state.refusal() {
+                        Some(error) => {
                             for request in batch {
-                                let _ = request.reply.send(Err(StoreError::Halted {
-                                    reason: reason.clone(),
-                                }));
+                                request.refuse(error.clone());
                             }
                         }
                         None => self.commit_batch(batch),
@@ -136,29 +271,47 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        self.status.gone.store(true, Ordering::Release);
+        self.set_state(WriterState::Gone);
+    }
+
+    /// Changes the state and publishes it.
+    fn set_state(&mut self, state: WriterState) {
+        if let WriterState::Halted { reason } = &state {
+            error!(%reason, "the embedded store stopped taking writes until it has read its files back");
+        }
+        if state != self.state {
+            self.state = state.clone();
+            self.status.send_modify(|status| status.state = state);
+        }
+    }
+
+    /// Publishes a new high-water mark.
+    fn publish_high_water(&self) {
+        let high_water = self.high_water;
+        self.status
+            .send_modify(|status| status.high_water = high_water);
     }
 
     /// Idle: a halted writer settles its files, a failing one probes the
     /// disk, so readiness comes back without waiting for a caller.
     pub(super) fn tick(&mut self) {
-        if self.halted.is_some() {
-            self.recover();
-        } else if self.status.failing.load(Ordering::Acquire) {
-            let mut probe = Vec::new();
-            encode_record(&mut probe, self.next_seq, &Record::Probe);
-            if self.append_and_commit(&probe).is_ok() {
-                self.next_seq += 1;
+        match self.state.idle_work() {
+            IdleWork::Settle => self.recover(),
+            IdleWork::Probe => {
+                let mut probe = Vec::new();
+                encode_record(&mut probe, self.next_seq, &Record::Probe);
+                if self.append_and_commit(&probe).is_ok() {
+                    self.next_seq += 1;
+                }
             }
+            IdleWork::Nothing => {}
         }
     }
 
     /// Stops writes until the files are settled; readiness stays off until
     /// a write succeeds again.
     pub(super) fn halt(&mut self, reason: String) {
-        error!(%reason, "the embedded store stopped taking writes until it has read its files back");
-        self.halted = Some(reason);
-        self.status.failing.store(true, Ordering::Release);
+        self.set_state(WriterState::Halted { reason });
     }
 
     /// Reads the files back as a restart would and resumes past everything
@@ -183,11 +336,10 @@ impl Writer {
                 self.commit_seq = settled.commit_seq;
                 self.log = settled.log;
                 self.commit = settled.commit;
-                self.status
-                    .high_water
-                    .store(self.high_water, Ordering::Release);
+                self.publish_high_water();
                 // Readiness returns with the next successful write (a probe).
-                self.halted = None;
+                let state = self.state.after_settle(true);
+                self.set_state(state);
                 info!(
                     high_water = self.high_water,
                     "the embedded store read its files back and takes writes again"
@@ -199,77 +351,94 @@ impl Writer {
         }
     }
 
+    /// Writes the batch's records in one commit, then answers each request;
+    /// prunes run after it, as compaction needs everything before it on disk.
     pub(super) fn commit_batch(&mut self, batch: Vec<Request>) {
         let mut buf = Vec::new();
         let mut seq = self.next_seq;
         let mut high_water = self.high_water;
         let mut answers = Vec::with_capacity(batch.len());
-        let mut pending_prune = None;
-        for Request { op, reply } in batch {
-            let record = match op {
-                Op::Register(worker, dp_size) => Ok(Record::Register(worker, dp_size)),
-                Op::Deregister { worker, unix_ms } => Ok(Record::Deregister { worker, unix_ms }),
-                Op::Reserve(r) => RoomRange::reserve_after(
-                    high_water,
-                    r.dp_size,
-                    r.want_bases,
-                    r.need_bases,
-                    self.bounds,
-                )
-                .map(|range| {
-                    high_water = range.end();
-                    Record::Reserve {
-                        worker: r.prefill_worker,
-                        range,
-                        rooms_issued: r.rooms_issued,
-                        created_unix_ms: r.created_unix_ms,
-                    }
-                })
-                .map_err(StoreError::Space),
-                Op::Prune(request) => {
-                    // Compaction needs everything before it on disk first.
-                    answers.push((reply, Err(StoreError::Closed)));
-                    pending_prune = Some((answers.len() - 1, request));
-                    continue;
+        let mut prunes = Vec::new();
+        for request in batch {
+            match request {
+                Request::Register {
+                    worker,
+                    dp_size,
+                    reply,
+                } => {
+                    encode_record(&mut buf, seq, &Record::Register(worker, dp_size));
+                    answers.push(Pending::Revision(reply, Ok(revision(self.generation, seq))));
+                    seq += 1;
                 }
-                Op::Issued(counts) => {
+                Request::Deregister {
+                    worker,
+                    unix_ms,
+                    reply,
+                } => {
+                    encode_record(&mut buf, seq, &Record::Deregister { worker, unix_ms });
+                    answers.push(Pending::Revision(reply, Ok(revision(self.generation, seq))));
+                    seq += 1;
+                }
+                Request::Reserve {
+                    reservation: r,
+                    reply,
+                } => {
+                    let reserved = RoomRange::reserve_after(
+                        high_water,
+                        r.dp_size,
+                        r.want_bases,
+                        r.need_bases,
+                        self.bounds,
+                    )
+                    .map_err(StoreError::Space);
+                    if let Ok(range) = reserved {
+                        high_water = range.end();
+                        let record = Record::Reserve {
+                            worker: r.prefill_worker,
+                            range,
+                            rooms_issued: r.rooms_issued,
+                            created_unix_ms: r.created_unix_ms,
+                        };
+                        encode_record(&mut buf, seq, &record);
+                        seq += 1;
+                    }
+                    answers.push(Pending::Reserved(reply, reserved));
+                }
+                Request::Issued { counts, reply } => {
                     for (worker, rooms_issued) in counts {
                         encode_record(&mut buf, seq, &Record::Issued(worker, rooms_issued));
                         seq += 1;
                     }
-                    answers.push((reply, Ok(Outcome::Done)));
-                    continue;
+                    answers.push(Pending::Done(reply));
                 }
-            };
-            let outcome = record.map(|record| {
-                encode_record(&mut buf, seq, &record);
-                let outcome = match record {
-                    Record::Reserve { range, .. } => Outcome::Reserved(range),
-                    _ => Outcome::Revision(revision(self.generation, seq)),
-                };
-                seq += 1;
-                outcome
-            });
-            answers.push((reply, outcome));
+                Request::Prune { request, reply } => prunes.push((request, reply)),
+            }
         }
 
         if !buf.is_empty() {
             if let Err(error) = self.append_and_commit(&buf) {
-                for (reply, _) in answers {
+                for pending in answers {
+                    pending.answer(Some(&error));
+                }
+                for (_, reply) in prunes {
                     let _ = reply.send(Err(error.clone()));
                 }
                 return;
             }
             self.next_seq = seq;
             self.high_water = high_water;
-            self.status.high_water.store(high_water, Ordering::Release);
+            self.publish_high_water();
         }
-        if let Some((index, request)) = pending_prune {
-            answers[index].1 = self.compact(&request).map(Outcome::Pruned);
+        for pending in answers {
+            pending.answer(None);
         }
-        for (reply, outcome) in answers {
-            // A caller that gave up is fine: its range is simply skipped.
-            let _ = reply.send(outcome);
+        for (request, reply) in prunes {
+            // A compaction that halted the writer leaves later ones refused.
+            let pruned = match self.state.refusal() {
+                Some(error) => Err(error),
+                None => self.compact(&request),
+            };
+            let _ = reply.send(pruned);
         }
     }
 
@@ -286,13 +455,16 @@ impl Writer {
         let result = self.try_append_and_commit(records);
         match &result {
             Ok(()) => {
-                if self.status.failing.swap(false, Ordering::AcqRel) {
+                if self.state == WriterState::Failing {
                     info!("the embedded store's writes succeed again");
                 }
+                let state = self.state.after_write(Ok(()));
+                self.set_state(state);
             }
             Err(error) => {
                 warn!(%error, "embedded store write failed; nothing in this batch was acknowledged");
-                self.halt(error.to_string());
+                let state = self.state.after_write(Err(error));
+                self.set_state(state);
             }
         }
         result
@@ -525,5 +697,80 @@ impl Writer {
         synced.map_err(|e| self.io_error(&commit, e))?;
         self.commit_seq = commit_seq;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    //! The writer's state transitions, driven directly.
+    use super::*;
+
+    fn failed() -> StoreError {
+        StoreError::Injected("embedded::log_fsync")
+    }
+
+    #[test]
+    fn a_failed_write_halts_and_refuses_with_its_reason() {
+        let halted = WriterState::Ready.after_write(Err(&failed()));
+        let reason = failed().to_string();
+        assert_eq!(
+            halted,
+            WriterState::Halted {
+                reason: reason.clone()
+            }
+        );
+        assert!(matches!(halted.refusal(), Some(StoreError::Halted { reason: r }) if r == reason));
+        assert!(halted.readiness().is_err());
+        assert_eq!(halted.idle_work(), IdleWork::Settle);
+    }
+
+    #[test]
+    fn settled_files_take_writes_but_readiness_waits_for_a_successful_write() {
+        let halted = WriterState::Ready.after_write(Err(&failed()));
+        assert_eq!(
+            halted.after_settle(false),
+            halted,
+            "a failed settle stays halted"
+        );
+        let failing = halted.after_settle(true);
+        assert_eq!(failing, WriterState::Failing);
+        assert!(failing.refusal().is_none(), "writes are taken again");
+        assert!(
+            failing.readiness().is_err(),
+            "not ready before a write succeeds"
+        );
+        assert_eq!(failing.idle_work(), IdleWork::Probe);
+        let ready = failing.after_write(Ok(()));
+        assert_eq!(ready, WriterState::Ready);
+        assert!(ready.readiness().is_ok());
+        assert_eq!(ready.idle_work(), IdleWork::Nothing);
+        assert_eq!(
+            WriterState::Failing.after_write(Err(&failed())),
+            WriterState::Halted {
+                reason: failed().to_string()
+            },
+            "a failed probe halts again"
+        );
+    }
+
+    #[test]
+    fn settling_never_makes_a_ready_writer_failing() {
+        assert_eq!(WriterState::Ready.after_settle(true), WriterState::Ready);
+    }
+
+    #[test]
+    fn a_gone_writer_stays_gone_and_refuses_as_closed() {
+        for result in [Ok(()), Err(&failed())] {
+            assert_eq!(WriterState::Gone.after_write(result), WriterState::Gone);
+        }
+        assert_eq!(WriterState::Gone.after_settle(true), WriterState::Gone);
+        assert!(matches!(
+            WriterState::Gone.refusal(),
+            Some(StoreError::Closed)
+        ));
+        assert!(matches!(
+            WriterState::Gone.readiness(),
+            Err(StoreError::Closed)
+        ));
     }
 }
