@@ -32,7 +32,7 @@
 //!   version u32 (2), log generation u32, `commit_seq: u64`, `log_len: u64`,
 //!   crc32 of the preceding 32 bytes. Commit `n` goes to slot `n % 2`, so
 //!   the slot of the previous commit is never written over; numbers may skip
-//!   (see "Opening"). Format version 1 (up to issue 16) had the same slots,
+//!   (see "Opening" in `recovery`). Format version 1 (up to issue 16) had the same slots,
 //!   version 1, at offsets 0 and 512 of a 1 KiB file, so a device that tears
 //!   4 KiB at a time could destroy both: it is still read (by its length),
 //!   and upgraded at open: an 8 KiB file holding the same commit (in both

@@ -431,7 +431,7 @@ pub(super) fn plan_settle(slot: Slot, committed: u64, end: u64, torn_tail: u64) 
 }
 
 /// Reads the files as a restart does, cuts a torn tail, and commits what was
-/// adopted (see "Opening" above). Used at open and after any failed write.
+/// adopted (see "Opening" above; "Media assumptions" in the store's docs). Used at open and after any failed write.
 pub(super) fn settle(fs: &dyn Fs, files: &Files) -> Result<Settled, OpenError> {
     let mut commit = fs.open(&files.commit).map_err(io_err_of(&files.commit))?;
     let log = fs.open(&files.log).map_err(io_err_of(&files.log))?;

@@ -11,13 +11,12 @@
 //! After any failed write or fsync the writer no longer trusts its idea of the
 //! files (a failed fsync may or may not have reached the disk): it answers
 //! UNAVAILABLE, stops taking writes, and every second reads the files back
-//! exactly as a restart would ("settling" them, below). Once that succeeds it
+//! exactly as a restart would ("settling" them, see `recovery`). Once that succeeds it
 //! takes writes again, past everything the files hold. So a caller is told a
 //! range is reserved only when it is durable, and a range that may be durable
 //! is never reserved again. A failed rename of a compaction counts as a
 //! failure after it: a rename may take effect and still report an error (an
 //! NFS retry that gets ENOENT, a journal error).
-//!
 //!
 //! # Compaction (retention)
 //! Pruning old ranges rewrites the log: the current registrations, counters,
@@ -28,7 +27,7 @@
 //! finished its rename: it is complete, and every byte of it must be valid. A
 //! leftover `rooms.log.compact` is a compaction that did not get that far and
 //! is removed. A failure before the rename leaves the live log as it was; a
-//! failure after it halts the writer until the files are settled (above).
+//! failure after it halts the writer until the files are settled.
 //! Deregistered workers are dropped by compaction once their deregistration
 //! is older than the cutoff and none of their ranges is left.
 
