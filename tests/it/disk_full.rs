@@ -19,6 +19,9 @@ fn allocate(worker: &str, dp_size: u32) -> pb::AllocateRoomRequest {
     }
 }
 
+/// `rooms.commit`: two commit slots 4 KiB apart (format version 2).
+const COMMIT_FILE_LEN: u64 = 8192;
+
 #[tokio::test]
 async fn a_store_that_cannot_write_gives_unavailable_and_never_a_duplicate() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -37,9 +40,10 @@ async fn a_store_that_cannot_write_gives_unavailable_and_never_a_duplicate() {
     let log_len = std::fs::metadata(dir.path().join("rooms.log"))
         .expect("log")
         .len();
-    // The commit file is 1024 bytes; past that the log has room for a few
-    // more records, then every write that extends it fails with EFBIG.
-    let limit = log_len.max(1024) + 300;
+    // The commit file is 8 KiB (two slots 4 KiB apart); the limit lets it
+    // be written, then the log has room for some more records, then every
+    // write that extends it fails with EFBIG.
+    let limit = log_len.max(COMMIT_FILE_LEN) + 300;
     let mut server = ServerProcess::try_start_with(dir.path(), &[], |command| {
         // SAFETY: setrlimit is async-signal-safe; it only limits the child.
         unsafe {
@@ -68,7 +72,7 @@ async fn a_store_that_cannot_write_gives_unavailable_and_never_a_duplicate() {
     assert!(rooms.insert(steady));
 
     let mut unavailable = None;
-    for i in 0..50 {
+    for i in 0..1000 {
         match timed(client.allocate_room(allocate(&format!("new-{i}"), 2))).await {
             Ok(response) => assert!(rooms.insert(response.into_inner().room)),
             Err(status) => {
@@ -132,9 +136,9 @@ async fn readiness(server: &ServerProcess) -> i32 {
 async fn readiness_turns_off_while_writes_fail_and_returns_when_they_succeed() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let dir = tempfile::tempdir().expect("tempdir");
-    // The commit file is 1024 bytes and the log starts at 16: room for a
-    // few records, then every write that extends the log fails with EFBIG.
-    let limit: u64 = 1024 + 400;
+    // The commit file is 8 KiB and the log starts at 16: room for some
+    // records, then every write that extends the log fails with EFBIG.
+    let limit: u64 = COMMIT_FILE_LEN + 400;
     let server = ServerProcess::try_start_with(dir.path(), &[], |command| {
         // SAFETY: setrlimit is async-signal-safe; it only limits the child.
         unsafe {
@@ -156,7 +160,7 @@ async fn readiness_turns_off_while_writes_fail_and_returns_when_they_succeed() {
     let mut client = server.client().await;
     let mut rooms = HashSet::new();
     let mut failed = false;
-    for i in 0..100 {
+    for i in 0..1000 {
         match timed(client.allocate_room(allocate(&format!("fill-{i}"), 2))).await {
             Ok(response) => assert!(rooms.insert(response.into_inner().room)),
             Err(status) => {
