@@ -21,6 +21,8 @@ BEGIN {
     for (suite in need) if (name ~ need[suite]) seen[suite]++
 }
 /^python: / { python += $2; python_skipped += $6 }
+# The bounded model check's summary (src/model/, run with --nocapture).
+/^model: [0-9]+ states, .* 0 violated$/ { model++ }
 /^chart: / { chart += $2 }
 END {
     bad = 0
@@ -30,6 +32,7 @@ END {
     }
     if (python == 0) { print "ran no test: python client"; bad = 1 } else printf "ran: python client: %d tests\n", python
     if (chart == 0) { print "ran no test: helm chart"; bad = 1 } else printf "ran: helm chart: %d checks\n", chart
+    if (model == 0) { print "ran no test: the bounded model check"; bad = 1 } else print "ran: the bounded model check and its mutants"
     if (python_skipped > 0) { printf "python: %d tests skipped; under CI nothing may be skipped\n", python_skipped; bad = 1 }
     exit bad
 }

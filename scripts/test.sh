@@ -144,8 +144,17 @@ python_status=$?
 finish "$chart_pid" "helm chart: lint, render, schemas vs the binary's bounds, live probes/TLS/helm test/rotation/metrics, promtool" "$chart_log"
 chart_status=$?
 set -e
+# The model check needs an optimised build (a debug one is many times too
+# slow), a second compile: it runs last, so its compile does not slow the
+# timing-sensitive suites above.
+step "model check: the bounded check of the protocol's pure core, and every mutant caught (release build)"
+model_log="$TOOLS/model.log"
+set +e
+cargo test --locked --release --features model-check --lib model:: -- --nocapture 2>&1 | tee "$model_log"
+model_status=${PIPESTATUS[0]}
+set -e
 log="$TOOLS/test.log"
-cat "$unit_log" "$it_log" "$python_log" "$chart_log" >"$log"
+cat "$unit_log" "$it_log" "$python_log" "$chart_log" "$model_log" >"$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } /^(chart|python): / { p += $2; f += $4 }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
@@ -158,4 +167,4 @@ step "done"
 printf '%s' "$timings"
 printf '%5d s  total\n' $(($(date +%s) - started))
 [ "$unit_status" -eq 0 ] && [ "$it_status" -eq 0 ] && [ "$python_status" -eq 0 ] &&
-  [ "$chart_status" -eq 0 ] && [ "$ran_status" -eq 0 ]
+  [ "$chart_status" -eq 0 ] && [ "$model_status" -eq 0 ] && [ "$ran_status" -eq 0 ]
