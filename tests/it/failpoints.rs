@@ -272,10 +272,7 @@ async fn unsettled_dir() -> (tempfile::TempDir, load::Record) {
     .unwrap_or_else(|failure| panic!("start: {}", failure.log));
     register_all(&server).await;
     let tasks = start_load(&server.url(), &record, OnError::Stop);
-    assert!(
-        server.wait_exit(HIT_LIMIT).is_some(),
-        "crashed"
-    );
+    assert!(server.wait_exit(HIT_LIMIT).is_some(), "crashed");
     for task in tasks {
         timed(task).await.expect("load task");
     }
