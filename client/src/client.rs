@@ -309,8 +309,13 @@ impl RoomClientBuilder {
     /// still returned: the allocator answered.
     ///
     /// `region` must miss every room the allocator hands out: `connect`
-    /// reads the server's bounds (GetRoomSpace) and refuses an overlapping
-    /// region with [`Error::Config`]. The default bounds (`1..=2^63-1`)
+    /// reads the server's bounds (GetRoomSpace, from the first replica that
+    /// answers) and refuses an overlapping region with [`Error::Config`].
+    /// It is checked once: every replica of the room space must run with
+    /// those bounds for as long as the client lives (a replica restarted
+    /// with a `--max-room` reaching into the region, or another replica of
+    /// the prefix with other bounds, voids the check; restart the clients
+    /// after changing bounds). The default bounds (`1..=2^63-1`)
     /// leave no region, so the operator leaves one, e.g. the server with
     /// `--max-room 4611686018427387903` and the region `2^62..=2^63-1`.
     /// Fallback rooms can only collide with other fallback rooms; the odds
@@ -491,8 +496,9 @@ impl RoomClientBuilder {
         });
         let client = RoomClient::new(targets, epoch, self.timeout, self.max_lease_age, fallback);
         if let Some(fallback) = &client.inner.fallback {
-            // Checked once: a server's bounds are fixed while it runs, and
-            // every replica of one room space shares them.
+            // Checked once, at connect: a server's bounds are fixed while it
+            // runs, and the docs above require every replica of the room
+            // space to share them while the client lives.
             let space = client.room_space().await?;
             fallback
                 .region

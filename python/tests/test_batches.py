@@ -236,3 +236,20 @@ def test_a_forked_child_draws_its_own_fallback_rooms(tmp_path: Path) -> None:
         assert all(room >= HALF and room % 2 == 1 for room in child_rooms + parent_rooms)
         assert len(set(child_rooms + parent_rooms)) == 6
         assert client.fallback_rooms == 3
+
+
+def test_bounds_that_move_over_the_region_disarm_the_fallback() -> None:
+    # A replica with other bounds (a rolling change of --max-room) may answer
+    # later: once bounds overlap the region, no fallback room may leave.
+    from room_allocator._fallback import Fallback
+    from room_allocator._types import RoomSpace
+    from room_allocator.errors import Unavailable
+
+    fallback = Fallback((1 << 62, (1 << 63) - 1), 0.05, None)
+    fallback.learn(RoomSpace(min_room=1, max_room=(1 << 62) - 1))
+    outage = Unavailable.__new__(Unavailable)
+    assert fallback.room("w", 1, 2, 1, outage) % 2 == 1
+    with pytest.raises(ValueError, match="overlaps"):
+        fallback.learn(RoomSpace(min_room=1, max_room=(1 << 63) - 1))
+    with pytest.raises(Unavailable):
+        fallback.room("w", 1, 2, 1, outage)

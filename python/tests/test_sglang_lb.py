@@ -212,6 +212,17 @@ def check_cluster(cluster: Cluster, allocator: RoomClient, names: Dict[int, Tupl
         assert max(counts) - min(counts) <= 2, (name, counts)
 
 
+def test_input_embeds_requests_are_refused_since_their_items_cannot_be_counted() -> None:
+    # SGLang counts a batch of embeddings by their shape; the mini LB's count
+    # does not look at them, so a single room would be expanded by SGLang
+    # into room + i, other requests' rooms.
+    from room_allocator.sglang import request_items
+
+    with pytest.raises(ValueError, match="input_embeds"):
+        request_items({"input_embeds": [[[0.1]], [[0.2]], [[0.3]]]}, "generate")
+    assert request_items({"text": ["a", "b"]}, "generate") == (2, 1)
+
+
 def test_two_real_sglang_mini_lbs_share_the_allocators_rooms(
     server_factory: ServerFactory, cluster: Cluster, tmp_path: Path
 ) -> None:

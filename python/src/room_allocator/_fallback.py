@@ -109,6 +109,8 @@ class Fallback:
         """Keeps the server's bounds; raises ValueError when the region
         shares a number with them."""
         if not (self.end < space.min_room or self.start > space.max_room):
+            # Bounds that moved over the region disarm the fallback.
+            self.space = None
             raise ValueError(
                 f"the outage fallback region {self.start}..={self.end} overlaps the rooms the allocator hands out, "
                 f"{space.min_room}..={space.max_room} (its --min-room/--max-room), so a fallback room could equal an "

@@ -124,6 +124,14 @@ def request_items(request: Dict[str, Any], endpoint: str) -> Tuple[Optional[int]
     /v1/completions), ``n`` the samples per item (``sampling_params.n`` of
     /generate, ``n`` of the OpenAI routes)."""
     if endpoint == "generate":
+        if request.get("input_embeds") is not None:
+            # SGLang batches input_embeds by their shape, which the real LB's
+            # count ignores: one room would go out for several items, and
+            # SGLang's room + i expansion would reach other requests' rooms.
+            raise ValueError(
+                "input_embeds requests are not routed: their items cannot be counted the way SGLang counts "
+                "them, and a room for the wrong count would collide; send text or input_ids"
+            )
         from sglang_router.mini_lb import _get_request_batch_size
 
         batch_size = _get_request_batch_size(request)
