@@ -134,6 +134,15 @@ step "cargo clippy --all-targets -- -D warnings (and with the failpoints compile
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --workspace --all-targets --features failpoints -- -D warnings
 
+# The model check needs an optimised build (a debug one is many times too
+# slow), a second compile: it starts once the CPU-heavy steps above are
+# done, while the integration tests mostly wait on servers and timers.
+step "started: the bounded model check of the protocol's pure core, every mutant caught (release build), in the background"
+model_log="$TOOLS/model.log"
+cargo test --locked --release --features model-check --lib model:: -- --nocapture >"$model_log" 2>&1 &
+model_pid=$!
+trap 'kill "$it_pid" "$python_pid" "$chart_pid" "$model_pid" 2>/dev/null || true' EXIT
+
 step "waiting for the background suites"
 trap - EXIT
 set +e
@@ -143,15 +152,8 @@ finish "$python_pid" "python client: pip install ./python in a venv, pytest agai
 python_status=$?
 finish "$chart_pid" "helm chart: lint, render, schemas vs the binary's bounds, live probes/TLS/helm test/rotation/metrics, promtool" "$chart_log"
 chart_status=$?
-set -e
-# The model check needs an optimised build (a debug one is many times too
-# slow), a second compile: it runs last, so its compile does not slow the
-# timing-sensitive suites above.
-step "model check: the bounded check of the protocol's pure core, and every mutant caught (release build)"
-model_log="$TOOLS/model.log"
-set +e
-cargo test --locked --release --features model-check --lib model:: -- --nocapture 2>&1 | tee "$model_log"
-model_status=${PIPESTATUS[0]}
+finish "$model_pid" "model check: the bounded check and every mutant" "$model_log"
+model_status=$?
 set -e
 log="$TOOLS/test.log"
 cat "$unit_log" "$it_log" "$python_log" "$chart_log" "$model_log" >"$log"
