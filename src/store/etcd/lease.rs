@@ -1,0 +1,189 @@
+//! etcd leases: the bucket lease range records and chunk announcements are
+//! put with (one lease per `bucket` of reservations, TTL `2 * retention +
+//! bucket`), the longest lease a worker's ranges have (so a deregistration
+//! outlives them), and attaching 0.1's unleased range records to a lease.
+//!
+//! Invariants: a range record's lease outlives the retention twice over, so
+//! every room resolves for at least `retention` after its range stops
+//! serving; a lease etcd no longer has is forgotten, never reused.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::calls::get;
+use super::client::{pb, prefix_end, txn};
+use super::keys::decode_range;
+use super::{Shared, MAX_BATCH, PAGE_KEYS};
+use crate::failpoint;
+use crate::store::StoreError;
+
+/// The lease ranges reserved now are attached to.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BucketLease {
+    pub(super) id: i64,
+    pub(super) granted_at: Instant,
+}
+
+impl Shared {
+    /// The lease for records put now: reused for `bucket`, then a new one.
+    pub(super) async fn bucket_lease(&self) -> Result<i64, StoreError> {
+        let mut lease = self.lease.lock().await;
+        if let Some(current) = *lease {
+            if current.granted_at.elapsed() < self.bucket {
+                return Ok(current.id);
+            }
+        }
+        let granted_at = Instant::now();
+        let granted = self
+            .timed(
+                "grant a lease",
+                self.client
+                    .lease_grant(lease_ttl_secs(self.retention, self.bucket)),
+            )
+            .await?;
+        failpoint!(
+            "etcd::lease_granted",
+            StoreError::Injected("etcd::lease_granted")
+        );
+        *lease = Some(BucketLease {
+            id: granted.id,
+            granted_at,
+        });
+        Ok(granted.id)
+    }
+
+    /// Forgets a lease etcd no longer has (it expired while unused).
+    pub(super) async fn drop_lease(&self, id: i64) {
+        let mut lease = self.lease.lock().await;
+        if lease.is_some_and(|l| l.id == id) {
+            *lease = None;
+        }
+    }
+}
+
+/// Lease TTL for ranges: twice the retention, plus the bucket a lease serves.
+pub(super) fn lease_ttl_secs(retention: Duration, bucket: Duration) -> i64 {
+    let ttl = (retention * 2 + bucket).as_secs_f64().ceil();
+    // Far below i64::MAX seconds: retention is parsed from a u64 of seconds.
+    ttl.min(9.0e18) as i64
+}
+
+/// How long one lease serves reservations.
+pub(super) fn bucket_for(retention: Duration) -> Duration {
+    (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// The longest remaining TTL, in seconds, of the leases `worker`'s ranges
+/// written after revision `after` have (0 if none), and the revision read
+/// at: one read of the range keys (deregistrations are rare), then one
+/// lease query per distinct lease (one per bucket and replica).
+pub(super) async fn longest_range_lease_secs(
+    shared: &Shared,
+    worker: &str,
+    after: i64,
+) -> Result<(i64, i64), StoreError> {
+    let ranges = shared.keys.ranges();
+    let end = prefix_end(ranges.as_bytes());
+    let mut from = ranges.clone().into_bytes();
+    let mut revision = 0;
+    let mut leases = HashSet::new();
+    loop {
+        let page = shared
+            .timed(
+                "read the worker's ranges",
+                shared.client.range(pb::RangeRequest {
+                    key: from.clone(),
+                    range_end: end.clone(),
+                    limit: PAGE_KEYS,
+                    revision,
+                    min_mod_revision: if after > 0 { after + 1 } else { 0 },
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        if revision == 0 {
+            revision = page.header.as_ref().map_or(0, |h| h.revision);
+        }
+        for kv in &page.kvs {
+            let owner = std::str::from_utf8(&kv.key)
+                .ok()
+                .and_then(|key| key.strip_prefix(&ranges))
+                .and_then(|start| decode_range(start, &kv.value));
+            if kv.lease != 0 && owner.is_some_and(|owner| &*owner.prefill_worker == worker) {
+                leases.insert(kv.lease);
+            }
+        }
+        if let Some(last) = page.kvs.last() {
+            from = last.key.clone();
+            from.push(0);
+        }
+        if !page.more {
+            break;
+        }
+    }
+    let mut longest = 0;
+    for lease in leases {
+        let remaining = shared
+            .timed(
+                "read a range lease's TTL",
+                shared.client.lease_time_to_live(lease),
+            )
+            .await?;
+        longest = longest.max(remaining.ttl);
+    }
+    Ok((longest, revision))
+}
+
+/// Attaches range records written without a lease (by 0.1 replicas, which
+/// pruned by their own clocks) to a lease, so etcd expires them too.
+pub(super) async fn lease_unleased(shared: Arc<Shared>, keys: Vec<(String, i64)>) {
+    for chunk in keys.chunks(MAX_BATCH) {
+        loop {
+            let result = async {
+                let lease = shared.bucket_lease().await?;
+                let mut ops = Vec::new();
+                for (key, _) in chunk {
+                    let current = shared
+                        .timed("read a range", shared.client.range(get(key)))
+                        .await?;
+                    let Some(kv) = current.kvs.first() else {
+                        continue;
+                    };
+                    if kv.lease == 0 {
+                        ops.push((key.clone(), kv.value.clone(), kv.mod_revision));
+                    }
+                }
+                for (key, value, revision) in ops {
+                    let request = pb::TxnRequest {
+                        compare: vec![txn::unchanged_since(&key, revision)],
+                        success: vec![txn::put(&key, value, lease)],
+                        failure: Vec::new(),
+                    };
+                    shared
+                        .timed("lease a range", shared.client.txn(request))
+                        .await?;
+                    failpoint!(
+                        "etcd::range_leased",
+                        StoreError::Injected("etcd::range_leased")
+                    );
+                }
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => break,
+                Err(error) => {
+                    warn!(%error, "attaching old range records to a lease failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+    info!(
+        ranges = keys.len(),
+        "range records of an older version now expire by lease"
+    );
+}
