@@ -21,7 +21,10 @@
 //!   a hand rewrite of the mark below what was reserved;
 //! - the watch: events delivered late, a stream that breaks and resumes from
 //!   [`WatchProgress::resume_after`], a progress notification that overtakes
-//!   a new watch's catch-up events (etcd 3.4.23);
+//!   a new watch's catch-up events (etcd 3.4.23) and the catch-up read that
+//!   guards against it ([`WatchProgress::created`] and
+//!   [`WatchProgress::caught_up`]: until it is applied, no progress
+//!   confirms);
 //! - replicas: reserve (plan, carve, record, place, each a step, so
 //!   realignments and other replicas interleave), allocate, confirm their
 //!   view, crash (losing memory) and restart from etcd;
@@ -127,8 +130,9 @@ impl Bounded {
             Mutant::MarkLoweredAccepted => only([0, 0, 0, 0, 0, 1], 12, 0, 3, ONE_REPLICA),
             Mutant::RangeOutlivesChunkLease => only([0; 6], 12, 1, 2, ONE_REPLICA),
             Mutant::ConfirmWithoutLeader => only([0, 0, 1, 0, 1, 0], 13, 3, 1, ONE_REPLICA),
-            Mutant::ResumePastUnappliedEvents => only([0, 2, 0, 0, 1, 0], 14, 3, 1, ONE_REPLICA),
+            Mutant::ResumePastUnappliedEvents => only([0, 2, 0, 0, 1, 0], 15, 2, 1, ONE_REPLICA),
             Mutant::UnknownOutcomeReused => only([0; 6], 12, 0, 2, TWO_REPLICAS),
+            Mutant::ProgressOvertakesCatchUp => only([0, 1, 0, 0, 1, 0], 13, 3, 1, ONE_REPLICA),
         }
     }
 }
@@ -256,10 +260,13 @@ struct Replica {
     watch: WatchProgress,
     /// The last revision the watch stream delivered.
     stream: i64,
-    /// A new watch, whose catch-up events a progress may overtake.
-    new_watch: bool,
-    /// The outstanding request's quorum read answered.
-    quorum_answered: bool,
+    /// The revision etcd created a new watch at, while one progress may
+    /// still overtake its catch-up events (those up to that revision; etcd
+    /// before 3.4.25).
+    overtakable: Option<i64>,
+    /// The catch-up read the new watch owes (`WatchProgress::created`),
+    /// from this revision, until it is applied.
+    catch_up_from: Option<i64>,
     confirmed_ms: u64,
     /// The member it talks to lost its leader at this revision.
     leaderless: Option<i64>,
@@ -332,6 +339,7 @@ pub enum Action {
     Deliver(usize),
     Ask(usize),
     Progress(usize),
+    CatchUp(usize),
     BreakWatch(usize),
     LoseLeader(usize),
     Crash(usize),
@@ -375,8 +383,9 @@ fn start(max_room: u64, etcd: &Etcd, now: u64) -> Option<Replica> {
         worker,
         watch: WatchProgress::new(etcd.revision),
         stream: etcd.revision,
-        new_watch: true,
-        quorum_answered: false,
+        // Created at the revision it loaded: no catch-up events.
+        overtakable: None,
+        catch_up_from: None,
         confirmed_ms: now * TICK_MS,
         leaderless: None,
         inflight: Inflight::Idle,
@@ -674,18 +683,17 @@ impl Protocol {
                     return None;
                 }
                 replica.watch.asked(now * TICK_MS);
-                replica.quorum_answered = false;
                 // The quorum read answers at once, unless the member has no
                 // leader: then it hangs until it times out, and the request
                 // confirms nothing meanwhile.
                 if replica.leaderless.is_none() {
                     replica.watch.quorum_read(revision);
-                    replica.quorum_answered = true;
                 }
             }
             Action::Progress(r) => {
                 let etcd = &state.etcd;
-                let caught_up = Self::undelivered(etcd, &state.replicas[r]).is_none();
+                let undelivered = Self::undelivered(etcd, &state.replicas[r]);
+                let caught_up = undelivered.is_none();
                 let replica = &mut state.replicas[r];
                 let asked = replica.watch.asked_at().is_some();
                 if !replica.alive {
@@ -697,19 +705,19 @@ impl Protocol {
                     Some(_) => return None,
                     None if caught_up && asked => etcd.revision,
                     // etcd 3.4.23: a progress overtakes a new watch's
-                    // catch-up events (answering a request sent to the
-                    // watch before, or none the replica is waiting for).
-                    None if replica.new_watch && !replica.quorum_answered => {
-                        replica.new_watch = false;
+                    // catch-up events (answering the outstanding request,
+                    // if any, at the revision etcd is at).
+                    None if undelivered.is_some_and(|(first, _)| {
+                        replica.overtakable.is_some_and(|created| first <= created)
+                    }) =>
+                    {
+                        replica.overtakable = None;
                         etcd.revision
                     }
                     None => return None,
                 };
                 if let Some(sent_ms) = replica.watch.progress(revision) {
                     replica.confirmed_ms = replica.confirmed_ms.max(sent_ms);
-                }
-                if replica.watch.asked_at().is_none() {
-                    replica.quorum_answered = false;
                 }
             }
             Action::BreakWatch(r) => {
@@ -726,12 +734,36 @@ impl Protocol {
                     replica.worker.apply(&record);
                     replica.watch = WatchProgress::new(etcd.revision);
                     replica.stream = etcd.revision;
+                    replica.overtakable = None;
+                    replica.catch_up_from = None;
                 } else {
+                    // etcd creates the watch at the revision its member is
+                    // at; what lies between the resume point and that is
+                    // catch-up, delivered later.
+                    let created = replica.leaderless.unwrap_or(etcd.revision);
                     replica.watch = WatchProgress::new(resume);
                     replica.stream = resume;
+                    replica.overtakable = (created > resume).then_some(created);
+                    replica.catch_up_from = replica.watch.created(created);
                 }
-                replica.new_watch = true;
-                replica.quorum_answered = false;
+            }
+            Action::CatchUp(r) => {
+                let etcd = &state.etcd;
+                let record = etcd.record();
+                let revision = etcd.revision;
+                let replica = &mut state.replicas[r];
+                // A linearizable read: a member without a leader cannot
+                // answer it (the watch then times out and breaks).
+                if !replica.alive || replica.leaderless.is_some() {
+                    return None;
+                }
+                let from = replica.catch_up_from.take()?;
+                // The worker keys modified at or after `from`, applied as
+                // events; the resume point stays.
+                if record.revision >= from {
+                    replica.worker.apply(&record);
+                }
+                replica.watch.caught_up(revision);
             }
             Action::LoseLeader(r) => {
                 if state.faults[LEADER] == 0 || !state.replicas[r].alive {
@@ -841,6 +873,7 @@ impl Model for Protocol {
                 Action::Deliver(r),
                 Action::Ask(r),
                 Action::Progress(r),
+                Action::CatchUp(r),
                 Action::BreakWatch(r),
                 Action::LoseLeader(r),
                 Action::Crash(r),
@@ -998,6 +1031,9 @@ fn describe(action: &Action) -> String {
         Action::Deliver(r) => format!("replica {r}'s watch delivers the next registration event"),
         Action::Ask(r) => format!("replica {r} asks for confirmation (sends the quorum read)"),
         Action::Progress(r) => format!("replica {r} gets a progress notification"),
+        Action::CatchUp(r) => format!(
+            "replica {r} applies its new watch's catch-up read (registrations modified since its start)"
+        ),
         Action::BreakWatch(r) => format!("replica {r}'s watch breaks and resumes"),
         Action::LoseLeader(r) => format!("the etcd member replica {r} talks to loses its leader"),
         Action::Crash(r) => format!("replica {r} crashes"),

@@ -27,10 +27,14 @@ pub enum Mutant {
     ResumePastUnappliedEvents,
     /// A chunk whose compare-and-swap had an unknown outcome is used.
     UnknownOutcomeReused,
+    /// A new watch owes no catch-up read, so a progress notification that
+    /// overtook its catch-up events confirms a view without them (defect
+    /// 40, etcd before 3.4.25).
+    ProgressOvertakesCatchUp,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 7] = [
+    pub const ALL: [Mutant; 8] = [
         Mutant::RealignOvertakesReservation,
         Mutant::MarkWrittenDown,
         Mutant::MarkLoweredAccepted,
@@ -38,6 +42,7 @@ impl Mutant {
         Mutant::ConfirmWithoutLeader,
         Mutant::ResumePastUnappliedEvents,
         Mutant::UnknownOutcomeReused,
+        Mutant::ProgressOvertakesCatchUp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +54,7 @@ impl Mutant {
             Mutant::ConfirmWithoutLeader => "confirm-without-leader",
             Mutant::ResumePastUnappliedEvents => "resume-past-unapplied-events",
             Mutant::UnknownOutcomeReused => "unknown-outcome-reused",
+            Mutant::ProgressOvertakesCatchUp => "progress-overtakes-catch-up",
         }
     }
 

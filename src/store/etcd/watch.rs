@@ -89,6 +89,10 @@ impl WatchProgress {
             // Nothing committed since the watch's start: no catch-up.
             return None;
         }
+        #[cfg(feature = "model-check")]
+        if crate::model::mutants::active(crate::model::mutants::Mutant::ProgressOvertakesCatchUp) {
+            return None;
+        }
         self.catch_up = Some(CatchUp { created: revision });
         Some(self.applied.saturating_add(1))
     }
