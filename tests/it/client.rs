@@ -29,32 +29,6 @@ fn start(dir: &std::path::Path, args: &[String]) -> ServerProcess {
     ServerProcess::start(dir, &args)
 }
 
-/// SIGSTOP freezes the server: its kernel still accepts and acknowledges
-/// bytes, but nothing answers (a hung process, a stalled VM). Returns once
-/// every thread is stopped, as a loaded machine may take a moment.
-fn freeze(server: &ServerProcess) {
-    server.signal(libc::SIGSTOP);
-    let tasks = format!("/proc/{}/task", server.pid());
-    let stopped = || {
-        std::fs::read_dir(&tasks).expect("/proc").all(|task| {
-            let stat = std::fs::read_to_string(task.expect("task").path().join("stat"))
-                .unwrap_or_default();
-            // The state follows the parenthesised command name.
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stopped() {
-        assert!(Instant::now() < deadline, "the server did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn thaw(server: &ServerProcess) {
-    server.signal(libc::SIGCONT);
-}
-
 /// The error's code, and its text for messages.
 fn code_of<T: std::fmt::Debug>(result: Result<T, Error>) -> (Code, String) {
     match result {
@@ -544,11 +518,11 @@ async fn a_call_to_a_frozen_server_fails_at_the_clients_deadline() {
     .await
     .expect("connect");
     timed(client.register("frozen", 2)).await.expect("register");
-    freeze(&server);
+    server.freeze();
     let started = Instant::now();
     let result = timed(client.allocate_room("frozen", 1, 2)).await;
     let elapsed = started.elapsed();
-    thaw(&server);
+    server.thaw();
     let (code, text) = code_of(result);
     assert!(
         matches!(code, Code::DeadlineExceeded | Code::Unavailable),
@@ -592,11 +566,11 @@ async fn keep_alive_connects_and_notices_a_frozen_server_before_the_deadline() {
             % 2,
         0
     );
-    freeze(&server);
+    server.freeze();
     let started = Instant::now();
     let result = timed(client.allocate_room("alive", 1, 2)).await;
     let elapsed = started.elapsed();
-    thaw(&server);
+    server.thaw();
     let (code, text) = code_of(result);
     assert_eq!(code, Code::Unavailable, "{text}");
     assert!(
@@ -926,7 +900,7 @@ async fn try_allocate_never_blocks_even_on_a_frozen_server() {
     timed(client.register("sync", 4)).await.expect("register");
     assert_eq!(client.try_allocate("sync", 0, 4), None, "no lease yet");
     timed(client.allocate("sync", 0, 4)).await.expect("room");
-    freeze(&server);
+    server.freeze();
     let started = Instant::now();
     let mut some = 0;
     let mut rooms = HashSet::new();
@@ -942,7 +916,7 @@ async fn try_allocate_never_blocks_even_on_a_frozen_server() {
         assert_eq!(client.try_allocate("sync", 4, 4), None, "rank out of range");
     }
     let elapsed = started.elapsed();
-    thaw(&server);
+    server.thaw();
     assert!(some > 0, "the lease served some rooms");
     assert!(
         elapsed < Duration::from_secs(2),

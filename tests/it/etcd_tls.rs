@@ -7,12 +7,12 @@
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
-use crate::common::{self, http_get, timed, ServerProcess};
+use crate::common::{self, etcd_member_args, http_get, spawn_etcd, timed, ServerProcess};
 
 /// A CA: its certificate (PEM) and what signs with it.
 struct Ca {
@@ -94,28 +94,20 @@ impl TlsEtcd {
         let ca = self.file("trusted-ca.crt", trusted);
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .arg("--name=tls")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=tls={peer}"))
-            .arg(format!("--cert-file={}", cert.display()))
-            .arg(format!("--key-file={}", key.display()))
-            .arg("--client-cert-auth")
-            .arg(format!("--trusted-ca-file={}", ca.display()))
-            .arg("--logger=zap")
-            .arg("--log-level=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn etcd");
+        let mut args = etcd_member_args(
+            "tls",
+            &self.dir.path().join("data"),
+            &client,
+            &peer,
+            &format!("tls={peer}"),
+        );
+        args.extend([
+            format!("--cert-file={}", cert.display()),
+            format!("--key-file={}", key.display()),
+            "--client-cert-auth".to_owned(),
+            format!("--trusted-ca-file={}", ca.display()),
+        ]);
+        let child = spawn_etcd(&args);
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {

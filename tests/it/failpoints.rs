@@ -226,16 +226,22 @@ fn retention_of(extra: &[&str]) -> Duration {
         .unwrap_or(Duration::from_secs(86_400))
 }
 
-macro_rules! embedded_cases {
-    ($($fail:ident, $crash:ident: $name:literal, $skip:literal, $extra:expr;)*) => {$(
+/// A fail test and a crash test of one case: `$case` runs with `$mode`
+/// bound to `Mode::Fail`, then `Mode::Crash`. RELIABILITY.md's failpoint
+/// table names both tests (`x_fails, x_crashes:` is how the drift test in
+/// `src/failpoint.rs` finds them).
+macro_rules! fail_and_crash {
+    ($($fail:ident, $crash:ident: |$mode:ident| $case:expr;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $fail() {
-            embedded_case($name, $skip, Mode::Fail, $extra).await;
+            let $mode = Mode::Fail;
+            $case.await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $crash() {
-            embedded_case($name, $skip, Mode::Crash, $extra).await;
+            let $mode = Mode::Crash;
+            $case.await;
         }
     )*};
 }
@@ -243,18 +249,18 @@ macro_rules! embedded_cases {
 /// Compaction needs ranges older than twice the retention.
 const SHORT_RETENTION: &[&str] = &["--retention", "1s"];
 
-embedded_cases! {
-    log_write_fails, log_write_crashes: "embedded::log_write", 8, &[];
-    log_fsync_fails, log_fsync_crashes: "embedded::log_fsync", 8, &[];
-    slot_write_fails, slot_write_crashes: "embedded::slot_write", 8, &[];
-    slot_fsync_fails, slot_fsync_crashes: "embedded::slot_fsync", 8, &[];
-    commit_reply_fails, commit_reply_crashes: "embedded::committed", 8, &[];
-    compaction_write_fails, compaction_write_crashes: "compact::write", 1, SHORT_RETENTION;
-    compaction_fsync_fails, compaction_fsync_crashes: "compact::fsync", 1, SHORT_RETENTION;
-    compaction_rename_fails, compaction_rename_crashes: "compact::rename", 1, SHORT_RETENTION;
-    compaction_dir_fsync_fails, compaction_dir_fsync_crashes: "compact::dir_fsync", 1, SHORT_RETENTION;
-    compaction_slot_write_fails, compaction_slot_write_crashes: "compact::slot_write", 1, SHORT_RETENTION;
-    compaction_slot_fsync_fails, compaction_slot_fsync_crashes: "compact::slot_fsync", 1, SHORT_RETENTION;
+fail_and_crash! {
+    log_write_fails, log_write_crashes: |mode| embedded_case("embedded::log_write", 8, mode, &[]);
+    log_fsync_fails, log_fsync_crashes: |mode| embedded_case("embedded::log_fsync", 8, mode, &[]);
+    slot_write_fails, slot_write_crashes: |mode| embedded_case("embedded::slot_write", 8, mode, &[]);
+    slot_fsync_fails, slot_fsync_crashes: |mode| embedded_case("embedded::slot_fsync", 8, mode, &[]);
+    commit_reply_fails, commit_reply_crashes: |mode| embedded_case("embedded::committed", 8, mode, &[]);
+    compaction_write_fails, compaction_write_crashes: |mode| embedded_case("compact::write", 1, mode, SHORT_RETENTION);
+    compaction_fsync_fails, compaction_fsync_crashes: |mode| embedded_case("compact::fsync", 1, mode, SHORT_RETENTION);
+    compaction_rename_fails, compaction_rename_crashes: |mode| embedded_case("compact::rename", 1, mode, SHORT_RETENTION);
+    compaction_dir_fsync_fails, compaction_dir_fsync_crashes: |mode| embedded_case("compact::dir_fsync", 1, mode, SHORT_RETENTION);
+    compaction_slot_write_fails, compaction_slot_write_crashes: |mode| embedded_case("compact::slot_write", 1, mode, SHORT_RETENTION);
+    compaction_slot_fsync_fails, compaction_slot_fsync_crashes: |mode| embedded_case("compact::slot_fsync", 1, mode, SHORT_RETENTION);
 }
 
 /// Leaves a data dir whose log holds durable records past its last commit
@@ -318,74 +324,14 @@ async fn settle_case_prepared(name: &str, mode: Mode, prepare: fn(&std::path::Pa
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_truncate_fails() {
-    settle_case("embedded::settle_truncate", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_truncate_crashes() {
-    settle_case("embedded::settle_truncate", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_commit_fails() {
-    settle_case("embedded::settle_commit", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_commit_crashes() {
-    settle_case("embedded::settle_commit", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_truncate_fsync_fails() {
-    settle_case("embedded::settle_truncate_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_truncate_fsync_crashes() {
-    settle_case("embedded::settle_truncate_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_rewrite_fails() {
-    settle_case("embedded::settle_rewrite", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_rewrite_crashes() {
-    settle_case("embedded::settle_rewrite", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_rewrite_fsync_fails() {
-    settle_case("embedded::settle_rewrite_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_rewrite_fsync_crashes() {
-    settle_case("embedded::settle_rewrite_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_dir_fsync_fails() {
-    settle_case("embedded::settle_dir_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_dir_fsync_crashes() {
-    settle_case("embedded::settle_dir_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_commit_fsync_fails() {
-    settle_case("embedded::settle_commit_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settle_commit_fsync_crashes() {
-    settle_case("embedded::settle_commit_fsync", Mode::Crash).await;
+fail_and_crash! {
+    settle_truncate_fails, settle_truncate_crashes: |mode| settle_case("embedded::settle_truncate", mode);
+    settle_commit_fails, settle_commit_crashes: |mode| settle_case("embedded::settle_commit", mode);
+    settle_truncate_fsync_fails, settle_truncate_fsync_crashes: |mode| settle_case("embedded::settle_truncate_fsync", mode);
+    settle_rewrite_fails, settle_rewrite_crashes: |mode| settle_case("embedded::settle_rewrite", mode);
+    settle_rewrite_fsync_fails, settle_rewrite_fsync_crashes: |mode| settle_case("embedded::settle_rewrite_fsync", mode);
+    settle_dir_fsync_fails, settle_dir_fsync_crashes: |mode| settle_case("embedded::settle_dir_fsync", mode);
+    settle_commit_fsync_fails, settle_commit_fsync_crashes: |mode| settle_case("embedded::settle_commit_fsync", mode);
 }
 
 /// A compaction that died before its rename: its file is left over.
@@ -414,104 +360,12 @@ fn make_the_commit_file_old_format(dir: &std::path::Path) {
     std::fs::write(&path, old).expect("write");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_compact_fails() {
-    settle_case_prepared(
-        "embedded::remove_compact",
-        Mode::Fail,
-        leave_a_compaction_file,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_compact_crashes() {
-    settle_case_prepared(
-        "embedded::remove_compact",
-        Mode::Crash,
-        leave_a_compaction_file,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_write_fails() {
-    settle_case_prepared(
-        "embedded::upgrade_write",
-        Mode::Fail,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_write_crashes() {
-    settle_case_prepared(
-        "embedded::upgrade_write",
-        Mode::Crash,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_fsync_fails() {
-    settle_case_prepared(
-        "embedded::upgrade_fsync",
-        Mode::Fail,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_fsync_crashes() {
-    settle_case_prepared(
-        "embedded::upgrade_fsync",
-        Mode::Crash,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_rename_fails() {
-    settle_case_prepared(
-        "embedded::upgrade_rename",
-        Mode::Fail,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_rename_crashes() {
-    settle_case_prepared(
-        "embedded::upgrade_rename",
-        Mode::Crash,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_dir_fsync_fails() {
-    settle_case_prepared(
-        "embedded::upgrade_dir_fsync",
-        Mode::Fail,
-        make_the_commit_file_old_format,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_dir_fsync_crashes() {
-    settle_case_prepared(
-        "embedded::upgrade_dir_fsync",
-        Mode::Crash,
-        make_the_commit_file_old_format,
-    )
-    .await;
+fail_and_crash! {
+    remove_compact_fails, remove_compact_crashes: |mode| settle_case_prepared("embedded::remove_compact", mode, leave_a_compaction_file);
+    upgrade_write_fails, upgrade_write_crashes: |mode| settle_case_prepared("embedded::upgrade_write", mode, make_the_commit_file_old_format);
+    upgrade_fsync_fails, upgrade_fsync_crashes: |mode| settle_case_prepared("embedded::upgrade_fsync", mode, make_the_commit_file_old_format);
+    upgrade_rename_fails, upgrade_rename_crashes: |mode| settle_case_prepared("embedded::upgrade_rename", mode, make_the_commit_file_old_format);
+    upgrade_dir_fsync_fails, upgrade_dir_fsync_crashes: |mode| settle_case_prepared("embedded::upgrade_dir_fsync", mode, make_the_commit_file_old_format);
 }
 
 /// A first start, in a data dir whose parent is missing too, meets the
@@ -554,94 +408,16 @@ async fn first_start_case(name: &str, mode: Mode) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_dir_fails() {
-    first_start_case("embedded::create_dir", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_dir_crashes() {
-    first_start_case("embedded::create_dir", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_dir_sync_fails() {
-    first_start_case("embedded::create_dir_sync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_dir_sync_crashes() {
-    first_start_case("embedded::create_dir_sync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_sync_parents_fails() {
-    first_start_case("embedded::first_start_sync_parents", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_sync_parents_crashes() {
-    first_start_case("embedded::first_start_sync_parents", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_log_fails() {
-    first_start_case("embedded::first_start_log", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_log_crashes() {
-    first_start_case("embedded::first_start_log", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_log_fsync_fails() {
-    first_start_case("embedded::first_start_log_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_log_fsync_crashes() {
-    first_start_case("embedded::first_start_log_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_commit_fails() {
-    first_start_case("embedded::first_start_commit", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_commit_crashes() {
-    first_start_case("embedded::first_start_commit", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_commit_fsync_fails() {
-    first_start_case("embedded::first_start_commit_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_commit_fsync_crashes() {
-    first_start_case("embedded::first_start_commit_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_rename_fails() {
-    first_start_case("embedded::first_start_rename", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_rename_crashes() {
-    first_start_case("embedded::first_start_rename", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_dir_fsync_fails() {
-    first_start_case("embedded::first_start_dir_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_start_dir_fsync_crashes() {
-    first_start_case("embedded::first_start_dir_fsync", Mode::Crash).await;
+fail_and_crash! {
+    create_dir_fails, create_dir_crashes: |mode| first_start_case("embedded::create_dir", mode);
+    create_dir_sync_fails, create_dir_sync_crashes: |mode| first_start_case("embedded::create_dir_sync", mode);
+    first_start_sync_parents_fails, first_start_sync_parents_crashes: |mode| first_start_case("embedded::first_start_sync_parents", mode);
+    first_start_log_fails, first_start_log_crashes: |mode| first_start_case("embedded::first_start_log", mode);
+    first_start_log_fsync_fails, first_start_log_fsync_crashes: |mode| first_start_case("embedded::first_start_log_fsync", mode);
+    first_start_commit_fails, first_start_commit_crashes: |mode| first_start_case("embedded::first_start_commit", mode);
+    first_start_commit_fsync_fails, first_start_commit_fsync_crashes: |mode| first_start_case("embedded::first_start_commit_fsync", mode);
+    first_start_rename_fails, first_start_rename_crashes: |mode| first_start_case("embedded::first_start_rename", mode);
+    first_start_dir_fsync_fails, first_start_dir_fsync_crashes: |mode| first_start_case("embedded::first_start_dir_fsync", mode);
 }
 
 /// One etcd case: replica A has the failpoint, replica B none; loads on
@@ -724,64 +500,13 @@ async fn etcd_case(name: &str, skip: u32, mode: Mode) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_reserve_send_fails() {
-    etcd_case("etcd::reserve_send", 2, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_reserve_send_crashes() {
-    etcd_case("etcd::reserve_send", 2, Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_chunk_send_fails() {
-    etcd_case("etcd::chunk_send", 0, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_chunk_send_crashes() {
-    etcd_case("etcd::chunk_send", 0, Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_chunk_committed_fails() {
-    etcd_case("etcd::chunk_committed", 0, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_chunk_committed_crashes() {
-    etcd_case("etcd::chunk_committed", 0, Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_reserve_committed_fails() {
-    etcd_case("etcd::reserve_committed", 2, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_reserve_committed_crashes() {
-    etcd_case("etcd::reserve_committed", 2, Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_lease_grant_fails() {
-    etcd_case("etcd::lease_granted", 0, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_lease_grant_crashes() {
-    etcd_case("etcd::lease_granted", 0, Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_registration_reply_fails() {
-    etcd_case("etcd::registered", 0, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_registration_reply_crashes() {
-    etcd_case("etcd::registered", 0, Mode::Crash).await;
+fail_and_crash! {
+    etcd_reserve_send_fails, etcd_reserve_send_crashes: |mode| etcd_case("etcd::reserve_send", 2, mode);
+    etcd_chunk_send_fails, etcd_chunk_send_crashes: |mode| etcd_case("etcd::chunk_send", 0, mode);
+    etcd_chunk_committed_fails, etcd_chunk_committed_crashes: |mode| etcd_case("etcd::chunk_committed", 0, mode);
+    etcd_reserve_committed_fails, etcd_reserve_committed_crashes: |mode| etcd_case("etcd::reserve_committed", 2, mode);
+    etcd_lease_grant_fails, etcd_lease_grant_crashes: |mode| etcd_case("etcd::lease_granted", 0, mode);
+    etcd_registration_reply_fails, etcd_registration_reply_crashes: |mode| etcd_case("etcd::registered", 0, mode);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -909,96 +634,18 @@ async fn migrate_case(name: &str, mode: Mode) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_fails() {
-    migrate_case("migrate::mark", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_crashes() {
-    migrate_case("migrate::mark", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_write_fails() {
-    migrate_case("migrate::mark_write", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_write_crashes() {
-    migrate_case("migrate::mark_write", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_fsync_fails() {
-    migrate_case("migrate::mark_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_fsync_crashes() {
-    migrate_case("migrate::mark_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_rename_fails() {
-    migrate_case("migrate::mark_rename", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_rename_crashes() {
-    migrate_case("migrate::mark_rename", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_dir_fsync_fails() {
-    migrate_case("migrate::mark_dir_fsync", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_mark_dir_fsync_crashes() {
-    migrate_case("migrate::mark_dir_fsync", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_high_water_fails() {
-    migrate_case("migrate::high_water", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_high_water_crashes() {
-    migrate_case("migrate::high_water", Mode::Crash).await;
-}
-
-/// The mark swap's send side: the data dir is marked, nothing reached etcd.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_high_water_send_fails() {
-    migrate_case("migrate::high_water_send", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_high_water_send_crashes() {
-    migrate_case("migrate::high_water_send", Mode::Crash).await;
-}
-
-/// After the lease for the copied ranges was granted, before any range.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_lease_granted_fails() {
-    migrate_case("migrate::lease_granted", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_lease_granted_crashes() {
-    migrate_case("migrate::lease_granted", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_ranges_fails() {
-    migrate_case("migrate::ranges", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_ranges_crashes() {
-    migrate_case("migrate::ranges", Mode::Crash).await;
+fail_and_crash! {
+    migrate_mark_fails, migrate_mark_crashes: |mode| migrate_case("migrate::mark", mode);
+    migrate_mark_write_fails, migrate_mark_write_crashes: |mode| migrate_case("migrate::mark_write", mode);
+    migrate_mark_fsync_fails, migrate_mark_fsync_crashes: |mode| migrate_case("migrate::mark_fsync", mode);
+    migrate_mark_rename_fails, migrate_mark_rename_crashes: |mode| migrate_case("migrate::mark_rename", mode);
+    migrate_mark_dir_fsync_fails, migrate_mark_dir_fsync_crashes: |mode| migrate_case("migrate::mark_dir_fsync", mode);
+    migrate_high_water_fails, migrate_high_water_crashes: |mode| migrate_case("migrate::high_water", mode);
+    // The mark swap's send side: the data dir is marked, nothing reached etcd.
+    migrate_high_water_send_fails, migrate_high_water_send_crashes: |mode| migrate_case("migrate::high_water_send", mode);
+    // After the lease for the copied ranges was granted, before any range.
+    migrate_lease_granted_fails, migrate_lease_granted_crashes: |mode| migrate_case("migrate::lease_granted", mode);
+    migrate_ranges_fails, migrate_ranges_crashes: |mode| migrate_case("migrate::ranges", mode);
 }
 
 async fn lease_mu(
@@ -1057,14 +704,8 @@ async fn a_mark_rewritten_down_after_a_chunk_of_unknown_outcome_is_refused() {
     }
     assert!(refused_by_name, "B never named the mark:\n{}", b.log());
 }
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_register_send_fails() {
-    etcd_case("etcd::register_send", 0, Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_register_send_crashes() {
-    etcd_case("etcd::register_send", 0, Mode::Crash).await;
+fail_and_crash! {
+    etcd_register_send_fails, etcd_register_send_crashes: |mode| etcd_case("etcd::register_send", 0, mode);
 }
 
 /// The failpoint `name` on a replica that must fail to start there, or
@@ -1119,24 +760,9 @@ async fn etcd_first_start_case(name: &str, mode: Mode) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_high_water_created_fails() {
-    etcd_first_start_case("etcd::high_water_created", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_high_water_created_crashes() {
-    etcd_first_start_case("etcd::high_water_created", Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_fleet_retention_written_fails() {
-    etcd_first_start_case("etcd::fleet_retention_written", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_fleet_retention_written_crashes() {
-    etcd_first_start_case("etcd::fleet_retention_written", Mode::Crash).await;
+fail_and_crash! {
+    etcd_high_water_created_fails, etcd_high_water_created_crashes: |mode| etcd_first_start_case("etcd::high_water_created", mode);
+    etcd_fleet_retention_written_fails, etcd_fleet_retention_written_crashes: |mode| etcd_first_start_case("etcd::fleet_retention_written", mode);
 }
 
 /// rooms_issued is written as a replica shuts down: the write fails (or the
@@ -1179,14 +805,8 @@ async fn etcd_issued_case(mode: Mode) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_issued_written_fails() {
-    etcd_issued_case(Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_issued_written_crashes() {
-    etcd_issued_case(Mode::Crash).await;
+fail_and_crash! {
+    etcd_issued_written_fails, etcd_issued_written_crashes: |mode| etcd_issued_case(mode);
 }
 
 /// The remaining TTL of the lease `kv` has (0 without one).
@@ -1305,14 +925,8 @@ async fn etcd_deregister_case(name: &str, mode: Mode) {
     println!("failpoint {name} {mode:?}: record TTL {worker_ttl} s >= range TTL {range_ttl} s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_deregistered_fails() {
-    etcd_deregister_case("etcd::deregistered", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_deregistered_crashes() {
-    etcd_deregister_case("etcd::deregistered", Mode::Crash).await;
+fail_and_crash! {
+    etcd_deregistered_fails, etcd_deregistered_crashes: |mode| etcd_deregister_case("etcd::deregistered", mode);
 }
 
 /// `retention --set` fails (or dies) after etcd took the new value: the
@@ -1346,14 +960,8 @@ async fn etcd_retention_set_case(mode: Mode) {
     assert_eq!(code, 0, "setting it again: {err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_retention_set_fails() {
-    etcd_retention_set_case(Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_retention_set_crashes() {
-    etcd_retention_set_case(Mode::Crash).await;
+fail_and_crash! {
+    etcd_retention_set_fails, etcd_retention_set_crashes: |mode| etcd_retention_set_case(mode);
 }
 
 /// A range record written without a lease (by a 0.1 replica) is attached to
@@ -1419,24 +1027,9 @@ async fn etcd_range_leased_case(mode: Mode) {
     assert_eq!(resolved.prefill_worker, "fp-old");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_range_leased_fails() {
-    etcd_range_leased_case(Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_range_leased_crashes() {
-    etcd_range_leased_case(Mode::Crash).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_deregister_send_fails() {
-    etcd_deregister_case("etcd::deregister_send", Mode::Fail).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_deregister_send_crashes() {
-    etcd_deregister_case("etcd::deregister_send", Mode::Crash).await;
+fail_and_crash! {
+    etcd_range_leased_fails, etcd_range_leased_crashes: |mode| etcd_range_leased_case(mode);
+    etcd_deregister_send_fails, etcd_deregister_send_crashes: |mode| etcd_deregister_case("etcd::deregister_send", mode);
 }
 
 /// A range reserved for a worker while its deregistration is on its way

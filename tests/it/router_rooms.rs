@@ -35,26 +35,6 @@ fn calls(server: &ServerProcess, method: &str) -> u64 {
     )
 }
 
-/// SIGSTOP: the kernel still accepts connections, nothing answers. Returns
-/// once every thread is stopped.
-fn freeze(server: &ServerProcess) {
-    server.signal(libc::SIGSTOP);
-    let tasks = format!("/proc/{}/task", server.pid());
-    let stopped = || {
-        std::fs::read_dir(&tasks).expect("/proc").all(|task| {
-            let stat = std::fs::read_to_string(task.expect("task").path().join("stat"))
-                .unwrap_or_default();
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stopped() {
-        assert!(Instant::now() < deadline, "the server did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[tokio::test]
 async fn get_room_space_answers_the_servers_min_and_max_room() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -299,7 +279,7 @@ async fn with_the_allocator_frozen_then_killed_rooms_come_from_the_fallback_regi
     };
     let mut rooms = HashSet::from([leased]);
 
-    freeze(&server);
+    server.freeze();
     // Rooms still leased come first, with no RPC.
     assert_eq!(
         client.try_allocate("leased", 3, 4).map(|room| room % 4),

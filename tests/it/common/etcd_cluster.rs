@@ -2,10 +2,10 @@
 //! of a member cut off from the others: members are paused (SIGSTOP) and
 //! resumed (SIGCONT) by index, and all are killed by PID on drop.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use super::{etcd_healthy, free_port, require_tool, START_TIMEOUT};
+use super::{etcd_healthy, etcd_member_args, free_port, require_tool, spawn_etcd, START_TIMEOUT};
 
 /// Members in the cluster: the smallest that keeps a quorum with one lost.
 const MEMBERS: usize = 3;
@@ -15,16 +15,6 @@ struct Member {
     client_port: u16,
     /// The flags it was started with, to restart it the same way.
     args: Vec<String>,
-}
-
-fn spawn_member(args: &[String]) -> Child {
-    Command::new("etcd")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcd")
 }
 
 /// Three etcd processes forming one cluster; `None` (SKIP) if etcd is not
@@ -49,24 +39,22 @@ impl EtcdCluster {
         for (i, &(client_port, peer_port)) in ports.iter().enumerate() {
             let client = format!("http://127.0.0.1:{client_port}");
             let peer = format!("http://127.0.0.1:{peer_port}");
-            let args: Vec<String> = vec![
-                format!("--name=m{i}"),
-                format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
-                format!("--listen-client-urls={client}"),
-                format!("--advertise-client-urls={client}"),
-                format!("--listen-peer-urls={peer}"),
-                format!("--initial-advertise-peer-urls={peer}"),
-                format!("--initial-cluster={initial_cluster}"),
+            let mut args = etcd_member_args(
+                &format!("m{i}"),
+                &dir.path().join(format!("m{i}")),
+                &client,
+                &peer,
+                &initial_cluster,
+            );
+            args.extend([
                 "--initial-cluster-state=new".to_owned(),
                 "--initial-cluster-token=room-allocator-test".to_owned(),
                 // Elections within a second, so a paused majority is noticed
                 // well inside a test's staleness window.
                 "--heartbeat-interval=50".to_owned(),
                 "--election-timeout=500".to_owned(),
-                "--logger=zap".to_owned(),
-                "--log-level=error".to_owned(),
-            ];
-            let child = spawn_member(&args);
+            ]);
+            let child = spawn_etcd(&args);
             members.push(Member {
                 child,
                 client_port,
@@ -119,7 +107,7 @@ impl EtcdCluster {
     /// [`Self::kill9`]) and waits until every member has a leader again.
     pub fn restart(&mut self, index: usize) {
         let member = &mut self.members[index];
-        member.child = spawn_member(&member.args);
+        member.child = spawn_etcd(&member.args);
         self.wait_healthy(START_TIMEOUT);
     }
 }

@@ -165,6 +165,33 @@ impl ServerProcess {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal the server");
     }
 
+    /// SIGSTOP freezes the server: its kernel still accepts and acknowledges
+    /// bytes, but nothing answers (a hung process, a stalled VM). Returns
+    /// once every thread is stopped, as a loaded machine may take a moment.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        let stopped = || {
+            std::fs::read_dir(&tasks).expect("/proc").all(|task| {
+                let stat = std::fs::read_to_string(task.expect("task").path().join("stat"))
+                    .unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stopped() {
+            assert!(Instant::now() < deadline, "the server did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGCONT: undoes [`Self::freeze`].
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     pub async fn client(&self) -> Client {
         let channel = tokio::time::timeout(
             CALL_TIMEOUT,
@@ -436,24 +463,14 @@ impl EtcdProcess {
         assert!(self.child.is_none(), "etcd is running");
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .arg("--name=test")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
-            .arg("--logger=zap")
-            .arg("--log-level=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn etcd");
+        let args = etcd_member_args(
+            "test",
+            &self.dir.path().join("data"),
+            &client,
+            &peer,
+            &format!("test={peer}"),
+        );
+        let child = spawn_etcd(&args);
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         // Ready when etcd's /health endpoint says so (it checks for a leader).
@@ -492,6 +509,41 @@ impl Drop for EtcdProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The flags every etcd a test starts has: its name, data dir, client and
+/// peer URLs on loopback, the members it starts with, quiet logs. Callers
+/// add what their test needs (TLS, auth, election timing).
+pub fn etcd_member_args(
+    name: &str,
+    data_dir: &Path,
+    client: &str,
+    peer: &str,
+    initial_cluster: &str,
+) -> Vec<String> {
+    vec![
+        format!("--name={name}"),
+        format!("--data-dir={}", data_dir.display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster={initial_cluster}"),
+        "--logger=zap".to_owned(),
+        "--log-level=error".to_owned(),
+    ]
+}
+
+/// Starts `etcd` with `args`, its output discarded; the caller ends it by
+/// PID (its `Child`).
+pub fn spawn_etcd(args: &[String]) -> Child {
+    Command::new("etcd")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn etcd")
 }
 
 fn etcd_healthy(port: u16) -> bool {
