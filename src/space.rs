@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use room_allocator_client::cursor::BaseCursor as Bases;
 use thiserror::Error;
 
 /// Largest dp_size accepted; far above any real deployment, low enough that
@@ -277,16 +278,20 @@ impl RoomRange {
     /// Hands the bases out in order, each once.
     pub fn cursor(self) -> BaseCursor {
         BaseCursor {
-            next: self.start,
+            bases: Bases::new(self.start, self.bases(), self.dp_size.get())
+                .expect("a range's start is aligned and its bases end at or below MAX_ROOM + 1"),
             range: self,
         }
     }
 }
 
-/// The unissued rest of a range; each base comes out at most once.
+/// The unissued rest of a range; each base comes out at most once. The
+/// taking is the client crate's cursor (one implementation of the double
+/// buffer for the server's worker state and a router's leases); this adds
+/// the range it came from and the space's types.
 #[derive(Debug, Clone)]
 pub struct BaseCursor {
-    next: u64,
+    bases: Bases,
     range: RoomRange,
 }
 
@@ -300,24 +305,18 @@ impl BaseCursor {
     }
 
     pub fn remaining(&self) -> u64 {
-        (self.range.end - self.next) / self.range.dp_size.as_u64()
+        self.bases.remaining()
     }
 
     /// Takes one base.
     pub fn take(&mut self) -> Option<Base> {
-        self.take_block(1)
+        self.bases.take().map(Base)
     }
 
     /// Takes `count` consecutive bases and returns the first, or nothing if
     /// fewer than `count` remain.
     pub fn take_block(&mut self, count: u64) -> Option<Base> {
-        if count == 0 || self.remaining() < count {
-            return None;
-        }
-        let first = self.next;
-        // Cannot overflow: count bases fit below range.end.
-        self.next += count * self.range.dp_size.as_u64();
-        Some(Base(first))
+        self.bases.take_run(count).map(Base)
     }
 }
 

@@ -1519,10 +1519,12 @@ impl RoomClient {
         } else {
             lease.valid_for.min(self.inner.max_lease_age)
         };
-        let block = Block {
-            next: lease.first_base,
-            left: u64::from(lease.count),
-            expires_at: sent_at + valid_for,
+        let Some(block) = Block::new(lease.first_base, lease.count, dp_size, sent_at + valid_for)
+        else {
+            return Err(Error::Status(Status::internal(format!(
+                "the server leased {} bases from {} of dp_size {dp_size}, past the last number",
+                lease.count, lease.first_base
+            ))));
         };
         {
             let mut state = worker.lock();

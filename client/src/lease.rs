@@ -1,17 +1,34 @@
 //! A worker's leased bases: blocks of `first_base + i * dp_size`, each base
 //! handed out once, each block only until it expires.
+//!
+//! The server's double buffer, on the client: each block is a
+//! [`BaseCursor`], the same code the server's worker state takes its bases
+//! with, plus the instant it expires.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// One leased block: the bases `next, next + dp_size, ...`, `left` of them.
+use crate::cursor::BaseCursor;
+
+/// One leased block: its bases, taken in order, until it expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Block {
-    pub next: u64,
-    pub left: u64,
+    pub cursor: BaseCursor,
     /// Past this the block's bases are dropped unused: its rooms might not
     /// resolve for the retention period, or miss a realignment.
     pub expires_at: Instant,
+}
+
+impl Block {
+    /// `count` bases from `first_base`, `dp_size` apart, until
+    /// `expires_at`; `None` for bases no valid lease has (see
+    /// [`BaseCursor::new`]).
+    pub fn new(first_base: u64, count: u32, dp_size: u32, expires_at: Instant) -> Option<Self> {
+        Some(Self {
+            cursor: BaseCursor::new(first_base, u64::from(count), dp_size)?,
+            expires_at,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -42,12 +59,9 @@ impl LeaseState {
     /// `RoomClient::expire_later`), or by `drop_expired` when there is no
     /// runtime, so the hot path reads no clock.
     pub fn take(&mut self) -> Option<u64> {
-        let dp_size = u64::from(self.dp_size);
         let block = self.blocks.front_mut()?;
-        let base = block.next;
-        block.next += dp_size;
-        block.left -= 1;
-        if block.left == 0 {
+        let base = block.cursor.take()?;
+        if block.cursor.remaining() == 0 {
             self.blocks.pop_front();
         }
         self.available -= 1;
@@ -76,13 +90,13 @@ impl LeaseState {
         if count == 0 {
             return None;
         }
-        let dp_size = u64::from(self.dp_size);
-        let index = self.blocks.iter().position(|block| block.left >= count)?;
+        let index = self
+            .blocks
+            .iter()
+            .position(|block| block.cursor.remaining() >= count)?;
         let block = &mut self.blocks[index];
-        let base = block.next;
-        block.next += count * dp_size;
-        block.left -= count;
-        if block.left == 0 {
+        let base = block.cursor.take_run(count)?;
+        if block.cursor.remaining() == 0 {
             self.blocks.remove(index);
         }
         self.available -= count;
@@ -95,7 +109,7 @@ impl LeaseState {
         self.blocks.retain(|block| {
             let keep = block.expires_at > now;
             if !keep {
-                dropped += block.left;
+                dropped += block.cursor.remaining();
             }
             keep
         });
@@ -104,7 +118,11 @@ impl LeaseState {
     }
 
     pub fn push(&mut self, block: Block) {
-        self.available += block.left;
+        if block.cursor.remaining() == 0 {
+            // An empty block at the front would stop `take` short.
+            return;
+        }
+        self.available += block.cursor.remaining();
         self.blocks.push_back(block);
     }
 
@@ -145,16 +163,8 @@ mod tests {
         let now = Instant::now();
         let mut state = LeaseState::new(4);
         state.dp_size = 4;
-        state.push(Block {
-            next: 8,
-            left: 2,
-            expires_at: now + Duration::from_secs(10),
-        });
-        state.push(Block {
-            next: 100,
-            left: 1,
-            expires_at: now + Duration::from_secs(20),
-        });
+        state.push(Block::new(8, 2, 4, now + Duration::from_secs(10)).expect("an aligned block"));
+        state.push(Block::new(100, 1, 4, now + Duration::from_secs(20)).expect("an aligned block"));
         assert_eq!(state.take(), Some(8));
         assert_eq!(state.take(), Some(12));
         assert!(state.low());
@@ -168,16 +178,8 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(10);
         let mut state = LeaseState::new(4);
         state.dp_size = 4;
-        state.push(Block {
-            next: 8,
-            left: 2,
-            expires_at: later,
-        });
-        state.push(Block {
-            next: 100,
-            left: 3,
-            expires_at: later,
-        });
+        state.push(Block::new(8, 2, 4, later).expect("an aligned block"));
+        state.push(Block::new(100, 3, 4, later).expect("an aligned block"));
         assert_eq!(state.take_many(6), None, "5 bases are leased");
         assert_eq!(state.available, 5, "a refused batch takes nothing");
         // Two bases do not fit in what is left of the first block, so the

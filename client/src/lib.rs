@@ -150,6 +150,8 @@
 //! [room-allocator]: https://github.com/room-allocator/room-allocator
 
 mod client;
+#[doc(hidden)]
+pub mod cursor;
 mod error;
 mod fallback;
 mod fork;
