@@ -29,8 +29,8 @@
 //! the highest chunk or of a range above it, was deleted or rewritten by
 //! hand: the replica refuses to reserve (and to start). Ranges are
 //! carved from the replica's own chunk, in memory, for at most
-//! [`CHUNK_LIFETIME`] and under the lease the chunk was announced with (so
-//! no range outlives its chunk's announcement); chunks start at [`MIN_CHUNK_NUMBERS`] and double
+//! [`CHUNK_LIFETIME`](reserve::CHUNK_LIFETIME) and under the lease the chunk was announced with (so
+//! no range outlives its chunk's announcement); chunks start at [`MIN_CHUNK_NUMBERS`](reserve::MIN_CHUNK_NUMBERS) and double
 //! while used up sooner. Concurrent reservations are folded into one
 //! transaction (at most [`MAX_BATCH`]) that records their ranges if every
 //! worker's key still has the revision of the registration being served;
@@ -88,6 +88,21 @@
 //! revision it starts from confirms nothing until a linearizable read of
 //! the registrations modified since that start is applied (see [`watch`]),
 //! so it is harmless for confirmation too, on every version.
+//!
+//! # Modules
+//! One concept each; the decisions that keep rooms unique are pure and
+//! apart from the I/O that drives them (the model check runs them too):
+//! - [`keys`]: the key layout and the codec of every value (fuzz targets).
+//! - [`carver`] (pure): chunks, carving ranges, the mark checks;
+//!   [`reserve`]: the reservations' I/O that drives it.
+//! - [`watch`] (pure): what a registration watch proves; [`sync`] (pure):
+//!   registration sync's decisions; [`registration`]: its stream driver.
+//! - [`lease`]: bucket leases, TTLs, deregistration leases;
+//!   [`retention`]: the fleet's retention setting.
+//! - [`snapshot`]: start-up (load, create the mark and the store id);
+//!   [`migrate`]: importing an embedded store; [`negative_cache`]:
+//!   ResolveRank's misses; [`calls`]: bounded calls and connecting;
+//!   [`client`]: the etcd client.
 
 mod calls;
 pub(crate) mod carver;
@@ -100,6 +115,7 @@ mod registration;
 mod reserve;
 mod retention;
 mod snapshot;
+mod sync;
 pub(crate) mod watch;
 
 use std::path::PathBuf;
@@ -289,14 +305,10 @@ impl EtcdStore {
             .iter()
             .map(|w| w.prefill_worker.clone())
             .collect();
-        let sync = RegistrationSync {
-            shared: shared.clone(),
-            updates: updates_tx,
-            known,
-        };
+        let sync = RegistrationSync::new(shared.clone(), updates_tx, known, revision);
         let (reservations, queue) = mpsc::unbounded_channel();
         let mut tasks = vec![
-            tokio::spawn(sync.run(revision)),
+            tokio::spawn(sync.run()),
             tokio::spawn(run_reservations(shared.clone(), queue, high_water)),
         ];
         if !unleased.is_empty() {

@@ -32,7 +32,7 @@ use crate::store::{Reservation, StoreError};
 /// random pause up to this (growing with the attempts) keeps the replicas
 /// of a registration storm from colliding round after round.
 pub(super) const MAX_CAS_BACKOFF: Duration = Duration::from_millis(20);
-/// Largest chunk of the space a replica takes at once (see [`carver::Chunk`]).
+/// Largest chunk of the space a replica takes at once (see [`super::carver::Chunk`]).
 pub(super) const MAX_CHUNK_NUMBERS: u64 = 1 << 32;
 /// A replica's first chunk; chunks double while used up before they expire
 /// and halve while they expire less than half used, so an idle or restarted
