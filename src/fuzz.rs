@@ -386,11 +386,10 @@ fn etcd_range_records_never_panic_and_accept_only_valid_ranges() {
 }
 
 fn check_worker_value(input: &[u8]) -> Result<(), String> {
-    if let Some((dp_size, registered)) = decode_worker(input) {
+    if let Some(value) = decode_worker(input) {
         // Whatever shape it had, it means exactly this registration.
-        let canonical = encode_worker(dp_size, registered);
-        let again = decode_worker(canonical.as_bytes());
-        if again != Some((dp_size, registered)) {
+        let canonical = encode_worker(value.dp_size, value.registered);
+        if decode_worker(canonical.as_bytes()) != Some(value) {
             return Err(format!("{canonical} does not decode back"));
         }
     }

@@ -91,16 +91,23 @@ pub(super) fn parse_mark(value: &[u8]) -> Option<u64> {
     parse_decimal(value).filter(|mark| mark.to_string().as_bytes() == value)
 }
 
-/// A chunk announcement's start and end, if the key is a canonical chunk
-/// start and the end lies above it. A fuzz target through `parse_entry`.
-pub(super) fn decode_chunk(key_start: &str, value: &[u8]) -> Option<(u64, u64)> {
+/// A chunk a replica took, as its key announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct AnnouncedChunk {
+    pub(super) start: u64,
+    pub(super) end: u64,
+}
+
+/// A chunk announcement, if the key is a canonical chunk start and the end
+/// lies above it. A fuzz target through `parse_entry`.
+pub(super) fn decode_chunk(key_start: &str, value: &[u8]) -> Option<AnnouncedChunk> {
     let start = parse_decimal(key_start.as_bytes())?;
     if key_start != format!("{start:020}") {
         return None;
     }
     chunk_end(value)
         .filter(|end| *end > start)
-        .map(|end| (start, end))
+        .map(|end| AnnouncedChunk { start, end })
 }
 
 /// The end a chunk announcement holds; `None` if it is unreadable.
@@ -117,12 +124,24 @@ pub(crate) fn encode_worker(dp_size: DpSize, registered: bool) -> String {
     json!({ "dp_size": dp_size.get(), "registered": registered }).to_string()
 }
 
+/// What a worker key holds (its name is in the key, its revision is the
+/// key's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WorkerValue {
+    pub(crate) dp_size: DpSize,
+    /// False once deregistered (the key then expires by lease).
+    pub(crate) registered: bool,
+}
+
 /// A fuzz target: never panics; accepts only a valid dp_size and a flag.
-pub(crate) fn decode_worker(value: &[u8]) -> Option<(DpSize, bool)> {
+pub(crate) fn decode_worker(value: &[u8]) -> Option<WorkerValue> {
     let value: serde_json::Value = serde_json::from_slice(value).ok()?;
     let dp_size = u32::try_from(value["dp_size"].as_u64()?).ok()?;
     let registered = value["registered"].as_bool()?;
-    Some((DpSize::try_new(dp_size).ok()?, registered))
+    Some(WorkerValue {
+        dp_size: DpSize::try_new(dp_size).ok()?,
+        registered,
+    })
 }
 
 /// A range record's value; its start is in the key.
@@ -165,7 +184,10 @@ pub(crate) fn parse_decimal(value: &[u8]) -> Option<u64> {
 
 /// The registration a worker key holds, as the allocator applies it.
 pub(super) fn worker_record(prefill_worker: Arc<str>, kv: &pb::KeyValue) -> Option<WorkerRecord> {
-    let (dp_size, registered) = decode_worker(&kv.value)?;
+    let WorkerValue {
+        dp_size,
+        registered,
+    } = decode_worker(&kv.value)?;
     Some(WorkerRecord {
         prefill_worker,
         dp_size,
@@ -236,7 +258,7 @@ pub(crate) fn parse_entry(keys: &Keys, kv: &pb::KeyValue) -> Result<Entry, Strin
                 .ok_or_else(|| "not a valid, aligned range record".to_owned())?,
         )
     } else if let Some(start) = name.strip_prefix("chunks/") {
-        let (start, end) = decode_chunk(start, &kv.value)
+        let AnnouncedChunk { start, end } = decode_chunk(start, &kv.value)
             .ok_or_else(|| "not a valid chunk announcement".to_owned())?;
         Entry::Chunk { start, end }
     } else if let Some(worker) = name.strip_prefix("workers/") {

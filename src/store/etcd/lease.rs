@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::calls::get;
 use super::client::{pb, prefix_end, txn};
 use super::keys::decode_range;
+use super::snapshot::UnleasedRange;
 use super::{Shared, MAX_BATCH, PAGE_KEYS};
 use crate::failpoint;
 use crate::store::StoreError;
@@ -76,15 +77,24 @@ pub(super) fn bucket_for(retention: Duration) -> Duration {
     (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600))
 }
 
-/// The longest remaining TTL, in seconds, of the leases `worker`'s ranges
-/// written after revision `after` have (0 if none), and the revision read
-/// at: one read of the range keys (deregistrations are rare), then one
-/// lease query per distinct lease (one per bucket and replica).
+/// What [`longest_range_lease_secs`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LongestLease {
+    /// The longest remaining TTL, in seconds (0 if none).
+    pub(super) ttl_secs: i64,
+    /// The revision the range keys were read at.
+    pub(super) read_at: i64,
+}
+
+/// The longest remaining TTL of the leases `worker`'s ranges written after
+/// revision `after` have: one read of the range keys (deregistrations are
+/// rare), then one lease query per distinct lease (one per bucket and
+/// replica).
 pub(super) async fn longest_range_lease_secs(
     shared: &Shared,
     worker: &str,
     after: i64,
-) -> Result<(i64, i64), StoreError> {
+) -> Result<LongestLease, StoreError> {
     let ranges = shared.keys.ranges();
     let end = prefix_end(ranges.as_bytes());
     let mut from = ranges.clone().into_bytes();
@@ -134,18 +144,21 @@ pub(super) async fn longest_range_lease_secs(
             .await?;
         longest = longest.max(remaining.ttl);
     }
-    Ok((longest, revision))
+    Ok(LongestLease {
+        ttl_secs: longest,
+        read_at: revision,
+    })
 }
 
 /// Attaches range records written without a lease (by 0.1 replicas, which
 /// pruned by their own clocks) to a lease, so etcd expires them too.
-pub(super) async fn lease_unleased(shared: Arc<Shared>, keys: Vec<(String, i64)>) {
+pub(super) async fn lease_unleased(shared: Arc<Shared>, keys: Vec<UnleasedRange>) {
     for chunk in keys.chunks(MAX_BATCH) {
         loop {
             let result = async {
                 let lease = shared.bucket_lease().await?;
                 let mut ops = Vec::new();
-                for (key, _) in chunk {
+                for UnleasedRange { key, .. } in chunk {
                     let current = shared
                         .timed("read a range", shared.client.range(get(key)))
                         .await?;

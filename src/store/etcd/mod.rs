@@ -131,7 +131,7 @@ use self::client::{pb, prefix_end, txn, ConnectOptions, EtcdClient, EtcdError};
 use self::keys::{chunk_end, worker_record};
 pub(crate) use self::keys::{counter_guard, decode_range, encode_worker, parse_decimal, Keys};
 use self::lease::{
-    bucket_for, lease_ttl_secs, lease_unleased, longest_range_lease_secs, BucketLease,
+    bucket_for, lease_ttl_secs, lease_unleased, longest_range_lease_secs, BucketLease, LongestLease,
 };
 pub use self::migrate::{check_import, import, ImportReport};
 use self::negative_cache::NegativeCache;
@@ -364,7 +364,10 @@ impl EtcdStore {
         // deregistration finds the worker deregistered and writes nothing.
         let fleet = fleet_retention_now(shared).await?;
         let retention = shared.retention.max(fleet);
-        let (longest, read_at) = longest_range_lease_secs(shared, &worker, 0).await?;
+        let LongestLease {
+            ttl_secs: longest,
+            read_at,
+        } = longest_range_lease_secs(shared, &worker, 0).await?;
         // etcd rounds a remaining TTL down: a second more covers the rest.
         let ttl = lease_ttl_secs(retention, bucket_for(retention)).max(longest + 1);
         let lease = shared
@@ -398,7 +401,9 @@ impl EtcdStore {
         // A range reserved for it between that read and the write (none
         // after: reservations compare the registration's revision) may have
         // a longer lease still: then the record gets one to match.
-        let (late, _) = longest_range_lease_secs(shared, &worker, read_at).await?;
+        let late = longest_range_lease_secs(shared, &worker, read_at)
+            .await?
+            .ttl_secs;
         if late + 1 > ttl {
             let lease = shared
                 .timed(

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::calls::{connect, etcd_call, get, injected};
 use super::carver::Mark;
 use super::client::{pb, prefix_end, txn, EtcdClient};
-use super::keys::{parse_entry, Entry, Keys};
+use super::keys::{parse_entry, AnnouncedChunk, Entry, Keys};
 use super::{EtcdConfig, PAGE_KEYS};
 use crate::failpoint;
 use crate::space::{RangeTable, SPACE_START};
@@ -26,7 +26,7 @@ pub(super) struct Loaded {
     pub(super) high_water: Option<Mark>,
     pub(super) revision: i64,
     /// Range keys written without a lease, with their mod revision.
-    pub(super) unleased: Vec<(String, i64)>,
+    pub(super) unleased: Vec<UnleasedRange>,
     /// The chunks replicas took, as announced.
     pub(super) chunks: Vec<AnnouncedChunk>,
 }
@@ -89,21 +89,22 @@ pub(super) async fn read_prefix(
     }
 }
 
+/// A range record written without a lease (by a 0.1 replica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct UnleasedRange {
+    pub(super) key: String,
+    /// Its mod revision when loaded.
+    pub(super) revision: i64,
+}
+
 /// Everything under the prefix, as [`parse_snapshot`] read it.
 pub(super) struct ParsedSnapshot {
     pub(super) snapshot: Snapshot,
     /// The mark, if there is one.
     pub(super) high_water: Option<Mark>,
     /// Range keys written without a lease, with their mod revision.
-    pub(super) unleased: Vec<(String, i64)>,
+    pub(super) unleased: Vec<UnleasedRange>,
     pub(super) chunks: Vec<AnnouncedChunk>,
-}
-
-/// A chunk a replica took, as its key announces it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct AnnouncedChunk {
-    pub(super) start: u64,
-    pub(super) end: u64,
 }
 
 /// Everything under the prefix, checked: a key this binary cannot trust
@@ -135,7 +136,10 @@ pub(super) fn parse_snapshot(
             Entry::PrunedBelow(below) => pruned_below = below,
             Entry::Range(owner) => {
                 if kv.lease == 0 {
-                    unleased.push((key.to_string(), kv.mod_revision));
+                    unleased.push(UnleasedRange {
+                        key: key.to_string(),
+                        revision: kv.mod_revision,
+                    });
                 }
                 ranges
                     .insert(owner)
