@@ -12,6 +12,9 @@
 //! - `format`: file names, the log and commit-slot layout and their codecs (pure).
 //! - `recovery`: opening and settling the files after a crash or a failed write.
 //! - `writer`: the writer thread, group commit, halting, compaction.
+//! - `holdings`: what the log holds, in memory, so a prune with nothing due
+//!   is answered without reading the log (pure).
+//! - `compaction`: a compaction's streaming pass over the log, in slices.
 //!
 //! # Media assumptions
 //! fsync (`sync_data`) makes written bytes durable, and a directory fsync
@@ -44,7 +47,9 @@ use crate::failpoint;
 use crate::failpoint::io_error;
 use crate::space::{Bounds, DpSize, RoomRange};
 
+mod compaction;
 mod format;
+mod holdings;
 mod recovery;
 mod writer;
 
@@ -52,6 +57,7 @@ mod writer;
 #[cfg(test)]
 pub(crate) use format::{decode_commit, encode_record, parse_record, Record};
 use format::{Files, LOCK_FILE, MIGRATED_FILE};
+use holdings::Holdings;
 use recovery::{check_not_migrated, create_dir_durably, io_err_of, prepare_files, settle, Settled};
 use writer::{Reply, Request, Writer, WriterState, WriterStatus};
 
@@ -183,6 +189,9 @@ impl EmbeddedStore {
             bounds,
             state: WriterState::Ready,
             status: status_tx,
+            holdings: Holdings::of_replay(&loaded.replay),
+            compaction: None,
+            waiting_prunes: Default::default(),
         };
         let snapshot = loaded.replay.into_snapshot();
         let (tx, rx) = mpsc::channel();

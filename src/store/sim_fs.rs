@@ -157,6 +157,9 @@ struct State {
     locked: BTreeSet<PathBuf>,
     /// Files whose unsynced writes may garble their whole 4 KiB page.
     tear_pages: BTreeSet<PathBuf>,
+    /// Bytes read so far, by the path the file was opened as (reads do
+    /// not count as operations: they change nothing).
+    bytes_read: BTreeMap<PathBuf, u64>,
     rng: Rng,
 }
 
@@ -176,6 +179,7 @@ impl State {
             cut_after: None,
             locked: BTreeSet::new(),
             tear_pages: BTreeSet::new(),
+            bytes_read: BTreeMap::new(),
             rng,
         }
     }
@@ -237,6 +241,11 @@ impl SimFs {
     /// Mutating operations so far.
     pub fn ops(&self) -> u64 {
         self.lock().ops
+    }
+
+    /// Bytes read so far from files opened (or created) as `path`.
+    pub fn bytes_read(&self, path: &Path) -> u64 {
+        self.lock().bytes_read.get(path).copied().unwrap_or(0)
     }
 
     /// Makes mutating operation number `op` (counting from the start) fail
@@ -482,7 +491,7 @@ fn write_at(data: &mut Vec<u8>, offset: usize, bytes: &[u8]) {
 
 impl FsFile for SimFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let state = self.fs.lock();
+        let mut state = self.fs.lock();
         let data = &state.inodes[&self.inode].current;
         let offset = usize::try_from(offset).expect("small files");
         let end = offset + buf.len();
@@ -490,6 +499,8 @@ impl FsFile for SimFile {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
         buf.copy_from_slice(&data[offset..end]);
+        let read = u64::try_from(buf.len()).expect("small files");
+        *state.bytes_read.entry(self.path.clone()).or_insert(0) += read;
         Ok(())
     }
 

@@ -467,6 +467,128 @@ fn deregistered_workers_are_forgotten_once_nothing_needs_them() {
     assert_eq!(names, ["stays"]);
 }
 
+/// Issue 20: a retention tick with nothing due (every range younger than
+/// the cutoff or still held, no deregistered worker to forget) is answered
+/// from what the writer holds in memory, without reading the log; one with
+/// something due still compacts.
+#[test]
+fn a_prune_with_nothing_due_does_not_read_the_log() {
+    let fs = SimFs::new(3);
+    let rt = runtime();
+    let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
+    let ranges: Vec<RoomRange> = rt.block_on(async {
+        store
+            .register(Arc::from("w"), dp(2))
+            .await
+            .expect("register");
+        let mut ranges = Vec::new();
+        for _ in 0..3 {
+            ranges.push(
+                store
+                    .reserve(reservation("w", 2, 4))
+                    .await
+                    .expect("reserve"),
+            );
+        }
+        ranges
+    });
+    let log = Path::new("/data/rooms.log");
+    let read_before = fs.bytes_read(log);
+    let young = rt.block_on(store.prune(prune(1_000))).expect("prune");
+    assert_eq!(young.pruned_below, 0);
+    assert!(young.forgotten.is_empty());
+    let all_held = rt
+        .block_on(store.prune(PruneRequest {
+            cutoff_unix_ms: 5_000,
+            held: ranges.iter().map(|range| range.start()).collect(),
+        }))
+        .expect("prune");
+    assert_eq!(all_held.pruned_below, 0);
+    assert_eq!(
+        fs.bytes_read(log),
+        read_before,
+        "a prune with nothing due read the log"
+    );
+    let due = rt.block_on(store.prune(prune(5_000))).expect("prune");
+    assert_eq!(due.pruned_below, ranges[2].end());
+    assert!(
+        fs.bytes_read(log) > read_before,
+        "the compaction read the log"
+    );
+    drop(store);
+    let (_, snapshot) = sim_open(&fs, Bounds::FULL).expect("reopen");
+    assert!(snapshot.ranges.is_empty());
+    assert_eq!(snapshot.pruned_below, ranges[2].end());
+}
+
+/// Issue 20: a compaction of a log many slices long streams it (records cut
+/// by the end of a read included) while reservations go on; what they
+/// reserved meanwhile is in the compacted log, what was due is not.
+#[test]
+fn a_long_compaction_streams_in_slices_while_reservations_go_on() {
+    let fs = SimFs::new(5);
+    let rt = runtime();
+    let (store, _) = sim_open(&fs, Bounds::FULL).expect("open");
+    let old: Vec<RoomRange> = rt.block_on(async {
+        let mut old = Vec::new();
+        // About 60 bytes a record: several slices of log.
+        for i in 0..12_000u32 {
+            let worker = format!("w{}", i % 50);
+            old.push(
+                store
+                    .reserve(reservation(&worker, 2, 1))
+                    .await
+                    .expect("reserve"),
+            );
+        }
+        old
+    });
+    assert!(
+        fs.contents(Path::new("/data/rooms.log"))
+            .expect("log")
+            .len() as u64
+            > 2 * super::compaction::SLICE_BYTES
+    );
+    let (pruned, young) = rt.block_on(async {
+        tokio::join!(store.prune(prune(5_000)), async {
+            let mut young = Vec::new();
+            for _ in 0..200 {
+                young.push(
+                    store
+                        .reserve(Reservation {
+                            created_unix_ms: 9_000,
+                            ..reservation("young", 2, 1)
+                        })
+                        .await
+                        .expect("reserve during the compaction"),
+                );
+            }
+            young
+        })
+    });
+    let pruned = pruned.expect("prune");
+    assert_eq!(pruned.pruned_below, old.last().expect("old").end());
+    drop(store);
+    let (_, snapshot) = sim_open(&fs, Bounds::FULL).expect("reopen");
+    assert_eq!(snapshot.ranges.len(), young.len(), "only the young ranges");
+    for range in &young {
+        let owner = snapshot
+            .ranges
+            .resolve(Room::try_new(range.start()).expect("room"))
+            .expect("a range reserved during the compaction resolves");
+        assert_eq!(owner.range, *range);
+    }
+    assert_eq!(snapshot.high_water, young.last().expect("young").end());
+    // Workers first seen in a range, all of whose ranges went: forgotten.
+    let names: Vec<&str> = snapshot
+        .workers
+        .iter()
+        .map(|w| &*w.prefill_worker)
+        .collect();
+    assert_eq!(names, ["young"]);
+    assert_eq!(pruned.forgotten.len(), 50);
+}
+
 fn sim_open(fs: &Arc<SimFs>, bounds: Bounds) -> Result<(EmbeddedStore, Snapshot), OpenError> {
     sim_open_at(fs, Path::new("/data"), bounds)
 }

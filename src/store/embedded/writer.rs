@@ -30,15 +30,25 @@
 //! failure after it halts the writer until the files are settled.
 //! Deregistered workers are dropped by compaction once their deregistration
 //! is older than the cutoff and none of their ranges is left.
+//!
+//! A prune request is first decided against the writer's `Holdings` (what
+//! the log holds, kept in memory): one that would drop nothing is answered
+//! at once, without reading the log. One that would drop something runs as
+//! a streaming pass, a slice at a time between group commits (see
+//! `compaction` for why, and why the protocol above is unchanged); prunes
+//! that arrive meanwhile wait for it and are decided afresh after it.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+use super::compaction::{Finished, Pass, SLICE_BYTES};
 use super::format::*;
+use super::holdings::Holdings;
 use super::recovery::*;
 use crate::failpoint;
 use crate::failpoint::io_error;
@@ -240,12 +250,45 @@ pub(super) struct Writer {
     /// Where `state` and `high_water` are published (dropped with the
     /// writer, which readers also take as `Gone`).
     pub(super) status: watch::Sender<WriterStatus>,
+    /// What the log holds up to `log_len`, so a prune with nothing due
+    /// never reads it.
+    pub(super) holdings: Holdings,
+    /// The compaction under way, if any.
+    pub(super) compaction: Option<Compacting>,
+    /// Prunes that arrived while a compaction ran, in order.
+    pub(super) waiting_prunes: VecDeque<(PruneRequest, Reply<Pruned>)>,
+}
+
+/// A compaction under way: its pass, who asked, and what it has cost the
+/// writer so far (for the log line that reports it).
+pub(super) struct Compacting {
+    pass: Pass,
+    reply: Reply<Pruned>,
+    started: Instant,
+    slices: u64,
+    longest_slice: Duration,
 }
 
 impl Writer {
     pub(super) fn run(mut self, requests: mpsc::Receiver<Request>) {
         loop {
-            match requests.recv_timeout(RECOVERY_INTERVAL) {
+            // While a compaction runs the writer never waits: a slice of it
+            // runs whenever no request is queued, and after every batch.
+            let received = if self.compaction.is_some() {
+                match requests.try_recv() {
+                    Ok(request) => Ok(request),
+                    Err(mpsc::TryRecvError::Empty) => {
+                        self.compaction_slice();
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        Err(mpsc::RecvTimeoutError::Disconnected)
+                    }
+                }
+            } else {
+                requests.recv_timeout(RECOVERY_INTERVAL)
+            };
+            match received {
                 Ok(first) => {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -265,9 +308,20 @@ impl Writer {
                         }
                         None => self.commit_batch(batch),
                     }
+                    if self.compaction.is_some() {
+                        self.compaction_slice();
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => self.tick(),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Every prune asked for is answered, as before the
+                    // writer went: each slice reads more of a log that no
+                    // longer grows, or fails and ends the compaction.
+                    while self.compaction.is_some() {
+                        self.compaction_slice();
+                    }
+                    break;
+                }
             }
         }
         self.set_state(WriterState::Gone);
@@ -277,6 +331,11 @@ impl Writer {
     fn set_state(&mut self, state: WriterState) {
         if let WriterState::Halted { reason } = &state {
             error!(%reason, "the embedded store stopped taking writes until it has read its files back");
+        }
+        if let Some(error) = state.refusal() {
+            // The files will be read back before any write: a pass over
+            // the log as it was cannot go on.
+            self.abandon_compactions(error);
         }
         if state != self.state {
             self.state = state.clone();
@@ -333,6 +392,7 @@ impl Writer {
                 self.next_seq = loaded.next_seq;
                 self.generation = loaded.generation;
                 self.commit_seq = settled.commit_seq;
+                self.holdings = Holdings::of_replay(&loaded.replay);
                 self.log = settled.log;
                 self.commit = settled.commit;
                 self.publish_high_water();
@@ -358,6 +418,8 @@ impl Writer {
         let mut high_water = self.high_water;
         let mut answers = Vec::with_capacity(batch.len());
         let mut prunes = Vec::new();
+        // Followed by the holdings once durable.
+        let mut records = Vec::with_capacity(batch.len());
         for request in batch {
             match request {
                 Request::Register {
@@ -365,7 +427,9 @@ impl Writer {
                     dp_size,
                     reply,
                 } => {
-                    encode_record(&mut buf, seq, &Record::Register(worker, dp_size));
+                    let record = Record::Register(worker, dp_size);
+                    encode_record(&mut buf, seq, &record);
+                    records.push(record);
                     answers.push(Pending::Revision(reply, Ok(revision(self.generation, seq))));
                     seq += 1;
                 }
@@ -374,7 +438,9 @@ impl Writer {
                     unix_ms,
                     reply,
                 } => {
-                    encode_record(&mut buf, seq, &Record::Deregister { worker, unix_ms });
+                    let record = Record::Deregister { worker, unix_ms };
+                    encode_record(&mut buf, seq, &record);
+                    records.push(record);
                     answers.push(Pending::Revision(reply, Ok(revision(self.generation, seq))));
                     seq += 1;
                 }
@@ -399,13 +465,16 @@ impl Writer {
                             created_unix_ms: r.created_unix_ms,
                         };
                         encode_record(&mut buf, seq, &record);
+                        records.push(record);
                         seq += 1;
                     }
                     answers.push(Pending::Reserved(reply, reserved));
                 }
                 Request::Issued { counts, reply } => {
                     for (worker, rooms_issued) in counts {
-                        encode_record(&mut buf, seq, &Record::Issued(worker, rooms_issued));
+                        let record = Record::Issued(worker, rooms_issued);
+                        encode_record(&mut buf, seq, &record);
+                        records.push(record);
                         seq += 1;
                     }
                     answers.push(Pending::Done(reply));
@@ -427,17 +496,124 @@ impl Writer {
             self.next_seq = seq;
             self.high_water = high_water;
             self.publish_high_water();
+            for record in &records {
+                self.holdings.apply(record);
+            }
         }
         for pending in answers {
             pending.answer(None);
         }
         for (request, reply) in prunes {
-            // A compaction that halted the writer leaves later ones refused.
-            let pruned = match self.state.refusal() {
-                Some(error) => Err(error),
-                None => self.compact(&request),
-            };
-            let _ = reply.send(pruned);
+            self.prune(request, reply);
+        }
+    }
+
+    /// Answers a prune with nothing due at once; starts a compaction for
+    /// one with something due, or queues it behind the one under way.
+    pub(super) fn prune(&mut self, request: PruneRequest, reply: Reply<Pruned>) {
+        // A compaction that halted the writer leaves later ones refused.
+        if let Some(error) = self.state.refusal() {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        if self.compaction.is_some() {
+            self.waiting_prunes.push_back((request, reply));
+            return;
+        }
+        if !self.holdings.prune_due(&request) {
+            let _ = reply.send(Ok(self.pruned_nothing()));
+            return;
+        }
+        match Pass::start(&*self.fs, &self.files, request, self.generation) {
+            Ok(pass) => {
+                self.compaction = Some(Compacting {
+                    pass,
+                    reply,
+                    started: Instant::now(),
+                    slices: 0,
+                    longest_slice: Duration::ZERO,
+                })
+            }
+            Err(error) => {
+                let _ = self.fs.remove_file(&self.files.compact);
+                let _ = reply.send(Err(self.io_error(&self.files.compact, error)));
+            }
+        }
+    }
+
+    /// What a prune that drops nothing answers.
+    fn pruned_nothing(&self) -> Pruned {
+        Pruned {
+            pruned_below: self.holdings.pruned_below,
+            forgotten: Vec::new(),
+            revision: revision(self.generation, self.next_seq),
+        }
+    }
+
+    /// Runs one slice of the compaction under way; at the end of the log,
+    /// switches to the compacted one and starts the next waiting prune.
+    pub(super) fn compaction_slice(&mut self) {
+        let Some(mut compacting) = self.compaction.take() else {
+            return;
+        };
+        let began = Instant::now();
+        let advanced = compacting
+            .pass
+            .advance(&*self.log, self.log_len, SLICE_BYTES);
+        compacting.slices += 1;
+        compacting.longest_slice = compacting.longest_slice.max(began.elapsed());
+        match advanced {
+            Ok(false) => self.compaction = Some(compacting),
+            Ok(true) => {
+                let Compacting {
+                    pass,
+                    reply,
+                    started,
+                    slices,
+                    longest_slice,
+                } = compacting;
+                let began = Instant::now();
+                let pruned = self.switch_to_compacted(pass);
+                let switch = began.elapsed();
+                if let Ok(pruned) = &pruned {
+                    info!(
+                        ranges_kept = self.holdings.ranges.len(),
+                        workers_forgotten = pruned.forgotten.len(),
+                        pruned_below = pruned.pruned_below,
+                        log_bytes = self.log_len,
+                        slices,
+                        longest_slice_ms = longest_slice.as_secs_f64() * 1e3,
+                        switch_ms = switch.as_secs_f64() * 1e3,
+                        total_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "compacted the embedded store's log"
+                    );
+                }
+                let _ = reply.send(pruned);
+                while self.compaction.is_none() {
+                    let Some((request, reply)) = self.waiting_prunes.pop_front() else {
+                        break;
+                    };
+                    self.prune(request, reply);
+                }
+            }
+            Err(error) => {
+                let _ = self.fs.remove_file(&self.files.compact);
+                let error = self.io_error(&self.files.compact, error);
+                warn!(%error, "compacting the embedded store's log failed; the log is as it was");
+                let _ = compacting.reply.send(Err(error));
+            }
+        }
+    }
+
+    /// Ends the compaction under way and refuses the waiting prunes: the
+    /// writer stopped taking writes (or is gone).
+    fn abandon_compactions(&mut self, error: StoreError) {
+        if let Some(compacting) = self.compaction.take() {
+            let _ = self.fs.remove_file(&self.files.compact);
+            let _ = compacting.reply.send(Err(error.clone()));
+        }
+        for (_, reply) in self.waiting_prunes.drain(..) {
+            let _ = reply.send(Err(error.clone()));
         }
     }
 
@@ -516,108 +692,47 @@ impl Writer {
         Ok(())
     }
 
-    /// Rewrites the log without what retention no longer needs (see
-    /// "Compaction" above); the new log state is assigned once, at the end.
-    pub(super) fn compact(&mut self, request: &PruneRequest) -> Result<Pruned, StoreError> {
-        let log_path = self.files.log.clone();
-        let mut bytes = vec![0u8; usize::try_from(self.log_len).expect("the log fits in memory")];
-        self.log
-            .read_exact_at(&mut bytes, 0)
-            .map_err(|e| self.io_error(&log_path, e))?;
-        let Replayed {
-            mut replay,
-            stopped,
-            ..
-        } = replay_log(&bytes, self.generation);
-        if let Some(reason) = stopped {
-            // Everything below log_len was written and read back by us.
-            return Err(self.io_error(
-                &log_path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
-            ));
+    /// Closes a pass that has read the whole log: writes and syncs the
+    /// compacted log, renames it over the live one and commits its
+    /// generation (see "Compaction" above); the new log state is assigned
+    /// once, at the end. A pass that would drop nothing (the log changed
+    /// since it was decided) is discarded.
+    pub(super) fn switch_to_compacted(&mut self, pass: Pass) -> Result<Pruned, StoreError> {
+        let forgotten = pass.forgets(&self.holdings);
+        if pass.dropped.is_empty() && forgotten.is_empty() {
+            let _ = self.fs.remove_file(&self.files.compact);
+            return Ok(self.pruned_nothing());
         }
-        let pruned = replay.ranges.prune(request.cutoff_unix_ms, &request.held);
-        let owners: std::collections::HashSet<Arc<str>> = replay
-            .ranges
-            .iter()
-            .map(|owner| owner.prefill_worker.clone())
-            .collect();
-        let forgotten: Vec<Arc<str>> = replay
-            .workers
-            .values()
-            .filter(|w| {
-                w.deregistered_unix_ms
-                    .is_some_and(|at| at < request.cutoff_unix_ms)
-                    && !owners.contains(&w.record.prefill_worker)
-            })
-            .map(|w| w.record.prefill_worker.clone())
-            .collect();
-        if pruned == 0 && forgotten.is_empty() {
-            return Ok(Pruned {
-                pruned_below: replay.pruned_below,
-                forgotten,
-                revision: revision(self.generation, self.next_seq),
-            });
-        }
-        for name in &forgotten {
-            replay.workers.remove(name);
-        }
-        let pruned_below = replay.pruned_below.max(pruned);
-        let generation = self.generation + 1;
-        let mut log = encode_log_header(generation);
-        let mut seq = 1;
-        let mut push = |log: &mut Vec<u8>, record: Record| {
-            encode_record(log, seq, &record);
-            seq += 1;
-        };
-        for worker in replay.workers.values() {
-            let name = worker.record.prefill_worker.clone();
-            push(
-                &mut log,
-                Record::Register(name.clone(), worker.record.dp_size),
-            );
-            if let Some(unix_ms) = worker.deregistered_unix_ms {
-                push(
-                    &mut log,
-                    Record::Deregister {
-                        worker: name.clone(),
-                        unix_ms,
-                    },
-                );
+        let request = pass.request.clone();
+        let dropped = pass.dropped.clone();
+        let finished = match pass.finish(&self.holdings, forgotten) {
+            Ok(finished) => finished,
+            Err(error) => {
+                let _ = self.fs.remove_file(&self.files.compact);
+                return Err(self.io_error(&self.files.compact, error));
             }
-            push(&mut log, Record::Issued(name, worker.record.rooms_issued));
-        }
-        for owner in replay.ranges.iter() {
-            push(
-                &mut log,
-                Record::Reserve {
-                    worker: owner.prefill_worker.clone(),
-                    range: owner.range,
-                    rooms_issued: 0,
-                    created_unix_ms: owner.created_unix_ms,
-                },
-            );
-        }
-        push(&mut log, Record::Pruned(pruned_below));
-
-        let compacted = self.write_compacted(&log)?;
+        };
+        let Finished {
+            file,
+            len,
+            next_seq,
+            generation,
+            pruned_below,
+            forgotten,
+        } = finished;
+        self.rename_compacted()?;
         // The new log is in place: from here any failure leaves the files in
         // a state only reading them back can tell.
-        if let Err(error) = self.commit_compaction(generation, &log) {
+        if let Err(error) = self.commit_compaction(generation, len) {
             self.halt(error.to_string());
             return Err(error);
         }
-        self.log = compacted;
-        self.log_len = u64::try_from(log.len()).expect("fits");
-        self.next_seq = seq;
+        self.log = file;
+        self.log_len = len;
+        self.next_seq = next_seq;
         self.generation = generation;
-        info!(
-            ranges_kept = replay.ranges.len(),
-            workers_forgotten = forgotten.len(),
-            pruned_below,
-            log_bytes = self.log_len,
-            "compacted the embedded store's log"
-        );
+        self.holdings
+            .compacted(&request, &dropped, &forgotten, pruned_below);
         Ok(Pruned {
             pruned_below,
             forgotten,
@@ -625,26 +740,10 @@ impl Writer {
         })
     }
 
-    /// Writes the compacted log aside, fsyncs it and renames it over the
-    /// live log. A failure before the rename leaves the live log as it was;
-    /// a failed rename halts the writer, as it may have happened.
-    pub(super) fn write_compacted(&mut self, log: &[u8]) -> Result<Box<dyn FsFile>, StoreError> {
+    /// Renames the synced compaction file over the live log. A failed
+    /// rename halts the writer, as it may have happened.
+    pub(super) fn rename_compacted(&mut self) -> Result<(), StoreError> {
         let path = self.files.compact.clone();
-        let written = (|| {
-            failpoint!("compact::write", io_error("compact::write"));
-            let file = self.fs.create(&path)?;
-            file.write_all_at(log, 0)?;
-            failpoint!("compact::fsync", io_error("compact::fsync"));
-            file.sync_data()?;
-            Ok(file)
-        })();
-        let file = match written {
-            Ok(file) => file,
-            Err(error) => {
-                let _ = self.fs.remove_file(&path);
-                return Err(self.io_error(&path, error));
-            }
-        };
         failpoint!(
             "compact::rename",
             self.io_error(&self.files.log, io_error("compact::rename"))
@@ -657,14 +756,14 @@ impl Writer {
             self.halt(error.to_string());
             return Err(error);
         }
-        Ok(file)
+        Ok(())
     }
 
     /// Makes the rename durable, then commits the new generation.
     pub(super) fn commit_compaction(
         &mut self,
         generation: u32,
-        log: &[u8],
+        new_len: u64,
     ) -> Result<(), StoreError> {
         let dir = self.files.dir.clone();
         let commit = self.files.commit.clone();
@@ -676,7 +775,6 @@ impl Writer {
         })();
         synced.map_err(|e| self.io_error(&dir, e))?;
         let commit_seq = self.commit_seq + 1;
-        let new_len = u64::try_from(log.len()).expect("fits");
         failpoint!(
             "compact::slot_write",
             self.io_error(&commit, io_error("compact::slot_write"))
