@@ -50,7 +50,11 @@ fn hot_path(c: &mut Criterion) {
     });
 
     let server = runtime
-        .block_on(Server::open(&serve_args(dir.path())))
+        .block_on(Server::open(
+            &serve_args(dir.path())
+                .server_config()
+                .expect("a valid configuration"),
+        ))
         .expect("open the store");
     let allocator = server.allocator().clone();
     runtime

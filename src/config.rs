@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::secret::Secret;
+use crate::server::{AuthConfig, ServerConfig, StartError, StoreConfig, TlsConfig};
 use crate::space::{Bounds, MAX_ROOM};
 
 /// Inclusive bounds of every numeric `serve` flag: (flag, min, max).
@@ -330,6 +331,55 @@ impl ServeArgs {
     /// `--max-workers` as a count.
     pub fn max_workers(&self) -> usize {
         usize::try_from(self.max_workers).unwrap_or(usize::MAX)
+    }
+
+    /// The server's configuration, for [`Server::open`](crate::server::Server::open)
+    /// and `--check-config`. Refuses what the flags alone get wrong (the
+    /// bounds, contradicting auth flags); the files are checked by the server.
+    pub fn server_config(&self) -> Result<ServerConfig, StartError> {
+        let bounds = Bounds::try_new(self.min_room, self.max_room).map_err(StartError::Bounds)?;
+        if self.allow_unauthenticated_allocation && self.auth_required_for_allocation {
+            return Err(StartError::AuthFlags);
+        }
+        let store_timeout = Duration::from_secs(self.store_timeout_secs);
+        let store = if self.etcd.etcd_endpoints.is_empty() {
+            StoreConfig::Embedded {
+                data_dir: self.data_dir.clone(),
+            }
+        } else {
+            StoreConfig::Etcd(Box::new(self.etcd.store_config(
+                store_timeout,
+                self.retention,
+                bounds,
+            )))
+        };
+        Ok(ServerConfig {
+            bounds,
+            store,
+            max_workers: self.max_workers(),
+            store_timeout,
+            retention: self.retention,
+            drain_delay: Duration::from_secs(self.drain_delay_secs),
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            max_connection_age: Duration::from_secs(self.max_connection_age_secs),
+            max_connection_age_grace: Duration::from_secs(self.max_connection_age_grace_secs),
+            max_concurrent_requests: usize::try_from(self.max_concurrent_requests)
+                .unwrap_or(usize::MAX),
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsConfig {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                    client_allowed_names: self.tls_client_allowed_names.clone(),
+                }),
+                _ => None,
+            },
+            auth: self.auth_token_file.as_ref().map(|token_file| AuthConfig {
+                token_file: token_file.clone(),
+                allow_unauthenticated_allocation: self.allow_unauthenticated_allocation,
+            }),
+        })
     }
 }
 

@@ -107,8 +107,9 @@ fn exit_code(format: LogFormat, result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.server_config()?;
     if args.check_config {
-        server::check_config(&args)?;
+        server::check_config(&config)?;
         info!("configuration accepted");
         return Ok(());
     }
@@ -120,7 +121,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
 
-    let server = Server::open(&args).await?;
+    let server = Server::open(&config).await?;
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot bind --listen {}", args.listen))?;
