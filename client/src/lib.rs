@@ -149,6 +149,8 @@
 //!
 //! [room-allocator]: https://github.com/room-allocator/room-allocator
 
+pub mod backoff;
+mod builder;
 mod client;
 #[doc(hidden)]
 pub mod cursor;
@@ -157,11 +159,13 @@ mod fallback;
 mod fork;
 mod lease;
 pub mod limits;
+mod transport;
+mod types;
 
-pub use client::{
-    FallbackRoom, Lease, Resolved, RoomClient, RoomClientBuilder, RoomSpace, WorkerInfo,
-};
+pub use builder::RoomClientBuilder;
+pub use client::RoomClient;
 pub use error::{cause_chain, code_name, Error, ERROR_REASON, REGISTERED_DP_SIZE};
+pub use types::{FallbackRoom, Lease, Resolved, RoomSpace, WorkerInfo};
 
 /// The gRPC types of `room_allocator.v1`, generated from
 /// `proto/room_allocator/v1/room_allocator.proto` (checked in: no protoc).
