@@ -960,65 +960,6 @@ async fn connect_retries_until_the_server_is_up() {
     }
 }
 
-/// The newest modification time under `path` (a file or a directory tree).
-fn newest(path: &std::path::Path) -> std::time::SystemTime {
-    let meta = std::fs::metadata(path).expect("source metadata");
-    let mut newest = meta.modified().expect("mtime");
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path).expect("read_dir") {
-            newest = newest.max(self::newest(&entry.expect("entry").path()));
-        }
-    }
-    newest
-}
-
-/// The example `name`. `cargo test` builds the examples, but not when only
-/// some test targets are asked for (`--test it`); then an example older
-/// than the sources is built here first, so old code is never tested.
-fn example(name: &str) -> std::path::PathBuf {
-    // The test binary is in <target>/<profile>/deps.
-    let profile_dir = std::env::current_exe()
-        .expect("test binary")
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("profile dir")
-        .to_path_buf();
-    let path = profile_dir.join("examples").join(name);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = [
-        "src",
-        "client/src",
-        "examples",
-        "Cargo.toml",
-        "client/Cargo.toml",
-    ]
-    .iter()
-    .map(|source| newest(&root.join(source)))
-    .max()
-    .expect("sources");
-    let built = std::fs::metadata(&path).and_then(|meta| meta.modified());
-    if built.is_ok_and(|built| built >= sources) {
-        return path;
-    }
-    let target_dir = profile_dir.parent().expect("target dir");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build
-        .args(["build", "--quiet", "--example", name, "--target-dir"])
-        .arg(target_dir)
-        .current_dir(root);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    if cfg!(feature = "failpoints") {
-        build.args(["--features", "failpoints"]);
-    }
-    let status = build.status().expect("run cargo build --example");
-    assert!(status.success(), "cargo build --example {name}: {status}");
-    assert!(path.is_file(), "{} was not built", path.display());
-    path
-}
-
 #[test]
 fn the_pd_router_example_plays_both_halves_with_a_token_and_a_stale_dp_size() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1028,7 +969,7 @@ fn the_pd_router_example_plays_both_halves_with_a_token_and_a_stale_dp_size() {
         &dir.path().join("data"),
         &["--auth-token-file", token_file.to_str().expect("utf-8")],
     );
-    let example = example("pd_router");
+    let example = common::example("room-allocator", "pd_router");
     let output = std::process::Command::new(&example)
         .arg(server.url())
         .arg("--token-file")

@@ -403,41 +403,6 @@ async fn warm_up_leases_ahead_so_the_first_room_needs_no_rpc() {
     assert_eq!(client.fallback_rooms(), 0, "no fallback configured");
 }
 
-/// Builds the client crate's example `name` (cargo does nothing when it is
-/// up to date) and returns its path.
-fn client_example(name: &str) -> std::path::PathBuf {
-    // The test binary is in <target>/<profile>/deps.
-    let profile_dir = std::env::current_exe()
-        .expect("test binary")
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("profile dir")
-        .to_path_buf();
-    let target_dir = profile_dir.parent().expect("target dir");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "room-allocator-client",
-            "--example",
-            name,
-            "--target-dir",
-        ])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build --example");
-    assert!(status.success(), "cargo build --example {name}: {status}");
-    let path = profile_dir.join("examples").join(name);
-    assert!(path.is_file(), "{} was not built", path.display());
-    path
-}
-
 /// The example's lines: (room, rank or None, source).
 fn rooms_of(output: &std::process::Output) -> Vec<(u64, Option<u64>, String)> {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -457,7 +422,7 @@ fn rooms_of(output: &std::process::Output) -> Vec<(u64, Option<u64>, String)> {
 
 #[tokio::test]
 async fn the_dynamo_example_takes_allocator_rooms_and_keeps_dynamos_own_where_it_must() {
-    let example = client_example("dynamo_bootstrap_room");
+    let example = common::example("room-allocator-client", "dynamo_bootstrap_room");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = ServerProcess::start(dir.path(), &[]);
     let output = std::process::Command::new(&example)

@@ -597,3 +597,72 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).expect("read");
     response
 }
+
+/// The newest modification time under `path`.
+fn newest(path: &Path) -> std::time::SystemTime {
+    let meta = std::fs::metadata(path).expect("source metadata");
+    let mut newest = meta.modified().expect("mtime");
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).expect("read_dir") {
+            newest = newest.max(self::newest(&entry.expect("entry").path()));
+        }
+    }
+    newest
+}
+
+/// The example `name` of `package` (`room-allocator` or
+/// `room-allocator-client`). `cargo test` builds the examples, but not when
+/// only some test targets are asked for (`--test it`); then an example older
+/// than the sources is built here first, so old code is never tested.
+pub fn example(package: &str, name: &str) -> PathBuf {
+    // The test binary is in <target>/<profile>/deps.
+    let profile_dir = std::env::current_exe()
+        .expect("test binary")
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("profile dir")
+        .to_path_buf();
+    let path = profile_dir.join("examples").join(name);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = [
+        "src",
+        "examples",
+        "Cargo.toml",
+        "client/src",
+        "client/examples",
+        "client/Cargo.toml",
+    ]
+    .iter()
+    .map(|source| newest(&root.join(source)))
+    .max()
+    .expect("sources");
+    let built = std::fs::metadata(&path).and_then(|meta| meta.modified());
+    if built.is_ok_and(|built| built >= sources) {
+        return path;
+    }
+    let target_dir = profile_dir.parent().expect("target dir");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            package,
+            "--example",
+            name,
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(root);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    if package == "room-allocator" && cfg!(feature = "failpoints") {
+        build.args(["--features", "failpoints"]);
+    }
+    let status = build.status().expect("run cargo build --example");
+    assert!(status.success(), "cargo build --example {name}: {status}");
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
