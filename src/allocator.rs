@@ -39,6 +39,8 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::metrics::{Counter, Metrics};
+pub use crate::names::Escaped;
+use crate::names::NameError;
 use crate::space::{
     Base, Bounds, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
@@ -1083,31 +1085,22 @@ fn unknown(prefill_worker: &str) -> Error {
     }
 }
 
-/// A name as logs and messages show it: quoted, control characters escaped,
-/// so a hostile name cannot split a log line.
-pub struct Escaped<'a>(pub &'a str);
-
-impl std::fmt::Display for Escaped<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "\"{}\"", self.0.escape_debug())
-    }
+/// A prefill_worker: 1 to 253 bytes of UTF-8 without control characters
+/// (U+0000-U+001F, U+007F-U+009F); see [`crate::names`].
+pub fn validate_worker(prefill_worker: &str) -> Result<(), Error> {
+    Ok(crate::names::validate_worker(prefill_worker)?)
 }
 
-/// A prefill_worker: 1 to 253 bytes of UTF-8 without control characters
-/// (U+0000-U+001F, U+007F-U+009F).
-pub fn validate_worker(prefill_worker: &str) -> Result<(), Error> {
-    match prefill_worker.len() {
-        0 => return Err(Error::EmptyWorker),
-        len if len > MAX_WORKER_LEN => return Err(Error::WorkerTooLong { len }),
-        _ => {}
+impl From<NameError> for Error {
+    fn from(error: NameError) -> Self {
+        match error {
+            NameError::Empty => Error::EmptyWorker,
+            NameError::TooLong { len } => Error::WorkerTooLong { len },
+            NameError::ControlCharacter { worker, code } => {
+                Error::WorkerControlCharacter { worker, code }
+            }
+        }
     }
-    if let Some(c) = prefill_worker.chars().find(|c| c.is_control()) {
-        return Err(Error::WorkerControlCharacter {
-            worker: Escaped(prefill_worker).to_string(),
-            code: u32::from(c),
-        });
-    }
-    Ok(())
 }
 
 /// Page tokens: hex of a version byte, the name's CRC-32 and the name, so a

@@ -4,6 +4,8 @@
 //!
 //! Modules, from the arithmetic up:
 //! - [`space`]: rooms, bases, ranges, bounds and the range table; pure arithmetic.
+//! - [`names`]: which prefill_worker names are valid, for the stores and the
+//!   allocator alike.
 //! - [`store`]: durable registrations and range reservations: the embedded
 //!   log ([`store::EmbeddedStore`]) or etcd ([`store::EtcdStore`]).
 //! - [`allocator`]: the contract's rules over a store.
@@ -25,6 +27,7 @@ pub mod failpoint;
 pub mod metrics;
 #[cfg(feature = "model-check")]
 pub mod model;
+pub mod names;
 pub mod secret;
 pub mod server;
 pub mod service;

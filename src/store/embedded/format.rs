@@ -430,7 +430,7 @@ impl<'a> Reader<'a> {
         let len = self.array().map(u16::from_le_bytes)?;
         let bytes = self.bytes(usize::from(len))?;
         let name = std::str::from_utf8(bytes).ok()?;
-        crate::allocator::validate_worker(name).ok()?;
+        crate::names::validate_worker(name).ok()?;
         Some(Arc::from(name))
     }
 

@@ -166,7 +166,7 @@ pub(crate) fn decode_range(key_start: &str, value: &[u8]) -> Option<RangeOwner> 
     let end = value["end"].as_u64()?;
     let dp_size = DpSize::try_new(u32::try_from(value["dp_size"].as_u64()?).ok()?).ok()?;
     let worker = value["prefill_worker"].as_str()?;
-    crate::allocator::validate_worker(worker).ok()?;
+    crate::names::validate_worker(worker).ok()?;
     Some(RangeOwner {
         prefill_worker: Arc::from(worker),
         range: RoomRange::from_parts(start, end, dp_size)?,
@@ -262,13 +262,13 @@ pub(crate) fn parse_entry(keys: &Keys, kv: &pb::KeyValue) -> Result<Entry, Strin
             .ok_or_else(|| "not a valid chunk announcement".to_owned())?;
         Entry::Chunk { start, end }
     } else if let Some(worker) = name.strip_prefix("workers/") {
-        crate::allocator::validate_worker(worker).map_err(|e| e.to_string())?;
+        crate::names::validate_worker(worker).map_err(|e| e.to_string())?;
         Entry::Worker(
             worker_record(Arc::from(worker), kv)
                 .ok_or_else(|| "not a valid registration".to_owned())?,
         )
     } else if let Some(worker) = name.strip_prefix("issued/") {
-        crate::allocator::validate_worker(worker).map_err(|e| e.to_string())?;
+        crate::names::validate_worker(worker).map_err(|e| e.to_string())?;
         Entry::Issued(Arc::from(worker), number()?)
     } else {
         Entry::Other
