@@ -101,7 +101,11 @@ impl RegistrationSync {
         }
     }
 
-    /// Waits for whatever in flight answers first.
+    /// Waits for whatever in flight answers first. Something always is:
+    /// each phase's actions start its I/O (a watch, then its ticker; a
+    /// reread; a backoff), and a failure to start one ends in a backoff. If
+    /// nothing were, `select!` would panic and end the task, and the
+    /// replica would turn stale (UNAVAILABLE), never serve a stale view.
     async fn next_event(&self, io: &mut InFlight) -> Event {
         let workers = self.shared.keys.workers();
         tokio::select! {
