@@ -1,6 +1,6 @@
 //! Runs the protocol's model check (`scripts/model-check.sh` calls it):
-//! `--depth N`, `--long`, `--mutant NAME` (`--mutant list` names them),
-//! `--threads N`. Exit 0 when every property held, 1 on a violation, 2 on
+//! `--depth N`, `--long`, `--deregistration` (the deregistration's own
+//! scope), `--mutant NAME` (`--mutant list` names them), `--threads N`. Exit 0 when every property held, 1 on a violation, 2 on
 //! a bad argument.
 
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use room_allocator::model::{check, mutants::Mutant, Bounded};
 
 fn main() -> ExitCode {
     let mut long = false;
+    let mut deregistration = false;
     let mut depth = None;
     let mut mutant = None;
     let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -16,6 +17,7 @@ fn main() -> ExitCode {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--long" => long = true,
+            "--deregistration" => deregistration = true,
             "--depth" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(n) => depth = Some(n),
                 None => return usage("--depth needs a number of steps"),
@@ -42,11 +44,12 @@ fn main() -> ExitCode {
     }
     let mut bounds = match (mutant, long) {
         (Some(m), _) => Bounded::for_mutant(m),
+        (None, _) if deregistration => Bounded::DEREGISTRATION,
         (None, true) => Bounded::LONG,
         (None, false) => Bounded::DEFAULT,
     };
-    if let (Some(_), true) = (mutant, long) {
-        bounds.depth += 4;
+    if long && (mutant.is_some() || deregistration) {
+        bounds.depth += if deregistration { 2 } else { 4 };
     }
     if let Some(depth) = depth {
         bounds.depth = depth;
@@ -67,6 +70,6 @@ fn main() -> ExitCode {
 
 fn usage(problem: &str) -> ExitCode {
     eprintln!("model-check: {problem}");
-    eprintln!("usage: model-check [--depth N] [--long] [--mutant NAME|list] [--threads N]");
+    eprintln!("usage: model-check [--depth N] [--long] [--deregistration] [--mutant NAME|list] [--threads N]");
     ExitCode::from(2)
 }

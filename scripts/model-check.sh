@@ -6,6 +6,7 @@
 #   scripts/model-check.sh                 the bounded check (the test command's)
 #   scripts/model-check.sh --depth N       deeper (or shallower)
 #   scripts/model-check.sh --long          a longer run
+#   scripts/model-check.sh --deregistration   the deregistration's own scope
 #   scripts/model-check.sh --mutant NAME   re-introduce a past defect: must be caught
 #   scripts/model-check.sh --mutant list   the mutants' names
 #

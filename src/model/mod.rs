@@ -28,13 +28,20 @@
 //! - replicas: reserve (plan, carve, record, place, each a step, so
 //!   realignments and other replicas interleave), allocate, confirm their
 //!   view, crash (losing memory) and restart from etcd;
-//! - a realignment of the worker's dp_size.
+//! - a realignment of the worker's dp_size;
+//! - a deregistration (in its own scope, [`Bounded::DEREGISTRATION`]: two
+//!   replicas reading different retentions), step by step as
+//!   `deregister_worker` takes it: read the worker's range leases and
+//!   grant the record's lease, write the record, look again at ranges
+//!   written since the read and extend the lease to cover them.
 //!
 //! Properties, on every state: no number issued twice; every room aligned
 //! to the dp_size it was returned with; ResolveRank reports that dp_size;
 //! every acknowledged room resolves within retention; the mark only rises
 //! (except by the hand rewrite); after a realignment, no replica serves a
-//! room of the old dp_size once the staleness window has passed.
+//! room of the old dp_size once the staleness window has passed; a
+//! deregistered worker's record outlives its ranges, and no replica serves
+//! it a room once the staleness window has passed.
 //!
 //! [stateright]: https://docs.rs/stateright
 
@@ -65,7 +72,9 @@ const RETENTION: u64 = 3;
 /// How long one lease serves new records (the production's bucket).
 const BUCKET: u64 = 1;
 /// A lease's TTL: twice the retention plus the bucket, as in production.
-const LEASE_TTL: u64 = 2 * RETENTION + BUCKET;
+fn lease_ttl(retention: u64) -> u64 {
+    2 * retention + BUCKET
+}
 /// The staleness window, in ticks.
 const STALENESS: u64 = 1;
 /// Bases a range asks for (production asks for 1024 or more; the size of a
@@ -78,6 +87,10 @@ const DP_AFTER: u32 = 3;
 /// may reserve, as after a misconfigured rollout.
 const TWO_REPLICAS: &[u64] = &[4, 24];
 const ONE_REPLICA: &[u64] = &[24];
+/// The deregistration's scope: the deregistering replica (1) reads a
+/// shorter retention than the one that reserved ranges (0), as after the
+/// fleet's retention was lowered.
+const DEREGISTRATION_RETENTIONS: &[u64] = &[RETENTION, 1];
 const WORKER: &str = "w";
 
 /// How deep and how wide a check goes.
@@ -90,9 +103,11 @@ pub struct Bounded {
     pub allocations: usize,
     /// --max-room of each replica.
     pub max_rooms: &'static [u64],
+    /// The retention each replica reads (ticks); empty: [`RETENTION`].
+    pub retentions: &'static [u64],
     /// How many of each fault may happen: crash, watch break, leader loss,
-    /// compaction, realignment, hand rewrite of the mark.
-    pub faults: [u8; 6],
+    /// compaction, realignment, hand rewrite of the mark, deregistration.
+    pub faults: [u8; 7],
 }
 
 impl Bounded {
@@ -102,7 +117,19 @@ impl Bounded {
         ticks: 4,
         allocations: 2,
         max_rooms: TWO_REPLICAS,
-        faults: [1, 2, 1, 1, 1, 1],
+        retentions: &[],
+        faults: [1, 2, 1, 1, 1, 1, 0],
+    };
+    /// The deregistration's own scope (the test command runs it too): a
+    /// replica deregisters the worker while the other reserves, with a
+    /// longer retention, and both crash, break watches and confirm.
+    pub const DEREGISTRATION: Bounded = Bounded {
+        depth: 9,
+        ticks: 4,
+        allocations: 1,
+        max_rooms: &[24, 24],
+        retentions: DEREGISTRATION_RETENTIONS,
+        faults: [1, 0, 0, 0, 0, 0, 1],
     };
     /// `--long`.
     pub const LONG: Bounded = Bounded {
@@ -110,7 +137,8 @@ impl Bounded {
         ticks: 6,
         allocations: 3,
         max_rooms: TWO_REPLICAS,
-        faults: [1, 2, 1, 1, 1, 1],
+        retentions: &[],
+        faults: [1, 2, 1, 1, 1, 1, 0],
     };
 
     /// The scope a mutant's defect lives in: the faults it needs, deep
@@ -122,7 +150,10 @@ impl Bounded {
             ticks,
             allocations,
             max_rooms,
-            faults,
+            retentions: &[],
+            faults: [
+                faults[0], faults[1], faults[2], faults[3], faults[4], faults[5], 0,
+            ],
         };
         match mutant {
             Mutant::RealignOvertakesReservation => only([0, 0, 0, 0, 1, 0], 9, 0, 1, ONE_REPLICA),
@@ -133,7 +164,19 @@ impl Bounded {
             Mutant::ResumePastUnappliedEvents => only([0, 2, 0, 0, 1, 0], 15, 2, 1, ONE_REPLICA),
             Mutant::UnknownOutcomeReused => only([0; 6], 12, 0, 2, TWO_REPLICAS),
             Mutant::ProgressOvertakesCatchUp => only([0, 1, 0, 0, 1, 0], 13, 3, 1, ONE_REPLICA),
+            Mutant::DeregistrationWithoutSecondLook => Bounded {
+                depth: 10,
+                ticks: 3,
+                allocations: 0,
+                faults: [0, 0, 0, 0, 0, 0, 1],
+                ..Bounded::DEREGISTRATION
+            },
         }
+    }
+
+    /// The retention replica `r` reads, in ticks.
+    fn retention(&self, r: usize) -> u64 {
+        self.retentions.get(r).copied().unwrap_or(RETENTION)
     }
 }
 
@@ -151,6 +194,8 @@ struct Record {
     /// The range's dp_size (0 for a chunk).
     dp_size: u32,
     lease: i64,
+    /// The revision that wrote it.
+    revision: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,8 +209,15 @@ struct Etcd {
     /// Leases and the tick they expire at.
     leases: Vec<(i64, u64)>,
     next_lease: i64,
-    /// The worker's registrations: (revision, dp_size), oldest first.
-    registrations: Vec<(i64, u32)>,
+    /// The worker's registrations: (revision, dp_size, registered), oldest
+    /// first.
+    registrations: Vec<(i64, u32, bool)>,
+    /// The lease of the worker's record, once deregistered.
+    worker_lease: Option<i64>,
+    /// The deregistered record expired: the worker is forgotten.
+    forgotten: bool,
+    /// The tick the worker was first deregistered.
+    deregistered_at: Option<u64>,
     /// Revisions at or below this were compacted.
     compacted: i64,
     /// The tick a realignment was applied, and the dp_size before it.
@@ -174,8 +226,33 @@ struct Etcd {
 }
 
 impl Etcd {
-    fn registration(&self) -> (i64, u32) {
-        self.registrations.last().copied().unwrap_or((0, DP_BEFORE))
+    fn registration(&self) -> (i64, u32, bool) {
+        let (revision, dp_size, registered) = self
+            .registrations
+            .last()
+            .copied()
+            .unwrap_or((0, DP_BEFORE, false));
+        (revision, dp_size, registered && !self.forgotten)
+    }
+
+    /// When `lease` expires, if it is alive.
+    fn lease_expiry(&self, lease: i64) -> Option<u64> {
+        self.leases
+            .iter()
+            .find(|&&(id, _)| id == lease)
+            .map(|&(_, at)| at)
+    }
+
+    /// The longest remaining TTL of the worker's ranges written after
+    /// revision `after` (`longest_range_lease_secs`).
+    fn longest_range_lease(&self, after: i64, now: u64) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.revision > after)
+            .filter_map(|r| self.lease_expiry(r.lease))
+            .map(|at| at.saturating_sub(now))
+            .max()
+            .unwrap_or(0)
     }
 
     fn highest_chunk_end(&self) -> u64 {
@@ -216,11 +293,11 @@ impl Etcd {
     }
 
     fn record(&self) -> WorkerRecord {
-        let (revision, dp_size) = self.registration();
+        let (revision, dp_size, registered) = self.registration();
         WorkerRecord {
             prefill_worker: WORKER.into(),
             dp_size: dp(dp_size),
-            registered: true,
+            registered,
             revision,
             rooms_issued: 0,
         }
@@ -248,9 +325,26 @@ enum Inflight {
     },
 }
 
+/// A deregistration in flight (`deregister_worker`), step by step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Deregistering {
+    /// The worker's range leases read at `read_at`; a lease of `ttl`
+    /// granted.
+    Granted { lease: i64, ttl: u64, read_at: i64 },
+    /// The record written at `revision`: the second look is next.
+    Written {
+        ttl: u64,
+        read_at: i64,
+        revision: i64,
+    },
+}
+
 #[derive(Debug, Clone)]
 struct Replica {
     alive: bool,
+    /// The retention it read, in ticks.
+    retention: u64,
+    deregistering: Option<Deregistering>,
     carver: Carver,
     /// The end of the space this replica saw reserved (`Shared::high_water`).
     used: u64,
@@ -294,8 +388,8 @@ pub struct State {
     /// A transaction wrote the mark below one written before.
     mark_went_down: bool,
     /// Faults left to inject (crash, watch break, leader loss, compaction,
-    /// realignment, hand rewrite of the mark).
-    faults: [u8; 6],
+    /// realignment, hand rewrite of the mark, deregistration).
+    faults: [u8; 7],
 }
 
 // The pure core's types hold cursors and instants without `Hash`; their
@@ -318,6 +412,7 @@ const LEADER: usize = 2;
 const COMPACT: usize = 3;
 const REALIGN: usize = 4;
 const REWRITE: usize = 5;
+const DEREGISTER: usize = 6;
 
 /// The outcome of a chunk's compare-and-swap as the replica learns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -347,6 +442,9 @@ pub enum Action {
     Compact,
     Realign,
     RewriteMark(u64),
+    DeregRead(usize),
+    DeregWrite(usize),
+    DeregLook(usize),
 }
 
 fn dp(dp_size: u32) -> DpSize {
@@ -358,10 +456,10 @@ fn instant(tick: u64) -> Instant {
     *BASE.get_or_init(Instant::now) + Duration::from_secs(tick)
 }
 
-fn carver_config(max_room: u64) -> CarverConfig {
+fn carver_config(max_room: u64, retention: u64) -> CarverConfig {
     CarverConfig {
         bounds: Bounds::try_new(SPACE_START, max_room).expect("valid model bounds"),
-        lifetime_ms: RETENTION * TICK_MS,
+        lifetime_ms: retention * TICK_MS,
         min_size: 8,
         max_size: 16,
     }
@@ -369,7 +467,7 @@ fn carver_config(max_room: u64) -> CarverConfig {
 
 /// A replica as `open` leaves it: loaded from etcd, or `None` if it
 /// refuses to start (a mark below a record).
-fn start(max_room: u64, etcd: &Etcd, now: u64) -> Option<Replica> {
+fn start(max_room: u64, retention: u64, etcd: &Etcd, now: u64) -> Option<Replica> {
     if etcd.mark.value < etcd.highest_record_end() {
         return None;
     }
@@ -377,7 +475,9 @@ fn start(max_room: u64, etcd: &Etcd, now: u64) -> Option<Replica> {
     worker.apply(&etcd.record());
     Some(Replica {
         alive: true,
-        carver: Carver::new(carver_config(max_room), Some(etcd.mark)),
+        retention,
+        deregistering: None,
+        carver: Carver::new(carver_config(max_room, retention), Some(etcd.mark)),
         used: etcd.mark.value,
         lease: None,
         worker,
@@ -399,12 +499,12 @@ impl Protocol {
     }
 
     /// The events of the worker's key a watch has not delivered yet.
-    fn undelivered(etcd: &Etcd, replica: &Replica) -> Option<(i64, u32)> {
+    fn undelivered(etcd: &Etcd, replica: &Replica) -> Option<(i64, u32, bool)> {
         etcd.registrations
             .iter()
             .copied()
-            .find(|&(revision, _)| revision > replica.stream)
-            .filter(|&(revision, _)| replica.leaderless.is_none_or(|at| revision <= at))
+            .find(|&(revision, _, _)| revision > replica.stream)
+            .filter(|&(revision, _, _)| replica.leaderless.is_none_or(|at| revision <= at))
     }
 
     /// The bucket lease, granted anew once `BUCKET` old.
@@ -416,7 +516,7 @@ impl Protocol {
         }
         let id = etcd.next_lease;
         etcd.next_lease += 1;
-        etcd.leases.push((id, now + LEASE_TTL));
+        etcd.leases.push((id, now + lease_ttl(replica.retention)));
         replica.lease = Some((id, now));
         id
     }
@@ -485,6 +585,7 @@ impl Protocol {
                             end: request.end,
                             dp_size: 0,
                             lease: request.lease,
+                            revision: etcd.revision,
                         });
                     }
                     let reply = if outcome != Outcome::Known {
@@ -550,6 +651,7 @@ impl Protocol {
             end: range.end(),
             dp_size: plan.dp_size.get(),
             lease,
+            revision: etcd.revision,
         });
         state.replicas[r].inflight = Inflight::Arrived {
             epoch: plan.epoch,
@@ -577,6 +679,14 @@ impl Protocol {
                     .map(|&(id, _)| id)
                     .collect();
                 if !expired.is_empty() {
+                    if etcd
+                        .worker_lease
+                        .is_some_and(|lease| expired.contains(&lease))
+                    {
+                        // etcd deletes the deregistered record.
+                        etcd.worker_lease = None;
+                        etcd.forgotten = true;
+                    }
                     etcd.leases.retain(|(id, _)| !expired.contains(id));
                     etcd.chunks.retain(|c| !expired.contains(&c.lease));
                     etcd.ranges.retain(|r| !expired.contains(&r.lease));
@@ -630,7 +740,7 @@ impl Protocol {
                 )?;
                 replica.inflight = Inflight::Planned {
                     plan,
-                    serve_until: now + RETENTION,
+                    serve_until: now + replica.retention,
                 };
             }
             Action::Carve(r, outcome) => {
@@ -665,11 +775,11 @@ impl Protocol {
                 if !replica.alive {
                     return None;
                 }
-                let (revision, dp_size) = Self::undelivered(etcd, replica)?;
+                let (revision, dp_size, registered) = Self::undelivered(etcd, replica)?;
                 replica.worker.apply(&WorkerRecord {
                     prefill_worker: WORKER.into(),
                     dp_size: dp(dp_size),
-                    registered: true,
+                    registered,
                     revision,
                     rooms_issued: 0,
                 });
@@ -707,7 +817,7 @@ impl Protocol {
                     // etcd 3.4.23: a progress overtakes a new watch's
                     // catch-up events (answering the outstanding request,
                     // if any, at the revision etcd is at).
-                    None if undelivered.is_some_and(|(first, _)| {
+                    None if undelivered.is_some_and(|(first, _, _)| {
                         replica.overtakable.is_some_and(|created| first <= created)
                     }) =>
                     {
@@ -783,7 +893,100 @@ impl Protocol {
                 if state.replicas[r].alive {
                     return None;
                 }
-                state.replicas[r] = start(self.bounds.max_rooms[r], &state.etcd, now)?;
+                state.replicas[r] = start(
+                    self.bounds.max_rooms[r],
+                    self.bounds.retention(r),
+                    &state.etcd,
+                    now,
+                )?;
+            }
+            Action::DeregRead(r) => {
+                let etcd = &mut state.etcd;
+                let replica = &mut state.replicas[r];
+                if state.faults[DEREGISTER] == 0
+                    || !replica.alive
+                    || replica.deregistering.is_some()
+                    || !etcd.registration().2
+                {
+                    return None;
+                }
+                state.faults[DEREGISTER] -= 1;
+                // As `deregister_worker`: the record outlives the ranges
+                // reserved under this replica's retention and every range
+                // lease read now (etcd rounds a remaining TTL down: a
+                // second more).
+                let read_at = etcd.revision;
+                let ttl = lease_ttl(replica.retention).max(etcd.longest_range_lease(0, now) + 1);
+                let lease = etcd.next_lease;
+                etcd.next_lease += 1;
+                etcd.leases.push((lease, now + ttl));
+                replica.deregistering = Some(Deregistering::Granted {
+                    lease,
+                    ttl,
+                    read_at,
+                });
+            }
+            Action::DeregWrite(r) => {
+                let etcd = &mut state.etcd;
+                let replica = &mut state.replicas[r];
+                let Some(Deregistering::Granted {
+                    lease,
+                    ttl,
+                    read_at,
+                }) = replica.deregistering
+                else {
+                    return None;
+                };
+                if !replica.alive {
+                    return None;
+                }
+                replica.deregistering = None;
+                if !etcd.lease_alive(lease) {
+                    // The put fails: the lease is gone.
+                    return Some(state);
+                }
+                let (_, dp_size, _) = etcd.registration();
+                etcd.revision += 1;
+                etcd.registrations.push((etcd.revision, dp_size, false));
+                etcd.worker_lease = Some(lease);
+                etcd.forgotten = false;
+                etcd.deregistered_at.get_or_insert(now);
+                replica.deregistering = Some(Deregistering::Written {
+                    ttl,
+                    read_at,
+                    revision: etcd.revision,
+                });
+            }
+            Action::DeregLook(r) => {
+                let etcd = &mut state.etcd;
+                let replica = &mut state.replicas[r];
+                let Some(Deregistering::Written {
+                    ttl,
+                    read_at,
+                    revision,
+                }) = replica.deregistering
+                else {
+                    return None;
+                };
+                if !replica.alive {
+                    return None;
+                }
+                replica.deregistering = None;
+                // A range reserved between the read and the write may have
+                // a longer lease: the record gets one to match, unless the
+                // worker registered again meanwhile.
+                let late = etcd.longest_range_lease(read_at, now);
+                if late + 1 > ttl && !mutants::active(Mutant::DeregistrationWithoutSecondLook) {
+                    let lease = etcd.next_lease;
+                    etcd.next_lease += 1;
+                    etcd.leases.push((lease, now + late + 1));
+                    if etcd.registration().0 == revision {
+                        let (_, dp_size, _) = etcd.registration();
+                        etcd.revision += 1;
+                        etcd.registrations.push((etcd.revision, dp_size, false));
+                        etcd.worker_lease = Some(lease);
+                    }
+                }
             }
             Action::Compact => {
                 if state.faults[COMPACT] == 0 {
@@ -798,9 +1001,9 @@ impl Protocol {
                 }
                 state.faults[REALIGN] -= 1;
                 let etcd = &mut state.etcd;
-                let (_, before) = etcd.registration();
+                let (_, before, _) = etcd.registration();
                 etcd.revision += 1;
-                etcd.registrations.push((etcd.revision, DP_AFTER));
+                etcd.registrations.push((etcd.revision, DP_AFTER, true));
                 etcd.realigned = Some((now, before));
             }
             Action::RewriteMark(value) => {
@@ -837,7 +1040,10 @@ impl Model for Protocol {
             ranges: Vec::new(),
             leases: Vec::new(),
             next_lease: 1,
-            registrations: vec![(2, DP_BEFORE)],
+            registrations: vec![(2, DP_BEFORE, true)],
+            worker_lease: None,
+            forgotten: false,
+            deregistered_at: None,
             compacted: 0,
             realigned: None,
             hand_rewritten: false,
@@ -846,7 +1052,11 @@ impl Model for Protocol {
             .bounds
             .max_rooms
             .iter()
-            .map(|&max_room| start(max_room, &etcd, 0).expect("a fresh etcd holds no records"))
+            .enumerate()
+            .map(|(r, &max_room)| {
+                start(max_room, self.bounds.retention(r), &etcd, 0)
+                    .expect("a fresh etcd holds no records")
+            })
             .collect();
         vec![State {
             now: 0,
@@ -879,6 +1089,13 @@ impl Model for Protocol {
                 Action::Crash(r),
                 Action::Restart(r),
             ]);
+            if state.faults[DEREGISTER] > 0 || state.replicas[r].deregistering.is_some() {
+                actions.extend([
+                    Action::DeregRead(r),
+                    Action::DeregWrite(r),
+                    Action::DeregLook(r),
+                ]);
+            }
         }
         actions.extend([Action::Compact, Action::Realign]);
         // A hand rewrite into the space reserved: to the start, or into a
@@ -916,10 +1133,10 @@ impl Model for Protocol {
             ),
             Property::always(
                 "every acknowledged room resolves within retention",
-                |_, s: &State| {
+                |m: &Protocol, s: &State| {
                     s.issued
                         .iter()
-                        .filter(|i| s.now < i.tick + RETENTION)
+                        .filter(|i| s.now < i.tick + m.bounds.retention(i.replica))
                         .all(|i| {
                             s.etcd
                                 .ranges
@@ -953,6 +1170,19 @@ impl Model for Protocol {
                             .iter()
                             .any(|c| c.start <= r.start && r.end <= c.end)
                     })
+                },
+            ),
+            Property::always(
+                "a deregistered worker's record outlives its ranges",
+                |_, s: &State| !s.etcd.forgotten || s.etcd.ranges.is_empty(),
+            ),
+            Property::always(
+                "no room for a deregistered worker past the staleness window",
+                |_, s: &State| {
+                    let Some(at) = s.etcd.deregistered_at else {
+                        return true;
+                    };
+                    s.issued.iter().all(|i| i.tick <= at + STALENESS)
                 },
             ),
             Property::always(
@@ -1043,6 +1273,13 @@ fn describe(action: &Action) -> String {
             format!("the worker is realigned from dp_size {DP_BEFORE} to {DP_AFTER}")
         }
         Action::RewriteMark(v) => format!("an operator rewrites the mark to {v}"),
+        Action::DeregRead(r) => format!(
+            "replica {r} deregisters the worker: reads its ranges' leases, grants the record's lease"
+        ),
+        Action::DeregWrite(r) => format!("replica {r} writes the deregistered record"),
+        Action::DeregLook(r) => {
+            format!("replica {r} looks again at ranges written since its read")
+        }
     }
 }
 
@@ -1112,6 +1349,9 @@ mod tests {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let report = check(Bounded::DEFAULT, None, threads);
         println!("{}", report.summary());
+        assert!(report.violations.is_empty(), "{}", report.traces());
+        let report = check(Bounded::DEREGISTRATION, None, threads);
+        println!("deregistration: {}", report.summary());
         assert!(report.violations.is_empty(), "{}", report.traces());
         for mutant in Mutant::ALL {
             let report = check(Bounded::for_mutant(mutant), Some(mutant), threads);
