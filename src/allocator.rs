@@ -45,8 +45,8 @@ use crate::space::{
     Base, Bounds, DpSize, RangeOwner, RangeTable, Rank, Room, RoomRange, SpaceError,
 };
 use crate::store::{
-    unix_ms, IssuedCount, PruneRequest, Reservation, Snapshot, Store, StoreError, StoreUpdate,
-    WorkerRecord,
+    unix_ms, IssuedCount, PruneRequest, Reservation, SharedStore, Snapshot, Store, StoreError,
+    StoreUpdate, WorkerRecord,
 };
 
 pub use room_allocator_client::limits::{
@@ -262,9 +262,9 @@ struct TakenBases<T> {
 }
 
 /// What one look at a worker decided.
-enum Step<T> {
+enum Step<'a, T> {
     Done(T),
-    AskStore,
+    AskStore(&'a dyn SharedStore),
     Refill,
 }
 
@@ -320,7 +320,7 @@ impl Allocator {
 
     /// Whether this process can hand out rooms now (readiness).
     pub fn check_ready(&self) -> Result<(), StoreError> {
-        self.inner.store.check_ready()
+        self.inner.store.health().ready
     }
 
     /// The gauges' values now.
@@ -331,15 +331,16 @@ impl Allocator {
             .map(|worker| worker.lock().held_starts().count())
             .sum();
         let bounds = self.inner.limits.bounds;
+        let health = self.inner.store.health();
         Gauges {
             workers_registered: self.inner.registered.load(Ordering::Acquire),
             workers_limit: self.inner.limits.max_workers,
             space_used: bounds.used(self.inner.store.high_water()),
             space_size: bounds.size(),
             ranges_held,
-            store_reachable: self.inner.store.reachable(),
-            registrations_confirmed_age: self.inner.store.confirmed_ago(),
-            ready: self.check_ready().is_ok(),
+            store_reachable: health.reachable,
+            registrations_confirmed_age: health.confirmed_ago,
+            ready: health.ready.is_ok(),
         }
     }
 
@@ -360,7 +361,7 @@ impl Allocator {
             let state = worker.lock();
             (state.registered, state.dp_size)
         });
-        if !self.inner.store.shared() && registered_here == Some((true, dp_size)) {
+        if self.inner.store.shared().is_none() && registered_here == Some((true, dp_size)) {
             // A single writer: memory is the truth, nothing to write.
             let worker = known.expect("known above");
             return Ok(info_of(&worker, &worker.lock()));
@@ -574,9 +575,9 @@ impl Allocator {
         let mut asked_store = false;
         for _ in 0..MAX_ROUNDS {
             let Some(worker) = self.worker(prefill_worker) else {
-                if shared && !asked_store {
+                if let Some(shared) = shared.filter(|_| !asked_store) {
                     asked_store = true;
-                    self.learn(prefill_worker).await?;
+                    self.learn(shared, prefill_worker).await?;
                     continue;
                 }
                 match (requested, registrar) {
@@ -598,8 +599,8 @@ impl Allocator {
                 let mut state = worker.lock();
                 let stale_view =
                     !state.registered || requested.is_some_and(|dp_size| dp_size != state.dp_size);
-                if stale_view && shared && !asked_store {
-                    Step::AskStore
+                if let Some(shared) = shared.filter(|_| stale_view && !asked_store) {
+                    Step::AskStore(shared)
                 } else if !state.registered {
                     return Err(Error::Deregistered {
                         worker: Escaped(prefill_worker).to_string(),
@@ -612,7 +613,9 @@ impl Allocator {
                     });
                 } else {
                     let checked = check(state.dp_size)?;
-                    self.inner.store.check_fresh().map_err(Error::Store)?;
+                    if let Some(shared) = shared {
+                        shared.check_fresh().map_err(Error::Store)?;
+                    }
                     match state.take(count, now, validity) {
                         Some(taken) => {
                             if taken.prefetch {
@@ -627,9 +630,9 @@ impl Allocator {
             };
             match step {
                 Step::Done(taken) => return Ok(taken),
-                Step::AskStore => {
+                Step::AskStore(shared) => {
                     asked_store = true;
-                    self.learn(prefill_worker).await?;
+                    self.learn(shared, prefill_worker).await?;
                 }
                 Step::Refill => self.refill(&worker, demand).await?,
             }
@@ -757,7 +760,10 @@ impl Allocator {
             .map_err(|overlap| {
                 // The store broke its one promise; refuse to serve from it.
                 warn!(%overlap, "store returned a range that overlaps a reserved one");
-                Error::Store(StoreError::Closed)
+                Error::Store(StoreError::Overlap {
+                    worker: worker.clone(),
+                    overlap,
+                })
             })
     }
 
@@ -774,11 +780,16 @@ impl Allocator {
         let owner = match known {
             Some(owner) => owner,
             None => {
-                // Another replica may have reserved it; remember what we learn.
-                let found = self.with_store(self.inner.store.lookup(room)).await?;
+                // Another replica may have reserved it; remember what we
+                // learn. A single writer has every range in memory.
+                let shared = self.inner.store.shared();
+                let found = match shared {
+                    Some(shared) => self.with_store(shared.lookup(room)).await?,
+                    None => None,
+                };
                 let owner = found.ok_or_else(|| {
                     let pruned = room.get() < self.inner.pruned_below.load(Ordering::Acquire)
-                        || self.inner.store.missing_is_pruned(room);
+                        || shared.is_some_and(|shared| shared.missing_is_pruned(room));
                     if pruned {
                         Error::Pruned {
                             room: room.get(),
@@ -830,7 +841,7 @@ impl Allocator {
             .ranges
             .write()
             .expect("range table lock is never poisoned");
-        if self.inner.store.shared() {
+        if self.inner.store.shared().is_some() {
             // Only a cache of what the store holds, which expires ranges by
             // itself a lease bucket later; an entry dropped early is looked
             // up again.
@@ -874,7 +885,7 @@ impl Allocator {
     /// Follows registration changes made elsewhere (other replicas), if the
     /// store reports any. Runs until the store closes.
     pub fn follow_store(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let mut updates = self.inner.store.take_updates()?;
+        let mut updates = self.inner.store.shared()?.take_updates()?;
         let allocator = self.clone();
         Some(tokio::spawn(async move {
             while let Some(update) = updates.recv().await {
@@ -907,10 +918,10 @@ impl Allocator {
         }
     }
 
-    /// Applies what the store holds for a worker (shared stores only).
-    async fn learn(&self, prefill_worker: &str) -> Result<(), Error> {
+    /// Applies what a shared store holds for a worker.
+    async fn learn(&self, shared: &dyn SharedStore, prefill_worker: &str) -> Result<(), Error> {
         let stored = self
-            .with_store(self.inner.store.lookup_worker(prefill_worker))
+            .with_store(shared.lookup_worker(prefill_worker))
             .await?;
         if let Some(record) = stored {
             self.apply_registration(&record, false);
@@ -968,9 +979,9 @@ impl Allocator {
     /// rooms still resolve. Deregistering a deregistered worker is a no-op.
     pub async fn deregister(&self, prefill_worker: &str) -> Result<(), Error> {
         validate_worker(prefill_worker)?;
-        if self.inner.store.shared() {
+        if let Some(shared) = self.inner.store.shared() {
             // Registered (or realigned) on another replica a moment ago, perhaps.
-            self.learn(prefill_worker).await?;
+            self.learn(shared, prefill_worker).await?;
         }
         let worker = self
             .worker(prefill_worker)

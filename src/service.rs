@@ -16,6 +16,7 @@ use crate::pb;
 use crate::pb::room_allocator_service_server::RoomAllocatorService;
 use crate::secret::Secret;
 use crate::space::SpaceError;
+use crate::store::StoreError;
 
 pub use crate::pb::room_allocator_service_server::RoomAllocatorServiceServer;
 pub use room_allocator_client::{code_name, ERROR_REASON, REGISTERED_DP_SIZE};
@@ -46,6 +47,10 @@ fn classify(error: &Error) -> (Code, &'static str) {
         Error::Pruned { .. } => (Code::NotFound, "ROOM_PRUNED"),
         Error::Space(SpaceError::Exhausted { .. }) => (Code::ResourceExhausted, "SPACE_EXHAUSTED"),
         Error::TooManyWorkers { .. } => (Code::ResourceExhausted, "TOO_MANY_WORKERS"),
+        // A store that broke its promise (an overlapping range) serves no
+        // room from it; to the caller it is a store that cannot hand out
+        // rooms, like every other store failure (the log says which).
+        Error::Store(StoreError::Overlap { .. }) => (Code::Unavailable, "STORE_UNAVAILABLE"),
         Error::Store(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
         Error::Unauthenticated { .. } | Error::RegistrationNeedsToken { .. } => {
             (Code::Unauthenticated, "UNAUTHENTICATED")
@@ -426,6 +431,38 @@ impl RoomAllocatorService for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overlapping_range_is_unavailable_and_not_reported_as_a_shutdown() {
+        let error = Error::Store(StoreError::Overlap {
+            worker: "w".into(),
+            overlap: crate::space::OverlapError {
+                start: 8,
+                end: 16,
+                other_start: 12,
+                other_end: 20,
+            },
+        });
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status
+                .message()
+                .contains("range 8..16 overlaps the reserved range 12..20"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("shut down"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("no other server shares"),
+            "{}",
+            status.message()
+        );
+    }
 
     #[test]
     fn refusal_logs_are_rate_limited_and_count_what_they_drop() {

@@ -4,7 +4,7 @@
 //! reservations, prefetches and leases happen on every run.
 
 use super::*;
-use crate::store::{EmbeddedStore, Pruned, StoreFuture};
+use crate::store::{EmbeddedStore, Health, Pruned, SharedStore, StoreFuture};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -33,6 +33,15 @@ impl FailingStore {
 impl Store for FailingStore {
     fn kind(&self) -> &'static str {
         "failing"
+    }
+    fn store_id(&self) -> Option<String> {
+        self.inner.store_id()
+    }
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        None
+    }
+    fn health(&self) -> Health {
+        self.inner.health()
     }
     fn register(&self, w: Arc<str>, d: DpSize) -> StoreFuture<'_, i64> {
         match self.spend() {
@@ -717,8 +726,11 @@ impl Store for ReplicaStore {
     fn kind(&self) -> &'static str {
         "sim"
     }
-    fn shared(&self) -> bool {
-        true
+    fn store_id(&self) -> Option<String> {
+        None
+    }
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        Some(self)
     }
     fn register(&self, w: Arc<str>, d: DpSize) -> StoreFuture<'_, i64> {
         let revision = self.0.etcd.put_worker(&w, d, true);
@@ -742,19 +754,41 @@ impl Store for ReplicaStore {
     fn prune(&self, _request: PruneRequest) -> StoreFuture<'_, Pruned> {
         Box::pin(async { Ok(Pruned::default()) })
     }
-    fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
-        let found = self.0.etcd.lock().ranges.resolve(room).cloned();
-        Box::pin(async move { Ok(found) })
-    }
-    fn lookup_worker(&self, w: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
-        let found = self.0.etcd.lock().workers.get(w).cloned();
-        Box::pin(async move { Ok(found) })
+    fn health(&self) -> Health {
+        Health {
+            ready: Ok(()),
+            reachable: true,
+            confirmed_ago: None,
+        }
     }
     fn high_water(&self) -> u64 {
         self.0.etcd.lock().high_water
     }
     fn close(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// The tests hand each watch event to the allocator themselves
+/// (`next_update`), so the simulated replica reports no update stream and is
+/// always fresh.
+impl SharedStore for ReplicaStore {
+    fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
+        let found = self.0.etcd.lock().ranges.resolve(room).cloned();
+        Box::pin(async move { Ok(found) })
+    }
+    fn missing_is_pruned(&self, _room: Room) -> bool {
+        false
+    }
+    fn lookup_worker(&self, w: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
+        let found = self.0.etcd.lock().workers.get(w).cloned();
+        Box::pin(async move { Ok(found) })
+    }
+    fn take_updates(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreUpdate>> {
+        None
+    }
+    fn check_fresh(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

@@ -40,8 +40,8 @@ use tracing::{info, warn};
 
 use super::fs::{Fs, RealFs};
 use super::{
-    IssuedCount, OpenError, PruneRequest, Pruned, Reservation, Snapshot, Store, StoreError,
-    StoreFuture,
+    Health, IssuedCount, OpenError, PruneRequest, Pruned, Reservation, SharedStore, Snapshot,
+    Store, StoreError, StoreFuture,
 };
 use crate::failpoint;
 use crate::failpoint::io_error;
@@ -297,13 +297,24 @@ impl Store for EmbeddedStore {
         self.submit(|reply| Request::Prune { request, reply })
     }
 
-    fn check_ready(&self) -> Result<(), StoreError> {
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        // The only writer of its files: memory is the truth.
+        None
+    }
+
+    fn health(&self) -> Health {
         // A writer that ended without saying so (it panicked) dropped its
         // sender: that is gone too.
-        if self.status.has_changed().is_err() {
-            return Err(StoreError::Closed);
+        let ready = if self.status.has_changed().is_err() {
+            Err(StoreError::Closed)
+        } else {
+            self.status.borrow().state.readiness()
+        };
+        Health {
+            reachable: ready.is_ok(),
+            ready,
+            confirmed_ago: None,
         }
-        self.status.borrow().state.readiness()
     }
 
     fn high_water(&self) -> u64 {

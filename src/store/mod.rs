@@ -25,7 +25,9 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::space::{Bounds, DpSize, RangeOwner, RangeTable, Room, RoomRange, SpaceError};
+use crate::space::{
+    Bounds, DpSize, OverlapError, RangeOwner, RangeTable, Room, RoomRange, SpaceError,
+};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore};
@@ -133,6 +135,11 @@ pub enum StoreError {
     Space(#[from] SpaceError),
     #[error("the store is shut down")]
     Closed,
+    #[error("the store broke its promise that no two ranges share a room: for {worker:?} it returned {overlap}, so no room is served from it; stop this server and check that no other server shares its data dir or etcd prefix")]
+    Overlap {
+        worker: Arc<str>,
+        overlap: OverlapError,
+    },
     #[error("the embedded store stopped writing after {reason}; it resumes once it has read its files back, or restart the server")]
     Halted { reason: String },
     #[error("etcd failed to {operation}: {message}")]
@@ -265,22 +272,33 @@ pub enum OpenError {
     EtcdVersion { endpoints: String, version: String },
 }
 
-/// Durable registrations and range reservations.
+/// How a store is doing, read at once so readiness, the metrics and the
+/// health check agree.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Whether this process can hand out rooms: (embedded) its writes
+    /// succeed, (shared) its registrations are fresh. Readiness follows it.
+    pub ready: Result<(), StoreError>,
+    /// Whether the store answered its last request (for the metrics).
+    pub reachable: bool,
+    /// How long ago the registrations were last confirmed (shared stores).
+    pub confirmed_ago: Option<Duration>,
+}
+
+/// Durable registrations and range reservations: what every store does.
 pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metric labels.
     fn kind(&self) -> &'static str;
 
     /// The id written into the store when it was created (see `store_id`),
     /// if the store keeps one.
-    fn store_id(&self) -> Option<String> {
-        None
-    }
+    fn store_id(&self) -> Option<String>;
 
-    /// Whether other processes write the same store (etcd replicas): then
-    /// memory may lag behind it, and the allocator asks before it refuses.
-    fn shared(&self) -> bool {
-        false
-    }
+    /// The shared-store capability, if other processes write the same store
+    /// (etcd replicas): then memory may lag behind it, and the allocator
+    /// asks the store before it refuses. `None` for a single writer, whose
+    /// memory is the truth.
+    fn shared(&self) -> Option<&dyn SharedStore>;
 
     /// Records that `prefill_worker` is registered with `dp_size`, unless it
     /// already is; returns the registration's revision.
@@ -302,57 +320,39 @@ pub trait Store: Send + Sync + 'static {
     /// themselves (etcd leases) do nothing.
     fn prune(&self, request: PruneRequest) -> StoreFuture<'_, Pruned>;
 
-    /// The range holding `room` if it is not in memory: another replica may
-    /// have reserved it. Single-writer stores have everything in memory.
-    fn lookup(&self, _room: Room) -> StoreFuture<'_, Option<RangeOwner>> {
-        Box::pin(async { Ok(None) })
-    }
-
-    /// Whether a room in no range is known to be older than every range the
-    /// store still keeps (pruned, as far as anyone can tell).
-    fn missing_is_pruned(&self, _room: Room) -> bool {
-        false
-    }
-
-    /// A worker's registration as stored: another replica may have changed
-    /// it. Single-writer stores have everything in memory.
-    fn lookup_worker(&self, _prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
-        Box::pin(async { Ok(None) })
-    }
-
-    /// Whether rooms already reserved may be handed out now: a shared store
-    /// refuses once it could not confirm the registrations for too long (a
-    /// realignment elsewhere may have gone unseen).
-    fn check_fresh(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// Whether this process can hand out rooms: fresh, and (embedded) its
-    /// writes succeed. Readiness follows it.
-    fn check_ready(&self) -> Result<(), StoreError> {
-        self.check_fresh()
-    }
-
-    /// Whether the store answered its last request (for the metrics).
-    fn reachable(&self) -> bool {
-        self.check_ready().is_ok()
-    }
-
-    /// How long ago the registrations were last confirmed (shared stores).
-    fn confirmed_ago(&self) -> Option<Duration> {
-        None
-    }
+    /// Readiness, reachability and the registrations' age, now.
+    fn health(&self) -> Health;
 
     /// The highest mark this process knows: every range ends at or below it.
     fn high_water(&self) -> u64;
 
-    /// Registration changes made elsewhere, to apply as they come; once.
-    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<StoreUpdate>> {
-        None
-    }
-
     /// Flushes and releases the store; later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// What a store written by several processes (etcd replicas) adds: memory
+/// is only a cache of it, so a miss or a refusal is checked with the store
+/// first, and changes made elsewhere arrive as updates.
+pub trait SharedStore: Send + Sync {
+    /// The range holding `room`, which is not in memory: another replica
+    /// may have reserved it.
+    fn lookup(&self, room: Room) -> StoreFuture<'_, Option<RangeOwner>>;
+
+    /// Whether a room in no range is known to be older than every range the
+    /// store still keeps (pruned, as far as anyone can tell).
+    fn missing_is_pruned(&self, room: Room) -> bool;
+
+    /// A worker's registration as stored: another replica may have changed
+    /// it.
+    fn lookup_worker(&self, prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>>;
+
+    /// Registration changes made elsewhere, to apply as they come; once.
+    fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<StoreUpdate>>;
+
+    /// Whether rooms already reserved may be handed out now: refused once
+    /// the registrations could not be confirmed for too long (a
+    /// realignment elsewhere may have gone unseen).
+    fn check_fresh(&self) -> Result<(), StoreError>;
 }
 
 /// Refuses a store whose used space reaches past the configured bounds.

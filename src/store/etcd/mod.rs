@@ -141,8 +141,8 @@ use self::retention::{fleet_retention, fleet_retention_now};
 pub use self::retention::{retention, MAX_RETENTION};
 use self::snapshot::{connect_and_load, create_high_water, read_or_create_store_id, Loaded};
 use super::{
-    IssuedCount, OpenError, PruneRequest, Pruned, Reservation, Snapshot, Store, StoreError,
-    StoreFuture, StoreUpdate, WorkerRecord,
+    Health, IssuedCount, OpenError, PruneRequest, Pruned, Reservation, SharedStore, Snapshot,
+    Store, StoreError, StoreFuture, StoreUpdate, WorkerRecord,
 };
 use crate::failpoint;
 use crate::space::{Bounds, DpSize, RangeOwner, Room, RoomRange, SPACE_START};
@@ -256,6 +256,12 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
+    /// How long ago the watch last confirmed the registrations.
+    fn confirmed_ago(&self) -> Duration {
+        let confirmed = Duration::from_millis(self.shared.confirmed_ms.load(Ordering::Acquire));
+        self.shared.epoch.elapsed().saturating_sub(confirmed)
+    }
+
     /// Connects, settles the fleet's retention, loads everything under the
     /// prefix, and starts following registrations. Refuses to start if etcd
     /// cannot be reached in time or holds data this binary cannot trust.
@@ -575,8 +581,8 @@ impl Store for EtcdStore {
         Some(self.store_id.clone())
     }
 
-    fn shared(&self) -> bool {
-        true
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        Some(self)
     }
 
     fn register(&self, prefill_worker: Arc<str>, dp_size: DpSize) -> StoreFuture<'_, i64> {
@@ -616,6 +622,27 @@ impl Store for EtcdStore {
         })
     }
 
+    fn health(&self) -> Health {
+        Health {
+            ready: self.check_fresh(),
+            reachable: self.shared.reachable.load(Ordering::Acquire),
+            confirmed_ago: Some(self.confirmed_ago()),
+        }
+    }
+
+    fn high_water(&self) -> u64 {
+        self.shared.high_water.load(Ordering::Acquire)
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        for task in &self.tasks {
+            task.abort();
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl SharedStore for EtcdStore {
     fn lookup_worker(&self, prefill_worker: &str) -> StoreFuture<'_, Option<WorkerRecord>> {
         let key = self.shared.keys.worker(prefill_worker);
         let name: Arc<str> = Arc::from(prefill_worker);
@@ -652,31 +679,6 @@ impl Store for EtcdStore {
                 .unwrap_or(false)
     }
 
-    fn check_fresh(&self) -> Result<(), StoreError> {
-        let confirmed = Duration::from_millis(self.shared.confirmed_ms.load(Ordering::Acquire));
-        let age = self.shared.epoch.elapsed().saturating_sub(confirmed);
-        if age > self.staleness {
-            return Err(StoreError::Stale {
-                age,
-                window: self.staleness,
-            });
-        }
-        Ok(())
-    }
-
-    fn reachable(&self) -> bool {
-        self.shared.reachable.load(Ordering::Acquire)
-    }
-
-    fn confirmed_ago(&self) -> Option<Duration> {
-        let confirmed = Duration::from_millis(self.shared.confirmed_ms.load(Ordering::Acquire));
-        Some(self.shared.epoch.elapsed().saturating_sub(confirmed))
-    }
-
-    fn high_water(&self) -> u64 {
-        self.shared.high_water.load(Ordering::Acquire)
-    }
-
     fn take_updates(&self) -> Option<mpsc::UnboundedReceiver<StoreUpdate>> {
         self.updates
             .lock()
@@ -684,10 +686,14 @@ impl Store for EtcdStore {
             .take()
     }
 
-    fn close(&self) -> StoreFuture<'_, ()> {
-        for task in &self.tasks {
-            task.abort();
+    fn check_fresh(&self) -> Result<(), StoreError> {
+        let age = self.confirmed_ago();
+        if age > self.staleness {
+            return Err(StoreError::Stale {
+                age,
+                window: self.staleness,
+            });
         }
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }
