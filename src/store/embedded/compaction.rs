@@ -1,9 +1,19 @@
-//! One compaction's streaming pass: the live log is read through a bounded
-//! buffer, record by record, and the ranges it keeps are written to
-//! `rooms.log.compact` as they are read; the workers' records (from the
-//! writer's `Holdings`) and a `pruned` record close the file. Memory is the
-//! buffers plus a count of dropped ranges per worker, whatever the log's
-//! size; no second copy of the state is built.
+//! One compaction's streaming pass, in three phases, each a slice at a
+//! time: (1) the live log is read through a bounded buffer, record by
+//! record, and the ranges it keeps are written to `rooms.log.compact` as
+//! they are read; (2) once it has caught up with the live log, the workers
+//! are written from the writer's `Holdings`, a slice of them at a time, all
+//! but those it may forget; (3) once all are written, the pass catches up
+//! again and the switch closes the file with a `pruned` record. From the
+//! end of (1) on, every record committed meanwhile is copied as it is read
+//! (workers' records as well as ranges), and at the switch each worker such
+//! a record names, or that (2) left out, is written again as the holdings
+//! have it, or forgotten if it still may be and no record names it: replay
+//! applies records in order, so the compacted log ends with the state the
+//! holdings hold. Memory is the buffers, a count of dropped ranges per
+//! worker and the names of workers left out or named meanwhile (keyed by
+//! the names the holdings already keep), whatever the log's size; no second
+//! copy of the state is built.
 //!
 //! # Why in slices on the writer thread
 //! The pass runs on the writer thread, a slice at a time (`SLICE_BYTES` of
@@ -23,11 +33,12 @@
 //! `SYNC_BYTES`, so the fsync before the rename (failpoint
 //! `compact::fsync`) has little left to write and the switch stays short.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use super::format::*;
-use super::holdings::{range_is_due, Holdings};
+use super::holdings::{range_is_due, worker_is_forgettable, HeldWorker, Holdings};
 use crate::failpoint;
 use crate::failpoint::io_error;
 use crate::store::fs::{Fs, FsFile};
@@ -42,6 +53,19 @@ const READ_BYTES: u64 = 64 * 1024;
 const FLUSH_BYTES: usize = 64 * 1024;
 /// Output written between fsyncs of the compaction file.
 const SYNC_BYTES: u64 = 1024 * 1024;
+/// Workers written per slice of phase (2).
+const WORKERS_PER_SLICE: usize = 4096;
+
+/// Where a pass stands (see the module docs).
+enum Phase {
+    /// Reading the log for its ranges.
+    Ranges,
+    /// Writing the workers after this one (by name), copying what is
+    /// committed meanwhile.
+    Workers { after: Option<Arc<str>> },
+    /// Every worker written; copying what is committed until the switch.
+    Tail,
+}
 
 /// A compaction's pass, between slices.
 pub(super) struct Pass {
@@ -67,6 +91,11 @@ pub(super) struct Pass {
     /// Ranges dropped, per owner.
     pub(super) dropped: HashMap<Arc<str>, u64>,
     pub(super) ranges_kept: u64,
+    phase: Phase,
+    /// Workers phase (2) left out as forgettable.
+    omitted: Vec<Arc<str>>,
+    /// Workers named by a record copied after phase (1).
+    named: HashSet<Arc<str>>,
 }
 
 /// A compacted log, written and synced, not yet renamed into place.
@@ -104,16 +133,94 @@ impl Pass {
             dropped_below: 0,
             dropped: HashMap::new(),
             ranges_kept: 0,
+            phase: Phase::Ranges,
+            omitted: Vec::new(),
+            named: HashSet::new(),
         })
     }
 
-    /// Reads up to `budget` more bytes of the live log (`log_len` long),
-    /// keeping its ranges that are not due; true once all of it is read.
+    /// Runs one slice of the pass; true once it is ready to switch (every
+    /// worker written and the live log, `log_len` long, read to its end).
     pub(super) fn advance(
         &mut self,
         log: &dyn FsFile,
         log_len: u64,
         budget: u64,
+        holdings: &Holdings,
+    ) -> std::io::Result<bool> {
+        let caught_up = self.read_log(log, log_len, budget, holdings)?;
+        match &self.phase {
+            Phase::Ranges => {
+                if caught_up {
+                    self.phase = Phase::Workers { after: None };
+                }
+                Ok(false)
+            }
+            Phase::Workers { after } => {
+                let after = after.clone();
+                let last = self.write_workers(holdings, after)?;
+                self.phase = match last {
+                    Some(name) => Phase::Workers { after: Some(name) },
+                    None => Phase::Tail,
+                };
+                Ok(false)
+            }
+            Phase::Tail => Ok(caught_up),
+        }
+    }
+
+    /// Writes up to `WORKERS_PER_SLICE` workers after `after`; returns the
+    /// last one written, or `None` once there are none left.
+    fn write_workers(
+        &mut self,
+        holdings: &Holdings,
+        after: Option<Arc<str>>,
+    ) -> std::io::Result<Option<Arc<str>>> {
+        let from = match &after {
+            Some(name) => Bound::Excluded(name),
+            None => Bound::Unbounded,
+        };
+        let mut last = None;
+        for (name, worker) in holdings
+            .workers
+            .range::<Arc<str>, _>((from, Bound::Unbounded))
+            .take(WORKERS_PER_SLICE)
+        {
+            if self.forgettable(name, worker) {
+                self.omitted.push(name.clone());
+            } else {
+                self.push_worker(name, worker);
+            }
+            if self.out.len() >= FLUSH_BYTES {
+                self.flush()?;
+            }
+            last = Some(name.clone());
+        }
+        Ok(last)
+    }
+
+    /// A worker's records, as the holdings have it.
+    fn push_worker(&mut self, name: &Arc<str>, worker: &HeldWorker) {
+        self.push(&Record::Register(name.clone(), worker.dp_size));
+        if let Some(unix_ms) = worker.deregistered_unix_ms {
+            self.push(&Record::Deregister {
+                worker: name.clone(),
+                unix_ms,
+            });
+        }
+        self.push(&Record::Issued(name.clone(), worker.rooms_issued));
+    }
+
+    /// Reads up to `budget` more bytes of the live log (`log_len` long),
+    /// keeping its ranges that are not due; true once all of it is read.
+    /// `holdings` lends its workers' names, so counting what is dropped
+    /// allocates no name again.
+    fn read_log(
+        &mut self,
+        log: &dyn FsFile,
+        log_len: u64,
+        budget: u64,
+        holdings: &Holdings,
     ) -> std::io::Result<bool> {
         let mut read = 0;
         while self.read_at < log_len && read < budget {
@@ -124,7 +231,7 @@ impl Pass {
             log.read_exact_at(&mut self.carry[from..], self.read_at)?;
             self.read_at += want;
             read += want;
-            let parsed = self.take_records()?;
+            let parsed = self.take_records(holdings)?;
             self.carry.drain(..parsed);
             if self.out.len() >= FLUSH_BYTES {
                 self.flush()?;
@@ -141,7 +248,7 @@ impl Pass {
     }
 
     /// Parses every whole record in `carry`; returns the bytes they take.
-    fn take_records(&mut self) -> std::io::Result<usize> {
+    fn take_records(&mut self, holdings: &Holdings) -> std::io::Result<usize> {
         let mut at = 0;
         loop {
             let rest = &self.carry[at..];
@@ -160,57 +267,83 @@ impl Pass {
                 .map_err(|reason| invalid(&reason))?;
             self.expected_seq += 1;
             at += whole;
-            if let Record::Reserve {
-                worker,
-                range,
-                created_unix_ms,
-                ..
-            } = record
-            {
-                if range_is_due(&self.request, created_unix_ms, range.start()) {
-                    self.dropped_below = self.dropped_below.max(range.end());
-                    *self.dropped.entry(worker).or_insert(0) += 1;
-                } else {
-                    // Its rooms_issued is in the worker's `issued` record.
-                    let kept = Record::Reserve {
-                        worker,
-                        range,
-                        rooms_issued: 0,
-                        created_unix_ms,
-                    };
-                    encode_record(&mut self.out, self.next_seq, &kept);
-                    self.next_seq += 1;
-                    self.ranges_kept += 1;
+            // After phase (1), what is committed is copied as it comes.
+            let copying = !matches!(self.phase, Phase::Ranges);
+            let shared = |worker: Arc<str>| {
+                holdings
+                    .workers
+                    .get_key_value(&worker)
+                    .map_or(worker, |(name, _)| name.clone())
+            };
+            match record {
+                Record::Reserve {
+                    worker,
+                    range,
+                    rooms_issued,
+                    created_unix_ms,
+                } => {
+                    let worker = shared(worker);
+                    if copying {
+                        self.named.insert(worker.clone());
+                    }
+                    if range_is_due(&self.request, created_unix_ms, range.start()) {
+                        self.dropped_below = self.dropped_below.max(range.end());
+                        *self.dropped.entry(worker).or_insert(0) += 1;
+                    } else {
+                        self.push(&Record::Reserve {
+                            worker,
+                            range,
+                            rooms_issued,
+                            created_unix_ms,
+                        });
+                        self.ranges_kept += 1;
+                    }
                 }
+                Record::Register(ref worker, _)
+                | Record::Deregister { ref worker, .. }
+                | Record::Issued(ref worker, _)
+                    if copying =>
+                {
+                    self.named.insert(shared(worker.clone()));
+                    self.push(&record);
+                }
+                // Phase (2) writes the workers as the holdings have them.
+                Record::Register(..)
+                | Record::Deregister { .. }
+                | Record::Issued(..)
+                | Record::Pruned(_)
+                | Record::Probe => {}
             }
         }
     }
 
-    /// The workers this compaction forgets, given what it dropped.
-    pub(super) fn forgets(&self, holdings: &Holdings) -> Vec<Arc<str>> {
-        holdings.forgettable(self.request.cutoff_unix_ms, &self.dropped)
-    }
-
-    /// Writes the workers (all but `forgotten`) and the `pruned` record,
-    /// then syncs the file: ready to be renamed into place.
-    pub(super) fn finish(
-        mut self,
-        holdings: &Holdings,
-        forgotten: Vec<Arc<str>>,
-    ) -> std::io::Result<Finished> {
-        let forgotten_set: std::collections::HashSet<&Arc<str>> = forgotten.iter().collect();
-        for (name, worker) in &holdings.workers {
-            if forgotten_set.contains(name) {
+    /// Closes the file (see the module docs): each worker left out or
+    /// named meanwhile is written again as the holdings have it, unless it
+    /// may be forgotten and no record names it; then the `pruned` record,
+    /// and a sync. Ready to be renamed into place.
+    pub(super) fn finish(mut self, holdings: &Holdings) -> std::io::Result<Finished> {
+        let mut forgotten = Vec::new();
+        let omitted = std::mem::take(&mut self.omitted);
+        let named = std::mem::take(&mut self.named);
+        for name in omitted.iter().filter(|name| !named.contains(*name)) {
+            let Some(worker) = holdings.workers.get(name) else {
                 continue;
+            };
+            if self.forgettable(name, worker) {
+                forgotten.push(name.clone());
+            } else {
+                self.push_worker(name, worker);
             }
-            self.push(&Record::Register(name.clone(), worker.dp_size));
-            if let Some(unix_ms) = worker.deregistered_unix_ms {
-                self.push(&Record::Deregister {
-                    worker: name.clone(),
-                    unix_ms,
-                });
+            if self.out.len() >= FLUSH_BYTES {
+                self.flush()?;
             }
-            self.push(&Record::Issued(name.clone(), worker.rooms_issued));
+        }
+        // A worker a copied record names is in the compacted log already:
+        // it is kept, as the holdings have it now.
+        for name in &named {
+            if let Some(worker) = holdings.workers.get(name) {
+                self.push_worker(name, worker);
+            }
             if self.out.len() >= FLUSH_BYTES {
                 self.flush()?;
             }
@@ -228,6 +361,25 @@ impl Pass {
             pruned_below,
             forgotten,
         })
+    }
+
+    /// Whether the pass has dropped nothing and may forget no one: then
+    /// there is nothing to switch to.
+    pub(super) fn drops_nothing(&self, holdings: &Holdings) -> bool {
+        self.dropped.is_empty()
+            && self.omitted.iter().all(|name| {
+                self.named.contains(name)
+                    || holdings
+                        .workers
+                        .get(name)
+                        .is_none_or(|worker| !self.forgettable(name, worker))
+            })
+    }
+
+    /// Whether `worker` may be forgotten, given what this pass dropped.
+    fn forgettable(&self, name: &Arc<str>, worker: &HeldWorker) -> bool {
+        let dropped = self.dropped.get(name).copied().unwrap_or(0);
+        worker_is_forgettable(worker, self.request.cutoff_unix_ms, dropped)
     }
 
     fn push(&mut self, record: &Record) {

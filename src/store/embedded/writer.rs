@@ -557,9 +557,10 @@ impl Writer {
             return;
         };
         let began = Instant::now();
-        let advanced = compacting
-            .pass
-            .advance(&*self.log, self.log_len, SLICE_BYTES);
+        let advanced =
+            compacting
+                .pass
+                .advance(&*self.log, self.log_len, SLICE_BYTES, &self.holdings);
         compacting.slices += 1;
         compacting.longest_slice = compacting.longest_slice.max(began.elapsed());
         match advanced {
@@ -698,14 +699,13 @@ impl Writer {
     /// once, at the end. A pass that would drop nothing (the log changed
     /// since it was decided) is discarded.
     pub(super) fn switch_to_compacted(&mut self, pass: Pass) -> Result<Pruned, StoreError> {
-        let forgotten = pass.forgets(&self.holdings);
-        if pass.dropped.is_empty() && forgotten.is_empty() {
+        if pass.drops_nothing(&self.holdings) {
             let _ = self.fs.remove_file(&self.files.compact);
             return Ok(self.pruned_nothing());
         }
         let request = pass.request.clone();
         let dropped = pass.dropped.clone();
-        let finished = match pass.finish(&self.holdings, forgotten) {
+        let finished = match pass.finish(&self.holdings) {
             Ok(finished) => finished,
             Err(error) => {
                 let _ = self.fs.remove_file(&self.files.compact);
