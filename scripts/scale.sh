@@ -9,19 +9,30 @@
 #   - 10,000 workers registering at once against 3 etcd replicas: errors;
 #   - etcd writes (committed raft proposals) per million rooms at steady
 #     state, against the etcd CAS counter's.
+#   - embedded compaction (issue 20): RSS after a restart and its first
+#     retention tick (nothing due: the log is not read), and AllocateRoom
+#     while the server compacts every second (--retention 1s), with the
+#     writer's longest pause per compaction from its log.
 # Usage: scripts/scale.sh   (WORKERS=100000 REPS=3 DURATION=5)
+#   ONLY=embedded runs the embedded part alone; BIN=path uses that binary
+#   (not built) and OUT=dir writes there, e.g. to compare two builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORKERS=${WORKERS:-100000}
 REPS=${REPS:-3}
 DURATION=${DURATION:-5}
-BIN=target/release/room-allocator
-OUT=target/scale
-for tool in etcd python3 curl; do
+ONLY=${ONLY:-}
+OUT=${OUT:-target/scale}
+tools="python3"
+[ "$ONLY" = embedded ] || tools="etcd python3 curl"
+for tool in $tools; do
   command -v "$tool" >/dev/null || { echo "scale.sh needs $tool" >&2; exit 1; }
 done
-cargo build --release --locked --bin room-allocator
+if [ -z "${BIN:-}" ]; then
+  BIN=target/release/room-allocator
+  cargo build --release --locked --bin room-allocator
+fi
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 pids=()
@@ -83,6 +94,10 @@ started=$(now)
 start_server "$PORT" "$OUT/embedded-restart.log" --data-dir "$OUT/embedded"
 report "embedded: restart with $WORKERS workers, start to listening: $(since "$started") s; RSS $(rss_mib "$SERVER_PID") MiB"
 EMBEDDED_PID=$SERVER_PID
+# The first retention tick runs at start (24 h retention: nothing is due);
+# it has surely ended 10 s later, even on a loaded machine.
+sleep 10
+report "embedded: RSS after the restart and its first retention tick: $(rss_mib "$EMBEDDED_PID") MiB; log bytes $(stat -c %s "$OUT/embedded/rooms.log")"
 
 # AllocateRoom over 10,000 workers against over one, c=64, interleaved.
 for rep in $(seq "$REPS"); do
@@ -102,6 +117,38 @@ print(f"embedded: AllocateRoom c=64 over 10,000 workers {statistics.median(many)
       f"interleaved pairs, 10,000 workers/1 worker: " + ", ".join(f"{m:,.0f}/{o:,.0f}" for o, m in zip(one, many)) + ")")
 PY
 stop_server "$EMBEDDED_PID"
+
+# AllocateRoom while the server compacts: with --retention 1s every tick
+# (one a second) finds ranges older than 2 s and rewrites the log, the
+# WORKERS registrations included; the first one drops every range of the
+# registrations. The bench starts once that first compaction is logged.
+started=$(now)
+start_server "$PORT" "$OUT/embedded-compacting.log" --data-dir "$OUT/embedded" --retention 1s
+EMBEDDED_PID=$SERVER_PID
+for _ in $(seq 1200); do grep -q 'compacted the embedded' "$OUT/embedded-compacting.log" && break; sleep 0.1; done
+report "embedded: first compaction after a restart with --retention 1s logged $(since "$started") s after start; RSS $(rss_mib "$EMBEDDED_PID") MiB"
+r=$(bench --server "$URL" --method allocate --workers 10000 --concurrency 64 --duration $((DURATION * 2)))
+report "embedded: RSS after compacting every second for $((DURATION * 2)) s: $(rss_mib "$EMBEDDED_PID") MiB"
+stop_server "$EMBEDDED_PID"
+OUT=$OUT python3 - "$r" <<'PY' | tee -a "$OUT/summary.txt"
+import json, os, re, sys
+r = json.loads(sys.argv[1])
+# Fields of the writer's log line, whichever build wrote it (older builds
+# log no pauses).
+lines = [l for l in open(os.environ["OUT"] + "/embedded-compacting.log") if "compacted the embedded" in l]
+def field(line, name):
+    m = re.search(name + r"=([0-9.]+)", line)
+    return float(m.group(1)) if m else None
+slices = [field(l, "longest_slice_ms") for l in lines]
+switches = [field(l, "switch_ms") for l in lines]
+totals = [field(l, "total_ms") for l in lines]
+fmt = lambda xs: "n/a" if not xs or None in xs else f"max {max(xs):.1f} ms, median {sorted(xs)[len(xs) // 2]:.1f} ms"
+print(f"embedded: AllocateRoom c=64 over 10,000 workers while compacting every second: p99 {r['p99_us'] / 1000:.2f} ms, "
+      f"p99.9 {r['p999_us'] / 1000:.2f} ms, p50 {r['p50_us'] / 1000:.2f} ms, {r['rooms_per_sec']:,.0f} rooms/s, errors {r['errors']}, "
+      f"duplicates {r['duplicates']}, misaligned {r['misaligned']} ({r['checked_rooms']} rooms checked); {len(lines)} compactions: "
+      f"longest slice {fmt(slices)}; switch {fmt(switches)}; whole compaction {fmt(totals)}")
+PY
+[ "$ONLY" = embedded ] && { echo "scale: done (embedded only); summary in $OUT/summary.txt"; exit 0; }
 
 # --- etcd, three replicas ---------------------------------------------------
 ETCD_PORT=$(free_port); ETCD_PEER=$(free_port)
