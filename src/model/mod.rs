@@ -108,6 +108,10 @@ pub struct Bounded {
     /// How many of each fault may happen: crash, watch break, leader loss,
     /// compaction, realignment, hand rewrite of the mark, deregistration.
     pub faults: [u8; 7],
+    /// Only the last replica deregisters, it reserves nothing, and its
+    /// second look runs in the step of its write (neither fails nor waits):
+    /// the scope where only a missing second look loses the record early.
+    pub prompt_deregistration: bool,
 }
 
 impl Bounded {
@@ -119,6 +123,7 @@ impl Bounded {
         max_rooms: TWO_REPLICAS,
         retentions: &[],
         faults: [1, 2, 1, 1, 1, 1, 0],
+        prompt_deregistration: false,
     };
     /// The deregistration's own scope (the test command runs it too): a
     /// replica deregisters the worker while the other reserves, with a
@@ -130,6 +135,7 @@ impl Bounded {
         max_rooms: &[24, 24],
         retentions: DEREGISTRATION_RETENTIONS,
         faults: [1, 0, 0, 0, 0, 0, 1],
+        prompt_deregistration: false,
     };
     /// `--long`.
     pub const LONG: Bounded = Bounded {
@@ -139,6 +145,7 @@ impl Bounded {
         max_rooms: TWO_REPLICAS,
         retentions: &[],
         faults: [1, 2, 1, 1, 1, 1, 0],
+        prompt_deregistration: false,
     };
 
     /// The scope a mutant's defect lives in: the faults it needs, deep
@@ -154,6 +161,7 @@ impl Bounded {
             faults: [
                 faults[0], faults[1], faults[2], faults[3], faults[4], faults[5], 0,
             ],
+            prompt_deregistration: false,
         };
         match mutant {
             Mutant::RealignOvertakesReservation => only([0, 0, 0, 0, 1, 0], 9, 0, 1, ONE_REPLICA),
@@ -169,6 +177,7 @@ impl Bounded {
                 ticks: 3,
                 allocations: 0,
                 faults: [0, 0, 0, 0, 0, 0, 1],
+                prompt_deregistration: true,
                 ..Bounded::DEREGISTRATION
             },
         }
@@ -661,6 +670,42 @@ impl Protocol {
         Some(())
     }
 
+    /// `deregister_worker`'s second look, after its write.
+    fn second_look(state: &mut State, r: usize) -> Option<()> {
+        let now = state.now;
+        let etcd = &mut state.etcd;
+        let replica = &mut state.replicas[r];
+        let Some(Deregistering::Written {
+            ttl,
+            read_at,
+            revision,
+        }) = replica.deregistering
+        else {
+            return None;
+        };
+        if !replica.alive {
+            return None;
+        }
+        replica.deregistering = None;
+        // A range reserved between the read and the write may have a
+        // longer lease: the record gets one to match, unless the worker
+        // registered again meanwhile. (As production: against the TTL
+        // granted, not what is left of it.)
+        let late = etcd.longest_range_lease(read_at, now);
+        if late + 1 > ttl && !mutants::active(Mutant::DeregistrationWithoutSecondLook) {
+            let lease = etcd.next_lease;
+            etcd.next_lease += 1;
+            etcd.leases.push((lease, now + late + 1));
+            if etcd.registration().0 == revision {
+                let (_, dp_size, _) = etcd.registration();
+                etcd.revision += 1;
+                etcd.registrations.push((etcd.revision, dp_size, false));
+                etcd.worker_lease = Some(lease);
+            }
+        }
+        Some(())
+    }
+
     fn next(&self, last: &State, action: Action) -> Option<State> {
         let mut state = last.clone();
         let now = state.now;
@@ -727,6 +772,9 @@ impl Protocol {
                 });
             }
             Action::Plan(r) => {
+                if self.bounds.prompt_deregistration && r + 1 == state.replicas.len() {
+                    return None;
+                }
                 let replica = &mut state.replicas[r];
                 if !replica.alive || replica.inflight != Inflight::Idle {
                     return None;
@@ -904,6 +952,7 @@ impl Protocol {
                 let etcd = &mut state.etcd;
                 let replica = &mut state.replicas[r];
                 if state.faults[DEREGISTER] == 0
+                    || (self.bounds.prompt_deregistration && r + 1 != self.bounds.max_rooms.len())
                     || !replica.alive
                     || replica.deregistering.is_some()
                     || !etcd.registration().2
@@ -956,38 +1005,11 @@ impl Protocol {
                     read_at,
                     revision: etcd.revision,
                 });
-            }
-            Action::DeregLook(r) => {
-                let etcd = &mut state.etcd;
-                let replica = &mut state.replicas[r];
-                let Some(Deregistering::Written {
-                    ttl,
-                    read_at,
-                    revision,
-                }) = replica.deregistering
-                else {
-                    return None;
-                };
-                if !replica.alive {
-                    return None;
-                }
-                replica.deregistering = None;
-                // A range reserved between the read and the write may have
-                // a longer lease: the record gets one to match, unless the
-                // worker registered again meanwhile.
-                let late = etcd.longest_range_lease(read_at, now);
-                if late + 1 > ttl && !mutants::active(Mutant::DeregistrationWithoutSecondLook) {
-                    let lease = etcd.next_lease;
-                    etcd.next_lease += 1;
-                    etcd.leases.push((lease, now + late + 1));
-                    if etcd.registration().0 == revision {
-                        let (_, dp_size, _) = etcd.registration();
-                        etcd.revision += 1;
-                        etcd.registrations.push((etcd.revision, dp_size, false));
-                        etcd.worker_lease = Some(lease);
-                    }
+                if self.bounds.prompt_deregistration {
+                    Self::second_look(&mut state, r)?;
                 }
             }
+            Action::DeregLook(r) => Self::second_look(&mut state, r)?,
             Action::Compact => {
                 if state.faults[COMPACT] == 0 {
                     return None;
@@ -1352,6 +1374,16 @@ mod tests {
         assert!(report.violations.is_empty(), "{}", report.traces());
         let report = check(Bounded::DEREGISTRATION, None, threads);
         println!("deregistration: {}", report.summary());
+        assert!(report.violations.is_empty(), "{}", report.traces());
+        // The deregistration mutant's scope is its own (see
+        // `prompt_deregistration`): without the mutant it holds, so the
+        // violation below is the mutant's.
+        let scope = Bounded::for_mutant(Mutant::DeregistrationWithoutSecondLook);
+        let report = check(scope, None, threads);
+        println!(
+            "deregistration-without-second-look's scope: {}",
+            report.summary()
+        );
         assert!(report.violations.is_empty(), "{}", report.traces());
         for mutant in Mutant::ALL {
             let report = check(Bounded::for_mutant(mutant), Some(mutant), threads);
