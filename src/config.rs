@@ -510,18 +510,37 @@ pub struct EtcdArgs {
     )]
     pub etcd_prefix: String,
 
-    /// etcd user name (with --etcd-password).
-    #[arg(long, env = "ROOM_ALLOCATOR_ETCD_USERNAME", requires = "etcd_password")]
+    /// etcd user name (with --etcd-password or --etcd-password-file).
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_ETCD_USERNAME",
+        requires = "etcd_password_source"
+    )]
     pub etcd_username: Option<String>,
 
-    /// etcd password; prefer the environment variable over the flag.
+    /// etcd password; prefer the environment variable over the flag, and
+    /// --etcd-password-file over both (a rotated password needs no restart).
     #[arg(
         long,
         env = "ROOM_ALLOCATOR_ETCD_PASSWORD",
         hide_env_values = true,
-        requires = "etcd_username"
+        requires = "etcd_username",
+        group = "etcd_password_source"
     )]
     pub etcd_password: Option<Secret>,
+
+    /// File holding the etcd password (one trailing newline is not part of
+    /// it). Reread at every authentication with etcd, so a password rotated
+    /// in the file (a mounted Secret) is used from the next token refresh
+    /// on; an unreadable or empty file keeps the last password read. Must
+    /// be readable at start.
+    #[arg(
+        long,
+        env = "ROOM_ALLOCATOR_ETCD_PASSWORD_FILE",
+        requires = "etcd_username",
+        group = "etcd_password_source"
+    )]
+    pub etcd_password_file: Option<PathBuf>,
 
     /// CA certificate (PEM) to verify etcd's TLS certificate.
     #[arg(long, env = "ROOM_ALLOCATOR_ETCD_CA")]
@@ -581,6 +600,7 @@ impl EtcdArgs {
             prefix: self.etcd_prefix.clone(),
             username: self.etcd_username.clone(),
             password: self.etcd_password.clone(),
+            password_file: self.etcd_password_file.clone(),
             ca: self.etcd_ca.clone(),
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),

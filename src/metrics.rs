@@ -317,7 +317,7 @@ impl Metrics {
         );
         out.gauges(
             "room_allocator_reload_last_success",
-            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls), --auth-token-file (file=token) or --etcd-ca/--etcd-cert/--etcd-key (file=etcd_tls, with those flags) succeeded (or the file is not configured), 0 while a changed file is unusable or unreadable (the previous one stays in use)",
+            "1 if the last load of --tls-cert/--tls-key/--tls-client-ca (file=tls), --auth-token-file (file=token) or --etcd-ca/--etcd-cert/--etcd-key (file=etcd_tls, with those flags) or --etcd-password-file (file=etcd_password, with that flag) succeeded (or the file is not configured), 0 while a changed file is unusable or unreadable (the previous one stays in use)",
             &self.reload_last_success,
         );
         out.gauges(

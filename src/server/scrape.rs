@@ -46,6 +46,12 @@ pub(super) fn refresh_certificates(certificates: &[(&'static str, PathBuf)], met
             .get(&["etcd_tls"])
             .set(if succeeded { 1.0 } else { 0.0 });
     }
+    if let Some(succeeded) = crate::store::etcd::client::password_reload_succeeded() {
+        metrics
+            .reload_last_success
+            .get(&["etcd_password"])
+            .set(if succeeded { 1.0 } else { 0.0 });
+    }
 }
 
 /// The soonest notAfter (unix seconds) of the PEM certificates in `pem`.

@@ -15,6 +15,7 @@ mod client;
 mod crash;
 mod disk_full;
 mod etcd;
+mod etcd_auth;
 mod etcd_tls;
 #[cfg(feature = "failpoints")]
 mod failpoints;

@@ -8,6 +8,16 @@
 //! password: the token goes in the `token` metadata, and a call refused for
 //! an expired token is retried once after authenticating again.
 //!
+//! A password given as a file (`--etcd-password-file`, a mounted Secret) is
+//! reread at every authentication and every [`TLS_RELOAD_INTERVAL`], so a
+//! password rotated in the Secret is used from the next token refresh on,
+//! without a restart: etcd invalidates every token when a password changes,
+//! so that refresh comes with the next call. An unreadable or empty file
+//! keeps the last password read (and sets
+//! `room_allocator_reload_last_success{file="etcd_password"}` to 0). If etcd
+//! refuses a newly read password, the one it accepted before is tried once:
+//! the Secret may change before etcd's user does.
+//!
 //! The TLS files (`--etcd-ca`, `--etcd-cert`, `--etcd-key`) are reread every
 //! [`TLS_RELOAD_INTERVAL`] while the client lives; when they change, a new
 //! channel is built with them and later calls use it. tonic's channel
@@ -19,7 +29,7 @@
 //! `WithRequireLeader` sends): a member cut off from its cluster cancels
 //! them instead of serving its stale revision as if it were current.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
@@ -95,6 +105,11 @@ impl EtcdError {
         (self.code == Code::Unauthenticated && self.message.contains("invalid auth token"))
             || self.message.contains("revision of auth store is old")
     }
+
+    /// etcd refused the user name and password.
+    fn is_wrong_password(&self) -> bool {
+        self.message.contains("authentication failed")
+    }
 }
 
 /// How to reach etcd. Its `Debug` leaves out the password and the key.
@@ -110,6 +125,9 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Where `ca_pem` and `identity_pem` came from, to reread them.
     pub tls_files: Option<TlsFiles>,
+    /// Where `user`'s password came from, to reread it at each
+    /// authentication (`user` holds the copy read at start).
+    pub password_file: Option<PathBuf>,
 }
 
 /// The etcd TLS files, as flags name them.
@@ -163,7 +181,87 @@ impl std::fmt::Debug for ConnectOptions {
             )
             .field("timeout", &self.timeout)
             .field("tls_files", &self.tls_files)
+            .field("password_file", &self.password_file)
             .finish()
+    }
+}
+
+/// The last read of the etcd password file in this process: 0 none
+/// configured, 1 read, 2 unreadable or empty (the last password read stays).
+static PASSWORD_RELOAD_STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the last read of `--etcd-password-file` succeeded (`None`
+/// without one), for `room_allocator_reload_last_success{file="etcd_password"}`.
+pub fn password_reload_succeeded() -> Option<bool> {
+    match PASSWORD_RELOAD_STATE.load(Ordering::Relaxed) {
+        0 => None,
+        state => Some(state == 1),
+    }
+}
+
+/// Reads an etcd password file: its content without one trailing newline
+/// (`echo` and editors add one; a Secret's value usually has none).
+pub fn read_password(path: &Path) -> std::io::Result<Secret> {
+    let bytes = std::fs::read(path)?;
+    let mut text = String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the etcd password file is not UTF-8 text",
+        )
+    })?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        // Most likely caught mid-write, or a Secret key that is not set.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the etcd password file is empty; write the password into it",
+        ));
+    }
+    Ok(Secret::from(text))
+}
+
+/// Who this client is to etcd, and where its password comes from.
+struct Credentials {
+    name: String,
+    /// The password last read (or given), sent at the next authentication.
+    password: RwLock<Secret>,
+    /// The password etcd last accepted, tried again once if it refuses a
+    /// newer one read from the file.
+    accepted: RwLock<Option<Secret>>,
+    file: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// Rereads the password file, if any; a failed read keeps the last
+    /// password read, logged once per run of failures.
+    fn refresh(&self) -> Secret {
+        if let Some(path) = &self.file {
+            match read_password(path) {
+                Ok(password) => {
+                    if PASSWORD_RELOAD_STATE.swap(1, Ordering::Relaxed) == 2 {
+                        tracing::info!(path = %path.display(), "the etcd password file is readable again");
+                    }
+                    *self
+                        .password
+                        .write()
+                        .expect("password lock is never poisoned") = password;
+                }
+                Err(error) => {
+                    if PASSWORD_RELOAD_STATE.swap(2, Ordering::Relaxed) != 2 {
+                        tracing::warn!(path = %path.display(), %error, "cannot read the etcd password file; authenticating with the last password read until it is fixed");
+                    }
+                }
+            }
+        }
+        self.password
+            .read()
+            .expect("password lock is never poisoned")
+            .clone()
     }
 }
 
@@ -172,7 +270,7 @@ impl std::fmt::Debug for ConnectOptions {
 pub struct EtcdClient {
     /// Replaced when the TLS files change; calls take the current one.
     channel: Arc<RwLock<Channel>>,
-    user: Option<Arc<(String, Secret)>>,
+    user: Option<Arc<Credentials>>,
     token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
 }
 
@@ -207,9 +305,20 @@ impl EtcdClient {
         }
         let client = Self {
             channel: Arc::new(RwLock::new(balanced(endpoints))),
-            user: options.user.clone().map(Arc::new),
+            user: options.user.clone().map(|(name, password)| {
+                Arc::new(Credentials {
+                    name,
+                    password: RwLock::new(password),
+                    accepted: RwLock::new(None),
+                    file: options.password_file.clone(),
+                })
+            }),
             token: Arc::default(),
         };
+        if let Some(user) = client.user.as_ref().filter(|user| user.file.is_some()) {
+            PASSWORD_RELOAD_STATE.store(1, Ordering::Relaxed);
+            tokio::spawn(reread_password(Arc::downgrade(user)));
+        }
         if let Some(files) = &options.tls_files {
             TLS_RELOAD_STATE.store(1, Ordering::Relaxed);
             tokio::spawn(reload_tls(
@@ -232,23 +341,59 @@ impl EtcdClient {
             .clone()
     }
 
+    /// Gets a new token with the newest password (rereading the file).
     async fn authenticate(&self) -> Result<(), EtcdError> {
         let Some(user) = &self.user else {
             return Ok(());
         };
+        let password = user.refresh();
+        let token = match self.token_for(&user.name, &password).await {
+            Ok(token) => {
+                *user
+                    .accepted
+                    .write()
+                    .expect("password lock is never poisoned") = Some(password);
+                token
+            }
+            Err(error) if error.is_wrong_password() => {
+                let accepted = user
+                    .accepted
+                    .read()
+                    .expect("password lock is never poisoned")
+                    .clone();
+                // The Secret changed before etcd's user did: the old password
+                // still works until it does.
+                match accepted.filter(|accepted| *accepted != password) {
+                    Some(accepted) => {
+                        let token = self.token_for(&user.name, &accepted).await?;
+                        tracing::warn!(user = %user.name, "etcd refused the password just read from the etcd password file; authenticated with the one it accepted before (change the user's password in etcd to the file's)");
+                        token
+                    }
+                    None => return Err(error),
+                }
+            }
+            Err(error) => return Err(error),
+        };
+        *self.token.write().expect("token lock is never poisoned") = Some(token);
+        Ok(())
+    }
+
+    async fn token_for(
+        &self,
+        name: &str,
+        password: &Secret,
+    ) -> Result<MetadataValue<Ascii>, EtcdError> {
         let response = AuthClient::new(self.channel())
             .authenticate(pb::AuthenticateRequest {
-                name: user.0.clone(),
-                password: user.1.expose().to_owned(),
+                name: name.to_owned(),
+                password: password.expose().to_owned(),
             })
             .await?
             .into_inner();
-        let token = response
+        response
             .token
             .parse()
-            .map_err(|_| EtcdError::config("etcd sent an auth token that is not ASCII"))?;
-        *self.token.write().expect("token lock is never poisoned") = Some(token);
-        Ok(())
+            .map_err(|_| EtcdError::config("etcd sent an auth token that is not ASCII"))
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -391,6 +536,19 @@ impl EtcdClient {
         .map(drop)
     }
 
+    /// Changes a user's password (tests rotate it with this).
+    pub async fn user_change_password(&self, name: &str, password: &str) -> Result<(), EtcdError> {
+        let request = pb::AuthUserChangePasswordRequest {
+            name: name.to_owned(),
+            password: password.to_owned(),
+        };
+        self.unary(request, |channel, request| async move {
+            AuthClient::new(channel).user_change_password(request).await
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn user_grant_role(&self, user: &str, role: &str) -> Result<(), EtcdError> {
         let request = pb::AuthUserGrantRoleRequest {
             user: user.to_owned(),
@@ -409,6 +567,21 @@ impl EtcdClient {
         })
         .await
         .map(drop)
+    }
+}
+
+/// Rereads the password file every [`TLS_RELOAD_INTERVAL`] until the client
+/// is dropped, so `room_allocator_reload_last_success{file="etcd_password"}`
+/// shows a broken file before the next authentication needs it.
+async fn reread_password(user: Weak<Credentials>) {
+    let mut ticker = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(user) = user.upgrade() else {
+            return;
+        };
+        user.refresh();
     }
 }
 
@@ -624,6 +797,31 @@ pub mod txn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_file_loses_one_trailing_newline_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("password");
+        for (content, password) in [
+            ("s3cret", "s3cret"),
+            ("s3cret\n", "s3cret"),
+            ("s3cret\r\n", "s3cret"),
+            ("s3cret\n\n", "s3cret\n"),
+            (" s3cret ", " s3cret "),
+        ] {
+            std::fs::write(&path, content).expect("write");
+            let read = read_password(&path).expect("a password");
+            assert_eq!(read.expose(), password, "{content:?}");
+        }
+        for content in ["", "\n"] {
+            std::fs::write(&path, content).expect("write");
+            let error = read_password(&path).expect_err("empty");
+            assert!(error.to_string().contains("empty"), "{error}");
+        }
+        std::fs::write(&path, [0xff, 0xfe]).expect("write");
+        assert!(read_password(&path).is_err(), "not UTF-8");
+        assert!(read_password(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn a_prefix_ends_where_its_last_byte_rolls_over() {
