@@ -6,19 +6,24 @@
 #     --build-arg REVISION=$(git rev-parse HEAD) \
 #     --build-arg CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ) .
 #
-# Base images by digest: a tag moves when it is rebuilt, a digest does not.
-# Release builds pin both stages by passing the digests resolved at release
-# time (the digests are not written here: they can only be read from the
-# registries, and a stale one would pin an image without security fixes):
+# Base images by digest: a tag moves when it is rebuilt, a digest does not,
+# so the defaults below are pinned (`tag@sha256:...`; with both, the digest
+# decides what is pulled). The digests were not resolved from a registry
+# here (this machine has none): they are the ones several public
+# repositories pin for these same tags (rust:1.89-bookworm in 8+,
+# cc-debian12:nonroot in 7+). They MUST be re-resolved at each release, and
+# kept current between releases (Renovate or Dependabot update such pins),
+# or the image keeps base layers without security fixes:
 #   docker buildx imagetools inspect rust:1.89-bookworm --format '{{json .Manifest.Digest}}'
 #   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot --format '{{json .Manifest.Digest}}'
+#   (or: crane digest rust:1.89-bookworm)
+# then update the ARG defaults, or override them for one build:
 #   docker build \
 #     --build-arg BUILD_IMAGE=rust:1.89-bookworm@sha256:<digest> \
 #     --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:<digest> ...
-# (Renovate or Dependabot can keep such pins current.) The defaults below are
-# the tags, for local builds.
-ARG BUILD_IMAGE=rust:1.89-bookworm
-ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+# scripts/chart_test.py fails if a default here is not pinned by digest.
+ARG BUILD_IMAGE=rust:1.89-bookworm@sha256:948f9b08a66e7fe01b03a98ef1c7568292e07ec2e4fe90d88c07bb14563c84ff
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 
 FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
