@@ -154,23 +154,6 @@ impl Holdings {
                 .any(|worker| worker_is_forgettable(worker, request.cutoff_unix_ms, 0))
     }
 
-    /// The workers a compaction for `cutoff_unix_ms` forgets, given how many
-    /// ranges of each it dropped.
-    pub(super) fn forgettable(
-        &self,
-        cutoff_unix_ms: u64,
-        dropped: &HashMap<Arc<str>, u64>,
-    ) -> Vec<Arc<str>> {
-        self.workers
-            .iter()
-            .filter(|(name, worker)| {
-                let dropped = dropped.get(*name).copied().unwrap_or(0);
-                worker_is_forgettable(worker, cutoff_unix_ms, dropped)
-            })
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
     /// Once a compaction's generation is committed: what it dropped is gone.
     pub(super) fn compacted(
         &mut self,
@@ -218,6 +201,24 @@ mod tests {
         }
     }
 
+    /// The workers a compaction for `cutoff_unix_ms` forgets, given how many
+    /// ranges of each it dropped (what `compaction` decides per worker).
+    fn forgettable(
+        holdings: &Holdings,
+        cutoff_unix_ms: u64,
+        dropped: &HashMap<Arc<str>, u64>,
+    ) -> Vec<Arc<str>> {
+        holdings
+            .workers
+            .iter()
+            .filter(|(name, worker)| {
+                let dropped = dropped.get(*name).copied().unwrap_or(0);
+                worker_is_forgettable(worker, cutoff_unix_ms, dropped)
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     fn holdings(records: &[Record]) -> Holdings {
         let mut holdings = Holdings::default();
         for record in records {
@@ -257,13 +258,13 @@ mod tests {
         assert!(!held.prune_due(&request(100, &[])), "not before the cutoff");
         assert!(held.prune_due(&request(101, &[])));
         assert_eq!(
-            held.forgettable(101, &HashMap::new()),
+            forgettable(&held, 101, &HashMap::new()),
             vec![Arc::<str>::from("w")]
         );
         // A range it owns (young, or held) keeps it.
         held.apply(&reserve("w", 2, 500));
         assert!(!held.prune_due(&request(101, &[])));
-        assert!(held.forgettable(101, &HashMap::new()).is_empty());
+        assert!(forgettable(&held, 101, &HashMap::new()).is_empty());
         // Registered again: never forgotten.
         held.apply(&Record::Register(Arc::from("w"), dp(2)));
         assert!(!held.prune_due(&request(u64::MAX, &[2])));
@@ -287,7 +288,7 @@ mod tests {
         assert_eq!(worker.rooms_issued, 3);
         let req = request(100, &[]);
         let dropped = HashMap::from([(Arc::<str>::from("w"), 1)]);
-        let forgotten = held.forgettable(100, &dropped);
+        let forgotten = forgettable(&held, 100, &dropped);
         assert_eq!(forgotten, vec![Arc::<str>::from("w")]);
         held.compacted(&req, &dropped, &forgotten, 6);
         assert!(held.ranges.is_empty());
