@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::lifecycle::Lifecycle;
 use crate::metrics::{Counter, Metrics};
 pub use crate::names::Escaped;
 use crate::names::NameError;
@@ -217,6 +218,9 @@ struct Inner {
     pruned_below: AtomicU64,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Owns the prefetches, retention and the follower of the store's
+    /// updates: shutdown ends them before the store closes.
+    lifecycle: Lifecycle,
     /// Resolved once: label lookups would cost as much as the allocation.
     allocated_rooms: Arc<Counter>,
     leased_bases: Arc<Counter>,
@@ -269,12 +273,14 @@ enum Step<'a, T> {
 }
 
 impl Allocator {
-    /// Builds the allocator over an opened store and what it holds.
+    /// Builds the allocator over an opened store and what it holds; its
+    /// tasks are spawned through `lifecycle`.
     pub fn new(
         store: Arc<dyn Store>,
         snapshot: Snapshot,
         limits: Limits,
         metrics: Arc<Metrics>,
+        lifecycle: Lifecycle,
     ) -> Self {
         let allocated_rooms = metrics.rooms_issued.get(&["AllocateRoom"]);
         let leased_bases = metrics.rooms_issued.get(&["LeaseRooms"]);
@@ -287,6 +293,7 @@ impl Allocator {
                 pruned_below: AtomicU64::new(snapshot.pruned_below),
                 limits,
                 metrics,
+                lifecycle,
                 allocated_rooms,
                 leased_bases,
             }),
@@ -642,9 +649,12 @@ impl Allocator {
         }))
     }
 
+    /// Reserves a range ahead in a task of the lifecycle: one spawned once
+    /// shutdown began never runs, and one waiting for the worker's refill
+    /// lock stops there (see `refill_locked`), so none reaches a closed store.
     fn spawn_prefetch(&self, worker: Arc<Worker>) {
         let allocator = self.clone();
-        tokio::spawn(async move {
+        self.inner.lifecycle.spawn(async move {
             if let Err(error) = allocator.refill(&worker, Demand::Prefetch).await {
                 // Callers will retry the reservation themselves when the
                 // current range runs dry, and get the error then.
@@ -667,7 +677,17 @@ impl Allocator {
     }
 
     async fn refill_locked(&self, worker: &Arc<Worker>, demand: Demand) -> Result<(), Error> {
-        let _refill = worker.refill.lock().await;
+        // No reservation starts once shutdown began: the store closes as
+        // soon as the tasks and calls in flight ended. One that started
+        // finishes (it is a durable write).
+        let token = self.inner.lifecycle.token();
+        let _refill = tokio::select! {
+            refill = worker.refill.lock() => refill,
+            () = token.cancelled() => return Err(Error::Store(StoreError::Closed)),
+        };
+        if token.is_cancelled() {
+            return Err(Error::Store(StoreError::Closed));
+        }
         let (reservation, epoch, serve_until) = {
             let mut state = worker.lock();
             let now = Instant::now();
@@ -863,31 +883,43 @@ impl Allocator {
     }
 
     /// Prunes expired ranges every quarter of the retention period (between
-    /// 1 s and 10 min) until the store closes.
-    pub fn run_retention(&self) -> tokio::task::JoinHandle<()> {
+    /// 1 s and 10 min) until shutdown; a prune under way finishes first.
+    pub fn run_retention(&self) {
         let interval = (self.inner.limits.retention / 4)
             .clamp(Duration::from_secs(1), Duration::from_secs(600));
         let allocator = self.clone();
-        tokio::spawn(async move {
+        let token = self.inner.lifecycle.token().clone();
+        self.inner.lifecycle.spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = token.cancelled() => return,
+                }
                 match allocator.prune_expired().await {
                     Ok(()) => {}
                     Err(Error::Store(StoreError::Closed)) => return,
                     Err(error) => warn!(%error, "pruning expired ranges failed; will retry"),
                 }
             }
-        })
+        });
     }
 
     /// Follows registration changes made elsewhere (other replicas), if the
-    /// store reports any. Runs until the store closes.
-    pub fn follow_store(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let mut updates = self.inner.store.shared()?.take_updates()?;
+    /// store reports any, until shutdown or the store closes. Applying one
+    /// writes memory only, so the task stops at any of its waits.
+    pub fn follow_store(&self) {
+        let Some(mut updates) = self
+            .inner
+            .store
+            .shared()
+            .and_then(|shared| shared.take_updates())
+        else {
+            return;
+        };
         let allocator = self.clone();
-        Some(tokio::spawn(async move {
+        self.inner.lifecycle.spawn_until_cancelled(async move {
             while let Some(update) = updates.recv().await {
                 // A test holds each event back (`return(MS)`), as a slow
                 // watch would, without blocking a runtime thread.
@@ -901,7 +933,7 @@ impl Allocator {
                 }
                 allocator.apply_update(update);
             }
-        }))
+        });
     }
 
     /// Applies one change the store reported.
@@ -1009,8 +1041,12 @@ impl Allocator {
         Ok(())
     }
 
-    /// Persists the `rooms_issued` counters and closes the store.
+    /// Ends the lifecycle's tasks (the server has done so already: this
+    /// only makes sure, for any other caller), then persists the
+    /// `rooms_issued` counters and closes the store: nothing of this process
+    /// reaches the store after it is closed.
     pub async fn shutdown(&self) -> Result<(), Error> {
+        self.inner.lifecycle.shutdown().await;
         let counts = self
             .read_workers()
             .by_name

@@ -9,6 +9,8 @@
 //! - [`store`]: durable registrations and range reservations: the embedded
 //!   log ([`store::EmbeddedStore`]) or etcd ([`store::EtcdStore`]).
 //! - [`allocator`]: the contract's rules over a store.
+//! - [`lifecycle`]: one owner for every background task and the shutdown
+//!   that ends them.
 //! - [`service`]: the gRPC glue, and the one mapping of errors to statuses.
 //! - [`server`]: health, reflection, metrics endpoint, TLS and token reload,
 //!   graceful shutdown.
@@ -24,6 +26,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod lifecycle;
 pub mod metrics;
 #[cfg(feature = "model-check")]
 pub mod model;

@@ -3,7 +3,9 @@
 //! endpoint, the optional plaintext health port, and a graceful shutdown:
 //! health turns NOT_SERVING, in-flight calls finish within the drain
 //! timeout, background tasks stop, and the counters are persisted before the
-//! store closes.
+//! store closes. Every background task of the server, the allocator and the
+//! store is spawned through one [`Lifecycle`]; `serve` is the one place the
+//! shutdown's steps are taken, in order.
 //!
 //! This file owns opening (flags checked, store opened, allocator built) and
 //! the serving lifecycle; each other concern has its module:
@@ -27,11 +29,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::allocator::{Allocator, Limits};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Metrics};
 use crate::pb;
 use crate::service::{Auth, RoomAllocatorServiceServer, Service};
@@ -72,6 +76,8 @@ pub enum ServeError {
 /// An opened store and allocator, ready to serve.
 pub struct Server {
     allocator: Allocator,
+    /// Every background task of the server, the allocator and the store.
+    lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     drain_delay: Duration,
     drain_timeout: Duration,
@@ -91,6 +97,7 @@ impl Server {
     pub async fn open(config: &ServerConfig) -> Result<Self, StartError> {
         let Checked { tls, token } = config::check(config)?;
         let bounds = config.bounds;
+        let lifecycle = Lifecycle::new();
         let (store, snapshot): (Arc<dyn Store>, _) = match &config.store {
             StoreConfig::Embedded { data_dir } => {
                 let (store, mut snapshot) =
@@ -103,14 +110,13 @@ impl Server {
                 (Arc::new(store), snapshot)
             }
             StoreConfig::Etcd(etcd_config) => {
-                let (store, snapshot) =
-                    EtcdStore::open(etcd_config.as_ref())
-                        .await
-                        .map_err(|cause| StartError::Store {
-                            flag: "--etcd-endpoints",
-                            value: etcd_config.endpoints.join(","),
-                            cause,
-                        })?;
+                let (store, snapshot) = EtcdStore::open(etcd_config.as_ref(), &lifecycle)
+                    .await
+                    .map_err(|cause| StartError::Store {
+                        flag: "--etcd-endpoints",
+                        value: etcd_config.endpoints.join(","),
+                        cause,
+                    })?;
                 (Arc::new(store), snapshot)
             }
         };
@@ -124,7 +130,7 @@ impl Server {
         if let Some(store_id) = store.store_id() {
             metrics.set_store_id(&store_id);
         }
-        let allocator = Allocator::new(store, snapshot, limits, metrics.clone());
+        let allocator = Allocator::new(store, snapshot, limits, metrics.clone(), lifecycle.clone());
         let tls = tls.map(|(files, material, server_config)| {
             Arc::new(Tls::new(files, material, server_config))
         });
@@ -141,6 +147,7 @@ impl Server {
         };
         Ok(Self {
             allocator,
+            lifecycle,
             metrics,
             drain_delay: config.drain_delay,
             drain_timeout: config.drain_timeout,
@@ -179,25 +186,28 @@ impl Server {
         health_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
+        let lifecycle = &self.lifecycle;
         let (health, health_service) = health::service(MAX_REQUEST_BYTES);
         health.set_ready(self.allocator.check_ready().is_ok()).await;
-        let mut tasks = vec![self.allocator.run_retention()];
-        tasks.extend(self.allocator.follow_store());
-        tasks.push(tokio::spawn(health::follow_readiness(
+        self.allocator.run_retention();
+        self.allocator.follow_store();
+        // These only wait and read (timers, files, sockets): safe to drop
+        // where they wait.
+        lifecycle.spawn_until_cancelled(health::follow_readiness(
             self.allocator.clone(),
             health.clone(),
             self.metrics.clone(),
-        )));
+        ));
         if let Some(tls) = &self.tls {
-            tasks.push(tokio::spawn(tls::reload(tls.clone(), self.metrics.clone())));
+            lifecycle.spawn_until_cancelled(tls::reload(tls.clone(), self.metrics.clone()));
         }
         if let Some((auth, path, tokens)) = &self.auth {
-            tasks.push(tokio::spawn(token::reload(
+            lifecycle.spawn_until_cancelled(token::reload(
                 auth.clone(),
                 path.clone(),
                 tokens.clone(),
                 self.metrics.clone(),
-            )));
+            ));
         }
         let reflection_v1 = reflection()
             .build_v1()?
@@ -206,7 +216,6 @@ impl Server {
             .build_v1alpha()?
             .max_decoding_message_size(MAX_REQUEST_BYTES);
 
-        let (stop_side, side_stopped) = watch::channel(false);
         let refresh = {
             let allocator = self.allocator.clone();
             let metrics = self.metrics.clone();
@@ -216,39 +225,25 @@ impl Server {
                 scrape::refresh_certificates(&certificates, &metrics);
             }) as Arc<dyn Fn() + Send + Sync>
         };
-        let metrics_task = tokio::spawn(metrics::serve(
+        // `metrics::serve` still takes a watch to stop; the lifecycle drops
+        // its accept loop at cancellation instead, so this sender only has
+        // to outlive it.
+        let (_metrics_stop, metrics_stopped) = watch::channel(false);
+        lifecycle.spawn_until_cancelled(metrics::serve(
             metrics_listener,
             self.metrics.clone(),
             refresh,
-            side_stopped.clone(),
+            metrics_stopped,
         ));
-        let health_task = health_listener.map(|listener| {
+        if let Some(listener) = health_listener {
             health::serve_port(
                 listener,
                 health_service.clone(),
                 self.request_timeout,
-                side_stopped.clone(),
-                &mut tasks,
-            )
-        });
+                lifecycle,
+            );
+        }
 
-        let (draining_tx, draining) = oneshot::channel::<()>();
-        let drain_delay = self.drain_delay;
-        let signal = {
-            let health = health.clone();
-            async move {
-                shutdown.await;
-                health.shut_down().await;
-                info!(
-                    drain_delay_secs = drain_delay.as_secs_f64(),
-                    "shutting down: health is NOT_SERVING; still serving for the drain delay"
-                );
-                // Load balancers see NOT_SERVING and move routers away first.
-                tokio::time::sleep(drain_delay).await;
-                info!("draining in-flight calls");
-                let _ = draining_tx.send(());
-            }
-        };
         let service = Service::new(
             self.allocator.clone(),
             self.metrics.clone(),
@@ -273,49 +268,64 @@ impl Server {
                 RoomAllocatorServiceServer::new(service)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             );
-        let serving: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        // Cancelled to stop accepting; not the lifecycle's token, which
+        // ends the tasks only once the calls in flight drained.
+        let stop_accepting = CancellationToken::new();
+        let mut serving: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match &self.tls {
                 None => Box::pin(router.serve_with_incoming_shutdown(
                     TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                    signal,
+                    stop_accepting.clone().cancelled_owned(),
                 )),
                 Some(tls) => {
                     let (connections, incoming) = mpsc::channel(64);
-                    tasks.push(tokio::spawn(tls::accept(grpc, tls.clone(), connections)));
+                    lifecycle.spawn_until_cancelled(tls::accept(grpc, tls.clone(), connections));
                     Box::pin(router.serve_with_incoming_shutdown(
                         tokio_stream::wrappers::ReceiverStream::new(incoming),
-                        signal,
+                        stop_accepting.clone().cancelled_owned(),
                     ))
                 }
             };
-        // Idle client connections would hold tonic's graceful shutdown open
-        // until they close by themselves; stop as soon as no call is in flight.
-        let drain_timeout = self.drain_timeout;
-        let drained = async move {
-            if draining.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            if !in_flight.drain(drain_timeout).await {
-                warn!(
-                    drain_timeout_secs = drain_timeout.as_secs_f64(),
-                    "drain timeout passed; dropping calls still in flight"
-                );
-            }
-        };
-        tokio::select! {
-            served = serving => served?,
-            () = drained => {}
-        }
 
-        // Every background task stops here, before the store closes.
-        for task in &tasks {
-            task.abort();
+        // The shutdown, in order: each step starts when the one before
+        // ended (or the server stopped by itself: then straight to 3).
+        'serving: {
+            tokio::select! {
+                served = &mut serving => { served?; break 'serving; }
+                () = shutdown => {}
+            }
+            // 1. Health NOT_SERVING; still serving for the drain delay, so load
+            //    balancers move routers away first.
+            health.shut_down().await;
+            info!(
+                drain_delay_secs = self.drain_delay.as_secs_f64(),
+                "shutting down: health is NOT_SERVING; still serving for the drain delay"
+            );
+            tokio::select! {
+                served = &mut serving => { served?; break 'serving; }
+                () = tokio::time::sleep(self.drain_delay) => {}
+            }
+            // 2. Stop accepting, and drain the calls in flight. Idle client
+            //    connections would hold tonic's graceful shutdown open until they
+            //    close by themselves: stop as soon as no call is in flight.
+            info!("draining in-flight calls");
+            stop_accepting.cancel();
+            let drain_timeout = self.drain_timeout;
+            tokio::select! {
+                served = &mut serving => served?,
+                drained = in_flight.drain(drain_timeout) => if !drained {
+                    warn!(
+                        drain_timeout_secs = drain_timeout.as_secs_f64(),
+                        "drain timeout passed; dropping calls still in flight"
+                    );
+                },
+            }
         }
-        let _ = stop_side.send(true);
-        let _ = metrics_task.await;
-        if let Some(task) = health_task {
-            let _ = task.await;
-        }
+        drop(serving);
+        // 3. Cancel every background task and 4. wait for each to end: a
+        //    task in a durable write finishes it, none starts another.
+        lifecycle.shutdown().await;
+        // 5. Persist the counters and 6. close the store.
         match self.allocator.shutdown().await {
             Ok(()) => info!("store closed; bye"),
             // Nothing is lost but the latest rooms_issued counts: every range

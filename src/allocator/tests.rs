@@ -99,6 +99,7 @@ fn open_with(dir: &Path, budget: u64, bounds: Bounds, max_workers: usize) -> All
         snapshot,
         limits(bounds, max_workers),
         Arc::new(Metrics::new("embedded")),
+        crate::lifecycle::Lifecycle::new(),
     )
 }
 
@@ -652,6 +653,11 @@ struct SimReplica {
     hold_after_commit: AtomicBool,
     /// Reservations parked at the gate now.
     parked: AtomicU64,
+    /// Set by `close`: the store is shut down.
+    closed: AtomicBool,
+    /// Reservations committed, and store calls made after `close`.
+    committed: AtomicU64,
+    calls_after_close: AtomicU64,
 }
 
 impl SimReplica {
@@ -668,6 +674,9 @@ impl SimReplica {
             gated: AtomicBool::new(false),
             hold_after_commit: AtomicBool::new(true),
             parked: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            committed: AtomicU64::new(0),
+            calls_after_close: AtomicU64::new(0),
         })
     }
 
@@ -679,6 +688,13 @@ impl SimReplica {
             let permit = self.gate.acquire().await.expect("gate open");
             permit.forget();
             self.parked.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts a store call made after the store was closed.
+    fn called(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            self.calls_after_close.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -694,6 +710,8 @@ impl ReplicaStore {
     /// The real store's transaction: if the registration is unchanged, the
     /// next range past the mark.
     fn commit(&self, r: Reservation) -> Result<RoomRange, StoreError> {
+        self.0.called();
+        self.0.committed.fetch_add(1, Ordering::AcqRel);
         let mut state = self.0.etcd.lock();
         let current = state.workers.get(&r.prefill_worker).cloned();
         if current.as_ref().map(|c| c.revision) != Some(r.revision) {
@@ -733,14 +751,17 @@ impl Store for ReplicaStore {
         Some(self)
     }
     fn register(&self, w: Arc<str>, d: DpSize) -> StoreFuture<'_, i64> {
+        self.0.called();
         let revision = self.0.etcd.put_worker(&w, d, true);
         Box::pin(async move { Ok(revision) })
     }
     fn deregister(&self, w: Arc<str>, d: DpSize) -> StoreFuture<'_, i64> {
+        self.0.called();
         let revision = self.0.etcd.put_worker(&w, d, false);
         Box::pin(async move { Ok(revision) })
     }
     fn reserve(&self, r: Reservation) -> StoreFuture<'_, RoomRange> {
+        self.0.called();
         Box::pin(async move {
             self.0.hold(false).await;
             let range = self.commit(r)?;
@@ -749,9 +770,11 @@ impl Store for ReplicaStore {
         })
     }
     fn record_issued(&self, _c: Vec<IssuedCount>) -> StoreFuture<'_, ()> {
+        self.0.called();
         Box::pin(async { Ok(()) })
     }
     fn prune(&self, _request: PruneRequest) -> StoreFuture<'_, Pruned> {
+        self.0.called();
         Box::pin(async { Ok(Pruned::default()) })
     }
     fn health(&self) -> Health {
@@ -765,6 +788,7 @@ impl Store for ReplicaStore {
         self.0.etcd.lock().high_water
     }
     fn close(&self) -> StoreFuture<'_, ()> {
+        self.0.closed.store(true, Ordering::Release);
         Box::pin(async { Ok(()) })
     }
 }
@@ -799,6 +823,7 @@ fn replica(etcd: &Arc<SimEtcd>) -> (Allocator, Arc<SimReplica>) {
         Snapshot::default(),
         limits(Bounds::FULL, 1000),
         Arc::new(Metrics::new("sim")),
+        crate::lifecycle::Lifecycle::new(),
     );
     (allocator, sim)
 }
@@ -1083,4 +1108,95 @@ proptest! {
     ) {
         run_schedule(steps)?;
     }
+}
+
+/// Registers "w" with dp_size 1 and leases one base: its first range.
+async fn first_range(allocator: &Allocator, sim: &SimReplica) {
+    allocator.register("w", 1).await.expect("register");
+    allocator.lease("w", 1, 0).await.expect("the first range");
+    assert_eq!(sim.committed.load(Ordering::Acquire), 1, "one range");
+}
+
+/// Leases half of the first range: the take asks for a range ahead, and the
+/// prefetch is spawned (not yet run: the caller has not yielded).
+async fn spawn_a_prefetch(allocator: &Allocator, sim: &SimReplica) {
+    let bases = {
+        let state = sim.etcd.lock();
+        let first = state
+            .ranges
+            .resolve(Room::try_new(state.high_water - 1).expect("a room"))
+            .expect("the first range")
+            .range;
+        first.bases()
+    };
+    let half = u32::try_from(bases / 2).expect("a first range is far below 2^33 bases");
+    allocator
+        .lease("w", half, 0)
+        .await
+        .expect("half the first range");
+}
+
+/// Step 2 of issue 18: a prefetch spawned just before shutdown (not yet
+/// run) never reaches the store once it is closed: shutdown stops it before
+/// it starts.
+#[tokio::test(flavor = "current_thread")]
+async fn a_prefetch_spawned_just_before_shutdown_never_reaches_the_closed_store() {
+    let etcd = Arc::new(SimEtcd::default());
+    let (a, a_sim) = replica(&etcd);
+    first_range(&a, &a_sim).await;
+    spawn_a_prefetch(&a, &a_sim).await;
+    assert_eq!(
+        a_sim.committed.load(Ordering::Acquire),
+        1,
+        "the prefetch has not run yet"
+    );
+    tokio::time::timeout(Duration::from_secs(10), a.shutdown())
+        .await
+        .expect("shutdown returns")
+        .expect("shutdown persists the counters");
+    settle_tasks().await;
+    assert_eq!(
+        a_sim.calls_after_close.load(Ordering::Acquire),
+        0,
+        "a prefetch reached the store after it was closed"
+    );
+}
+
+/// A prefetch whose reservation is in flight when shutdown begins is not
+/// aborted mid-write: shutdown waits for it, then closes the store.
+#[tokio::test(flavor = "current_thread")]
+async fn shutdown_waits_for_a_prefetch_in_flight_before_it_closes_the_store() {
+    let etcd = Arc::new(SimEtcd::default());
+    let (a, a_sim) = replica(&etcd);
+    a_sim.hold_after_commit.store(false, Ordering::Release);
+    first_range(&a, &a_sim).await;
+    a_sim.gated.store(true, Ordering::Release);
+    spawn_a_prefetch(&a, &a_sim).await;
+    settle_tasks().await;
+    assert_eq!(
+        a_sim.parked.load(Ordering::Acquire),
+        1,
+        "the prefetch is in flight, held before it commits"
+    );
+    let shutdown = tokio::spawn({
+        let a = a.clone();
+        async move { a.shutdown().await }
+    });
+    settle_tasks().await;
+    a_sim.gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown returns once the prefetch committed")
+        .expect("shutdown does not panic")
+        .expect("shutdown persists the counters");
+    assert_eq!(
+        a_sim.committed.load(Ordering::Acquire),
+        2,
+        "the prefetch committed"
+    );
+    assert_eq!(
+        a_sim.calls_after_close.load(Ordering::Acquire),
+        0,
+        "the prefetch reached the store after it was closed"
+    );
 }

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tonic::server::NamedService;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
@@ -24,6 +23,7 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::allocator::Allocator;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::service::{RoomAllocatorServiceServer, Service};
 
@@ -102,19 +102,19 @@ pub(super) fn service(max_request_bytes: usize) -> (Arc<Health>, HealthServer<He
     (health, service)
 }
 
-/// Serves `service` alone on the plaintext health port until `stopped`
-/// turns true. Its accept loop is pushed onto `tasks`, so it stops with the
-/// server's other background tasks.
+/// Serves `service` alone on the plaintext health port until shutdown
+/// cancels the lifecycle, which also drops its accept loop (it only waits
+/// on sockets).
 pub(super) fn serve_port(
     listener: TcpListener,
     service: HealthServer<HealthService>,
     request_timeout: Duration,
-    mut stopped: watch::Receiver<bool>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> JoinHandle<()> {
+    lifecycle: &Lifecycle,
+) {
     let (connections, incoming) = mpsc::channel(limits::MAX_SIDE_CONNECTIONS);
-    tasks.push(tokio::spawn(accept(listener, connections)));
-    tokio::spawn(async move {
+    lifecycle.spawn_until_cancelled(accept(listener, connections));
+    let stopped = lifecycle.token().clone();
+    lifecycle.spawn(async move {
         let served = tonic::transport::Server::builder()
             // A request half sent never holds its stream past this.
             .timeout(request_timeout.min(limits::HEADER_READ_TIMEOUT))
@@ -125,15 +125,13 @@ pub(super) fn serve_port(
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(incoming),
-                async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                },
+                stopped.cancelled_owned(),
             )
             .await;
         if let Err(error) = served {
             error!(%error, "the health listener failed");
         }
-    })
+    });
 }
 
 /// Accepts the plaintext health port's connections within its cap, and hands

@@ -145,6 +145,7 @@ use super::{
     Store, StoreError, StoreFuture, StoreUpdate, WorkerRecord,
 };
 use crate::failpoint;
+use crate::lifecycle::Lifecycle;
 use crate::space::{Bounds, DpSize, RangeOwner, Room, RoomRange, SPACE_START};
 
 /// The decoders the fuzz targets drive (`crate::fuzz`).
@@ -169,8 +170,6 @@ pub struct EtcdConfig {
     pub prefix: String,
     pub username: Option<String>,
     pub password: Option<crate::secret::Secret>,
-    /// Holds the password instead of `password`; reread at each authentication.
-    pub password_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -197,19 +196,9 @@ impl EtcdConfig {
             (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
             _ => None,
         };
-        // A password file must be readable at start; later a bad one only
-        // keeps the last password read.
-        let password = match &self.password_file {
-            Some(path) => Some(client::read_password(path).map_err(|cause| OpenError::Io {
-                path: path.clone(),
-                cause,
-            })?),
-            None => self.password.clone(),
-        };
         Ok(ConnectOptions {
             endpoints: self.endpoints.clone(),
-            user: self.username.clone().zip(password),
-            password_file: self.password_file.clone(),
+            user: self.username.clone().zip(self.password.clone()),
             ca_pem: self.ca.as_ref().map(read).transpose()?,
             identity_pem,
             timeout: self.timeout,
@@ -262,7 +251,9 @@ pub struct EtcdStore {
     misses: Mutex<NegativeCache>,
     /// ResolveRank says "pruned" for rooms below this (0.1's marker).
     legacy_pruned_below: u64,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Owns the store's tasks (the registration watch, the reservation
+    /// batcher, the leasing of old range records); `close` ends them.
+    lifecycle: Lifecycle,
     /// `v1/store_id`: one id for every replica of the prefix.
     store_id: String,
 }
@@ -277,7 +268,11 @@ impl EtcdStore {
     /// Connects, settles the fleet's retention, loads everything under the
     /// prefix, and starts following registrations. Refuses to start if etcd
     /// cannot be reached in time or holds data this binary cannot trust.
-    pub async fn open(config: &EtcdConfig) -> Result<(Self, Snapshot), OpenError> {
+    /// Its tasks are spawned through `lifecycle`.
+    pub async fn open(
+        config: &EtcdConfig,
+        lifecycle: &Lifecycle,
+    ) -> Result<(Self, Snapshot), OpenError> {
         let Loaded {
             client,
             keys,
@@ -325,12 +320,16 @@ impl EtcdStore {
             .collect();
         let sync = RegistrationSync::new(shared.clone(), updates_tx, known, revision);
         let (reservations, queue) = mpsc::unbounded_channel();
-        let mut tasks = vec![
-            tokio::spawn(sync.run()),
-            tokio::spawn(run_reservations(shared.clone(), queue, high_water)),
-        ];
+        // Each is dropped where it waits at shutdown, which is safe: the
+        // watch only reads; the batcher waits on its queue, which is empty
+        // by then (the allocator's tasks and calls, its only senders, have
+        // ended), and a batch in flight is one transaction that commits or
+        // not; each old range record is leased in a transaction of its own,
+        // and those left are leased at the next start.
+        lifecycle.spawn_until_cancelled(sync.run());
+        lifecycle.spawn_until_cancelled(run_reservations(shared.clone(), queue, high_water));
         if !unleased.is_empty() {
-            tasks.push(tokio::spawn(lease_unleased(shared.clone(), unleased)));
+            lifecycle.spawn_until_cancelled(lease_unleased(shared.clone(), unleased));
         }
         let store = Self {
             shared,
@@ -339,7 +338,7 @@ impl EtcdStore {
             updates: Mutex::new(Some(updates_rx)),
             misses: Mutex::new(NegativeCache::default()),
             legacy_pruned_below: snapshot.pruned_below,
-            tasks,
+            lifecycle: lifecycle.clone(),
             store_id,
         };
         Ok((store, snapshot))
@@ -647,10 +646,12 @@ impl Store for EtcdStore {
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {
-        for task in &self.tasks {
-            task.abort();
-        }
-        Box::pin(async { Ok(()) })
+        // The server ended the tasks already; this makes sure for any other
+        // caller.
+        Box::pin(async {
+            self.lifecycle.shutdown().await;
+            Ok(())
+        })
     }
 }
 
