@@ -170,6 +170,8 @@ pub struct EtcdConfig {
     pub prefix: String,
     pub username: Option<String>,
     pub password: Option<crate::secret::Secret>,
+    /// Holds the password instead of `password`; reread at each authentication.
+    pub password_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -196,9 +198,19 @@ impl EtcdConfig {
             (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
             _ => None,
         };
+        // A password file must be readable at start; later a bad one only
+        // keeps the last password read.
+        let password = match &self.password_file {
+            Some(path) => Some(client::read_password(path).map_err(|cause| OpenError::Io {
+                path: path.clone(),
+                cause,
+            })?),
+            None => self.password.clone(),
+        };
         Ok(ConnectOptions {
             endpoints: self.endpoints.clone(),
-            user: self.username.clone().zip(self.password.clone()),
+            user: self.username.clone().zip(password),
+            password_file: self.password_file.clone(),
             ca_pem: self.ca.as_ref().map(read).transpose()?,
             identity_pem,
             timeout: self.timeout,
