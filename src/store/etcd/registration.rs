@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use room_allocator_client::backoff::{Backoff, Jitter};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 use tracing::{debug, info, warn};
@@ -204,6 +205,9 @@ impl RegistrationSync {
                 io.reread = Some(Box::pin(read_workers(self.shared.clone(), 0)));
             }
             Action::Sleep(pause) => {
+                // Replicas that lost etcd together come back spread out:
+                // between half and all of the pause the decisions chose.
+                let pause = Backoff::new(pause, pause, Jitter::Equal).delay(0);
                 io.sleep = Some(Box::pin(tokio::time::sleep(pause)));
             }
         }

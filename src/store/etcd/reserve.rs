@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use room_allocator_client::backoff::{Backoff, Jitter};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
@@ -32,6 +33,10 @@ use crate::store::{Reservation, StoreError};
 /// random pause up to this (growing with the attempts) keeps the replicas
 /// of a registration storm from colliding round after round.
 pub(super) const MAX_CAS_BACKOFF: Duration = Duration::from_millis(20);
+/// The pause before a batch retries: 2 ms doubling to [`MAX_CAS_BACKOFF`],
+/// drawn from zero up to that (full jitter), so replicas beaten at the mark
+/// together do not retry together.
+const CAS_BACKOFF: Backoff = Backoff::new(Duration::from_millis(2), MAX_CAS_BACKOFF, Jitter::Full);
 /// Largest chunk of the space a replica takes at once (see [`super::carver::Chunk`]).
 pub(super) const MAX_CHUNK_NUMBERS: u64 = 1 << 32;
 /// A replica's first chunk; chunks double while used up before they expire
@@ -119,7 +124,6 @@ pub(super) async fn run_reservations(
         max_size,
     };
     let mut carver = Carver::new(config, mark);
-    let mut rng = Jitter::new();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -131,7 +135,7 @@ pub(super) async fn run_reservations(
         // A caller that gave up (timeout) no longer needs a range.
         batch.retain(|pending| !pending.reply.is_closed());
         if !batch.is_empty() {
-            reserve_batch(&shared, batch, &mut carver, &mut rng).await;
+            reserve_batch(&shared, batch, &mut carver).await;
         }
     }
 }
@@ -149,7 +153,6 @@ pub(super) async fn reserve_batch(
     shared: &Shared,
     mut batch: Vec<PendingReservation>,
     carver: &mut Carver,
-    rng: &mut Jitter,
 ) {
     // Beaten by other replicas at the mark, the batch retries (with a random
     // pause) until its callers would have given up anyway: the store timeout.
@@ -186,8 +189,8 @@ pub(super) async fn reserve_batch(
                 attempts,
                 "retrying reservations (a registration changed, or another replica took the chunk)"
             );
-            let ceiling = MAX_CAS_BACKOFF.min(Duration::from_millis(1 << attempts.min(5)));
-            tokio::time::sleep(rng.below(ceiling)).await;
+            let retry = u32::try_from(attempts - 1).unwrap_or(u32::MAX);
+            tokio::time::sleep(CAS_BACKOFF.delay(retry)).await;
         }
     }
     if !batch.is_empty() {
@@ -444,30 +447,6 @@ pub(super) async fn commit_ranges(
         }
     }
     retry
-}
-
-/// Random pauses for retries (xorshift; quality is irrelevant here).
-pub(super) struct Jitter(u64);
-
-impl Jitter {
-    pub(super) fn new() -> Self {
-        let seed = u64::from(std::process::id())
-            ^ u64::try_from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() & u128::from(u64::MAX)),
-            )
-            .unwrap_or(0);
-        Self(seed | 1)
-    }
-
-    pub(super) fn below(&mut self, ceiling: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX).max(1);
-        Duration::from_nanos(self.0 % nanos)
-    }
 }
 
 pub(super) fn answer_all(batch: Vec<PendingReservation>, error: &StoreError) {
