@@ -27,7 +27,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::server::limits;
@@ -629,7 +629,7 @@ fn wants_openmetrics(accept: Option<&str>) -> bool {
     accept.is_some_and(|accept| accept.contains("application/openmetrics-text"))
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` turns true; `refresh`
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled; `refresh`
 /// sets the gauges just before each scrape. At most
 /// [`limits::MAX_SIDE_CONNECTIONS`] connections at once, each closed if a
 /// request's headers take longer than [`limits::HEADER_READ_TIMEOUT`].
@@ -637,13 +637,13 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let slots = limits::Slots::new();
     loop {
         let connection = tokio::select! {
             connection = slots.accept(&listener, "metrics") => connection,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            () = shutdown.cancelled() => return,
         };
         let (stream, slot) = connection.into_parts();
         let Ok(peer) = stream.peer_addr() else {

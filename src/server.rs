@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
@@ -225,15 +225,11 @@ impl Server {
                 scrape::refresh_certificates(&certificates, &metrics);
             }) as Arc<dyn Fn() + Send + Sync>
         };
-        // `metrics::serve` still takes a watch to stop; the lifecycle drops
-        // its accept loop at cancellation instead, so this sender only has
-        // to outlive it.
-        let (_metrics_stop, metrics_stopped) = watch::channel(false);
-        lifecycle.spawn_until_cancelled(metrics::serve(
+        lifecycle.spawn(metrics::serve(
             metrics_listener,
             self.metrics.clone(),
             refresh,
-            metrics_stopped,
+            lifecycle.token().clone(),
         ));
         if let Some(listener) = health_listener {
             health::serve_port(
