@@ -135,11 +135,13 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --workspace --all-targets --features failpoints -- -D warnings
 
 # The model check needs an optimised build (a debug one is many times too
-# slow), a second compile: it starts once the CPU-heavy steps above are
-# done, while the integration tests mostly wait on servers and timers.
-step "started: the bounded model check of the protocol's pure core, every mutant caught (release build), in the background"
+# slow), a second compile: the `model` profile (Cargo.toml) optimises the
+# checker and our crate but not the I/O dependencies it never runs. It
+# starts once the CPU-heavy steps above are done, while the integration
+# tests mostly wait on servers and timers.
+step "started: the bounded model check of the protocol's pure core, every mutant caught (profile model), in the background"
 model_log="$TOOLS/model.log"
-cargo test --locked --release --features model-check --lib model:: -- --nocapture >"$model_log" 2>&1 &
+cargo test --locked --profile model --features model-check --lib model:: -- --nocapture >"$model_log" 2>&1 &
 model_pid=$!
 trap 'kill "$it_pid" "$python_pid" "$chart_pid" "$model_pid" 2>/dev/null || true' EXIT
 
