@@ -41,14 +41,7 @@ cleanup() {
   git worktree remove --force "$REF_TREE" 2>/dev/null || true
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2; exit 1
-}
+. scripts/ports.sh
 
 THIS_PORT=$(free_port); REF_PORT=$(free_port); CEILING_PORT=$(free_port)
 "$BIN" serve --listen "127.0.0.1:$THIS_PORT" --metrics-listen 127.0.0.1:0 --data-dir "$OUT/run/this" \

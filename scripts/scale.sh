@@ -41,14 +41,7 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 600); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2; exit 1
-}
+. scripts/ports.sh
 rss_mib() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 now() { date +%s.%N; }
 since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
@@ -58,7 +51,7 @@ start_server() { # port, log, then serve flags
   "$BIN" serve --listen "127.0.0.1:$port" --metrics-listen 127.0.0.1:0 --max-workers 1000000 "$@" 2>"$log" &
   SERVER_PID=$!
   pids+=($SERVER_PID)
-  wait_port "$port"
+  wait_port "$port" 600
 }
 # Waits for a server to exit after SIGTERM.
 stop_server() {
@@ -157,7 +150,7 @@ etcd --name scale --data-dir "$OUT/etcd" --quota-backend-bytes 8589934592 \
   --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
   --initial-cluster "scale=http://127.0.0.1:$ETCD_PEER" --logger zap --log-level error 2>"$OUT/etcd.log" &
 pids+=($!)
-wait_port "$ETCD_PORT"
+wait_port "$ETCD_PORT" 600
 ETCD="http://127.0.0.1:$ETCD_PORT"
 proposals() { curl -s "$ETCD/metrics" | awk '/^etcd_server_proposals_committed_total/ { print $2 }'; }
 REPLICA_URLS=()
