@@ -1008,7 +1008,8 @@ impl Allocator {
     }
 
     /// Stops new rooms for `prefill_worker` until it registers again; its
-    /// rooms still resolve. Deregistering a deregistered worker is a no-op.
+    /// rooms still resolve. Deregistering a deregistered worker changes
+    /// nothing but the record's lease on a shared store (see below).
     pub async fn deregister(&self, prefill_worker: &str) -> Result<(), Error> {
         validate_worker(prefill_worker)?;
         if let Some(shared) = self.inner.store.shared() {
@@ -1022,7 +1023,12 @@ impl Allocator {
             let state = worker.lock();
             (state.registered, state.dp_size)
         };
-        if !registered {
+        // On a shared store a worker deregistered already is deregistered
+        // again: the store rereads its ranges and rewrites the record with a
+        // lease covering them (idempotent), so the caller's retry repairs
+        // what a failed or interrupted deregistration left (a record whose
+        // lease a range outlives). The embedded store writes it once.
+        if !registered && self.inner.store.shared().is_none() {
             return Ok(());
         }
         let revision = self

@@ -929,6 +929,144 @@ fail_and_crash! {
     etcd_deregistered_fails, etcd_deregistered_crashes: |mode| etcd_deregister_case("etcd::deregistered", mode);
 }
 
+/// A range is reserved for the worker, under a long retention, between
+/// the deregistration's read of the worker's range leases and its write
+/// (the `etcd::deregister_send` failpoint holds the write back), then the
+/// deregistration fails (or its replica dies) after etcd took the write,
+/// before its second look: the record is left with the short lease. The
+/// caller's retry, through a clean replica, finds the worker deregistered
+/// and must still leave a record that outlives every range of the worker
+/// (defect 41: the retry was a no-op).
+async fn etcd_deregister_late_range_case(mode: Mode) {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let prefix = common::unique_prefix("etcd-deregistered-late-range");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = ServerProcess::start(
+        &dir.path().join("long"),
+        &[&args[..], &["--retention", "1h"]].concat(),
+    );
+    timed(
+        long.client()
+            .await
+            .register_worker(pb::RegisterWorkerRequest {
+                prefill_worker: "fp-late".into(),
+                dp_size: 2,
+            }),
+    )
+    .await
+    .expect("register");
+    let set = common::run_cli(&[
+        "retention",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        &prefix,
+        "--set",
+        "10s",
+    ]);
+    assert_eq!(set.0, 0, "{}", set.2);
+    // The write waits 6 s after the read and the grant; then the step
+    // after it fails (or dies).
+    let after_write = match mode {
+        Mode::Fail => "1*return->off",
+        Mode::Crash => "return(crash)",
+    };
+    let mut short = ServerProcess::try_start_with(&dir.path().join("short"), &args, |command| {
+        command.env(
+            "FAILPOINTS",
+            format!("etcd::deregister_send=1*sleep(6000)->off;etcd::deregistered={after_write}"),
+        );
+    })
+    .unwrap_or_else(|failure| panic!("start: {}", failure.log));
+    let deregister = pb::DeregisterWorkerRequest {
+        prefill_worker: "fp-late".into(),
+    };
+    let mut short_client = short.lazy_client();
+    let first = tokio::spawn({
+        let deregister = deregister.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                short_client.deregister_worker(deregister),
+            )
+            .await
+        }
+    });
+    // Well inside the 6 s the write is held back: the read and the grant
+    // are done, the write is not.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let room = timed(long.client().await.allocate_room(pb::AllocateRoomRequest {
+        prefill_worker: "fp-late".into(),
+        dp_rank: 1,
+        dp_size: 2,
+    }))
+    .await
+    .expect("allocate between the deregistration's read and its write")
+    .into_inner()
+    .room;
+    let answer = first.await.expect("the first deregistration's task");
+    match mode {
+        Mode::Fail => {
+            let status = answer.expect("an answer").expect_err("the step failed");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(short.terminate().success(), "{}", short.log());
+        }
+        Mode::Crash => {
+            assert!(short.wait_exit(Duration::from_secs(10)).is_some(), "died");
+            assert!(short.log().contains("crashing"), "{}", short.log());
+        }
+    }
+    let worker_key = format!("{prefix}v1/workers/fp-late");
+    let written = etcd.get(&worker_key).await.expect("the record written");
+    let first_ttl = lease_ttl(&etcd, &written).await;
+    // The caller retries elsewhere.
+    let clean = ServerProcess::start(&dir.path().join("clean"), &args);
+    timed(clean.client().await.deregister_worker(deregister))
+        .await
+        .expect("deregister again");
+    let mut range_ttl = 0;
+    for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
+        if String::from_utf8_lossy(&kv.value).contains("\"fp-late\"") {
+            range_ttl = range_ttl.max(lease_ttl(&etcd, &kv).await);
+        }
+    }
+    assert!(
+        range_ttl > 3600,
+        "the late range lives by the long retention: {range_ttl} s"
+    );
+    let worker = etcd.get(&worker_key).await.expect("the record");
+    let worker_ttl = lease_ttl(&etcd, &worker).await;
+    assert!(
+        worker_ttl >= range_ttl,
+        "after the retry the record expires before its range: record TTL {worker_ttl} s \
+         (after the first attempt {first_ttl} s), range TTL {range_ttl} s"
+    );
+    let resolved = timed(
+        clean
+            .client()
+            .await
+            .resolve_rank(pb::ResolveRankRequest { room }),
+    )
+    .await
+    .expect("resolve")
+    .into_inner();
+    assert_eq!(
+        (resolved.prefill_worker.as_str(), resolved.dp_size),
+        ("fp-late", 2)
+    );
+    println!(
+        "late range, {mode:?}: record TTL {first_ttl} s after the first attempt, \
+         {worker_ttl} s after the retry >= range TTL {range_ttl} s"
+    );
+}
+
+fail_and_crash! {
+    etcd_deregistered_after_a_late_range_fails, etcd_deregistered_after_a_late_range_crashes: |mode| etcd_deregister_late_range_case(mode);
+}
+
 /// `retention --set` fails (or dies) after etcd took the new value: the
 /// tool exits non-zero, and showing the retention tells what etcd holds.
 async fn etcd_retention_set_case(mode: Mode) {

@@ -107,6 +107,7 @@
 mod calls;
 pub(crate) mod carver;
 pub mod client;
+pub(crate) mod deregistration;
 mod keys;
 mod lease;
 mod migrate;
@@ -389,8 +390,10 @@ impl EtcdStore {
         // The record outlives every range of the worker: those reserved
         // under this replica's retention or the fleet's (read now), and
         // those whose leases a replica granted under a longer retention
-        // since changed. All in the one write: a caller retrying a failed
-        // deregistration finds the worker deregistered and writes nothing.
+        // since changed. A worker deregistered already is written again
+        // the same way (the allocator calls this for a retry on a shared
+        // store), so a retry repairs what a failed or interrupted second
+        // look left.
         let fleet = fleet_retention_now(shared).await?;
         let retention = shared.retention.max(fleet);
         let LongestLease {
@@ -399,6 +402,9 @@ impl EtcdStore {
         } = longest_range_lease_secs(shared, &worker, 0).await?;
         // etcd rounds a remaining TTL down: a second more covers the rest.
         let ttl = lease_ttl_secs(retention, bucket_for(retention)).max(longest + 1);
+        // Before the grant is sent: what is left of the lease at the second
+        // look is then never overestimated.
+        let granting = Instant::now();
         let lease = shared
             .timed(
                 "grant the deregistration's lease",
@@ -428,16 +434,27 @@ impl EtcdStore {
         );
         let mut revision = revision_of(&response, &key)?;
         // A range reserved for it between that read and the write (none
-        // after: reservations compare the registration's revision) may have
-        // a longer lease still: then the record gets one to match.
+        // after: reservations compare the registration's revision) may
+        // outlive what is left of the record's lease (not the TTL granted:
+        // the range's bucket lease may have been granted after it): then
+        // the record gets one to match.
         let late = longest_range_lease_secs(shared, &worker, read_at)
             .await?
             .ttl_secs;
-        if late + 1 > ttl {
+        let elapsed = granting.elapsed();
+        let elapsed_secs = elapsed.as_secs() + u64::from(elapsed.subsec_nanos() > 0);
+        let extension = deregistration::extension_secs(
+            u64::try_from(ttl).unwrap_or(0),
+            elapsed_secs,
+            u64::try_from(late).unwrap_or(0),
+        );
+        if let Some(extension) = extension {
+            // Below i64::MAX: one more than a TTL etcd reported.
+            let extension = i64::try_from(extension).unwrap_or(i64::MAX);
             let lease = shared
                 .timed(
                     "grant the deregistration's lease",
-                    shared.client.lease_grant(late + 1),
+                    shared.client.lease_grant(extension),
                 )
                 .await?
                 .id;
