@@ -1049,8 +1049,9 @@ impl Allocator {
 
     /// Ends the lifecycle's tasks (the server has done so already: this
     /// only makes sure, for any other caller), then persists the
-    /// `rooms_issued` counters and closes the store: nothing of this process
-    /// reaches the store after it is closed.
+    /// `rooms_issued` counters and closes the store: no task of this process
+    /// reaches the store after it is closed (a gRPC call the drain timeout
+    /// gave up on may; see the README's "Shutdown").
     pub async fn shutdown(&self) -> Result<(), Error> {
         self.inner.lifecycle.shutdown().await;
         let counts = self

@@ -13,8 +13,11 @@
 //!   ends at its next wait. A task spawned after cancellation never runs its
 //!   body, so nothing starts once shutdown has begun.
 //! - [`Lifecycle::shutdown`] returns once every task spawned through it has
-//!   ended: after it, nothing of this process reaches the store but its
-//!   owner (which persists the counters and closes it).
+//!   ended: after it, no task of this process reaches the store, only its
+//!   owner (which persists the counters and closes it). A gRPC call still
+//!   running past the drain timeout is tonic's, not a task of ours: it may
+//!   still reach the store, which then answers `Closed` (embedded) or
+//!   writes a registration (etcd); see the README's "Shutdown".
 
 use std::future::Future;
 

@@ -333,14 +333,18 @@ impl EtcdStore {
             .collect();
         let sync = RegistrationSync::new(shared.clone(), updates_tx, known, revision);
         let (reservations, queue) = mpsc::unbounded_channel();
-        // Each is dropped where it waits at shutdown, which is safe: the
-        // watch only reads; the batcher waits on its queue, which is empty
-        // by then (the allocator's tasks and calls, its only senders, have
-        // ended), and a batch in flight is one transaction that commits or
-        // not; each old range record is leased in a transaction of its own,
-        // and those left are leased at the next start.
+        // The batcher ends between batches (a batch in flight gets its
+        // answer). The watch only reads, so it is dropped where it waits;
+        // so is the leasing of old range records: each is a compare-and-put
+        // of its own, harmless whether or not it committed (those left are
+        // leased at the next start).
         lifecycle.spawn_until_cancelled(sync.run());
-        lifecycle.spawn_until_cancelled(run_reservations(shared.clone(), queue, high_water));
+        lifecycle.spawn(run_reservations(
+            shared.clone(),
+            queue,
+            high_water,
+            lifecycle.token().clone(),
+        ));
         if !unleased.is_empty() {
             lifecycle.spawn_until_cancelled(lease_unleased(shared.clone(), unleased));
         }

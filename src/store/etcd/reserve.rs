@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use room_allocator_client::backoff::{Backoff, Jitter};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::carver::{
@@ -110,10 +111,16 @@ pub(super) struct PendingReservation {
 }
 
 /// Reservations, folded into one transaction per round trip.
+///
+/// Ends at `stop`, between batches: a batch in flight runs to its answer
+/// (each of its calls is bounded by the store timeout), so shutdown never
+/// leaves a reservation's transaction of unknown outcome behind; callers
+/// still queued get `Closed`.
 pub(super) async fn run_reservations(
     shared: Arc<Shared>,
     mut queue: mpsc::UnboundedReceiver<PendingReservation>,
     mark: Option<Mark>,
+    stop: CancellationToken,
 ) {
     let max_size = max_chunk_numbers(shared.bounds);
     let config = CarverConfig {
@@ -124,7 +131,15 @@ pub(super) async fn run_reservations(
         max_size,
     };
     let mut carver = Carver::new(config, mark);
-    while let Some(first) = queue.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            first = queue.recv() => match first {
+                Some(first) => first,
+                None => break,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {

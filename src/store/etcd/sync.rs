@@ -17,7 +17,8 @@
 //!   timeout breaks the watch.
 //! - A broken watch (ended, failed, cancelled, a catch-up read that failed)
 //!   marks etcd unreachable and backs off (100 ms doubling to 2 s, back to
-//!   100 ms after a round longer than 10 s), then watches again from the
+//!   100 ms after a round longer than 10 s; the driver waits between half
+//!   and all of each pause, jittered), then watches again from the
 //!   revision after the last one applied: never from one only confirmed.
 //! - A watch etcd compacted past **rereads** every registration: those read
 //!   are applied, the known workers the read lacks are forgotten, and the
