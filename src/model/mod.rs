@@ -33,15 +33,19 @@
 //!   replicas reading different retentions), step by step as
 //!   `deregister_worker` takes it: read the worker's range leases and
 //!   grant the record's lease, write the record, look again at ranges
-//!   written since the read and extend the lease to cover them.
+//!   written since the read and extend the lease to cover what is left of
+//!   it ([`extension_secs`], the production's decision); until that look
+//!   is done the call is unanswered and its caller retries it, on any
+//!   replica, which deregisters the worker again.
 //!
 //! Properties, on every state: no number issued twice; every room aligned
 //! to the dp_size it was returned with; ResolveRank reports that dp_size;
 //! every acknowledged room resolves within retention; the mark only rises
 //! (except by the hand rewrite); after a realignment, no replica serves a
 //! room of the old dp_size once the staleness window has passed; a
-//! deregistered worker's record outlives its ranges, and no replica serves
-//! it a room once the staleness window has passed.
+//! deregistered worker's record outlives its ranges (once its
+//! DeregisterWorker succeeded), and no replica serves it a room once the
+//! staleness window has passed.
 //!
 //! [stateright]: https://docs.rs/stateright
 
@@ -59,6 +63,7 @@ use crate::space::{Bounds, DpSize, RoomRange, SPACE_START};
 use crate::store::etcd::carver::{
     check_mark, Carver, CarverConfig, ChunkOutcome, ChunkReply, Mark, MarkRead, Need, Step,
 };
+use crate::store::etcd::deregistration::extension_secs;
 use crate::store::etcd::watch::WatchProgress;
 use crate::store::WorkerRecord;
 
@@ -338,11 +343,17 @@ enum Inflight {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Deregistering {
     /// The worker's range leases read at `read_at`; a lease of `ttl`
-    /// granted.
-    Granted { lease: i64, ttl: u64, read_at: i64 },
+    /// granted at tick `granted_at`.
+    Granted {
+        lease: i64,
+        ttl: u64,
+        granted_at: u64,
+        read_at: i64,
+    },
     /// The record written at `revision`: the second look is next.
     Written {
         ttl: u64,
+        granted_at: u64,
         read_at: i64,
         revision: i64,
     },
@@ -396,6 +407,10 @@ pub struct State {
     duplicate: bool,
     /// A transaction wrote the mark below one written before.
     mark_went_down: bool,
+    /// A DeregisterWorker started and not yet answered with success (its
+    /// second look not done: it failed, its replica died, or it is under
+    /// way). Its caller retries until it succeeds, on any replica.
+    deregistration_unacknowledged: bool,
     /// Faults left to inject (crash, watch break, leader loss, compaction,
     /// realignment, hand rewrite of the mark, deregistration).
     faults: [u8; 7],
@@ -677,6 +692,7 @@ impl Protocol {
         let replica = &mut state.replicas[r];
         let Some(Deregistering::Written {
             ttl,
+            granted_at,
             read_at,
             revision,
         }) = replica.deregistering
@@ -687,15 +703,20 @@ impl Protocol {
             return None;
         }
         replica.deregistering = None;
-        // A range reserved between the read and the write may have a
-        // longer lease: the record gets one to match, unless the worker
-        // registered again meanwhile. (As production: against the TTL
-        // granted, not what is left of it.)
+        // A range reserved between the read and the write may outlive
+        // what is left of the record's lease: the record gets one to
+        // match, unless the worker registered again meanwhile. The
+        // production's decision, with the logical clock.
         let late = etcd.longest_range_lease(read_at, now);
-        if late + 1 > ttl && !mutants::active(Mutant::DeregistrationWithoutSecondLook) {
+        // The call answers success once this look is done.
+        state.deregistration_unacknowledged = false;
+        let extension = extension_secs(ttl, now.saturating_sub(granted_at), late);
+        if let Some(extension) =
+            extension.filter(|_| !mutants::active(Mutant::DeregistrationWithoutSecondLook))
+        {
             let lease = etcd.next_lease;
             etcd.next_lease += 1;
-            etcd.leases.push((lease, now + late + 1));
+            etcd.leases.push((lease, now + extension));
             if etcd.registration().0 == revision {
                 let (_, dp_size, _) = etcd.registration();
                 etcd.revision += 1;
@@ -951,15 +972,26 @@ impl Protocol {
             Action::DeregRead(r) => {
                 let etcd = &mut state.etcd;
                 let replica = &mut state.replicas[r];
-                if state.faults[DEREGISTER] == 0
+                // The caller's retry of a DeregisterWorker not answered
+                // with success: on a shared store the allocator runs the
+                // store's deregistration again for a worker deregistered
+                // already (the record still there: once it expired the
+                // worker is unknown).
+                let retry = state.deregistration_unacknowledged
+                    && !etcd.registration().2
+                    && !etcd.forgotten;
+                if (state.faults[DEREGISTER] == 0 && !retry)
                     || (self.bounds.prompt_deregistration && r + 1 != self.bounds.max_rooms.len())
                     || !replica.alive
                     || replica.deregistering.is_some()
-                    || !etcd.registration().2
+                    || !(etcd.registration().2 || retry)
                 {
                     return None;
                 }
-                state.faults[DEREGISTER] -= 1;
+                if !retry {
+                    state.faults[DEREGISTER] -= 1;
+                }
+                state.deregistration_unacknowledged = true;
                 // As `deregister_worker`: the record outlives the ranges
                 // reserved under this replica's retention and every range
                 // lease read now (etcd rounds a remaining TTL down: a
@@ -972,6 +1004,7 @@ impl Protocol {
                 replica.deregistering = Some(Deregistering::Granted {
                     lease,
                     ttl,
+                    granted_at: now,
                     read_at,
                 });
             }
@@ -981,6 +1014,7 @@ impl Protocol {
                 let Some(Deregistering::Granted {
                     lease,
                     ttl,
+                    granted_at,
                     read_at,
                 }) = replica.deregistering
                 else {
@@ -1002,6 +1036,7 @@ impl Protocol {
                 etcd.deregistered_at.get_or_insert(now);
                 replica.deregistering = Some(Deregistering::Written {
                     ttl,
+                    granted_at,
                     read_at,
                     revision: etcd.revision,
                 });
@@ -1087,6 +1122,7 @@ impl Model for Protocol {
             issued: Vec::new(),
             duplicate: false,
             mark_went_down: false,
+            deregistration_unacknowledged: false,
             faults: self.bounds.faults,
         }]
     }
@@ -1111,7 +1147,10 @@ impl Model for Protocol {
                 Action::Crash(r),
                 Action::Restart(r),
             ]);
-            if state.faults[DEREGISTER] > 0 || state.replicas[r].deregistering.is_some() {
+            if state.faults[DEREGISTER] > 0
+                || state.deregistration_unacknowledged
+                || state.replicas[r].deregistering.is_some()
+            {
                 actions.extend([
                     Action::DeregRead(r),
                     Action::DeregWrite(r),
@@ -1196,7 +1235,12 @@ impl Model for Protocol {
             ),
             Property::always(
                 "a deregistered worker's record outlives its ranges",
-                |_, s: &State| !s.etcd.forgotten || s.etcd.ranges.is_empty(),
+                // Once its DeregisterWorker succeeded: before, the caller
+                // retries (a crash between the write and the second look
+                // leaves the first grant's lease until a retry).
+                |_, s: &State| {
+                    !s.etcd.forgotten || s.etcd.ranges.is_empty() || s.deregistration_unacknowledged
+                },
             ),
             Property::always(
                 "no room for a deregistered worker past the staleness window",

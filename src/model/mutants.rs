@@ -34,9 +34,10 @@ pub enum Mutant {
     /// A deregistration does not look again, after its write, at ranges
     /// reserved between its read of their leases and the write (defect
     /// 25's last part), so the record may expire before such a range. The
-    /// one switch outside the production's code: deregistration has no
-    /// pure core yet, so it lives in the model's re-expression of
-    /// `deregister_worker`.
+    /// one switch outside the production's code: the decision is the
+    /// production's (`store::etcd::deregistration::extension_secs`), the
+    /// switch drops its answer in the model's deregistration step, which
+    /// re-expresses `deregister_worker`'s I/O.
     DeregistrationWithoutSecondLook,
 }
 
