@@ -250,11 +250,7 @@ async fn etcd_stopped_under_load_gives_only_unavailable_then_service_resumes() {
     .await;
     assert!(served.is_some(), "allocation resumed by itself");
     let _ = stop_tx.send(true);
-    for task in tasks {
-        timed(task).await.expect("load task");
-    }
-
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::join(&record, tasks).await;
     for (code, message, took) in &record.errors {
         assert_eq!(*code, Code::Unavailable, "{message}");
         assert!(
@@ -316,10 +312,7 @@ async fn replicas_with_skewed_config_and_clock_never_share_a_room() {
         OnError::Stop,
     ));
     let tasks = load::spawn(loads, &record);
-    for task in tasks {
-        timed(task).await.expect("load task");
-    }
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::join(&record, tasks).await;
     assert!(record.errors.is_empty(), "{:?}", record.errors);
     assert!(record.rooms.len() > 1000, "{}", record.rooms.len());
     check_unique(&record.rooms);

@@ -86,15 +86,21 @@ async fn wait_for_log(server: &ServerProcess, needle: &str, limit: Duration) -> 
     false
 }
 
-/// The checks after a fault: every room unique; every acknowledged room
-/// younger than `retention` resolves (on `server`) to its worker and dp_size
-/// (older ones may be pruned, and then say so); new rooms are new.
+/// The server's default `--retention`.
+const DEFAULT_RETENTION: Duration = Duration::from_secs(86_400);
+
+/// The checks after failpoint `name` in `mode`: every room unique; every
+/// acknowledged room younger than `retention` resolves (on `server`) to its
+/// worker and dp_size (older ones may be pruned, and then say so); new
+/// rooms are new.
 async fn check_after(
-    label: &str,
+    name: &str,
+    mode: Mode,
     server: &ServerProcess,
     record: load::Record,
     retention: Duration,
 ) {
+    let label = format!("{name} {mode:?}");
     let mut owner: HashMap<u64, (String, u32, Instant)> = HashMap::new();
     for ((room, worker, dp_size), received) in record.rooms.iter().zip(&record.received) {
         assert!(
@@ -195,10 +201,7 @@ async fn embedded_case(name: &str, skip: u32, mode: Mode, extra: &[&str]) {
             );
         }
     }
-    for task in tasks {
-        timed(task).await.expect("load task");
-    }
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::join(&record, tasks).await;
     for (code, message, _) in &record.errors {
         assert!(
             *code == Code::Unavailable || load::server_went_away(*code, message),
@@ -207,13 +210,7 @@ async fn embedded_case(name: &str, skip: u32, mode: Mode, extra: &[&str]) {
     }
     assert!(!record.rooms.is_empty(), "the load got rooms");
     let restarted = ServerProcess::start(dir.path(), extra);
-    check_after(
-        &format!("{name} {mode:?}"),
-        &restarted,
-        record,
-        retention_of(extra),
-    )
-    .await;
+    check_after(name, mode, &restarted, record, retention_of(extra)).await;
 }
 
 /// The `--retention` in `extra`, else the default.
@@ -223,7 +220,7 @@ fn retention_of(extra: &[&str]) -> Duration {
         .position(|a| *a == "--retention")
         .and_then(|i| extra.get(i + 1))
         .map(|r| room_allocator::config::parse_duration(r).expect("a duration"))
-        .unwrap_or(Duration::from_secs(86_400))
+        .unwrap_or(DEFAULT_RETENTION)
 }
 
 /// A fail test and a crash test of one case: `$case` runs with `$mode`
@@ -287,7 +284,7 @@ async fn unsettled_dir() -> (tempfile::TempDir, load::Record) {
     let mut bytes = std::fs::read(&log).expect("log");
     bytes.extend_from_slice(&[200, 0, 0, 0, 9, 9, 9]);
     std::fs::write(&log, bytes).expect("write");
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::take(&record);
     (dir, record)
 }
 
@@ -315,13 +312,7 @@ async fn settle_case_prepared(name: &str, mode: Mode, prepare: fn(&std::path::Pa
         Mode::Crash => assert!(failure.log.contains("crashing"), "{}", failure.log),
     }
     let restarted = ServerProcess::start(dir.path(), &[]);
-    check_after(
-        &format!("{name} {mode:?}"),
-        &restarted,
-        record,
-        Duration::from_secs(86_400),
-    )
-    .await;
+    check_after(name, mode, &restarted, record, DEFAULT_RETENTION).await;
 }
 
 fail_and_crash! {
@@ -394,18 +385,9 @@ async fn first_start_case(name: &str, mode: Mode) {
     let tasks = start_load(&server.url(), &record, OnError::Stop);
     tokio::time::sleep(Duration::from_millis(300)).await;
     load::stop(&record);
-    for task in tasks {
-        timed(task).await.expect("load task");
-    }
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::join(&record, tasks).await;
     assert!(!record.rooms.is_empty(), "the store serves after {name}");
-    check_after(
-        &format!("{name} {mode:?}"),
-        &server,
-        record,
-        Duration::from_secs(86_400),
-    )
-    .await;
+    check_after(name, mode, &server, record, DEFAULT_RETENTION).await;
 }
 
 fail_and_crash! {
@@ -480,10 +462,7 @@ async fn etcd_case(name: &str, skip: u32, mode: Mode) {
     load::stop(&record);
     let mut b = b;
     assert!(b.terminate().success());
-    for task in tasks {
-        timed(task).await.expect("load task");
-    }
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::join(&record, tasks).await;
     for (code, message, _) in &record.errors {
         assert!(
             *code == Code::Unavailable || load::server_went_away(*code, message),
@@ -491,13 +470,7 @@ async fn etcd_case(name: &str, skip: u32, mode: Mode) {
         );
     }
     let checker = ServerProcess::start(&dir.path().join("c"), &args);
-    check_after(
-        &format!("{name} {mode:?}"),
-        &checker,
-        record,
-        Duration::from_secs(86_400),
-    )
-    .await;
+    check_after(name, mode, &checker, record, DEFAULT_RETENTION).await;
 }
 
 fail_and_crash! {
@@ -620,18 +593,12 @@ async fn migrate_case(name: &str, mode: Mode) {
     }
     let (code, _, err) = run_cli_env(&args, &[]);
     assert_eq!(code, 0, "the rerun finishes: {err}");
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::take(&record);
     let replica = ServerProcess::start(
         &dir.path().join("replica"),
         &["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix],
     );
-    check_after(
-        &format!("{name} {mode:?}"),
-        &replica,
-        record,
-        Duration::from_secs(86_400),
-    )
-    .await;
+    check_after(name, mode, &replica, record, DEFAULT_RETENTION).await;
 }
 
 fail_and_crash! {
@@ -749,15 +716,9 @@ async fn etcd_first_start_case(name: &str, mode: Mode) {
             "{key} is set up"
         );
     }
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::take(&record);
     assert!(!record.rooms.is_empty(), "the load got rooms");
-    check_after(
-        &format!("{name} {mode:?}"),
-        &b,
-        record,
-        Duration::from_secs(86_400),
-    )
-    .await;
+    check_after(name, mode, &b, record, DEFAULT_RETENTION).await;
 }
 
 fail_and_crash! {
@@ -793,16 +754,10 @@ async fn etcd_issued_case(mode: Mode) {
         Mode::Crash => format!("failpoint {name}: crashing"),
     };
     assert!(a.log().contains(&needle), "{status:?}\n{}", a.log());
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = load::take(&record);
     assert!(!record.rooms.is_empty(), "the load got rooms");
     let checker = ServerProcess::start(&dir.path().join("c"), &args);
-    check_after(
-        &format!("{name} {mode:?}"),
-        &checker,
-        record,
-        Duration::from_secs(86_400),
-    )
-    .await;
+    check_after(name, mode, &checker, record, DEFAULT_RETENTION).await;
 }
 
 fail_and_crash! {

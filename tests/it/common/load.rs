@@ -157,7 +157,7 @@ pub fn server_went_away(code: Code, message: &str) -> bool {
 /// Takes what the loads recorded, after checking that every error is one a
 /// dying server causes and that the load produced at least `min_rooms`.
 pub fn take_after_crashes(record: &Shared, min_rooms: usize) -> Record {
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let record = take(record);
     for (code, message, _) in &record.errors {
         assert!(server_went_away(*code, message), "{code:?} {message}");
     }
@@ -167,6 +167,19 @@ pub fn take_after_crashes(record: &Shared, min_rooms: usize) -> Record {
         record.rooms.len()
     );
     record
+}
+
+/// Takes what the loads recorded so far.
+pub fn take(record: &Shared) -> Record {
+    std::mem::take(&mut *record.lock().expect("lock"))
+}
+
+/// Waits for the loads' `tasks` to end, then takes what they recorded.
+pub async fn join(record: &Shared, tasks: Vec<tokio::task::JoinHandle<()>>) -> Record {
+    for task in tasks {
+        super::timed(task).await.expect("load task");
+    }
+    take(record)
 }
 
 /// Runs each load in its own task, recording into `record`.
