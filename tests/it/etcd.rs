@@ -1507,12 +1507,7 @@ async fn lease_ttl_of(
         "{} has no lease",
         String::from_utf8_lossy(&kv.key)
     );
-    etcd.admin()
-        .await
-        .lease_time_to_live(kv.lease)
-        .await
-        .expect("lease TTL")
-        .ttl
+    etcd.lease_ttl(kv).await
 }
 
 /// A worker deregistered through a replica that read a short retention

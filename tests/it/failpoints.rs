@@ -764,22 +764,6 @@ fail_and_crash! {
     etcd_issued_written_fails, etcd_issued_written_crashes: |mode| etcd_issued_case(mode);
 }
 
-/// The remaining TTL of the lease `kv` has (0 without one).
-async fn lease_ttl(
-    etcd: &EtcdProcess,
-    kv: &room_allocator::store::etcd::client::pb::KeyValue,
-) -> i64 {
-    if kv.lease == 0 {
-        return 0;
-    }
-    etcd.admin()
-        .await
-        .lease_time_to_live(kv.lease)
-        .await
-        .expect("lease TTL")
-        .ttl
-}
-
 /// A deregistration fails (or its replica dies) after etcd took it, through
 /// a replica that read a short retention while the worker's ranges were
 /// reserved under a long one; deregistering again through a clean replica
@@ -849,17 +833,12 @@ async fn etcd_deregister_case(name: &str, mode: Mode) {
     timed(clean.client().await.deregister_worker(deregister))
         .await
         .expect("deregister again");
-    let mut range_ttl = 0;
-    for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
-        if String::from_utf8_lossy(&kv.value).contains("\"fp-leaving\"") {
-            range_ttl = range_ttl.max(lease_ttl(&etcd, &kv).await);
-        }
-    }
+    let range_ttl = etcd.longest_range_ttl(&prefix, "fp-leaving").await;
     let worker = etcd
         .get(&format!("{prefix}v1/workers/fp-leaving"))
         .await
         .expect("the record");
-    let worker_ttl = lease_ttl(&etcd, &worker).await;
+    let worker_ttl = etcd.lease_ttl(&worker).await;
     assert!(
         range_ttl > 3600 && worker_ttl >= range_ttl,
         "record TTL {worker_ttl} s, range TTL {range_ttl} s"
@@ -976,24 +955,19 @@ async fn etcd_deregister_late_range_case(mode: Mode) {
     }
     let worker_key = format!("{prefix}v1/workers/fp-late");
     let written = etcd.get(&worker_key).await.expect("the record written");
-    let first_ttl = lease_ttl(&etcd, &written).await;
+    let first_ttl = etcd.lease_ttl(&written).await;
     // The caller retries elsewhere.
     let clean = ServerProcess::start(&dir.path().join("clean"), &args);
     timed(clean.client().await.deregister_worker(deregister))
         .await
         .expect("deregister again");
-    let mut range_ttl = 0;
-    for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
-        if String::from_utf8_lossy(&kv.value).contains("\"fp-late\"") {
-            range_ttl = range_ttl.max(lease_ttl(&etcd, &kv).await);
-        }
-    }
+    let range_ttl = etcd.longest_range_ttl(&prefix, "fp-late").await;
     assert!(
         range_ttl > 3600,
         "the late range lives by the long retention: {range_ttl} s"
     );
     let worker = etcd.get(&worker_key).await.expect("the record");
-    let worker_ttl = lease_ttl(&etcd, &worker).await;
+    let worker_ttl = etcd.lease_ttl(&worker).await;
     assert!(
         worker_ttl >= range_ttl,
         "after the retry the record expires before its range: record TTL {worker_ttl} s \
@@ -1197,13 +1171,13 @@ async fn a_range_reserved_while_its_worker_is_deregistered_never_outlives_the_re
         .expect("deregister");
     let mut range_ttl = 0;
     for kv in etcd.read_under(&format!("{prefix}v1/ranges/")).await {
-        range_ttl = range_ttl.max(lease_ttl(&etcd, &kv).await);
+        range_ttl = range_ttl.max(etcd.lease_ttl(&kv).await);
     }
     let worker = etcd
         .get(&format!("{prefix}v1/workers/racing"))
         .await
         .expect("the record");
-    let worker_ttl = lease_ttl(&etcd, &worker).await;
+    let worker_ttl = etcd.lease_ttl(&worker).await;
     println!("deregistration race: record TTL {worker_ttl} s, longest range TTL {range_ttl} s");
     assert!(range_ttl > 7200, "the late range lives by 2 h: {range_ttl}");
     assert!(

@@ -431,6 +431,32 @@ impl EtcdProcess {
             .expect("delete the prefix");
     }
 
+    /// What is left of `kv`'s lease, in seconds; 0 for a key with none.
+    pub async fn lease_ttl(&self, kv: &room_allocator::store::etcd::client::pb::KeyValue) -> i64 {
+        if kv.lease == 0 {
+            return 0;
+        }
+        self.admin()
+            .await
+            .lease_time_to_live(kv.lease)
+            .await
+            .expect("lease TTL")
+            .ttl
+    }
+
+    /// The longest lease left among `worker`'s range records under `prefix`.
+    // Only the failpoint tests ask; without the feature it would be dead.
+    #[cfg(feature = "failpoints")]
+    pub async fn longest_range_ttl(&self, prefix: &str, worker: &str) -> i64 {
+        let mut longest = 0;
+        for kv in self.read_under(&format!("{prefix}v1/ranges/")).await {
+            if String::from_utf8_lossy(&kv.value).contains(&format!("\"{worker}\"")) {
+                longest = longest.max(self.lease_ttl(&kv).await);
+            }
+        }
+        longest
+    }
+
     /// Puts `key` = `value`, with no lease.
     pub async fn put(&self, key: &str, value: &str) {
         self.admin()
