@@ -21,7 +21,7 @@ BEGIN {
     for (suite in need) if (name ~ need[suite]) seen[suite]++
 }
 /^python: / { python += $2; python_skipped += $6 }
-# The bounded model check's summary (src/model/, run with --nocapture).
+# The bounded model check's summary (core/src/model/, run with --nocapture).
 /^model: [0-9]+ states, .* 0 violated$/ { model++ }
 /^chart: / { chart += $2 }
 END {

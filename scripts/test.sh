@@ -109,7 +109,9 @@ step "started: integration tests (tests/it), the Python client's and the chart's
 # --no-fail-fast: a failing test binary does not keep the others from running.
 cargo_test=(cargo test --locked --workspace --features failpoints --no-fail-fast)
 it_log="$TOOLS/it.log"
-"${cargo_test[@]}" --test it >"$it_log" 2>&1 &
+# Four test threads on two cores: the tests mostly wait (on servers, etcd,
+# timers, child processes), and their sum is about 1,000 s.
+"${cargo_test[@]}" --test it -- --test-threads 4 >"$it_log" 2>&1 &
 it_pid=$!
 python_log="$TOOLS/python.log"
 ROOM_ALLOCATOR_BIN=target/debug/room-allocator python/run_tests.sh >"$python_log" 2>&1 &
@@ -130,18 +132,17 @@ set -e
 step "a downstream crate on the client builds offline with no protoc"
 scripts/downstream_build.sh
 
-step "cargo clippy --all-targets -- -D warnings (and with the failpoints compiled in)"
+step "cargo clippy --all-targets -- -D warnings (and with the failpoints and the model checker compiled in)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
-cargo clippy --locked --workspace --all-targets --features failpoints -- -D warnings
+cargo clippy --locked --workspace --all-targets --features failpoints,room-allocator-core/model-check -- -D warnings
 
 # The model check needs an optimised build (a debug one is many times too
-# slow), a second compile: the `model` profile (Cargo.toml) optimises the
-# checker and our crate but not the I/O dependencies it never runs. It
-# starts once the CPU-heavy steps above are done, while the integration
-# tests mostly wait on servers and timers.
+# slow): the core crate and the checker only (profile `model`, Cargo.toml),
+# a small compile. It starts once the CPU-heavy steps above are done, while
+# the integration tests mostly wait on servers and timers.
 step "started: the bounded model check of the protocol's pure core, every mutant caught (profile model), in the background"
 model_log="$TOOLS/model.log"
-cargo test --locked --profile model --features model-check --lib model:: -- --nocapture >"$model_log" 2>&1 &
+cargo test --locked --profile model -p room-allocator-core --features model-check --lib model:: -- --nocapture >"$model_log" 2>&1 &
 model_pid=$!
 trap 'kill "$it_pid" "$python_pid" "$chart_pid" "$model_pid" 2>/dev/null || true' EXIT
 

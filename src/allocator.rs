@@ -1186,6 +1186,7 @@ fn decode_page_token(token: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests;
-pub(crate) mod worker;
+/// One worker's state: pure, in the core crate.
+pub(crate) use room_allocator_core::worker;
 
 use self::worker::{Applied, Demand, Placed, Taken, WorkerState};

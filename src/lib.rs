@@ -28,13 +28,11 @@ pub mod config;
 pub mod failpoint;
 pub mod lifecycle;
 pub mod metrics;
-#[cfg(feature = "model-check")]
-pub mod model;
 pub mod names;
 pub mod secret;
 pub mod server;
 pub mod service;
-pub mod space;
+pub use room_allocator_core::space;
 pub mod store;
 
 #[cfg(test)]

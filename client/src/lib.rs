@@ -152,15 +152,18 @@
 pub mod backoff;
 mod builder;
 mod client;
-#[doc(hidden)]
-pub mod cursor;
 mod error;
 mod fallback;
 mod fork;
 mod lease;
-pub mod limits;
 mod transport;
 mod types;
+
+#[doc(hidden)]
+pub use room_allocator_core::cursor;
+/// The contract's limits, shared with the server (from the pure core,
+/// `room-allocator-core`).
+pub use room_allocator_core::limits;
 
 pub use builder::RoomClientBuilder;
 pub use client::RoomClient;

@@ -31,6 +31,7 @@ use crate::space::{
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore};
+pub use room_allocator_core::WorkerRecord;
 
 /// The boxed future every store operation returns; boxing keeps `Store`
 /// object-safe and costs nothing next to an fsync or an etcd round trip.
@@ -53,19 +54,6 @@ pub struct Reservation {
     pub rooms_issued: u64,
     /// Wall-clock time of the reservation, for retention.
     pub created_unix_ms: u64,
-}
-
-/// A worker as last persisted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerRecord {
-    pub prefill_worker: Arc<str>,
-    pub dp_size: DpSize,
-    /// False once deregistered: its ranges still resolve, no new rooms.
-    pub registered: bool,
-    pub rooms_issued: u64,
-    /// Store revision of this registration (etcd's mod revision; the log
-    /// position for the embedded store). Newer wins.
-    pub revision: i64,
 }
 
 /// A registration change made elsewhere (another replica), to apply.

@@ -105,9 +105,10 @@
 //!   [`client`]: the etcd client.
 
 mod calls;
-pub(crate) mod carver;
+// The decisions, pure, in the core crate (where the model checker drives
+// them too).
+pub(crate) use room_allocator_core::etcd::{carver, deregistration, watch};
 pub mod client;
-pub(crate) mod deregistration;
 mod keys;
 mod lease;
 mod migrate;
@@ -117,7 +118,6 @@ mod reserve;
 mod retention;
 mod snapshot;
 mod sync;
-pub(crate) mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! is written, whether the ranges found by the second look outlive the
 //! lease the record was granted, and if so the TTL a new lease needs.
 //! `deregister_worker` calls it with an `Instant`'s elapsed seconds, the
-//! model checker (`src/model/`) with its logical clock: one implementation.
+//! model checker (`core/src/model/`) with its logical clock: one implementation.
 //!
 //! Invariant: the record's lease outlives every range of the worker the
 //! second look found. The record's lease was granted some time after the
@@ -22,7 +22,7 @@
 ///   to whole seconds (so what is left of the lease is not overestimated);
 /// - `late_secs`: the longest remaining TTL etcd reported among the
 ///   worker's ranges found by the second look (0 if none).
-pub(crate) fn extension_secs(granted_secs: u64, elapsed_secs: u64, late_secs: u64) -> Option<u64> {
+pub fn extension_secs(granted_secs: u64, elapsed_secs: u64, late_secs: u64) -> Option<u64> {
     let left = granted_secs.saturating_sub(elapsed_secs);
     // etcd rounds a remaining TTL down: a second more covers the rest.
     let needed = late_secs.saturating_add(1);

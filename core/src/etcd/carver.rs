@@ -5,7 +5,8 @@
 //!
 //! Pure: time comes in as milliseconds since the store's epoch, replies come
 //! in as events, and nothing here waits or talks to etcd. The reservation
-//! task in [`super`] drives it; a model checker can drive the same code.
+//! task of the server's etcd store (`room_allocator::store::etcd`) drives
+//! it; a model checker can drive the same code.
 //!
 //! Invariants it keeps:
 //! - A range is carved only from a chunk this replica took with a
@@ -23,7 +24,7 @@ use crate::space::{Bounds, DpSize, RoomRange, SpaceError};
 /// The high-water mark as etcd held it: its value and the mod revision the
 /// next compare-and-swap compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Mark {
+pub struct Mark {
     pub value: u64,
     pub revision: i64,
 }
@@ -31,21 +32,21 @@ pub(crate) struct Mark {
 /// A read of the mark, with the highest end of what was announced with it
 /// (the highest chunk, the first range at or above the mark).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct MarkRead {
+pub struct MarkRead {
     pub mark: Mark,
     pub highest_announced: u64,
 }
 
 /// A mark below the space already reserved: see [`check_mark`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct MarkWentBack {
+pub struct MarkWentBack {
     pub mark: u64,
     pub used: u64,
 }
 
 /// The mark of `read`, if it lies at or above `used` (the end of the space
 /// this replica saw reserved) and above everything announced with it.
-pub(crate) fn check_mark(read: MarkRead, used: u64) -> Result<Mark, MarkWentBack> {
+pub fn check_mark(read: MarkRead, used: u64) -> Result<Mark, MarkWentBack> {
     #[cfg(feature = "model-check")]
     if crate::model::mutants::active(crate::model::mutants::Mutant::MarkLoweredAccepted) {
         return Ok(read.mark);
@@ -64,7 +65,7 @@ pub(crate) fn check_mark(read: MarkRead, used: u64) -> Result<Mark, MarkWentBack
 /// high-water mark, and carves ranges from: replicas contend for the mark
 /// once a chunk, not once a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Chunk {
+pub struct Chunk {
     pub start: u64,
     /// Where the next range may start.
     pub next: u64,
@@ -80,7 +81,7 @@ pub(crate) struct Chunk {
 
 /// What one reservation needs from the carver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Need {
+pub struct Need {
     pub dp_size: DpSize,
     /// Bases wanted; fewer are fine near the end of the space...
     pub want_bases: u64,
@@ -92,7 +93,7 @@ pub(crate) struct Need {
 /// announce `[start, end)` under `lease`, if the mark is still `mark`
 /// (value and revision) and no range lies at or above it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ChunkRequest {
+pub struct ChunkRequest {
     pub mark: Mark,
     pub start: u64,
     pub end: u64,
@@ -102,7 +103,7 @@ pub(crate) struct ChunkRequest {
 
 /// What the carver asks for next, for one reservation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Step {
+pub enum Step {
     /// A range carved from the chunk: record it (under the chunk's lease).
     Range(RoomRange),
     /// The space (bounds) cannot hold it.
@@ -116,7 +117,7 @@ pub(crate) enum Step {
 
 /// etcd's answer to a [`ChunkRequest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ChunkReply {
+pub enum ChunkReply {
     /// Committed at this revision.
     Taken { revision: i64 },
     /// The compare failed; the mark as read in the same transaction,
@@ -130,7 +131,7 @@ pub(crate) enum ChunkReply {
 
 /// What a [`ChunkReply`] means for the reservation that asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ChunkOutcome {
+pub enum ChunkOutcome {
     /// The chunk is this replica's: carve again.
     Taken,
     /// Another replica moved the mark first, or the lease is gone: try
@@ -142,7 +143,7 @@ pub(crate) enum ChunkOutcome {
 
 /// The carver's fixed settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct CarverConfig {
+pub struct CarverConfig {
     pub bounds: Bounds,
     /// How long a chunk serves (at most the retention, so its announcement,
     /// on a lease of twice that, outlives the carving).
@@ -154,7 +155,7 @@ pub(crate) struct CarverConfig {
 
 /// The reservation task's state: the mark as last seen, and the chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Carver {
+pub struct Carver {
     config: CarverConfig,
     mark: Option<Mark>,
     chunk: Option<Chunk>,
@@ -165,7 +166,7 @@ pub(crate) struct Carver {
 
 impl Carver {
     /// A carver that knows the mark as loaded at start (if any).
-    pub(crate) fn new(config: CarverConfig, mark: Option<Mark>) -> Self {
+    pub fn new(config: CarverConfig, mark: Option<Mark>) -> Self {
         Self {
             config,
             mark,
@@ -175,17 +176,17 @@ impl Carver {
     }
 
     #[cfg(test)]
-    pub(crate) fn chunk(&self) -> Option<&Chunk> {
+    pub fn chunk(&self) -> Option<&Chunk> {
         self.chunk.as_ref()
     }
 
     #[cfg(test)]
-    pub(crate) fn mark(&self) -> Option<Mark> {
+    pub fn mark(&self) -> Option<Mark> {
         self.mark
     }
 
     /// The next step for `need`, with ranges under `lease` at `now_ms`.
-    pub(crate) fn carve(&mut self, need: Need, lease: i64, now_ms: u64) -> Step {
+    pub fn carve(&mut self, need: Need, lease: i64, now_ms: u64) -> Step {
         if let Some(chunk) = self.chunk.take() {
             // Ended by age, or by the bucket's lease changing (ranges now
             // get the new lease, which the chunk's announcement lacks).
@@ -273,12 +274,12 @@ impl Carver {
     }
 
     /// The mark was read (and passed [`check_mark`]).
-    pub(crate) fn mark_read(&mut self, mark: Mark) {
+    pub fn mark_read(&mut self, mark: Mark) {
         self.mark = Some(mark);
     }
 
     /// etcd answered `request`.
-    pub(crate) fn chunk_reply(&mut self, request: ChunkRequest, reply: ChunkReply) -> ChunkOutcome {
+    pub fn chunk_reply(&mut self, request: ChunkRequest, reply: ChunkReply) -> ChunkOutcome {
         match reply {
             ChunkReply::Taken { revision } => {
                 self.mark = Some(Mark {
@@ -324,7 +325,7 @@ impl Carver {
     }
 
     /// Reading the mark failed, or it was refused: read it again next time.
-    pub(crate) fn forget_mark(&mut self) {
+    pub fn forget_mark(&mut self) {
         self.mark = None;
     }
 }
@@ -332,7 +333,7 @@ impl Carver {
 /// What became of one reservation in a transaction that recorded ranges
 /// only if every worker's registration still had the revision reserved for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RecordVerdict {
+pub enum RecordVerdict {
     /// Recorded: the range is the caller's.
     Recorded,
     /// Its worker was unchanged (another's changed): carve again.
@@ -344,7 +345,7 @@ pub(crate) enum RecordVerdict {
 /// The verdicts of a range transaction: `succeeded`, or else for each
 /// reservation the revision it was made for and its worker's revision as
 /// read in the failure branch (`None`: the key is gone).
-pub(crate) fn record_verdicts(
+pub fn record_verdicts(
     succeeded: bool,
     reserved_for: &[i64],
     current: &[Option<i64>],

@@ -37,7 +37,7 @@
 
 /// One watch stream's progress: see the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct WatchProgress {
+pub struct WatchProgress {
     applied: i64,
     ask: Option<Ask>,
     catch_up: Option<CatchUp>,
@@ -63,7 +63,7 @@ struct Ask {
 impl WatchProgress {
     /// A watch that starts after `applied` (the revision of the snapshot or
     /// of the last event the replica applied).
-    pub(crate) fn new(applied: i64) -> Self {
+    pub fn new(applied: i64) -> Self {
         Self {
             applied,
             ask: None,
@@ -72,19 +72,19 @@ impl WatchProgress {
     }
 
     /// Where a new watch resumes: right after the last revision applied.
-    pub(crate) fn resume_after(&self) -> i64 {
+    pub fn resume_after(&self) -> i64 {
         self.applied
     }
 
     /// The replica applied an event of `revision`.
-    pub(crate) fn applied(&mut self, revision: i64) {
+    pub fn applied(&mut self, revision: i64) {
         self.applied = self.applied.max(revision);
     }
 
     /// etcd created the watch (which starts right after `resume_after()`)
     /// at `revision`. Returns the revision a catch-up read starts from, if
     /// one is owed.
-    pub(crate) fn created(&mut self, revision: i64) -> Option<i64> {
+    pub fn created(&mut self, revision: i64) -> Option<i64> {
         if revision <= self.applied {
             // Nothing committed since the watch's start: no catch-up.
             return None;
@@ -99,24 +99,24 @@ impl WatchProgress {
 
     /// The catch-up read, at `revision`, is applied: progress may confirm
     /// again if it reached the revision the watch was created at.
-    pub(crate) fn caught_up(&mut self, revision: i64) {
+    pub fn caught_up(&mut self, revision: i64) {
         if self.catch_up.is_some_and(|c| revision >= c.created) {
             self.catch_up = None;
         }
     }
 
     /// Whether a catch-up read is still owed.
-    pub(crate) fn catching_up(&self) -> bool {
+    pub fn catching_up(&self) -> bool {
         self.catch_up.is_some()
     }
 
     /// When the outstanding request began, if one is.
-    pub(crate) fn asked_at(&self) -> Option<u64> {
+    pub fn asked_at(&self) -> Option<u64> {
         self.ask.map(|ask| ask.sent_ms)
     }
 
     /// A quorum read was sent at `now_ms`.
-    pub(crate) fn asked(&mut self, now_ms: u64) {
+    pub fn asked(&mut self, now_ms: u64) {
         self.ask = Some(Ask {
             sent_ms: now_ms,
             quorum: None,
@@ -124,12 +124,12 @@ impl WatchProgress {
     }
 
     /// The quorum read failed: this request confirms nothing.
-    pub(crate) fn quorum_failed(&mut self) {
+    pub fn quorum_failed(&mut self) {
         self.ask = None;
     }
 
     /// The quorum read saw `revision`; the progress request goes next.
-    pub(crate) fn quorum_read(&mut self, revision: i64) {
+    pub fn quorum_read(&mut self, revision: i64) {
         if let Some(ask) = &mut self.ask {
             ask.quorum = Some(revision);
         }
@@ -139,7 +139,7 @@ impl WatchProgress {
     /// confirmed as of, if it is; it ends the request either way (one
     /// below the read's revision: the next request tries again). It never
     /// moves the resume point.
-    pub(crate) fn progress(&mut self, revision: i64) -> Option<u64> {
+    pub fn progress(&mut self, revision: i64) -> Option<u64> {
         #[cfg(feature = "model-check")]
         if crate::model::mutants::active(crate::model::mutants::Mutant::ResumePastUnappliedEvents) {
             self.applied = self.applied.max(revision);

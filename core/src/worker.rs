@@ -4,8 +4,9 @@
 //! ahead ([`Ahead`]: an explicit state, not flags), and the range sizing.
 //!
 //! Pure: time comes in as an [`Instant`] the caller reads, and every
-//! decision is a method returning what to do. [`super::Allocator`] holds it
-//! under the worker's lock; a model checker can drive the same code.
+//! decision is a method returning what to do. The server's `Allocator`
+//! holds it under the worker's lock; a model checker can drive the same
+//! code.
 //!
 //! Invariants it keeps:
 //! - A registration change (dp_size, or registered/deregistered) bumps the
@@ -18,11 +19,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::record::WorkerRecord;
 use crate::space::{Base, BaseCursor, DpSize, RoomRange};
-use crate::store::WorkerRecord;
 
 /// Smallest range reserved: a restart skips at most this many bases per worker.
-pub(crate) const MIN_RANGE_BASES: u64 = 1024;
+pub const MIN_RANGE_BASES: u64 = 1024;
 /// Largest range reserved, in bases: minutes of traffic at millions/s...
 const MAX_RANGE_BASES: u64 = 1 << 26;
 /// ...and in numbers of the space, so a large dp_size does not eat it faster.
@@ -34,7 +35,7 @@ const TARGET_RANGE_LIFETIME: Duration = Duration::from_secs(300);
 
 /// A range being served, and until when.
 #[derive(Debug, Clone)]
-pub(crate) struct Held {
+pub struct Held {
     pub cursor: BaseCursor,
     /// Past this (reservation + retention) no room comes from it.
     pub serve_until: Instant,
@@ -54,7 +55,7 @@ impl Held {
 /// The range reserved ahead of need (double-buffering, as in Meituan's
 /// Leaf): at most one reservation ahead is in flight.
 #[derive(Debug, Clone)]
-pub(crate) enum Ahead {
+pub enum Ahead {
     /// Nothing reserved ahead, nothing being reserved.
     Empty,
     /// A reservation ahead is in flight.
@@ -65,7 +66,7 @@ pub(crate) enum Ahead {
 
 /// What a caller needs from a worker's ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Demand {
+pub enum Demand {
     /// `count` consecutive bases, usable for `validity` from now.
     Bases { count: u64, validity: Duration },
     /// A range reserved ahead; nothing is taken.
@@ -74,7 +75,7 @@ pub(crate) enum Demand {
 
 /// Bases taken from a worker's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Taken {
+pub struct Taken {
     pub first_base: Base,
     pub dp_size: DpSize,
     /// How long the bases stay usable.
@@ -87,7 +88,7 @@ pub(crate) struct Taken {
 
 /// What applying a registration record did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Applied {
+pub enum Applied {
     /// Older than the registration applied: ignored.
     Outdated,
     /// Applied; `changed` says the epoch was bumped and ranges dropped.
@@ -96,7 +97,7 @@ pub(crate) enum Applied {
 
 /// What became of a reserved range that arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Placed {
+pub enum Placed {
     /// Served now.
     Current,
     /// Served once the current range cannot serve.
@@ -108,7 +109,7 @@ pub(crate) enum Placed {
 
 /// A reservation the state asks for: see [`WorkerState::plan_refill`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RefillPlan {
+pub struct RefillPlan {
     pub dp_size: DpSize,
     pub revision: i64,
     pub epoch: u64,
@@ -118,7 +119,7 @@ pub(crate) struct RefillPlan {
 
 /// One worker's state: see the module docs.
 #[derive(Debug, Clone)]
-pub(crate) struct WorkerState {
+pub struct WorkerState {
     pub dp_size: DpSize,
     pub registered: bool,
     /// Store revision of the registration in force; older changes are ignored.
@@ -136,7 +137,7 @@ pub(crate) struct WorkerState {
 
 impl WorkerState {
     /// A worker not yet registered (its first record is applied next).
-    pub(crate) fn new(now: Instant) -> Self {
+    pub fn new(now: Instant) -> Self {
         Self {
             dp_size: DpSize::try_new(1).expect("1 is a valid dp_size"),
             registered: false,
@@ -152,12 +153,12 @@ impl WorkerState {
     }
 
     #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn ahead(&self) -> &Ahead {
+    pub fn ahead(&self) -> &Ahead {
         &self.ahead
     }
 
     /// Applies `record` unless it is older than the registration in force.
-    pub(crate) fn apply(&mut self, record: &WorkerRecord) -> Applied {
+    pub fn apply(&mut self, record: &WorkerRecord) -> Applied {
         if record.revision < self.revision {
             // Older than what is applied (a late watch event).
             return Applied::Outdated;
@@ -180,7 +181,7 @@ impl WorkerState {
     /// Takes `count` consecutive bases usable for `validity`, moving on to
     /// the range reserved ahead when the current one cannot serve them. The
     /// rest of a range that cannot is skipped, never reissued.
-    pub(crate) fn take(&mut self, count: u64, now: Instant, validity: Duration) -> Option<Taken> {
+    pub fn take(&mut self, count: u64, now: Instant, validity: Duration) -> Option<Taken> {
         if self.current.as_ref().is_some_and(|h| h.serve_until <= now) {
             self.current = None;
         }
@@ -222,14 +223,14 @@ impl WorkerState {
 
     /// A reservation ahead (started by [`Taken::prefetch`]) ended, with a
     /// range placed or not.
-    pub(crate) fn prefetch_ended(&mut self) {
+    pub fn prefetch_ended(&mut self) {
         if matches!(self.ahead, Ahead::Reserving) {
             self.ahead = Ahead::Empty;
         }
     }
 
     /// True if a range on hand meets `demand`.
-    pub(crate) fn has(&self, demand: Demand, now: Instant) -> bool {
+    pub fn has(&self, demand: Demand, now: Instant) -> bool {
         let ahead = match &self.ahead {
             Ahead::Reserved(held) => Some(held),
             Ahead::Empty | Ahead::Reserving => None,
@@ -255,7 +256,7 @@ impl WorkerState {
 
     /// The reservation to make for `demand`, or `None` if the worker is not
     /// registered or a range on hand meets it (the caller looks again).
-    pub(crate) fn plan_refill(&mut self, demand: Demand, now: Instant) -> Option<RefillPlan> {
+    pub fn plan_refill(&mut self, demand: Demand, now: Instant) -> Option<RefillPlan> {
         if !self.registered || self.has(demand, now) {
             return None;
         }
@@ -293,7 +294,7 @@ impl WorkerState {
     }
 
     /// A range reserved under `epoch` arrived, to serve until `serve_until`.
-    pub(crate) fn place(
+    pub fn place(
         &mut self,
         epoch: u64,
         range: RoomRange,
@@ -336,7 +337,7 @@ impl WorkerState {
     }
 
     /// Where the ranges on hand start (they are never pruned).
-    pub(crate) fn held_starts(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn held_starts(&self) -> impl Iterator<Item = u64> + '_ {
         let ahead = match &self.ahead {
             Ahead::Reserved(held) => Some(held),
             Ahead::Empty | Ahead::Reserving => None,

@@ -1,11 +1,11 @@
 //! The multi-replica protocol, model-checked: [stateright] explores every
 //! interleaving (breadth first, so a violation comes with its shortest
 //! trace) of replicas running the production's pure core
-//! ([`Carver`](crate::store::etcd::carver::Carver) and
-//! [`check_mark`](crate::store::etcd::carver::check_mark) for chunks,
-//! [`WatchProgress`](crate::store::etcd::watch::WatchProgress) for the
+//! ([`Carver`](crate::etcd::carver::Carver) and
+//! [`check_mark`](crate::etcd::carver::check_mark) for chunks,
+//! [`WatchProgress`](crate::etcd::watch::WatchProgress) for the
 //! registration watch, the allocator's
-//! [`WorkerState`](crate::allocator::worker::WorkerState)) against an
+//! [`WorkerState`](crate::worker::WorkerState)) against an
 //! abstract etcd. Compiled with the `model-check` feature only; run it with
 //! `scripts/model-check.sh`.
 //!
@@ -58,14 +58,14 @@ use std::time::{Duration, Instant};
 
 use stateright::{Checker, Model, Property};
 
-use crate::allocator::worker::{Demand, Placed, RefillPlan, WorkerState};
-use crate::space::{Bounds, DpSize, RoomRange, SPACE_START};
-use crate::store::etcd::carver::{
+use crate::etcd::carver::{
     check_mark, Carver, CarverConfig, ChunkOutcome, ChunkReply, Mark, MarkRead, Need, Step,
 };
-use crate::store::etcd::deregistration::extension_secs;
-use crate::store::etcd::watch::WatchProgress;
-use crate::store::WorkerRecord;
+use crate::etcd::deregistration::extension_secs;
+use crate::etcd::watch::WatchProgress;
+use crate::record::WorkerRecord;
+use crate::space::{Bounds, DpSize, RoomRange, SPACE_START};
+use crate::worker::{Demand, Placed, RefillPlan, WorkerState};
 
 use self::mutants::Mutant;
 

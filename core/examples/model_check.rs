@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use room_allocator::model::{check, mutants::Mutant, Bounded};
+use room_allocator_core::model::{check, mutants::Mutant, Bounded};
 
 fn main() -> ExitCode {
     let mut long = false;

@@ -14,15 +14,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use room_allocator_client::cursor::BaseCursor as Bases;
+use crate::cursor::BaseCursor as Bases;
 use thiserror::Error;
 
 /// Largest dp_size accepted; far above any real deployment, low enough that
 /// `bases * dp_size` arithmetic stays comfortably inside u64.
-pub use room_allocator_client::limits::MAX_DP_SIZE;
+pub use crate::limits::MAX_DP_SIZE;
 /// Largest room: routers mask bootstrap rooms to 63 bits (signed 64-bit
 /// fields elsewhere).
-pub use room_allocator_client::limits::MAX_ROOM;
+pub use crate::limits::MAX_ROOM;
 /// Where the space starts: room 0 means "not ready" to SGLang, so the first
 /// range begins at the first multiple of its dp_size that is at least 1.
 pub const SPACE_START: u64 = 1;
