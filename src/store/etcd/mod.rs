@@ -574,6 +574,13 @@ impl EtcdStore {
             .timed("look up a range", self.shared.client.txn(request))
             .await?;
         let reads = txn::ranges(&response);
+        crate::metrics::ETCD_LOOKUPS.inc();
+        crate::metrics::ETCD_LOOKUP_KEYS.inc_by(
+            reads
+                .iter()
+                .map(|read| u64::try_from(read.count).unwrap_or(0))
+                .sum(),
+        );
         let decode = |kv: &pb::KeyValue| {
             let key = std::str::from_utf8(&kv.key).ok()?;
             decode_range(key.strip_prefix(&ranges)?, &kv.value)
