@@ -1,0 +1,320 @@
+//! ResolveRank on etcd for rooms a replica does not hold in memory (ranges
+//! other replicas reserved after it started): what a look-up costs etcd,
+//! however many range records etcd holds, and that a cached miss never hides
+//! a room another replica issues later.
+//!
+//! The records are written straight into etcd as replicas write them:
+//! chunks of the space announced under `v1/chunks/`, ranges carved from them
+//! contiguously, all on one lease, and the mark raised above them.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::{http_get, timed, unique_prefix, EtcdProcess, ServerProcess};
+use room_allocator::pb;
+use room_allocator::store::etcd::client::{pb as etcd_pb, txn, EtcdClient};
+use tonic::Code;
+
+/// Numbers of the space a synthetic range takes (1024 bases of dp_size 1,
+/// the smallest range a worker reserves).
+const RANGE_NUMBERS: u64 = 1024;
+/// Puts per transaction (etcd allows 128 operations by default).
+const PUTS_PER_TXN: usize = 100;
+/// The worker every synthetic range belongs to.
+const WORKER: &str = "lookup-worker";
+
+fn replica(etcd: &EtcdProcess, prefix: &str) -> ServerProcess {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", prefix];
+    let server = ServerProcess::start(&dir.path().join("unused"), &args);
+    std::mem::forget(dir);
+    server
+}
+
+fn metric(server: &ServerProcess, name: &str) -> u64 {
+    http_get(server.metrics_addr, "/metrics")
+        .lines()
+        .find(|line| line.starts_with(&format!("{name} ")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} is exported"))
+}
+
+/// Where synthetic records were written: ranges `[first, first + 1024 * i)`
+/// for every slot `i` of every chunk but the last of each chunk (a hole: a
+/// room there lies in a chunk but in no range).
+struct Layout {
+    first: u64,
+    chunks: u64,
+    ranges_per_chunk: u64,
+}
+
+impl Layout {
+    fn chunk_numbers(&self) -> u64 {
+        (self.ranges_per_chunk + 1) * RANGE_NUMBERS
+    }
+
+    fn chunk_start(&self, chunk: u64) -> u64 {
+        self.first + chunk * self.chunk_numbers()
+    }
+
+    /// The start of range `index` (counted over all chunks).
+    fn range_start(&self, index: u64) -> u64 {
+        let chunk = index / self.ranges_per_chunk;
+        self.chunk_start(chunk) + (index % self.ranges_per_chunk) * RANGE_NUMBERS
+    }
+
+    /// A room in chunk `chunk` that no range holds.
+    fn hole(&self, chunk: u64) -> u64 {
+        self.chunk_start(chunk) + self.ranges_per_chunk * RANGE_NUMBERS + 7
+    }
+
+    fn records(&self) -> u64 {
+        self.chunks * self.ranges_per_chunk
+    }
+
+    fn end(&self) -> u64 {
+        self.chunk_start(self.chunks)
+    }
+}
+
+/// Writes `records` range records (in chunks of `ranges_per_chunk`) above
+/// the mark, on one lease, with `writers` transactions in flight, and raises
+/// the mark above them. The replicas already running hold none in memory.
+async fn write_records(
+    etcd: &EtcdProcess,
+    prefix: &str,
+    records: u64,
+    ranges_per_chunk: u64,
+    writers: usize,
+) -> Layout {
+    let admin = etcd.admin().await;
+    let mark_key = format!("{prefix}v1/high_water");
+    let mark: u64 = etcd
+        .get(&mark_key)
+        .await
+        .map(|kv| {
+            std::str::from_utf8(&kv.value)
+                .expect("utf-8")
+                .parse()
+                .expect("a number")
+        })
+        .unwrap_or(1);
+    // Past every chunk a replica took (each is at most 2^32 numbers).
+    let first = (mark + (1 << 33)).next_multiple_of(RANGE_NUMBERS);
+    let layout = Layout {
+        first,
+        chunks: records.div_ceil(ranges_per_chunk),
+        ranges_per_chunk,
+    };
+    let lease = admin.lease_grant(3600).await.expect("grant a lease").id;
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis();
+    let mut puts = Vec::new();
+    for chunk in 0..layout.chunks {
+        let start = layout.chunk_start(chunk);
+        puts.push((
+            format!("{prefix}v1/chunks/{start:020}"),
+            serde_json::json!({ "end": start + layout.chunk_numbers() }).to_string(),
+        ));
+    }
+    for index in 0..layout.records() {
+        let start = layout.range_start(index);
+        puts.push((
+            format!("{prefix}v1/ranges/{start:020}"),
+            serde_json::json!({
+                "end": start + RANGE_NUMBERS,
+                "dp_size": 1,
+                "prefill_worker": WORKER,
+                "created_unix_ms": created,
+            })
+            .to_string(),
+        ));
+    }
+    let batches: Vec<Vec<(String, String)>> =
+        puts.chunks(PUTS_PER_TXN).map(<[_]>::to_vec).collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let queue = queue.clone();
+        let admin: EtcdClient = admin.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(batch) = queue.lock().expect("queue lock").pop() else {
+                    return;
+                };
+                let request = etcd_pb::TxnRequest {
+                    compare: Vec::new(),
+                    success: batch
+                        .iter()
+                        .map(|(key, value)| txn::put(key, value.clone(), lease))
+                        .collect(),
+                    failure: Vec::new(),
+                };
+                tokio::time::timeout(Duration::from_secs(30), admin.txn(request))
+                    .await
+                    .expect("a write within 30 s")
+                    .expect("write records");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer task");
+    }
+    etcd.put(&mark_key, &layout.end().to_string()).await;
+    layout
+}
+
+async fn resolve(client: &mut common::Client, room: u64) -> Result<pb::ResolveRankResponse, Code> {
+    timed(client.resolve_rank(pb::ResolveRankRequest { room }))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| status.code())
+}
+
+/// Issue 20 item 2: a look-up read a window over every range record below
+/// the room (etcd 3.4 fetches every key between a read's key and range end
+/// whatever its limit, and counts the whole prefix), 71 ms at 25,000
+/// records. Each look-up must now go through a bounded number of keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_on_etcd_reads_a_bounded_window_however_many_ranges_it_holds() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let prefix = unique_prefix("bounded-lookup");
+    let server = replica(&etcd, &prefix);
+    let layout = write_records(&etcd, &prefix, 20_000, 200, 4).await;
+    let mut client = server.client().await;
+    let lookups_before = metric(&server, "room_allocator_etcd_lookups_total");
+    let keys_before = metric(&server, "room_allocator_etcd_lookup_keys_total");
+    let mut asked = 0;
+    // Rooms in ranges all over the space: each range once, so each is a
+    // look-up in etcd (a found range is then held in memory).
+    for index in (0..layout.records()).step_by(997) {
+        let room = layout.range_start(index) + 11;
+        let resolved = resolve(&mut client, room)
+            .await
+            .expect("a recorded room resolves");
+        assert_eq!(resolved.prefill_worker, WORKER, "room {room}");
+        assert_eq!(resolved.dp_size, 1, "room {room}");
+        asked += 1;
+    }
+    // Rooms in a chunk but in no range (a range may still be carved there:
+    // never cached), and rooms below every chunk and range.
+    for chunk in (0..layout.chunks).step_by(9) {
+        let room = layout.hole(chunk);
+        assert_eq!(resolve(&mut client, room).await.err(), Some(Code::NotFound));
+        asked += 1;
+    }
+    for room in [layout.first - 5, layout.first / 2, 3] {
+        assert_eq!(resolve(&mut client, room).await.err(), Some(Code::NotFound));
+        asked += 1;
+    }
+    let lookups = metric(&server, "room_allocator_etcd_lookups_total") - lookups_before;
+    let keys = metric(&server, "room_allocator_etcd_lookup_keys_total") - keys_before;
+    eprintln!(
+        "{asked} rooms asked, {lookups} look-ups in etcd, {keys} keys etcd went through ({:.1} a look-up) among {} range records",
+        keys as f64 / lookups.max(1) as f64,
+        layout.records()
+    );
+    assert_eq!(lookups, asked, "every room asked was looked up in etcd");
+    assert!(
+        keys <= lookups * MAX_KEYS_PER_LOOKUP,
+        "{keys} keys for {lookups} look-ups among {} records: over {MAX_KEYS_PER_LOOKUP} a look-up",
+        layout.records()
+    );
+}
+
+/// What a look-up may cost in this layout (chunks of 200 ranges of 1024
+/// numbers): a few windows, each over a few chunks or ranges.
+const MAX_KEYS_PER_LOOKUP: u64 = 64;
+
+/// Every (start, end, worker) range record under `prefix`, by start.
+async fn ranges_in_etcd(etcd: &EtcdProcess, prefix: &str) -> Vec<(u64, u64, String)> {
+    let ranges = format!("{prefix}v1/ranges/");
+    etcd.read_under(&ranges)
+        .await
+        .iter()
+        .map(|kv| {
+            let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
+            let start = std::str::from_utf8(&kv.key)
+                .expect("utf-8")
+                .strip_prefix(&ranges)
+                .expect("under the prefix")
+                .parse()
+                .expect("a number");
+            let end = value["end"].as_u64().expect("end");
+            let worker = value["prefill_worker"].as_str().expect("worker").to_owned();
+            (start, end, worker)
+        })
+        .collect()
+}
+
+/// A miss on one replica for a room of a chunk another replica took, but
+/// has not carved yet, must not be remembered: once that replica carves a
+/// range over the room, the first replica resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_in_a_chunk_another_replica_took_is_not_cached_and_resolves_once_carved() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let prefix = unique_prefix("miss-in-chunk");
+    let a = replica(&etcd, &prefix);
+    let b = replica(&etcd, &prefix);
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    for worker in ["first", "second"] {
+        timed(on_a.register_worker(pb::RegisterWorkerRequest {
+            prefill_worker: worker.into(),
+            dp_size: 1,
+        }))
+        .await
+        .expect("register on A");
+    }
+    let allocate = |worker: &'static str| pb::AllocateRoomRequest {
+        prefill_worker: worker.into(),
+        dp_rank: 0,
+        dp_size: 1,
+    };
+    timed(on_a.allocate_room(allocate("first")))
+        .await
+        .expect("a room for the first worker");
+    let carved_end = ranges_in_etcd(&etcd, &prefix)
+        .await
+        .iter()
+        .map(|(_, end, _)| *end)
+        .max()
+        .expect("A recorded a range");
+    let room = carved_end + 10;
+    let chunk_key = format!("{prefix}v1/chunks/");
+    let in_a_chunk = etcd.read_under(&chunk_key).await.iter().any(|kv| {
+        let value: serde_json::Value = serde_json::from_slice(&kv.value).expect("json");
+        room < value["end"].as_u64().expect("end")
+    });
+    assert!(in_a_chunk, "room {room} lies in the chunk A took");
+    for _ in 0..2 {
+        assert_eq!(
+            resolve(&mut on_b, room).await.err(),
+            Some(Code::NotFound),
+            "nothing holds room {room} yet"
+        );
+    }
+    timed(on_a.allocate_room(allocate("second")))
+        .await
+        .expect("a room for the second worker");
+    let holder = ranges_in_etcd(&etcd, &prefix)
+        .await
+        .into_iter()
+        .find(|(start, end, _)| (*start..*end).contains(&room))
+        .expect("A carved a range over the room");
+    assert_eq!(holder.2, "second");
+    let resolved = resolve(&mut on_b, room)
+        .await
+        .expect("B resolves the room once A carved it");
+    assert_eq!(resolved.prefill_worker, "second");
+}
