@@ -40,6 +40,14 @@
 //!   `etcd_lookup` integration tests count the keys etcd visits through
 //!   `room_allocator_etcd_lookup_keys_total`).
 //!
+//! Rooms below the lowest chunk are known to lie in no chunk without a
+//! read: a replica starts with the lowest chunk start (or the mark) it
+//! loaded, and raises it past each room its reads proved to lie below every
+//! chunk (chunks taken later start at the mark, above such a room). Between
+//! chunks, or below them, the range search reads down to its floor at once:
+//! only ranges of no chunk (0.1's, imported) lie there, which expire with
+//! the retention and are not added to.
+//!
 //! # One snapshot
 //! The first round reads the mark too; every later round reads at the
 //! first one's revision, so the answer is one snapshot of etcd, as a single
@@ -63,6 +71,8 @@
 //! mark, so a range that will ever hold the room is carved from a chunk
 //! announced (and still alive) in the snapshot. A room in a chunk is never
 //! cached: the replica that took it may still carve the room.
+
+use std::sync::atomic::Ordering;
 
 use super::client::{pb, txn};
 use super::keys::{chunk_end, decode_range, parse_decimal, Keys};
@@ -266,6 +276,8 @@ impl Shared {
         let mut ranges: Search<Option<RangeOwner>> = Search::new(FIRST_RANGE_WINDOW);
         let mut revision = 0;
         let mut mark = None;
+        let chunk_floor = self.chunk_floor.load(Ordering::Acquire);
+        chunks.raise_floor(room, chunk_floor);
         for round in 0..MAX_ROUNDS {
             let below_mark = mark.is_none_or(|mark| room < mark);
             // Only a room below the mark needs its chunk (to be cached).
@@ -335,6 +347,11 @@ impl Shared {
             }
             if let Some(floor) = range_floor(room, &chunks) {
                 ranges.raise_floor(room, floor);
+                if !in_a_chunk(room, &chunks) {
+                    // Between chunks or below them only a range of no chunk
+                    // (0.1's, imported) can hold the room: one read.
+                    ranges.widen_to_floor();
+                }
             }
             // A damaged record where the range would be: nothing to conclude
             // (the start-up check of every key reports it).
@@ -362,6 +379,12 @@ impl Shared {
             if chunks.is_done() && ranges.is_done() {
                 let below_oldest =
                     matches!(chunks, Search::Nothing) && matches!(ranges, Search::Nothing);
+                if matches!(chunks, Search::Nothing) {
+                    // No chunk started at or below the room in this
+                    // snapshot, and later ones start at or above its mark,
+                    // which lies above the room: none ever will.
+                    self.chunk_floor.fetch_max(room + 1, Ordering::AcqRel);
+                }
                 return Ok(Lookup {
                     owner: None,
                     final_miss: (!in_a_chunk(room, &chunks)).then_some(below_oldest),

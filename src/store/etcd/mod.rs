@@ -241,6 +241,9 @@ struct Shared {
     lease: tokio::sync::Mutex<Option<BucketLease>>,
     /// `high_water` as last seen (a lower bound of etcd's).
     high_water: AtomicU64,
+    /// No chunk alive now or taken later starts below this (see
+    /// [`lookup`]): rooms below it lie in no chunk.
+    chunk_floor: AtomicU64,
     /// When the registrations were last confirmed, in ms since `epoch`.
     confirmed_ms: AtomicU64,
     epoch: Instant,
@@ -301,8 +304,16 @@ impl EtcdStore {
             high_water,
             revision,
             unleased,
+            chunks,
             ..
         } = connect_and_load(config).await?;
+        // Chunks taken from now on start at the mark, at or above it.
+        let chunk_floor = chunks
+            .iter()
+            .map(|chunk| chunk.start)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(snapshot.high_water);
         super::check_bounds(snapshot.high_water, config.bounds)?;
         let retention = fleet_retention(&client, &keys, config).await?;
         snapshot.retention = retention;
@@ -329,6 +340,7 @@ impl EtcdStore {
             bucket: bucket_for(retention),
             lease: tokio::sync::Mutex::new(None),
             high_water: AtomicU64::new(snapshot.high_water),
+            chunk_floor: AtomicU64::new(chunk_floor),
             confirmed_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             reachable: AtomicBool::new(true),
