@@ -6,10 +6,13 @@
 //! The records are written straight into etcd as replicas write them:
 //! chunks of the space announced under `v1/chunks/`, ranges carved from them
 //! contiguously, all on one lease, and the mark raised above them.
+//!
+//! `lookup_latency_bench` (ignored) measures the latency of such look-ups
+//! with 10k, 100k and 1M records: see its docs for the command.
 
 use crate::common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{http_get, timed, unique_prefix, EtcdProcess, ServerProcess};
 use room_allocator::pb;
@@ -232,6 +235,136 @@ async fn a_miss_on_etcd_reads_a_bounded_window_however_many_ranges_it_holds() {
 /// What a look-up may cost in this layout (chunks of 200 ranges of 1024
 /// numbers): a few windows, each over a few chunks or ranges.
 const MAX_KEYS_PER_LOOKUP: u64 = 64;
+
+/// A small deterministic generator (xorshift64*), so a run samples the
+/// same rooms every time.
+struct Rooms(u64);
+
+impl Rooms {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound.max(1)
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|value| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} is a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The latency of ResolveRank look-ups in etcd, seen by a client, with
+/// 10k, 100k and 1M range records (a fresh etcd for each, the records in
+/// chunks of 500 ranges: a replica reserving about 8 ranges a second):
+///
+/// ```text
+/// LOOKUP_BENCH_RECORDS=10000,100000,1000000 LOOKUP_BENCH_SAMPLES=1000 \
+///   cargo test --release --test it etcd_lookup::lookup_latency_bench -- --ignored --nocapture
+/// ```
+///
+/// 80% of the rooms lie in ranges (each range asked once, so each is a
+/// look-up in etcd), 10% in a chunk but in no range (a look-up every time),
+/// 10% below every record (once each: a final miss is then cached). Each
+/// size stops sampling after `LOOKUP_BENCH_SECS` (default 120).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: minutes; see its docs for the command"]
+async fn lookup_latency_bench() {
+    let Some(_) = common::require_tool("etcd") else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let sizes: Vec<u64> = std::env::var("LOOKUP_BENCH_RECORDS")
+        .unwrap_or_else(|_| "10000,100000,1000000".into())
+        .split(',')
+        .map(|size| size.trim().parse().expect("LOOKUP_BENCH_RECORDS: numbers"))
+        .collect();
+    let samples = env_u64("LOOKUP_BENCH_SAMPLES", 1000);
+    let budget = Duration::from_secs(env_u64("LOOKUP_BENCH_SECS", 120));
+    for records in sizes {
+        let etcd = EtcdProcess::start().expect("etcd");
+        let prefix = unique_prefix("lookup-bench");
+        let server = replica(&etcd, &prefix);
+        let writing = Instant::now();
+        let layout = write_records(&etcd, &prefix, records, 500, 8).await;
+        let written = writing.elapsed();
+        let mut client = server.client().await;
+        let lookups_before = metric(&server, "room_allocator_etcd_lookups_total");
+        let keys_before = metric(&server, "room_allocator_etcd_lookup_keys_total");
+        let mut rooms = Rooms(0x9E37_79B9_7F4A_7C15 ^ records);
+        let mut asked_ranges = std::collections::HashSet::new();
+        let mut latencies = Vec::new();
+        let mut by_kind: [Vec<Duration>; 3] = Default::default();
+        let started = Instant::now();
+        for sample in 0..samples {
+            if started.elapsed() > budget {
+                break;
+            }
+            let (kind, room) = match sample % 10 {
+                0 => (1, layout.hole(rooms.below(layout.chunks))),
+                1 => (2, 1 + rooms.below(layout.first - 1)),
+                _ => {
+                    // A range not asked before (bounded: 64 tries).
+                    let mut index = rooms.below(layout.records());
+                    for _ in 0..64 {
+                        if asked_ranges.insert(index) {
+                            break;
+                        }
+                        index = rooms.below(layout.records());
+                    }
+                    (0, layout.range_start(index) + rooms.below(RANGE_NUMBERS))
+                }
+            };
+            let asked = Instant::now();
+            let answer = resolve(&mut client, room).await;
+            let elapsed = asked.elapsed();
+            match kind {
+                0 => assert_eq!(answer.map(|r| r.prefill_worker), Ok(WORKER.to_owned())),
+                _ => assert_eq!(answer.err(), Some(Code::NotFound), "room {room}"),
+            }
+            latencies.push(elapsed);
+            by_kind[kind].push(elapsed);
+        }
+        let lookups = metric(&server, "room_allocator_etcd_lookups_total") - lookups_before;
+        let keys = metric(&server, "room_allocator_etcd_lookup_keys_total") - keys_before;
+        latencies.sort();
+        for kind in &mut by_kind {
+            kind.sort();
+        }
+        let p99 = |sorted: &[Duration]| millis(percentile(sorted, 0.99));
+        println!(
+            "records {records}: {} rooms asked in {:.1} s ({lookups} look-ups in etcd, {:.1} keys each); p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; p99 in a range {:.2} ms, in a chunk's hole {:.2} ms, below every record {:.2} ms; written in {:.1} s",
+            latencies.len(),
+            started.elapsed().as_secs_f64(),
+            keys as f64 / lookups.max(1) as f64,
+            millis(percentile(&latencies, 0.5)),
+            p99(&latencies),
+            millis(latencies.last().copied().unwrap_or_default()),
+            p99(&by_kind[0]),
+            p99(&by_kind[1]),
+            p99(&by_kind[2]),
+            written.as_secs_f64(),
+        );
+    }
+}
 
 /// Every (start, end, worker) range record under `prefix`, by start.
 async fn ranges_in_etcd(etcd: &EtcdProcess, prefix: &str) -> Vec<(u64, u64, String)> {
