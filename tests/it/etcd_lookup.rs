@@ -281,9 +281,11 @@ fn millis(d: Duration) -> f64 {
 ///   cargo test --release --test it etcd_lookup::lookup_latency_bench -- --ignored --nocapture
 /// ```
 ///
-/// 80% of the rooms lie in ranges (each range asked once, so each is a
+/// 70% of the rooms lie in ranges (each range asked once, so each is a
 /// look-up in etcd), 10% in a chunk but in no range (a look-up every time),
-/// 10% below every record (once each: a final miss is then cached). Each
+/// 10% below every record (once each: a final miss is then cached), and
+/// 10% in a range found before (held in memory: what the client, the
+/// server and the machine cost without etcd). Each
 /// size stops sampling after `LOOKUP_BENCH_SECS` (default 120).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: minutes; see its docs for the command"]
@@ -312,7 +314,8 @@ async fn lookup_latency_bench() {
         let mut rooms = Rooms(0x9E37_79B9_7F4A_7C15 ^ records);
         let mut asked_ranges = std::collections::HashSet::new();
         let mut latencies = Vec::new();
-        let mut by_kind: [Vec<Duration>; 3] = Default::default();
+        let mut by_kind: [Vec<Duration>; 4] = Default::default();
+        let mut memory_hit = 0;
         let started = Instant::now();
         for sample in 0..samples {
             if started.elapsed() > budget {
@@ -321,6 +324,9 @@ async fn lookup_latency_bench() {
             let (kind, room) = match sample % 10 {
                 0 => (1, layout.hole(rooms.below(layout.chunks))),
                 1 => (2, 1 + rooms.below(layout.first - 1)),
+                // The floor of this measure: a room of a range found before,
+                // now held in memory (no etcd).
+                2 if sample > 10 => (3, layout.range_start(memory_hit) + 1),
                 _ => {
                     // A range not asked before (bounded: 64 tries).
                     let mut index = rooms.below(layout.records());
@@ -330,6 +336,7 @@ async fn lookup_latency_bench() {
                         }
                         index = rooms.below(layout.records());
                     }
+                    memory_hit = index;
                     (0, layout.range_start(index) + rooms.below(RANGE_NUMBERS))
                 }
             };
@@ -337,7 +344,7 @@ async fn lookup_latency_bench() {
             let answer = resolve(&mut client, room).await;
             let elapsed = asked.elapsed();
             match kind {
-                0 => assert_eq!(answer.map(|r| r.prefill_worker), Ok(WORKER.to_owned())),
+                0 | 3 => assert_eq!(answer.map(|r| r.prefill_worker), Ok(WORKER.to_owned())),
                 _ => assert_eq!(answer.err(), Some(Code::NotFound), "room {room}"),
             }
             latencies.push(elapsed);
@@ -351,7 +358,7 @@ async fn lookup_latency_bench() {
         }
         let p99 = |sorted: &[Duration]| millis(percentile(sorted, 0.99));
         println!(
-            "records {records}: {} rooms asked in {:.1} s ({lookups} look-ups in etcd, {:.1} keys each); p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; p99 in a range {:.2} ms, in a chunk's hole {:.2} ms, below every record {:.2} ms; written in {:.1} s",
+            "records {records}: {} rooms asked in {:.1} s ({lookups} look-ups in etcd, {:.1} keys each); p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; p99 in a range {:.2} ms, in a chunk's hole {:.2} ms, below every record {:.2} ms, held in memory (no etcd) {:.2} ms; written in {:.1} s",
             latencies.len(),
             started.elapsed().as_secs_f64(),
             keys as f64 / lookups.max(1) as f64,
@@ -361,6 +368,7 @@ async fn lookup_latency_bench() {
             p99(&by_kind[0]),
             p99(&by_kind[1]),
             p99(&by_kind[2]),
+            p99(&by_kind[3]),
             written.as_secs_f64(),
         );
     }
