@@ -45,8 +45,11 @@
 //! loaded, and raises it past each room its reads proved to lie below every
 //! chunk (chunks taken later start at the mark, above such a room). Between
 //! chunks, or below them, the range search reads down to its floor at once:
-//! only ranges of no chunk (0.1's, imported) lie there, which expire with
-//! the retention and are not added to.
+//! only ranges of no chunk lie there (0.1's, and those `migrate` imported),
+//! which expire with the retention. A room at or above the mark lies in no
+//! range (the mark lies above every range, or replicas refuse it): one read
+//! from the mark up to the room, which only a mark rewritten by hand leaves
+//! a range in, answers it; such a miss is never cached.
 //!
 //! # One snapshot
 //! The first round reads the mark too; every later round reads at the
