@@ -215,6 +215,23 @@ pub(super) fn range_floor(room: u64, chunk: &Search<Option<u64>>) -> Option<u64>
     }
 }
 
+/// Floors the range search by the chunk search's answer (see
+/// [`range_floor`]); between chunks or below them only a range of no chunk
+/// (0.1's, imported) can hold the room, so the next window reaches the
+/// floor at once.
+pub(super) fn bound_ranges(
+    room: u64,
+    chunks: &Search<Option<u64>>,
+    ranges: &mut Search<Option<RangeOwner>>,
+) {
+    if let Some(floor) = range_floor(room, chunks) {
+        ranges.raise_floor(room, floor);
+        if !in_a_chunk(room, chunks) {
+            ranges.widen_to_floor();
+        }
+    }
+}
+
 /// True if the chunk search's answer is a chunk that may hold the room.
 pub(super) fn in_a_chunk(room: u64, chunk: &Search<Option<u64>>) -> bool {
     matches!(chunk, Search::Found(_, end) if end.is_none_or(|end| room < end))
@@ -281,6 +298,9 @@ impl Shared {
         let mut mark = None;
         let chunk_floor = self.chunk_floor.load(Ordering::Acquire);
         chunks.raise_floor(room, chunk_floor);
+        // A room below the lowest chunk needs no chunk read: its range
+        // search reads down to its floor from the first round.
+        bound_ranges(room, &chunks, &mut ranges);
         for round in 0..MAX_ROUNDS {
             let below_mark = mark.is_none_or(|mark| room < mark);
             // Only a room below the mark needs its chunk (to be cached).
@@ -348,14 +368,7 @@ impl Shared {
                 });
                 ranges.answer(room, last);
             }
-            if let Some(floor) = range_floor(room, &chunks) {
-                ranges.raise_floor(room, floor);
-                if !in_a_chunk(room, &chunks) {
-                    // Between chunks or below them only a range of no chunk
-                    // (0.1's, imported) can hold the room: one read.
-                    ranges.widen_to_floor();
-                }
-            }
+            bound_ranges(room, &chunks, &mut ranges);
             // A damaged record where the range would be: nothing to conclude
             // (the start-up check of every key reports it).
             let Ok(found) = holder(&ranges, room) else {
