@@ -1079,7 +1079,9 @@ impl Allocator {
         operation.await.map_err(|error| {
             if !matches!(
                 error,
-                StoreError::Space(_) | StoreError::StaleRegistration { .. }
+                StoreError::Space(_)
+                    | StoreError::StaleRegistration { .. }
+                    | StoreError::LookupsThrottled { .. }
             ) {
                 warn!(store = self.inner.store.kind(), %error, "store operation failed");
                 self.inner

@@ -45,6 +45,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    /// At zero; `const`, so a count with no handle on [`Metrics`] can be a
+    /// static.
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
@@ -57,6 +63,15 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// ResolveRank look-ups the etcd store sent to etcd (rooms in neither this
+/// replica's memory nor its cache of misses). Statics: the store has no
+/// handle on [`Metrics`], and a process serves one store.
+pub static ETCD_LOOKUPS: Counter = Counter::new();
+/// Keys etcd went through to answer them: the sum of each read's `count`
+/// (etcd 3.4 and 3.5 visit every key of a read's window whatever its limit),
+/// so the cost of a look-up shows without timing it.
+pub static ETCD_LOOKUP_KEYS: Counter = Counter::new();
 
 /// A value that goes up and down.
 #[derive(Debug, Default)]
@@ -325,6 +340,16 @@ impl Metrics {
             "When the certificate file expires, in unix seconds (the soonest notAfter of its certificates): file=tls (--tls-cert), tls_client_ca (--tls-client-ca), etcd_client (--etcd-cert), etcd_ca (--etcd-ca); only files configured and readable",
             &self.certificate_not_after,
         );
+        out.counter(
+            "room_allocator_etcd_lookups",
+            "ResolveRank look-ups sent to etcd: rooms in neither this replica's memory nor its cache of misses (etcd store only)",
+            &ETCD_LOOKUPS,
+        );
+        out.counter(
+            "room_allocator_etcd_lookup_keys",
+            "Keys etcd went through to answer those look-ups (the sum of each read's count: etcd visits every key of a read's window, whatever its limit)",
+            &ETCD_LOOKUP_KEYS,
+        );
         out.gauge(
             "room_allocator_workers_registered",
             "Workers registered now",
@@ -438,6 +463,17 @@ impl Encoder {
             );
         });
         self.text.push_str(&lines);
+    }
+
+    /// One counter without labels, named as [`Self::counters`] names them.
+    fn counter(&mut self, name: &str, help: &str, counter: &Counter) {
+        let family_name = if self.openmetrics {
+            name.to_owned()
+        } else {
+            format!("{name}_total")
+        };
+        self.header(&family_name, "counter", help);
+        let _ = writeln!(self.text, "{name}_total {}", counter.get());
     }
 
     fn gauge(&mut self, name: &str, help: &str, gauge: &Gauge) {

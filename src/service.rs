@@ -51,6 +51,10 @@ fn classify(error: &Error) -> (Code, &'static str) {
         // room from it; to the caller it is a store that cannot hand out
         // rooms, like every other store failure (the log says which).
         Error::Store(StoreError::Overlap { .. }) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+        // The caller's rate, not the store's health.
+        Error::Store(StoreError::LookupsThrottled { .. }) => {
+            (Code::ResourceExhausted, "LOOKUPS_THROTTLED")
+        }
         Error::Store(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
         Error::Unauthenticated { .. } | Error::RegistrationNeedsToken { .. } => {
             (Code::Unauthenticated, "UNAUTHENTICATED")

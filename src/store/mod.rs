@@ -152,6 +152,8 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("worker registrations were last confirmed with etcd {:.1}s ago, over the {:.1}s staleness window", age.as_secs_f64(), window.as_secs_f64())]
     Stale { age: Duration, window: Duration },
+    #[error("over {per_sec} look-ups a second in etcd for rooms this replica does not hold; retry with backoff, or ask the replica that issued the rooms")]
+    LookupsThrottled { per_sec: u32 },
     #[error("failpoint {0} injected a failure")]
     Injected(&'static str),
 }

@@ -16,6 +16,7 @@ mod crash;
 mod disk_full;
 mod etcd;
 mod etcd_auth;
+mod etcd_lookup;
 mod etcd_tls;
 #[cfg(feature = "failpoints")]
 mod failpoints;

@@ -100,8 +100,11 @@
 //! - [`lease`]: bucket leases, TTLs, deregistration leases;
 //!   [`retention`]: the fleet's retention setting.
 //! - [`snapshot`]: start-up (load, create the mark and the store id);
-//!   [`migrate`]: importing an embedded store; [`negative_cache`]:
-//!   ResolveRank's misses; [`calls`]: bounded calls and connecting;
+//!   [`migrate`]: importing an embedded store; [`lookup`]: ResolveRank's
+//!   look-ups in etcd, in windows that do not grow with the number of range
+//!   records, at most [`MAX_LOOKUPS_PER_SEC`](lookup::MAX_LOOKUPS_PER_SEC)
+//!   a second; [`negative_cache`]: ResolveRank's final misses;
+//!   [`calls`]: bounded calls and connecting;
 //!   [`client`]: the etcd client.
 
 mod calls;
@@ -111,6 +114,7 @@ pub(crate) use room_allocator_core::etcd::{carver, deregistration, watch};
 pub mod client;
 mod keys;
 mod lease;
+mod lookup;
 mod migrate;
 mod negative_cache;
 mod registration;
@@ -128,9 +132,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use self::calls::{get, revision_of, timed};
-use self::client::{pb, prefix_end, txn, ConnectOptions, EtcdClient, EtcdError};
-use self::keys::{chunk_end, worker_record};
-pub(crate) use self::keys::{counter_guard, decode_range, encode_worker, parse_decimal, Keys};
+use self::client::{pb, txn, ConnectOptions, EtcdClient, EtcdError};
+use self::keys::worker_record;
+pub(crate) use self::keys::{counter_guard, encode_worker, Keys};
 use self::lease::{
     bucket_for, lease_ttl_secs, lease_unleased, longest_range_lease_secs, BucketLease, LongestLease,
 };
@@ -147,11 +151,13 @@ use super::{
 };
 use crate::failpoint;
 use crate::lifecycle::Lifecycle;
-use crate::space::{Bounds, DpSize, RangeOwner, Room, RoomRange, SPACE_START};
+use crate::space::{Bounds, DpSize, RangeOwner, Room, RoomRange};
 
 /// The decoders the fuzz targets drive (`crate::fuzz`).
 #[cfg(test)]
-pub(crate) use self::keys::{decode_worker, encode_range, parse_entry, Entry};
+pub(crate) use self::keys::{
+    decode_range, decode_worker, encode_range, parse_decimal, parse_entry, Entry,
+};
 
 /// How often a replica asks its watch to confirm it is caught up.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -235,6 +241,9 @@ struct Shared {
     lease: tokio::sync::Mutex<Option<BucketLease>>,
     /// `high_water` as last seen (a lower bound of etcd's).
     high_water: AtomicU64,
+    /// No chunk alive now or taken later starts below this (see
+    /// [`lookup`]): rooms below it lie in no chunk.
+    chunk_floor: AtomicU64,
     /// When the registrations were last confirmed, in ms since `epoch`.
     confirmed_ms: AtomicU64,
     epoch: Instant,
@@ -262,6 +271,8 @@ pub struct EtcdStore {
     reservations: mpsc::UnboundedSender<PendingReservation>,
     updates: Mutex<Option<mpsc::UnboundedReceiver<StoreUpdate>>>,
     misses: Mutex<NegativeCache>,
+    /// Look-ups left this second (see [`lookup`]).
+    lookup_budget: Mutex<lookup::Budget>,
     /// ResolveRank says "pruned" for rooms below this (0.1's marker).
     legacy_pruned_below: u64,
     /// Owns the store's tasks (the registration watch, the reservation
@@ -293,8 +304,16 @@ impl EtcdStore {
             high_water,
             revision,
             unleased,
+            chunks,
             ..
         } = connect_and_load(config).await?;
+        // Chunks taken from now on start at the mark, at or above it.
+        let chunk_floor = chunks
+            .iter()
+            .map(|chunk| chunk.start)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(snapshot.high_water);
         super::check_bounds(snapshot.high_water, config.bounds)?;
         let retention = fleet_retention(&client, &keys, config).await?;
         snapshot.retention = retention;
@@ -321,6 +340,7 @@ impl EtcdStore {
             bucket: bucket_for(retention),
             lease: tokio::sync::Mutex::new(None),
             high_water: AtomicU64::new(snapshot.high_water),
+            chunk_floor: AtomicU64::new(chunk_floor),
             confirmed_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             reachable: AtomicBool::new(true),
@@ -354,6 +374,7 @@ impl EtcdStore {
             reservations,
             updates: Mutex::new(Some(updates_rx)),
             misses: Mutex::new(NegativeCache::default()),
+            lookup_budget: Mutex::new(lookup::Budget::new(0)),
             legacy_pruned_below: snapshot.pruned_below,
             lifecycle: lifecycle.clone(),
             store_id,
@@ -544,75 +565,27 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// The range that holds `room`, from etcd (see [`lookup`]); a final miss
+    /// is remembered, so asking again costs etcd nothing.
     async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
-        let keys = &self.shared.keys;
-        let ranges = keys.ranges();
-        let at_or_below = |prefix_key: String, upto: String| {
-            txn::last_in(prefix_key.into_bytes(), upto.into_bytes())
-        };
-        let after = room.get().saturating_add(1);
-        // One snapshot: the range at or below the room, the lowest range
-        // still kept, the high-water mark, and the chunk at or below it.
-        let request = pb::TxnRequest {
-            compare: Vec::new(),
-            success: vec![
-                at_or_below(keys.range(0), keys.range(after)),
-                txn::get_range(pb::RangeRequest {
-                    key: ranges.clone().into_bytes(),
-                    range_end: prefix_end(ranges.as_bytes()),
-                    limit: 1,
-                    keys_only: true,
-                    ..Default::default()
-                }),
-                txn::get(&keys.high_water()),
-                at_or_below(keys.chunk(0), keys.chunk(after)),
-            ],
-            failure: Vec::new(),
-        };
-        let response = self
-            .shared
-            .timed("look up a range", self.shared.client.txn(request))
-            .await?;
-        let reads = txn::ranges(&response);
-        let decode = |kv: &pb::KeyValue| {
-            let key = std::str::from_utf8(&kv.key).ok()?;
-            decode_range(key.strip_prefix(&ranges)?, &kv.value)
-        };
-        if let Some(owner) = reads
-            .first()
-            .and_then(|r| r.kvs.first())
-            .and_then(decode)
-            .filter(|owner| owner.range.contains(room))
-        {
-            return Ok(Some(owner));
+        let allowed = self
+            .lookup_budget
+            .lock()
+            .expect("look-up budget lock is never poisoned")
+            .take(self.shared.elapsed_ms());
+        if !allowed {
+            return Err(StoreError::LookupsThrottled {
+                per_sec: lookup::MAX_LOOKUPS_PER_SEC,
+            });
         }
-        let oldest = reads.get(1).and_then(|r| r.kvs.first()).and_then(|kv| {
-            std::str::from_utf8(&kv.key)
-                .ok()?
-                .strip_prefix(&ranges)?
-                .parse::<u64>()
-                .ok()
-        });
-        let high_water = reads
-            .get(2)
-            .and_then(|r| r.kvs.first())
-            .and_then(|kv| parse_decimal(&kv.value))
-            .unwrap_or(SPACE_START);
-        // A replica may still carve a range over the room from a live chunk.
-        let in_a_chunk = reads
-            .get(3)
-            .and_then(|r| r.kvs.first())
-            .is_some_and(|kv| chunk_end(&kv.value).is_none_or(|end| room.get() < end));
-        if room.get() < high_water && !in_a_chunk {
-            // Below the mark and outside every chunk a miss is final: ranges
-            // are only carved from chunks, and chunks only above the mark.
-            let below_oldest = oldest.is_none_or(|start| room.get() < start);
+        let found = self.shared.look_up(room.get()).await?;
+        if let Some(below_oldest) = found.final_miss {
             self.misses
                 .lock()
                 .expect("negative cache lock is never poisoned")
                 .insert(room.get(), below_oldest);
         }
-        Ok(None)
+        Ok(found.owner)
     }
 }
 
