@@ -383,8 +383,12 @@ impl Shared {
             if let Some(mark) = mark.filter(|mark| room >= *mark) {
                 // Ranges lie below the mark (a replica refuses a mark below
                 // one): only a mark damaged by hand leaves one above it,
-                // between the mark and the room, read at once. Not final:
-                // a range may still be carved over the room.
+                // between the mark and the room, read at once. A range
+                // straddling such a mark, starting more than the first
+                // window below the room, is not found: NOT_FOUND, never
+                // cached, while replicas refuse to start or reserve under
+                // that mark. Not final: a range may still be carved over
+                // the room.
                 ranges.raise_floor(room, mark);
                 ranges.widen_to_floor();
                 if ranges.is_done() {
