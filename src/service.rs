@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info, instrument, warn};
 
 use crate::allocator::{Allocator, Error, Escaped, Registrar, WorkerInfo};
-use crate::metrics::Metrics;
+use crate::metrics::{Method, Metrics};
 use crate::pb;
 use crate::pb::room_allocator_service_server::RoomAllocatorService;
 use crate::secret::Secret;
@@ -235,7 +235,7 @@ impl Service {
     /// time and log the outcome.
     async fn handle<R, T, F>(
         &self,
-        method: &'static str,
+        method: Method,
         admin: bool,
         request: Request<R>,
         call: impl FnOnce(R, Registrar) -> F,
@@ -259,14 +259,15 @@ impl Service {
     /// deserves: store failures at warn, refusals at info (rate-limited).
     fn finish<T>(
         &self,
-        method: &'static str,
+        method: Method,
         started: Instant,
         result: Result<T, Error>,
     ) -> Result<Response<T>, Status> {
         let result = result.map_err(Status::from);
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         self.metrics
-            .observe_request(method, code_name(code), started.elapsed());
+            .observe_request(method, code, started.elapsed());
+        let method = method.name();
         match &result {
             Err(status) if code == Code::Unavailable => warn!(
                 method,
@@ -306,14 +307,19 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        self.handle("RegisterWorker", true, request, |request, _| async move {
-            self.allocator
-                .register(&request.prefill_worker, request.dp_size)
-                .await
-                .map(|info| pb::RegisterWorkerResponse {
-                    worker: Some(worker_info(info)),
-                })
-        })
+        self.handle(
+            Method::RegisterWorker,
+            true,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .register(&request.prefill_worker, request.dp_size)
+                    .await
+                    .map(|info| pb::RegisterWorkerResponse {
+                        worker: Some(worker_info(info)),
+                    })
+            },
+        )
         .await
     }
 
@@ -323,7 +329,7 @@ impl RoomAllocatorService for Service {
         request: Request<pb::AllocateRoomRequest>,
     ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
         self.handle(
-            "AllocateRoom",
+            Method::AllocateRoom,
             false,
             request,
             |request, registrar| async move {
@@ -349,17 +355,23 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::LeaseRoomsRequest>,
     ) -> Result<Response<pb::LeaseRoomsResponse>, Status> {
-        self.handle("LeaseRooms", false, request, |request, _| async move {
-            self.allocator
-                .lease(&request.prefill_worker, request.count, request.dp_size)
-                .await
-                .map(|lease| pb::LeaseRoomsResponse {
-                    first_base: lease.first_base.get(),
-                    count: lease.count,
-                    dp_size: lease.dp_size.get(),
-                    valid_for_ms: u64::try_from(lease.valid_for.as_millis()).unwrap_or(u64::MAX),
-                })
-        })
+        self.handle(
+            Method::LeaseRooms,
+            false,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .lease(&request.prefill_worker, request.count, request.dp_size)
+                    .await
+                    .map(|lease| pb::LeaseRoomsResponse {
+                        first_base: lease.first_base.get(),
+                        count: lease.count,
+                        dp_size: lease.dp_size.get(),
+                        valid_for_ms: u64::try_from(lease.valid_for.as_millis())
+                            .unwrap_or(u64::MAX),
+                    })
+            },
+        )
         .await
     }
 
@@ -368,16 +380,21 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ResolveRankRequest>,
     ) -> Result<Response<pb::ResolveRankResponse>, Status> {
-        self.handle("ResolveRank", false, request, |request, _| async move {
-            self.allocator
-                .resolve(request.room)
-                .await
-                .map(|resolved| pb::ResolveRankResponse {
-                    prefill_worker: resolved.prefill_worker.to_string(),
-                    dp_rank: resolved.dp_rank.get(),
-                    dp_size: resolved.dp_size.get(),
-                })
-        })
+        self.handle(
+            Method::ResolveRank,
+            false,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .resolve(request.room)
+                    .await
+                    .map(|resolved| pb::ResolveRankResponse {
+                        prefill_worker: resolved.prefill_worker.to_string(),
+                        dp_rank: resolved.dp_rank.get(),
+                        dp_size: resolved.dp_size.get(),
+                    })
+            },
+        )
         .await
     }
 
@@ -386,15 +403,20 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        self.handle("ListWorkers", false, request, |request, _| async move {
-            let page = self
-                .allocator
-                .list(request.page_size, &request.page_token)?;
-            Ok(pb::ListWorkersResponse {
-                workers: page.workers.into_iter().map(worker_info).collect(),
-                next_page_token: page.next_page_token,
-            })
-        })
+        self.handle(
+            Method::ListWorkers,
+            false,
+            request,
+            |request, _| async move {
+                let page = self
+                    .allocator
+                    .list(request.page_size, &request.page_token)?;
+                Ok(pb::ListWorkersResponse {
+                    workers: page.workers.into_iter().map(worker_info).collect(),
+                    next_page_token: page.next_page_token,
+                })
+            },
+        )
         .await
     }
 
@@ -403,12 +425,17 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        self.handle("DeregisterWorker", true, request, |request, _| async move {
-            self.allocator
-                .deregister(&request.prefill_worker)
-                .await
-                .map(|()| pb::DeregisterWorkerResponse {})
-        })
+        self.handle(
+            Method::DeregisterWorker,
+            true,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .deregister(&request.prefill_worker)
+                    .await
+                    .map(|()| pb::DeregisterWorkerResponse {})
+            },
+        )
         .await
     }
 
@@ -417,7 +444,7 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::GetRoomSpaceRequest>,
     ) -> Result<Response<pb::RoomSpace>, Status> {
-        self.handle("GetRoomSpace", false, request, |_, _| async move {
+        self.handle(Method::GetRoomSpace, false, request, |_, _| async move {
             let bounds = self.allocator.limits().bounds;
             Ok(pb::RoomSpace {
                 min_room: bounds.min_room(),
