@@ -369,8 +369,6 @@ pub fn with_grpc_layers<S, B>(
 ) -> impl tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = S::Error>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     use tower::Layer as _;
     grpc_layers(
@@ -380,18 +378,6 @@ where
     )
     .layer(inner)
 }
-
-/// The future both tower layers return.
-type BoxResponseFuture<S, B> = Pin<
-    Box<
-        dyn Future<
-                Output = Result<
-                    <S as tower::Service<http::Request<B>>>::Response,
-                    <S as tower::Service<http::Request<B>>>::Error,
-                >,
-            > + Send,
-    >,
->;
 
 /// The address a listener actually bound, for the "listening" log line.
 pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {

@@ -13,13 +13,13 @@
 //! The series of each known path (and of every unknown one), by code, are
 //! resolved once, on their first use: a call costs no label lookup.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::metrics::{self, ByCode, Counter, Histogram, Method, Metrics, Series};
-
-use super::BoxResponseFuture;
 
 /// go-grpc-middleware's server metrics for every call to every service,
 /// with `--request-timeout-secs` to tell a timed-out call from a cancelled one.
@@ -229,15 +229,51 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+pin_project_lite::pin_project! {
+    /// A call's response, recorded when it is ready; a call dropped first is
+    /// recorded by its record's drop.
+    pub struct RecordedResponse<F> {
+        #[pin]
+        response: F,
+        record: CallRecord,
+    }
+}
+
+impl<F, E> Future for RecordedResponse<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.response.poll(cx));
+        // An error answers trailers-only: its code is in the headers. A
+        // unary success carries grpc-status 0 in its trailers.
+        let (code, counted) = match &response {
+            Ok(response) => (
+                response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from),
+                response.extensions().get::<NotServed>().is_none(),
+            ),
+            Err(_) => (tonic::Code::Unknown, false),
+        };
+        this.record.record(code, counted);
+        Poll::Ready(response)
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for GrpcMetricsService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxResponseFuture<S, B>;
+    type Future = RecordedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -256,7 +292,7 @@ where
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout);
-        let mut record = CallRecord {
+        let record = CallRecord {
             series: self.series.clone(),
             path,
             started: Instant::now(),
@@ -265,26 +301,10 @@ where
             }),
             recorded: false,
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            // An error answers trailers-only: its code is in the headers. A
-            // unary success carries grpc-status 0 in its trailers.
-            let (code, counted) = match &response {
-                Ok(response) => (
-                    response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map_or(tonic::Code::Ok, tonic::Code::from),
-                    response.extensions().get::<NotServed>().is_none(),
-                ),
-                Err(_) => (tonic::Code::Unknown, false),
-            };
-            record.record(code, counted);
-            response
-        })
+        RecordedResponse {
+            response: self.inner.call(request),
+            record,
+        }
     }
 }
 

@@ -5,15 +5,16 @@
 //! with UNAVAILABLE, so no call touches the allocator after the counters are
 //! persisted at shutdown.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use super::grpc_metrics::NotServed;
-use super::BoxResponseFuture;
 
 /// Counts calls being served, so shutdown knows when the drain is done, and
 /// once closed refuses new calls: after the drain no call touches the
@@ -105,15 +106,43 @@ pub struct InFlightService<S> {
     in_flight: InFlight,
 }
 
+pin_project_lite::pin_project! {
+    /// A call's response, the call counted in flight until it is ready (or
+    /// dropped); or, for a call refused, the refusal.
+    pub struct InFlightResponse<F> {
+        #[pin]
+        response: Option<F>,
+        guard: Option<InFlightGuard>,
+        refusal: Option<http::Response<tonic::body::Body>>,
+    }
+}
+
+impl<F, E> Future for InFlightResponse<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(response) = this.response.as_pin_mut() else {
+            return Poll::Ready(Ok(this.refusal.take().expect(
+                "a refusal is answered once: a future is not polled after it is ready",
+            )));
+        };
+        let response = ready!(response.poll(cx));
+        this.guard.take();
+        Poll::Ready(response)
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for InFlightService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxResponseFuture<S, B>;
+    type Future = InFlightResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -131,16 +160,19 @@ where
                         "the server is overloaded ({max} calls in flight, --max-concurrent-requests); retry with backoff"
                     )),
                 };
-                let mut response = status.into_http();
-                response.extensions_mut().insert(NotServed);
-                return Box::pin(std::future::ready(Ok(response)));
+                let mut refusal = status.into_http();
+                refusal.extensions_mut().insert(NotServed);
+                return InFlightResponse {
+                    response: None,
+                    guard: None,
+                    refusal: Some(refusal),
+                };
             }
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            drop(guard);
-            response
-        })
+        InFlightResponse {
+            response: Some(self.inner.call(request)),
+            guard: Some(guard),
+            refusal: None,
+        }
     }
 }
