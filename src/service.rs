@@ -143,13 +143,19 @@ impl Auth {
         self.verify(request)
     }
 
-    /// Whether AllocateRoom may register a worker for this caller.
-    fn registrar<T>(&self, request: &Request<T>) -> Registrar {
-        match self.verify(request) {
+    /// Whether the call may go ahead ([`Auth::check`]) and, if so, whether
+    /// AllocateRoom may register a worker for this caller: with the token
+    /// checked once a call.
+    fn authorize<T>(&self, request: &Request<T>, admin: bool) -> Result<Registrar, Error> {
+        if admin || !self.open_allocation {
+            // The check verified the token: a caller that passed it may register.
+            return self.check(request, admin).map(|()| Registrar::Allowed);
+        }
+        Ok(match self.verify(request) {
             Ok(()) => Registrar::Allowed,
             Err(Error::Unauthenticated { presented }) => Registrar::Denied { presented },
             Err(_) => Registrar::Denied { presented: true },
-        }
+        })
     }
 }
 
@@ -244,12 +250,12 @@ impl Service {
         F: Future<Output = Result<T, Error>>,
     {
         let started = Instant::now();
-        let (authorized, registrar) = match &self.auth {
-            None => (Ok(()), Registrar::Allowed),
-            Some(auth) => (auth.check(&request, admin), auth.registrar(&request)),
+        let authorized = match &self.auth {
+            None => Ok(Registrar::Allowed),
+            Some(auth) => auth.authorize(&request, admin),
         };
         let result = match authorized {
-            Ok(()) => call(request.into_inner(), registrar).await,
+            Ok(registrar) => call(request.into_inner(), registrar).await,
             Err(denied) => Err(denied),
         };
         self.finish(method, started, result)
@@ -554,6 +560,47 @@ mod tests {
         let open = Auth::new(&["s3cret".into()], true);
         assert!(open.check(&request(None), false).is_ok());
         assert!(open.check(&request(None), true).is_err());
+        // One check a call also says who may register through AllocateRoom.
+        for (auth, admin, authorization, verdict) in [
+            (
+                &strict,
+                false,
+                Some("Bearer s3cret"),
+                Some(Registrar::Allowed),
+            ),
+            (
+                &strict,
+                true,
+                Some("Bearer s3cret"),
+                Some(Registrar::Allowed),
+            ),
+            (&strict, false, Some("Bearer wrong"), None),
+            (
+                &open,
+                false,
+                Some("Bearer s3cret"),
+                Some(Registrar::Allowed),
+            ),
+            (
+                &open,
+                false,
+                Some("Bearer wrong"),
+                Some(Registrar::Denied { presented: true }),
+            ),
+            (
+                &open,
+                false,
+                None,
+                Some(Registrar::Denied { presented: false }),
+            ),
+            (&open, true, None, None),
+        ] {
+            assert_eq!(
+                auth.authorize(&request(authorization), admin).ok(),
+                verdict,
+                "{authorization:?} admin={admin}"
+            );
+        }
         assert!(!format!("{open:?}").contains("s3cret"));
     }
 
