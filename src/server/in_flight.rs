@@ -21,11 +21,18 @@ use super::grpc_metrics::NotServed;
 /// allocator, so the counters persisted at shutdown are complete.
 #[derive(Clone)]
 pub(super) struct InFlight {
-    /// Calls in flight, plus [`CLOSED`] once the drain is over.
-    calls: Arc<AtomicUsize>,
-    idle: Arc<Notify>,
+    count: Arc<Count>,
     /// More calls than this are shed at once.
     max: usize,
+}
+
+/// What the layer and every call's guard share: one reference to clone a
+/// call, not one per field.
+#[derive(Default)]
+struct Count {
+    /// Calls in flight, plus [`CLOSED`] once the drain is over.
+    calls: AtomicUsize,
+    idle: Notify,
 }
 
 /// Why a call was refused before it reached a service.
@@ -37,7 +44,7 @@ enum Refused {
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// Decrements the count when a call's response is ready (or it is dropped).
-struct InFlightGuard(InFlight);
+struct InFlightGuard(Arc<Count>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -50,15 +57,14 @@ impl Drop for InFlightGuard {
 impl InFlight {
     pub(super) fn new(max: usize) -> Self {
         Self {
-            calls: Arc::default(),
-            idle: Arc::default(),
+            count: Arc::default(),
             max: max.clamp(1, CLOSED - 1),
         }
     }
 
     fn enter(&self) -> Result<InFlightGuard, Refused> {
-        let before = self.calls.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlightGuard(self.clone());
+        let before = self.count.calls.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlightGuard(self.count.clone());
         if before & CLOSED != 0 {
             return Err(Refused::Closed);
         }
@@ -73,8 +79,9 @@ impl InFlight {
     pub(super) async fn drain(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notified = self.idle.notified();
+            let notified = self.count.idle.notified();
             if self
+                .count
                 .calls
                 .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -82,7 +89,7 @@ impl InFlight {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                self.calls.fetch_or(CLOSED, Ordering::AcqRel);
+                self.count.calls.fetch_or(CLOSED, Ordering::AcqRel);
                 return false;
             }
         }
