@@ -566,7 +566,12 @@ impl Allocator {
         demand: Demand,
         check: impl Fn(DpSize) -> Result<T, Error>,
     ) -> Result<TakenBases<T>, Error> {
-        validate_worker(prefill_worker)?;
+        // A known worker's name was checked when it became known (the stores
+        // refuse invalid names too): only an unknown one is checked here.
+        let mut known = self.worker(prefill_worker);
+        if known.is_none() {
+            validate_worker(prefill_worker)?;
+        }
         let requested = match requested_dp_size {
             0 => None,
             n => Some(DpSize::try_new(n)?),
@@ -581,7 +586,7 @@ impl Allocator {
         let shared = self.inner.store.shared();
         let mut asked_store = false;
         for _ in 0..MAX_ROUNDS {
-            let Some(worker) = self.worker(prefill_worker) else {
+            let Some(worker) = known.take().or_else(|| self.worker(prefill_worker)) else {
                 if let Some(shared) = shared.filter(|_| !asked_store) {
                     asked_store = true;
                     self.learn(shared, prefill_worker).await?;

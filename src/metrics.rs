@@ -12,12 +12,16 @@
 //! codes the gRPC codes, stores the store kinds. Worker names are never
 //! labels: a fleet may have thousands of them. Families an alert uses exist
 //! from the start (at zero), not only after their first event.
+//!
+//! What every call updates is reached through a [`Series`] resolved on first
+//! use: a call takes no lock and looks up no labels (its five lookups by
+//! labels cost more than the allocation itself: `benches/hot_path.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -169,6 +173,46 @@ impl<M: Default> Family<M> {
     }
 }
 
+/// One series of a family, resolved on its first use, then reached with one
+/// atomic load: a call takes no lock, looks nothing up and allocates nothing
+/// for it. Resolved on first use rather than up front, so that the
+/// exposition is what `Family::get` alone would make it: a label set appears
+/// once used, or when `Metrics::new` creates it at zero.
+pub struct Series<M>(OnceLock<Arc<M>>);
+
+impl<M> Default for Series<M> {
+    fn default() -> Self {
+        Self(OnceLock::new())
+    }
+}
+
+impl<M: Default> Series<M> {
+    /// The series of `family` with these label values; every call on one
+    /// `Series` must pass the same values.
+    pub fn get(&self, family: &Family<M>, values: &[&'static str]) -> &M {
+        self.0.get_or_init(|| family.get(values))
+    }
+}
+
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+
+/// One [`Series`] per gRPC code, each resolved on first use.
+pub struct ByCode<M>([Series<M>; GRPC_CODES]);
+
+impl<M> Default for ByCode<M> {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| Series::default()))
+    }
+}
+
+impl<M> ByCode<M> {
+    pub fn of(&self, code: tonic::Code) -> &Series<M> {
+        // A code's number is its index: tonic's codes are 0 to 16.
+        &self.0[code as usize]
+    }
+}
+
 /// The rpcs of `room_allocator.v1.RoomAllocatorService`, for label values
 /// that exist from the start.
 pub const METHODS: &[&str] = &[
@@ -180,6 +224,45 @@ pub const METHODS: &[&str] = &[
     "DeregisterWorker",
     "GetRoomSpace",
 ];
+
+/// An rpc of `room_allocator.v1.RoomAllocatorService`, in the order of
+/// [`METHODS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    RegisterWorker,
+    AllocateRoom,
+    LeaseRooms,
+    ResolveRank,
+    ListWorkers,
+    DeregisterWorker,
+    GetRoomSpace,
+}
+
+impl Method {
+    pub const ALL: [Method; 7] = [
+        Method::RegisterWorker,
+        Method::AllocateRoom,
+        Method::LeaseRooms,
+        Method::ResolveRank,
+        Method::ListWorkers,
+        Method::DeregisterWorker,
+        Method::GetRoomSpace,
+    ];
+
+    /// Its name, the `method` label.
+    pub fn name(self) -> &'static str {
+        METHODS[self as usize]
+    }
+}
+
+/// `room_allocator_requests_total` and `room_allocator_request_duration_seconds`
+/// of one method, by code.
+#[derive(Default)]
+struct RequestSeries {
+    count: ByCode<Counter>,
+    duration: ByCode<Histogram>,
+}
+
 /// The allocator service's full name.
 pub const SERVICE: &str = "room_allocator.v1.RoomAllocatorService";
 
@@ -214,6 +297,8 @@ pub struct Metrics {
     pub grpc_handled: Family<Counter>,
     pub grpc_handling: Family<Histogram>,
     store: &'static str,
+    /// The series each call of each method updates, by [`Method`].
+    request_series: [RequestSeries; Method::ALL.len()],
 }
 
 impl Metrics {
@@ -243,6 +328,7 @@ impl Metrics {
             grpc_handled: Family::new(&["grpc_type", "grpc_service", "grpc_method", "grpc_code"]),
             grpc_handling: Family::new(&["grpc_type", "grpc_service", "grpc_method"]),
             store,
+            request_series: Default::default(),
         };
         for method in ["AllocateRoom", "LeaseRooms"] {
             metrics.rooms_issued.get(&[method]);
@@ -287,11 +373,18 @@ impl Metrics {
         let _ = self.store_id.set(store_id.to_owned());
     }
 
-    /// Counts and times one call to the allocator service.
-    pub fn observe_request(&self, method: &'static str, code: &'static str, elapsed: Duration) {
+    /// Counts and times one call to the allocator service, labelled with
+    /// the code as the contract names it (`UNAVAILABLE`).
+    pub fn observe_request(&self, method: Method, code: tonic::Code, elapsed: Duration) {
         // Refused calls are those with a code other than OK.
-        self.requests.get(&[method, code]).inc();
-        self.request_duration.get(&[method, code]).observe(elapsed);
+        let series = &self.request_series[method as usize];
+        let labels = [method.name(), room_allocator_client::code_name(code)];
+        series.count.of(code).get(&self.requests, &labels).inc();
+        series
+            .duration
+            .of(code)
+            .get(&self.request_duration, &labels)
+            .observe(elapsed);
     }
 
     /// Renders everything; `openmetrics` picks the format.
@@ -741,7 +834,11 @@ mod tests {
     #[test]
     fn both_formats_name_counters_as_their_readers_expect() {
         let metrics = Metrics::new("embedded");
-        metrics.observe_request("AllocateRoom", "OK", Duration::from_millis(3));
+        metrics.observe_request(
+            Method::AllocateRoom,
+            tonic::Code::Ok,
+            Duration::from_millis(3),
+        );
         let text = metrics.render(false);
         assert!(text.contains("# TYPE room_allocator_requests_total counter"));
         assert!(
@@ -752,6 +849,35 @@ mod tests {
         let open = metrics.render(true);
         assert!(open.contains("# TYPE room_allocator_requests counter"));
         assert!(open.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn resolved_series_are_the_familys_and_appear_only_once_used() {
+        let metrics = Metrics::new("embedded");
+        let unavailable =
+            "room_allocator_requests_total{method=\"LeaseRooms\",code=\"UNAVAILABLE\"}";
+        assert!(!metrics.render(false).contains(unavailable));
+        for _ in 0..2 {
+            metrics.observe_request(
+                Method::LeaseRooms,
+                tonic::Code::Unavailable,
+                Duration::from_millis(1),
+            );
+        }
+        metrics.requests.get(&["LeaseRooms", "UNAVAILABLE"]).inc();
+        let text = metrics.render(false);
+        assert!(text.contains(&format!("{unavailable} 3")), "{text}");
+        assert!(text.contains("room_allocator_request_duration_seconds_count{method=\"LeaseRooms\",code=\"UNAVAILABLE\"} 2"));
+        // Every code has its series, and every method its name.
+        let last = tonic::Code::Unauthenticated;
+        metrics.observe_request(Method::GetRoomSpace, last, Duration::ZERO);
+        assert!(metrics.render(false).contains(
+            "room_allocator_requests_total{method=\"GetRoomSpace\",code=\"UNAUTHENTICATED\"} 1"
+        ));
+        assert_eq!(last as usize, GRPC_CODES - 1);
+        for (method, name) in Method::ALL.iter().zip(METHODS) {
+            assert_eq!(method.name(), *name);
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info, instrument, warn};
 
 use crate::allocator::{Allocator, Error, Escaped, Registrar, WorkerInfo};
-use crate::metrics::Metrics;
+use crate::metrics::{Method, Metrics};
 use crate::pb;
 use crate::pb::room_allocator_service_server::RoomAllocatorService;
 use crate::secret::Secret;
@@ -147,13 +147,19 @@ impl Auth {
         self.verify(request)
     }
 
-    /// Whether AllocateRoom may register a worker for this caller.
-    fn registrar<T>(&self, request: &Request<T>) -> Registrar {
-        match self.verify(request) {
+    /// Whether the call may go ahead ([`Auth::check`]) and, if so, whether
+    /// AllocateRoom may register a worker for this caller: with the token
+    /// checked once a call.
+    fn authorize<T>(&self, request: &Request<T>, admin: bool) -> Result<Registrar, Error> {
+        if admin || !self.open_allocation {
+            // The check verified the token: a caller that passed it may register.
+            return self.check(request, admin).map(|()| Registrar::Allowed);
+        }
+        Ok(match self.verify(request) {
             Ok(()) => Registrar::Allowed,
             Err(Error::Unauthenticated { presented }) => Registrar::Denied { presented },
             Err(_) => Registrar::Denied { presented: true },
-        }
+        })
     }
 }
 
@@ -239,7 +245,7 @@ impl Service {
     /// time and log the outcome.
     async fn handle<R, T, F>(
         &self,
-        method: &'static str,
+        method: Method,
         admin: bool,
         request: Request<R>,
         call: impl FnOnce(R, Registrar) -> F,
@@ -248,12 +254,12 @@ impl Service {
         F: Future<Output = Result<T, Error>>,
     {
         let started = Instant::now();
-        let (authorized, registrar) = match &self.auth {
-            None => (Ok(()), Registrar::Allowed),
-            Some(auth) => (auth.check(&request, admin), auth.registrar(&request)),
+        let authorized = match &self.auth {
+            None => Ok(Registrar::Allowed),
+            Some(auth) => auth.authorize(&request, admin),
         };
         let result = match authorized {
-            Ok(()) => call(request.into_inner(), registrar).await,
+            Ok(registrar) => call(request.into_inner(), registrar).await,
             Err(denied) => Err(denied),
         };
         self.finish(method, started, result)
@@ -263,14 +269,15 @@ impl Service {
     /// deserves: store failures at warn, refusals at info (rate-limited).
     fn finish<T>(
         &self,
-        method: &'static str,
+        method: Method,
         started: Instant,
         result: Result<T, Error>,
     ) -> Result<Response<T>, Status> {
         let result = result.map_err(Status::from);
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         self.metrics
-            .observe_request(method, code_name(code), started.elapsed());
+            .observe_request(method, code, started.elapsed());
+        let method = method.name();
         match &result {
             Err(status) if code == Code::Unavailable => warn!(
                 method,
@@ -310,14 +317,19 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        self.handle("RegisterWorker", true, request, |request, _| async move {
-            self.allocator
-                .register(&request.prefill_worker, request.dp_size)
-                .await
-                .map(|info| pb::RegisterWorkerResponse {
-                    worker: Some(worker_info(info)),
-                })
-        })
+        self.handle(
+            Method::RegisterWorker,
+            true,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .register(&request.prefill_worker, request.dp_size)
+                    .await
+                    .map(|info| pb::RegisterWorkerResponse {
+                        worker: Some(worker_info(info)),
+                    })
+            },
+        )
         .await
     }
 
@@ -327,7 +339,7 @@ impl RoomAllocatorService for Service {
         request: Request<pb::AllocateRoomRequest>,
     ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
         self.handle(
-            "AllocateRoom",
+            Method::AllocateRoom,
             false,
             request,
             |request, registrar| async move {
@@ -353,17 +365,23 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::LeaseRoomsRequest>,
     ) -> Result<Response<pb::LeaseRoomsResponse>, Status> {
-        self.handle("LeaseRooms", false, request, |request, _| async move {
-            self.allocator
-                .lease(&request.prefill_worker, request.count, request.dp_size)
-                .await
-                .map(|lease| pb::LeaseRoomsResponse {
-                    first_base: lease.first_base.get(),
-                    count: lease.count,
-                    dp_size: lease.dp_size.get(),
-                    valid_for_ms: u64::try_from(lease.valid_for.as_millis()).unwrap_or(u64::MAX),
-                })
-        })
+        self.handle(
+            Method::LeaseRooms,
+            false,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .lease(&request.prefill_worker, request.count, request.dp_size)
+                    .await
+                    .map(|lease| pb::LeaseRoomsResponse {
+                        first_base: lease.first_base.get(),
+                        count: lease.count,
+                        dp_size: lease.dp_size.get(),
+                        valid_for_ms: u64::try_from(lease.valid_for.as_millis())
+                            .unwrap_or(u64::MAX),
+                    })
+            },
+        )
         .await
     }
 
@@ -372,16 +390,21 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ResolveRankRequest>,
     ) -> Result<Response<pb::ResolveRankResponse>, Status> {
-        self.handle("ResolveRank", false, request, |request, _| async move {
-            self.allocator
-                .resolve(request.room)
-                .await
-                .map(|resolved| pb::ResolveRankResponse {
-                    prefill_worker: resolved.prefill_worker.to_string(),
-                    dp_rank: resolved.dp_rank.get(),
-                    dp_size: resolved.dp_size.get(),
-                })
-        })
+        self.handle(
+            Method::ResolveRank,
+            false,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .resolve(request.room)
+                    .await
+                    .map(|resolved| pb::ResolveRankResponse {
+                        prefill_worker: resolved.prefill_worker.to_string(),
+                        dp_rank: resolved.dp_rank.get(),
+                        dp_size: resolved.dp_size.get(),
+                    })
+            },
+        )
         .await
     }
 
@@ -390,15 +413,20 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        self.handle("ListWorkers", false, request, |request, _| async move {
-            let page = self
-                .allocator
-                .list(request.page_size, &request.page_token)?;
-            Ok(pb::ListWorkersResponse {
-                workers: page.workers.into_iter().map(worker_info).collect(),
-                next_page_token: page.next_page_token,
-            })
-        })
+        self.handle(
+            Method::ListWorkers,
+            false,
+            request,
+            |request, _| async move {
+                let page = self
+                    .allocator
+                    .list(request.page_size, &request.page_token)?;
+                Ok(pb::ListWorkersResponse {
+                    workers: page.workers.into_iter().map(worker_info).collect(),
+                    next_page_token: page.next_page_token,
+                })
+            },
+        )
         .await
     }
 
@@ -407,12 +435,17 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        self.handle("DeregisterWorker", true, request, |request, _| async move {
-            self.allocator
-                .deregister(&request.prefill_worker)
-                .await
-                .map(|()| pb::DeregisterWorkerResponse {})
-        })
+        self.handle(
+            Method::DeregisterWorker,
+            true,
+            request,
+            |request, _| async move {
+                self.allocator
+                    .deregister(&request.prefill_worker)
+                    .await
+                    .map(|()| pb::DeregisterWorkerResponse {})
+            },
+        )
         .await
     }
 
@@ -421,7 +454,7 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::GetRoomSpaceRequest>,
     ) -> Result<Response<pb::RoomSpace>, Status> {
-        self.handle("GetRoomSpace", false, request, |_, _| async move {
+        self.handle(Method::GetRoomSpace, false, request, |_, _| async move {
             let bounds = self.allocator.limits().bounds;
             Ok(pb::RoomSpace {
                 min_room: bounds.min_room(),
@@ -531,6 +564,47 @@ mod tests {
         let open = Auth::new(&["s3cret".into()], true);
         assert!(open.check(&request(None), false).is_ok());
         assert!(open.check(&request(None), true).is_err());
+        // One check a call also says who may register through AllocateRoom.
+        for (auth, admin, authorization, verdict) in [
+            (
+                &strict,
+                false,
+                Some("Bearer s3cret"),
+                Some(Registrar::Allowed),
+            ),
+            (
+                &strict,
+                true,
+                Some("Bearer s3cret"),
+                Some(Registrar::Allowed),
+            ),
+            (&strict, false, Some("Bearer wrong"), None),
+            (
+                &open,
+                false,
+                Some("Bearer s3cret"),
+                Some(Registrar::Allowed),
+            ),
+            (
+                &open,
+                false,
+                Some("Bearer wrong"),
+                Some(Registrar::Denied { presented: true }),
+            ),
+            (
+                &open,
+                false,
+                None,
+                Some(Registrar::Denied { presented: false }),
+            ),
+            (&open, true, None, None),
+        ] {
+            assert_eq!(
+                auth.authorize(&request(authorization), admin).ok(),
+                verdict,
+                "{authorization:?} admin={admin}"
+            );
+        }
         assert!(!format!("{open:?}").contains("s3cret"));
     }
 

@@ -9,14 +9,17 @@
 //! it is dropped first, as DeadlineExceeded or Canceled. Calls the allocator
 //! service never saw (shed by the in-flight limit, refused during shutdown)
 //! are also counted in `room_allocator_requests_total` here.
+//!
+//! The series of each known path (and of every unknown one), by code, are
+//! resolved once, on their first use: a call costs no label lookup.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::metrics::{self, Metrics};
-
-use super::BoxResponseFuture;
+use crate::metrics::{self, ByCode, Counter, Histogram, Method, Metrics, Series};
 
 /// go-grpc-middleware's server metrics for every call to every service,
 /// with `--request-timeout-secs` to tell a timed-out call from a cancelled one.
@@ -33,7 +36,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GrpcMetricsService {
             inner,
-            metrics: self.metrics.clone(),
+            series: Arc::new(AllSeries::new(self.metrics.clone())),
             request_timeout: self.request_timeout,
         }
     }
@@ -42,41 +45,81 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 #[derive(Clone)]
 pub struct GrpcMetricsService<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    series: Arc<AllSeries>,
     request_timeout: Duration,
 }
 
-/// The (type, service, method) labels of a request path; bounded: paths this
-/// server does not serve are all "unknown".
-fn grpc_labels(path: &str) -> (&'static str, &'static str, &'static str) {
-    const KNOWN: &[(&str, &str, &str)] = &[
-        ("unary", metrics::SERVICE, "RegisterWorker"),
-        ("unary", metrics::SERVICE, "AllocateRoom"),
-        ("unary", metrics::SERVICE, "LeaseRooms"),
-        ("unary", metrics::SERVICE, "ResolveRank"),
-        ("unary", metrics::SERVICE, "ListWorkers"),
-        ("unary", metrics::SERVICE, "DeregisterWorker"),
-        ("unary", metrics::SERVICE, "GetRoomSpace"),
-        ("unary", "grpc.health.v1.Health", "Check"),
-        ("server_stream", "grpc.health.v1.Health", "Watch"),
-        (
-            "bidi_stream",
-            "grpc.reflection.v1.ServerReflection",
-            "ServerReflectionInfo",
-        ),
-        (
-            "bidi_stream",
-            "grpc.reflection.v1alpha.ServerReflection",
-            "ServerReflectionInfo",
-        ),
-    ];
+/// The (type, service, method) labels of the paths this server serves.
+const KNOWN: &[(&str, &str, &str)] = &[
+    ("unary", metrics::SERVICE, "RegisterWorker"),
+    ("unary", metrics::SERVICE, "AllocateRoom"),
+    ("unary", metrics::SERVICE, "LeaseRooms"),
+    ("unary", metrics::SERVICE, "ResolveRank"),
+    ("unary", metrics::SERVICE, "ListWorkers"),
+    ("unary", metrics::SERVICE, "DeregisterWorker"),
+    ("unary", metrics::SERVICE, "GetRoomSpace"),
+    ("unary", "grpc.health.v1.Health", "Check"),
+    ("server_stream", "grpc.health.v1.Health", "Watch"),
+    (
+        "bidi_stream",
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+    ),
+    (
+        "bidi_stream",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+    ),
+];
+
+/// The labels of every path this server does not serve: bounded.
+const UNKNOWN: (&str, &str, &str) = ("unary", "unknown", "unknown");
+
+/// The index in [`KNOWN`] of a request path, or `KNOWN.len()` for a path
+/// this server does not serve.
+fn path_index(path: &str) -> usize {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     KNOWN
         .iter()
-        .find(|(_, s, m)| *s == service && *m == method)
-        .copied()
-        .unwrap_or(("unary", "unknown", "unknown"))
+        .position(|(_, s, m)| *s == service && *m == method)
+        .unwrap_or(KNOWN.len())
+}
+
+/// The series of one path (or of every unknown one), each resolved on its
+/// first use.
+struct PathSeries {
+    labels: (&'static str, &'static str, &'static str),
+    /// The allocator service's method of the path, if it is one.
+    method: Option<Method>,
+    started: Series<Counter>,
+    handling: Series<Histogram>,
+    handled: ByCode<Counter>,
+}
+
+/// The series of every path, by [`path_index`].
+struct AllSeries {
+    metrics: Arc<Metrics>,
+    paths: Vec<PathSeries>,
+}
+
+impl AllSeries {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        let paths = KNOWN
+            .iter()
+            .chain([&UNKNOWN])
+            .map(|&(kind, service, method)| PathSeries {
+                labels: (kind, service, method),
+                method: Method::ALL
+                    .into_iter()
+                    .find(|m| service == metrics::SERVICE && m.name() == method),
+                started: Series::default(),
+                handling: Series::default(),
+                handled: ByCode::default(),
+            })
+            .collect();
+        Self { metrics, paths }
+    }
 }
 
 /// A gRPC code as grpc-go's `codes.Code.String()` prints it.
@@ -110,8 +153,9 @@ fn grpc_go_code(code: tonic::Code) -> &'static str {
 /// made of would never reach `grpc_server_handled_total`, and `started -
 /// handled` would grow for good.
 struct CallRecord {
-    metrics: Arc<Metrics>,
-    labels: (&'static str, &'static str, &'static str),
+    series: Arc<AllSeries>,
+    /// The call's path, by [`path_index`].
+    path: usize,
     started: Instant,
     /// The sooner of `--request-timeout-secs` and the client's grpc-timeout.
     deadline: Duration,
@@ -135,26 +179,33 @@ impl CallRecord {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        let (kind, service, method) = self.labels;
         let elapsed = self.started.elapsed();
-        self.metrics
-            .grpc_handling
-            .get(&[kind, service, method])
+        let metrics = &self.series.metrics;
+        let path = &self.series.paths[self.path];
+        let (kind, service, method) = path.labels;
+        path.handling
+            .get(&metrics.grpc_handling, &[kind, service, method])
             .observe(elapsed);
-        self.metrics
-            .grpc_handled
-            .get(&[kind, service, method, grpc_go_code(code)])
+        path.handled
+            .of(code)
+            .get(
+                &metrics.grpc_handled,
+                &[kind, service, method, grpc_go_code(code)],
+            )
             .inc();
-        if !counted && service == metrics::SERVICE {
+        if let (false, Some(method)) = (counted, path.method) {
             // This family names codes as the contract does (UNAVAILABLE).
-            self.metrics
-                .observe_request(method, crate::service::code_name(code), elapsed);
+            metrics.observe_request(method, code, elapsed);
         }
     }
 }
 
 impl Drop for CallRecord {
     fn drop(&mut self) {
+        if self.recorded {
+            // The usual case: no clock read for a call already recorded.
+            return;
+        }
         let code = if self.started.elapsed() + DEADLINE_SLACK >= self.deadline {
             tonic::Code::DeadlineExceeded
         } else {
@@ -182,60 +233,82 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+pin_project_lite::pin_project! {
+    /// A call's response, recorded when it is ready; a call dropped first is
+    /// recorded by its record's drop.
+    pub struct RecordedResponse<F> {
+        #[pin]
+        response: F,
+        record: CallRecord,
+    }
+}
+
+impl<F, E> Future for RecordedResponse<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.response.poll(cx));
+        // An error answers trailers-only: its code is in the headers. A
+        // unary success carries grpc-status 0 in its trailers.
+        let (code, counted) = match &response {
+            Ok(response) => (
+                response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from),
+                response.extensions().get::<NotServed>().is_none(),
+            ),
+            Err(_) => (tonic::Code::Unknown, false),
+        };
+        this.record.record(code, counted);
+        Poll::Ready(response)
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for GrpcMetricsService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxResponseFuture<S, B>;
+    type Future = RecordedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (kind, service, method) = grpc_labels(request.uri().path());
-        self.metrics
-            .grpc_started
-            .get(&[kind, service, method])
+        let path = path_index(request.uri().path());
+        let series = &self.series.paths[path];
+        let (kind, service, method) = series.labels;
+        series
+            .started
+            .get(&self.series.metrics.grpc_started, &[kind, service, method])
             .inc();
         let client_deadline = request
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout);
-        let mut record = CallRecord {
-            metrics: self.metrics.clone(),
-            labels: (kind, service, method),
+        let record = CallRecord {
+            series: self.series.clone(),
+            path,
             started: Instant::now(),
             deadline: client_deadline.map_or(self.request_timeout, |client| {
                 client.min(self.request_timeout)
             }),
             recorded: false,
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            // An error answers trailers-only: its code is in the headers. A
-            // unary success carries grpc-status 0 in its trailers.
-            let (code, counted) = match &response {
-                Ok(response) => (
-                    response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map_or(tonic::Code::Ok, tonic::Code::from),
-                    response.extensions().get::<NotServed>().is_none(),
-                ),
-                Err(_) => (tonic::Code::Unknown, false),
-            };
-            record.record(code, counted);
-            response
-        })
+        RecordedResponse {
+            response: self.inner.call(request),
+            record,
+        }
     }
 }
 
@@ -245,13 +318,21 @@ mod tests {
 
     #[test]
     fn grpc_labels_are_bounded_and_codes_are_grpc_gos() {
+        let series = AllSeries::new(Arc::new(Metrics::new("embedded")));
+        let labels = |path| series.paths[path_index(path)].labels;
         assert_eq!(
-            grpc_labels("/room_allocator.v1.RoomAllocatorService/AllocateRoom"),
+            labels("/room_allocator.v1.RoomAllocatorService/AllocateRoom"),
             ("unary", metrics::SERVICE, "AllocateRoom")
         );
+        assert_eq!(labels("/evil.Service/x"), UNKNOWN);
+        assert_eq!(labels("/grpc.health.v1.Health/Check").2, "Check");
         assert_eq!(
-            grpc_labels("/evil.Service/x"),
-            ("unary", "unknown", "unknown")
+            series.paths[path_index("/room_allocator.v1.RoomAllocatorService/LeaseRooms")].method,
+            Some(Method::LeaseRooms)
+        );
+        assert_eq!(
+            series.paths[path_index("/grpc.health.v1.Health/Check")].method,
+            None
         );
         assert_eq!(grpc_go_code(tonic::Code::Cancelled), "Canceled");
         assert_eq!(

@@ -5,26 +5,34 @@
 //! with UNAVAILABLE, so no call touches the allocator after the counters are
 //! persisted at shutdown.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use super::grpc_metrics::NotServed;
-use super::BoxResponseFuture;
 
 /// Counts calls being served, so shutdown knows when the drain is done, and
 /// once closed refuses new calls: after the drain no call touches the
 /// allocator, so the counters persisted at shutdown are complete.
 #[derive(Clone)]
 pub(super) struct InFlight {
-    /// Calls in flight, plus [`CLOSED`] once the drain is over.
-    calls: Arc<AtomicUsize>,
-    idle: Arc<Notify>,
+    count: Arc<Count>,
     /// More calls than this are shed at once.
     max: usize,
+}
+
+/// What the layer and every call's guard share: one reference to clone a
+/// call, not one per field.
+#[derive(Default)]
+struct Count {
+    /// Calls in flight, plus [`CLOSED`] once the drain is over.
+    calls: AtomicUsize,
+    idle: Notify,
 }
 
 /// Why a call was refused before it reached a service.
@@ -36,7 +44,7 @@ enum Refused {
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// Decrements the count when a call's response is ready (or it is dropped).
-struct InFlightGuard(InFlight);
+struct InFlightGuard(Arc<Count>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -49,15 +57,14 @@ impl Drop for InFlightGuard {
 impl InFlight {
     pub(super) fn new(max: usize) -> Self {
         Self {
-            calls: Arc::default(),
-            idle: Arc::default(),
+            count: Arc::default(),
             max: max.clamp(1, CLOSED - 1),
         }
     }
 
     fn enter(&self) -> Result<InFlightGuard, Refused> {
-        let before = self.calls.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlightGuard(self.clone());
+        let before = self.count.calls.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlightGuard(self.count.clone());
         if before & CLOSED != 0 {
             return Err(Refused::Closed);
         }
@@ -72,8 +79,9 @@ impl InFlight {
     pub(super) async fn drain(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notified = self.idle.notified();
+            let notified = self.count.idle.notified();
             if self
+                .count
                 .calls
                 .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -81,7 +89,7 @@ impl InFlight {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                self.calls.fetch_or(CLOSED, Ordering::AcqRel);
+                self.count.calls.fetch_or(CLOSED, Ordering::AcqRel);
                 return false;
             }
         }
@@ -105,15 +113,43 @@ pub struct InFlightService<S> {
     in_flight: InFlight,
 }
 
+pin_project_lite::pin_project! {
+    /// A call's response, the call counted in flight until it is ready (or
+    /// dropped); or, for a call refused, the refusal.
+    pub struct InFlightResponse<F> {
+        #[pin]
+        response: Option<F>,
+        guard: Option<InFlightGuard>,
+        refusal: Option<http::Response<tonic::body::Body>>,
+    }
+}
+
+impl<F, E> Future for InFlightResponse<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(response) = this.response.as_pin_mut() else {
+            return Poll::Ready(Ok(this.refusal.take().expect(
+                "a refusal is answered once: a future is not polled after it is ready",
+            )));
+        };
+        let response = ready!(response.poll(cx));
+        this.guard.take();
+        Poll::Ready(response)
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for InFlightService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxResponseFuture<S, B>;
+    type Future = InFlightResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -131,16 +167,19 @@ where
                         "the server is overloaded ({max} calls in flight, --max-concurrent-requests); retry with backoff"
                     )),
                 };
-                let mut response = status.into_http();
-                response.extensions_mut().insert(NotServed);
-                return Box::pin(std::future::ready(Ok(response)));
+                let mut refusal = status.into_http();
+                refusal.extensions_mut().insert(NotServed);
+                return InFlightResponse {
+                    response: None,
+                    guard: None,
+                    refusal: Some(refusal),
+                };
             }
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            drop(guard);
-            response
-        })
+        InFlightResponse {
+            response: Some(self.inner.call(request)),
+            guard: Some(guard),
+            refusal: None,
+        }
     }
 }
