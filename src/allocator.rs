@@ -567,8 +567,13 @@ impl Allocator {
         check: impl Fn(DpSize) -> Result<T, Error>,
     ) -> Result<TakenBases<T>, Error> {
         // A known worker's name was checked when it became known (the stores
-        // refuse invalid names too): only an unknown one is checked here.
-        let mut known = self.worker(prefill_worker);
+        // refuse invalid names, etcd's watch included): only an unknown one
+        // is checked here. A name too long to be valid is refused before it
+        // is hashed under the workers' lock.
+        let mut known = None;
+        if prefill_worker.len() <= MAX_WORKER_LEN {
+            known = self.worker(prefill_worker);
+        }
         if known.is_none() {
             validate_worker(prefill_worker)?;
         }

@@ -182,8 +182,11 @@ pub(crate) fn parse_decimal(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// The registration a worker key holds, as the allocator applies it.
+/// The registration a worker key holds, as the allocator applies it; none
+/// under a name the contract refuses (written by hand or another tool):
+/// once applied, a worker's name is not checked again before it gets rooms.
 pub(super) fn worker_record(prefill_worker: Arc<str>, kv: &pb::KeyValue) -> Option<WorkerRecord> {
+    crate::names::validate_worker(&prefill_worker).ok()?;
     let WorkerValue {
         dp_size,
         registered,

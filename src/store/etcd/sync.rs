@@ -952,4 +952,27 @@ mod tests {
             Some("no leader")
         );
     }
+
+    /// A registration under a name the contract refuses (written by hand
+    /// or by another tool) is unreadable, as at start-up: applied, it would
+    /// make the name known, and a known worker's name is not checked again
+    /// before it gets rooms.
+    #[test]
+    fn a_registration_under_an_invalid_name_is_unreadable() {
+        let workers = "/p/v1/workers/";
+        let value = crate::store::etcd::keys::encode_worker(DpSize::try_new(2).unwrap(), true);
+        for name in ["a\u{7}b", &"w".repeat(254), ""] {
+            let kv = pb::KeyValue {
+                key: format!("{workers}{name}").into_bytes(),
+                value: value.clone().into_bytes(),
+                mod_revision: 5,
+                ..Default::default()
+            };
+            assert_eq!(
+                Change::decode(workers, false, Some(&kv)).kind,
+                ChangeKind::Unreadable(Arc::from(name)),
+                "{name:?}"
+            );
+        }
+    }
 }
