@@ -53,8 +53,10 @@ cp "$REPO/Cargo.lock" "$crate/Cargo.lock"
 export CARGO_TARGET_DIR="$REPO/target"
 export PROTOC=/nonexistent/protoc
 unset PROTOC_INCLUDE
-if ! (cd "$crate" && cargo build --offline --quiet); then
-  echo "downstream_build.sh: FAILED: a crate depending on room-allocator-client (path $REPO/client) does not build offline without protoc; see the errors above" >&2
+# `cargo check`: it runs every build script (where a missing protoc would
+# fail) and compiles the client and the crate; linking proves nothing more.
+if ! (cd "$crate" && cargo check --offline --quiet); then
+  echo "downstream_build.sh: FAILED: a crate depending on room-allocator-client (path $REPO/client) does not compile offline without protoc; see the errors above" >&2
   exit 1
 fi
-echo "downstream_build.sh: ok: a crate depending on room-allocator-client builds with PROTOC=$PROTOC, offline"
+echo "downstream_build.sh: ok: a crate depending on room-allocator-client compiles with PROTOC=$PROTOC, offline"

@@ -22,6 +22,8 @@ use tonic::transport::Channel;
 pub const BIN: &str = env!("CARGO_BIN_EXE_room-allocator");
 /// Long enough for a debug build on a loaded 2-core CI machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Starts of a test etcd tried on new ports when it exits before it is ready.
+const ETCD_START_ATTEMPTS: usize = 3;
 /// Bound on any single await in a test.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -472,20 +474,48 @@ impl EtcdProcess {
 
     pub fn start() -> Option<Self> {
         require_tool("etcd")?;
-        let mut etcd = Self {
-            child: None,
-            endpoint: String::new(),
-            client_port: free_port(),
-            peer_port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        etcd.endpoint = format!("http://127.0.0.1:{}", etcd.client_port);
-        etcd.resume();
-        Some(etcd)
+        // A port picked free can be taken by another test's process before
+        // etcd binds it (seen with four test threads: etcd exited, "etcd did
+        // not become ready"): a start whose etcd exits is tried again on new
+        // ports, in a new data dir.
+        for attempt in 1..=ETCD_START_ATTEMPTS {
+            let client_port = free_port();
+            let peer_port = std::iter::repeat_with(free_port)
+                .take(16)
+                .find(|&port| port != client_port)
+                .expect("two distinct free ports");
+            let mut etcd = Self {
+                child: None,
+                endpoint: format!("http://127.0.0.1:{client_port}"),
+                client_port,
+                peer_port,
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            match etcd.try_resume() {
+                Ok(()) => return Some(etcd),
+                Err(status) if attempt < ETCD_START_ATTEMPTS => {
+                    eprintln!(
+                        "etcd on ports {client_port}/{peer_port} exited ({status}) before it was ready; again on new ports"
+                    );
+                }
+                Err(status) => panic!(
+                    "etcd exited ({status}) before it was ready, {ETCD_START_ATTEMPTS} times on new ports"
+                ),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Starts (again) on the same ports and data dir.
     pub fn resume(&mut self) {
+        if let Err(status) = self.try_resume() {
+            panic!("etcd exited ({status}) before it was ready");
+        }
+    }
+
+    /// Starts etcd and waits until it is ready; the exit status if it ends
+    /// first. Panics if it is neither ready nor ended within START_TIMEOUT.
+    fn try_resume(&mut self) -> Result<(), std::process::ExitStatus> {
         assert!(self.child.is_none(), "etcd is running");
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -496,15 +526,22 @@ impl EtcdProcess {
             &peer,
             &format!("test={peer}"),
         );
-        let child = spawn_etcd(&args);
-        self.child = Some(child);
+        let mut child = spawn_etcd(&args);
         let deadline = Instant::now() + START_TIMEOUT;
         // Ready when etcd's /health endpoint says so (it checks for a leader).
         loop {
             if etcd_healthy(self.client_port) {
-                return;
+                self.child = Some(child);
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "etcd did not become ready");
+            if let Some(status) = child.try_wait().expect("try_wait on etcd") {
+                return Err(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("etcd did not become ready within {START_TIMEOUT:?}");
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
