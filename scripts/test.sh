@@ -113,9 +113,14 @@ step "started: integration tests (tests/it), the Python client's and the chart's
 # --no-fail-fast: a failing test binary does not keep the others from running.
 cargo_test=(cargo test --locked --workspace --features failpoints --no-fail-fast)
 it_log="$TOOLS/it.log"
-# Four test threads on two cores: the tests mostly wait (on servers, etcd,
-# timers, child processes), and their sum is about 1,000 s.
-"${cargo_test[@]}" --test it -- --test-threads 4 >"$it_log" 2>&1 &
+# The two fault-harness runs (the longest tests, 1-3 minutes each) in a
+# process of their own, from the start: in the one run, libtest reached them
+# halfway and they ended last. The rest on four test threads: they mostly
+# wait (on servers, etcd, timers, child processes), about 850 s in all.
+harness_log="$TOOLS/harness.log"
+"${cargo_test[@]}" --test it fault_harness:: -- --test-threads 2 >"$harness_log" 2>&1 &
+harness_pid=$!
+"${cargo_test[@]}" --test it -- --skip fault_harness:: --test-threads 4 >"$it_log" 2>&1 &
 it_pid=$!
 python_log="$TOOLS/python.log"
 ROOM_ALLOCATOR_BIN=target/debug/room-allocator python/run_tests.sh >"$python_log" 2>&1 &
@@ -131,7 +136,7 @@ model_log="$TOOLS/model.log"
 CARGO_TARGET_DIR="$PWD/target/model-check" cargo test --locked --profile model -p room-allocator-core --features model-check --lib model:: -- --nocapture >"$model_log" 2>&1 &
 model_pid=$!
 # A step failing below ends the run: end the suites started above with it.
-trap 'kill "$it_pid" "$python_pid" "$chart_pid" "$model_pid" 2>/dev/null || true' EXIT
+trap 'kill "$it_pid" "$harness_pid" "$python_pid" "$chart_pid" "$model_pid" 2>/dev/null || true' EXIT
 
 step "cargo test: unit tests and doc tests"
 unit_log="$TOOLS/unit.log"
@@ -153,6 +158,8 @@ trap - EXIT
 set +e
 finish "$it_pid" "integration tests (tests/it)" "$it_log"
 it_status=$?
+finish "$harness_pid" "fault harness (tests/it fault_harness::)" "$harness_log"
+harness_status=$?
 finish "$python_pid" "python client: pip install ./python in a venv, pytest against the real binary" "$python_log"
 python_status=$?
 finish "$chart_pid" "helm chart: lint, render, schemas vs the binary's bounds, live probes/TLS/helm test/rotation/metrics, promtool" "$chart_log"
@@ -161,7 +168,7 @@ finish "$model_pid" "model check: the bounded check and every mutant" "$model_lo
 model_status=$?
 set -e
 log="$TOOLS/test.log"
-cat "$unit_log" "$it_log" "$python_log" "$chart_log" "$model_log" >"$log"
+cat "$unit_log" "$it_log" "$harness_log" "$python_log" "$chart_log" "$model_log" >"$log"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } /^(chart|python): / { p += $2; f += $4 }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
@@ -173,5 +180,5 @@ set -e
 step "done"
 printf '%s' "$timings"
 printf '%5d s  total\n' $(($(date +%s) - started))
-[ "$unit_status" -eq 0 ] && [ "$it_status" -eq 0 ] && [ "$python_status" -eq 0 ] &&
+[ "$unit_status" -eq 0 ] && [ "$it_status" -eq 0 ] && [ "$harness_status" -eq 0 ] && [ "$python_status" -eq 0 ] &&
   [ "$chart_status" -eq 0 ] && [ "$model_status" -eq 0 ] && [ "$ran_status" -eq 0 ]
