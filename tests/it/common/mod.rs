@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ pub struct ServerProcess {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set by the reader thread once stderr is closed: every line is in `log`.
+    log_closed: Arc<AtomicBool>,
 }
 
 /// The server exited before it listened; what it printed.
@@ -112,9 +115,11 @@ impl ServerProcess {
         let mut child = command.spawn().expect("spawn room-allocator");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let log_closed = Arc::new(AtomicBool::new(false));
         let (addrs_tx, addrs_rx) = mpsc::channel();
         {
             let log = log.clone();
+            let log_closed = log_closed.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("listening") {
@@ -126,6 +131,7 @@ impl ServerProcess {
                     }
                     log.lock().expect("log lock").push(line);
                 }
+                log_closed.store(true, Ordering::Release);
             });
         }
         let deadline = Instant::now() + START_TIMEOUT;
@@ -137,6 +143,7 @@ impl ServerProcess {
                     grpc_addr,
                     metrics_addr,
                     log,
+                    log_closed,
                 });
             }
             let exited = child.try_wait().expect("try_wait");
@@ -145,8 +152,7 @@ impl ServerProcess {
                     let _ = child.kill();
                 }
                 let status = child.wait().ok();
-                // Let the reader thread take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
+                wait_log_closed(&log_closed);
                 let text = log.lock().expect("log lock").join("\n");
                 return Err(StartFailure { status, log: text });
             }
@@ -240,6 +246,10 @@ impl ServerProcess {
             let child = self.child.as_mut()?;
             if let Some(status) = child.try_wait().expect("try_wait") {
                 self.child = None;
+                // The process is gone, but the reader thread may not have
+                // taken its last lines yet (seen: a crash's "crashing" line
+                // missing from the log under load).
+                wait_log_closed(&self.log_closed);
                 return Some(status);
             }
             if Instant::now() > deadline {
@@ -267,6 +277,7 @@ impl ServerProcess {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
+                wait_log_closed(&self.log_closed);
                 return status;
             }
             if Instant::now() > deadline {
@@ -275,6 +286,15 @@ impl ServerProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Waits (up to 5 s) until a server's stderr reader has taken every line:
+/// once the process exited, its stderr closes and the reader ends.
+fn wait_log_closed(closed: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !closed.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
