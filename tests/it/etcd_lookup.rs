@@ -464,3 +464,306 @@ async fn a_miss_in_a_chunk_another_replica_took_is_not_cached_and_resolves_once_
         .expect("B resolves the room once A carved it");
     assert_eq!(resolved.prefill_worker, "second");
 }
+
+/// The number after `name=` in the server's "opened the etcd store" line.
+fn opened_field(server: &ServerProcess, name: &str) -> u64 {
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("opened the etcd store"))
+        .unwrap_or_else(|| panic!("no 'opened the etcd store' line:\n{log}"));
+    let value = line
+        .split_once(&format!("{name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        .1;
+    value
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not a number in {line}"))
+}
+
+/// A range record as 0.1 wrote it: no lease.
+async fn put_unleased_range(etcd: &EtcdProcess, prefix: &str, start: u64, worker: &str) -> String {
+    let key = format!("{prefix}v1/ranges/{start:020}");
+    let value = serde_json::json!({
+        "end": start + RANGE_NUMBERS,
+        "dp_size": 1,
+        "prefill_worker": worker,
+        "created_unix_ms": 1,
+    });
+    etcd.put(&key, &value.to_string()).await;
+    key
+}
+
+/// Issue 20 item 4: a replica read every range record at start (a fleet
+/// keeps about a million), so its start time and memory grew with the
+/// fleet's history. It now loads the registrations, the chunks and the
+/// mark, resolves older rooms on demand, and leases 0.1's unleased records
+/// in a background sweep once per prefix (found wherever they lie: the
+/// sweep's windows adapt to the records' density).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starts_without_reading_the_range_records_and_resolves_them_on_demand() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let prefix = unique_prefix("start-unloaded");
+    let layout = write_records(&etcd, &prefix, 20_000, 200, 4).await;
+    // 0.1's records: below every chunk, and far above them, under a mark
+    // raised above it (as 0.1 raised it).
+    let high = 1 << 62;
+    let legacy = [
+        put_unleased_range(&etcd, &prefix, 2048, "fp-low").await,
+        put_unleased_range(&etcd, &prefix, high, "fp-high").await,
+    ];
+    etcd.put(
+        &format!("{prefix}v1/high_water"),
+        &(high + RANGE_NUMBERS).to_string(),
+    )
+    .await;
+    let server = replica(&etcd, &prefix);
+    let loaded = opened_field(&server, "keys_loaded");
+    assert!(
+        loaded < 200,
+        "{loaded} keys loaded at start, with {} range records and {} chunks in etcd",
+        layout.records(),
+        layout.chunks
+    );
+    assert!(
+        loaded >= layout.chunks,
+        "{loaded} keys loaded: the {} chunks are",
+        layout.chunks
+    );
+    let mut client = server.client().await;
+    for index in (0..layout.records()).step_by(1999) {
+        let room = layout.range_start(index) + 5;
+        let resolved = resolve(&mut client, room).await.expect("a recorded room");
+        assert_eq!(resolved.prefill_worker, WORKER, "room {room}");
+    }
+    for (room, worker) in [(2048 + 3, "fp-low"), (high + 3, "fp-high")] {
+        let resolved = resolve(&mut client, room).await.expect("a room of 0.1");
+        assert_eq!(resolved.prefill_worker, worker, "room {room}");
+    }
+    // The sweep leases 0.1's records, then marks the prefix.
+    let marker = format!("{prefix}v1/ranges_leased");
+    let started = Instant::now();
+    loop {
+        let mut leased = true;
+        for key in &legacy {
+            leased &= etcd.get(key).await.expect("the record").lease != 0;
+        }
+        if leased && etcd.get(&marker).await.is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "0.1's records were not all leased, or the prefix not marked:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let swept = "range records of an older version leased";
+    assert!(server.log().contains(swept), "{}", server.log());
+    // Once marked, a replica started later does not sweep again; the
+    // records it did not load still resolve through it.
+    let later = replica(&etcd, &prefix);
+    let mut on_later = later.client().await;
+    let resolved = resolve(&mut on_later, layout.range_start(7) + 1)
+        .await
+        .expect("a recorded room");
+    assert_eq!(resolved.prefill_worker, WORKER);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!later.log().contains(swept), "{}", later.log());
+}
+
+/// A new space is marked as it is created: its replicas never sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_space_is_created_with_every_range_leased() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let prefix = unique_prefix("new-space-leased");
+    let server = replica(&etcd, &prefix);
+    assert!(
+        etcd.get(&format!("{prefix}v1/ranges_leased"))
+            .await
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !server
+            .log()
+            .contains("range records of an older version leased"),
+        "{}",
+        server.log()
+    );
+}
+
+/// With the range records no longer loaded at start, a mark lowered by hand
+/// into a range (its chunk's announcement gone) must still refuse the start:
+/// chunks taken from that mark would hand out the range's rooms again. The
+/// bounded check reads from the mark up, then the nearest range below it,
+/// however far below it lies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_lowered_into_a_range_refuses_the_start() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let start_refused = |prefix: &str, why: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = ["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", prefix];
+        match ServerProcess::try_start(&dir.path().join("unused"), &args) {
+            Ok(server) => panic!("{why}: started:\n{}", server.log()),
+            Err(failure) => failure.log,
+        }
+    };
+    let far = 1 << 40;
+    for (mark, why, named) in [
+        (far + 7, "a mark inside the range", far),
+        (far - 1, "a mark just below the range", far),
+        (5, "a mark below every range", 2048),
+    ] {
+        let prefix = unique_prefix("mark-in-range");
+        put_unleased_range(&etcd, &prefix, 2048, "fp-low").await;
+        put_unleased_range(&etcd, &prefix, far, "fp-far").await;
+        etcd.put(&format!("{prefix}v1/high_water"), &mark.to_string())
+            .await;
+        let log = start_refused(&prefix, why);
+        assert!(
+            log.contains("high_water") && log.contains(&format!("ranges/{named:020}")),
+            "{why}: refused without naming the mark and the range:\n{log}"
+        );
+    }
+    // The nearest range below the mark, unreadable: refused, named.
+    let prefix = unique_prefix("mark-over-damaged");
+    let key = format!("{prefix}v1/ranges/{far:020}");
+    etcd.put(&key, "{not json").await;
+    etcd.put(&format!("{prefix}v1/high_water"), &(1u64 << 50).to_string())
+        .await;
+    let log = start_refused(&prefix, "a damaged range below the mark");
+    assert!(log.contains(&key), "refused without naming {key}:\n{log}");
+    // Healthy: the mark at the range's end.
+    let prefix = unique_prefix("mark-at-range-end");
+    put_unleased_range(&etcd, &prefix, far, "fp-far").await;
+    etcd.put(
+        &format!("{prefix}v1/high_water"),
+        &(far + RANGE_NUMBERS).to_string(),
+    )
+    .await;
+    let server = replica(&etcd, &prefix);
+    let resolved = resolve(&mut server.client().await, far + 1)
+        .await
+        .expect("the range's room");
+    assert_eq!(resolved.prefill_worker, "fp-far");
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
+fn rss_and_peak_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// Issue 20 item 4's figures: a replica's start time (spawned to
+/// listening) and memory with 10k, 100k and 1M range records in etcd, for
+/// each binary given, alternately:
+///
+/// ```sh
+/// STARTUP_BENCH_RECORDS=10000,100000,1000000 STARTUP_BENCH_REPS=3 \
+///   STARTUP_BENCH_BINS=before=/path/to/old,after=target/release/room-allocator \
+///   cargo test --release --features failpoints --test it etcd_lookup::startup_bench -- --ignored --nocapture
+/// ```
+///
+/// One fresh etcd per size; the prefix is created by a replica, then the
+/// records are written as in `lookup_latency_bench`. Each start is checked:
+/// it resolves a room of a record. Prints one line per size and binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: minutes; see its docs for the command"]
+async fn startup_bench() {
+    let sizes: Vec<u64> = std::env::var("STARTUP_BENCH_RECORDS")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .map(|size| size.trim().parse().expect("STARTUP_BENCH_RECORDS: numbers"))
+        .collect();
+    let reps = env_u64("STARTUP_BENCH_REPS", 3);
+    let bins: Vec<(String, String)> = std::env::var("STARTUP_BENCH_BINS")
+        .unwrap_or_else(|_| format!("this={}", common::BIN))
+        .split(',')
+        .map(|pair| {
+            let (name, path) = pair.split_once('=').expect("STARTUP_BENCH_BINS: name=path");
+            (name.to_owned(), path.to_owned())
+        })
+        .collect();
+    for records in sizes {
+        let Some(etcd) = EtcdProcess::start() else {
+            eprintln!("SKIP: etcd not installed");
+            return;
+        };
+        let prefix = unique_prefix("startup-bench");
+        drop(replica(&etcd, &prefix));
+        let layout = write_records(&etcd, &prefix, records, 500, 4).await;
+        let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); bins.len()];
+        for _ in 0..reps {
+            for ((_, bin), (starts, rss, peaks)) in bins.iter().zip(&mut results) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let mut command = std::process::Command::new(bin);
+                command
+                    .args([
+                        "serve",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--metrics-listen",
+                        "127.0.0.1:0",
+                    ])
+                    .args(["--etcd-endpoints", &etcd.endpoint, "--etcd-prefix", &prefix])
+                    .arg("--data-dir")
+                    .arg(dir.path().join("unused"))
+                    .env("RUST_LOG", "info")
+                    .env_remove("ROOM_ALLOCATOR_LOG_FORMAT");
+                let started = Instant::now();
+                let server = ServerProcess::spawn(command)
+                    .unwrap_or_else(|failure| panic!("{bin}: {}", failure.log));
+                starts.push(started.elapsed().as_secs_f64() * 1000.0);
+                let resolved = resolve(
+                    &mut server.client().await,
+                    layout.range_start(records / 2) + 1,
+                )
+                .await
+                .expect("a recorded room");
+                assert_eq!(resolved.prefill_worker, WORKER);
+                let (now, peak) = rss_and_peak_mib(server.pid());
+                rss.push(now);
+                peaks.push(peak);
+            }
+        }
+        let median = |values: &mut Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            format!(
+                "{:.1} ({:.1}–{:.1})",
+                values[values.len() / 2],
+                values[0],
+                values[values.len() - 1]
+            )
+        };
+        for ((name, _), (mut starts, mut rss, mut peaks)) in bins.iter().zip(results) {
+            println!(
+                "| {records} | {name} | {} ms | {} MiB | {} MiB |",
+                median(&mut starts),
+                median(&mut rss),
+                median(&mut peaks)
+            );
+        }
+    }
+}

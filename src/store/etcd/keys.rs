@@ -46,6 +46,11 @@ impl Keys {
         format!("{}ranges/{start:020}", self.root)
     }
 
+    /// Present once no range record lacks a lease (see `lease`).
+    pub(super) fn ranges_leased(&self) -> String {
+        format!("{}ranges_leased", self.root)
+    }
+
     pub(super) fn workers(&self) -> String {
         format!("{}workers/", self.root)
     }

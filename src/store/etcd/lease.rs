@@ -16,7 +16,6 @@ use tracing::{info, warn};
 use super::calls::get;
 use super::client::{pb, prefix_end, txn};
 use super::keys::decode_range;
-use super::snapshot::UnleasedRange;
 use super::{Shared, MAX_BATCH, PAGE_KEYS};
 use crate::failpoint;
 use crate::store::StoreError;
@@ -150,53 +149,157 @@ pub(super) async fn longest_range_lease_secs(
     })
 }
 
-/// Attaches range records written without a lease (by 0.1 replicas, which
-/// pruned by their own clocks) to a lease, so etcd expires them too.
-pub(super) async fn lease_unleased(shared: Arc<Shared>, keys: Vec<UnleasedRange>) {
-    for chunk in keys.chunks(MAX_BATCH) {
-        loop {
-            let result = async {
-                let lease = shared.bucket_lease().await?;
-                let mut ops = Vec::new();
-                for UnleasedRange { key, .. } in chunk {
-                    let current = shared
-                        .timed("read a range", shared.client.range(get(key)))
-                        .await?;
-                    let Some(kv) = current.kvs.first() else {
-                        continue;
-                    };
-                    if kv.lease == 0 {
-                        ops.push((key.clone(), kv.value.clone(), kv.mod_revision));
-                    }
-                }
-                for (key, value, revision) in ops {
-                    let request = pb::TxnRequest {
-                        compare: vec![txn::unchanged_since(&key, revision)],
-                        success: vec![txn::put(&key, value, lease)],
-                        failure: Vec::new(),
-                    };
-                    shared
-                        .timed("lease a range", shared.client.txn(request))
-                        .await?;
-                    failpoint!(
-                        "etcd::range_leased",
-                        StoreError::Injected("etcd::range_leased")
-                    );
-                }
-                Ok::<(), StoreError>(())
+/// A range record written without a lease (by a 0.1 replica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct UnleasedRange {
+    pub(super) key: String,
+}
+
+/// Keys a sweep reads per call, at most (keys only: far below gRPC's 4 MiB).
+const SWEEP_PAGE: i64 = 5000;
+/// The sweep's first window, in numbers: 16,384 of the smallest ranges.
+const SWEEP_FIRST_WIDTH: u64 = 1 << 24;
+/// How much a sweep window widens while it holds few keys, and narrows
+/// when it held more than a page.
+const SWEEP_GROWTH: u64 = 16;
+/// A pause between the sweep's reads, so it never loads etcd much.
+const SWEEP_PAUSE: Duration = Duration::from_millis(10);
+
+/// Finds the range records written without a lease (by 0.1 replicas, which
+/// pruned by their own clocks) and attaches them to one, so etcd expires
+/// them too; then writes `v1/ranges_leased`, so later starts skip this.
+/// Runs in the background once per prefix (a new space gets the key with
+/// its mark): start-up never reads the range records.
+///
+/// The records are read keys only, in windows of the number space that
+/// hold about a page each (etcd 3.4 visits every key of a read's window
+/// whatever its limit, so paging through the whole prefix would visit
+/// the records quadratically often). A failed call starts the sweep over
+/// in 5 s; records leased already are skipped.
+pub(super) async fn sweep_unleased(shared: Arc<Shared>) {
+    loop {
+        match sweep_once(&shared).await {
+            Ok(leased) => {
+                info!(
+                    leased,
+                    "every range record expires by lease (range records of an older version leased)"
+                );
+                return;
             }
-            .await;
-            match result {
-                Ok(()) => break,
-                Err(error) => {
-                    warn!(%error, "attaching old range records to a lease failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
+            Err(error) => {
+                warn!(%error, "attaching old range records to a lease failed; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
     }
-    info!(
-        ranges = keys.len(),
-        "range records of an older version now expire by lease"
-    );
+}
+
+async fn sweep_once(shared: &Shared) -> Result<usize, StoreError> {
+    let keys = &shared.keys;
+    let prefix = keys.ranges();
+    let prefix_end = prefix_end(prefix.as_bytes());
+    let mut leased = 0;
+    let mut low: u64 = 0;
+    let mut width = SWEEP_FIRST_WIDTH;
+    loop {
+        let high = low.checked_add(width);
+        // The first window starts at the prefix, the last ends at its end:
+        // keys that are not canonical starts are swept too.
+        let mut from = match low {
+            0 => prefix.clone().into_bytes(),
+            _ => keys.range(low).into_bytes(),
+        };
+        let end = high.map_or_else(|| prefix_end.clone(), |high| keys.range(high).into_bytes());
+        let mut pages = 0;
+        let mut seen = 0;
+        loop {
+            let page = shared
+                .timed(
+                    "read the range keys",
+                    shared.client.range(pb::RangeRequest {
+                        key: from.clone(),
+                        range_end: end.clone(),
+                        limit: SWEEP_PAGE,
+                        keys_only: true,
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+            pages += 1;
+            seen += page.kvs.len();
+            let unleased: Vec<UnleasedRange> = page
+                .kvs
+                .iter()
+                .filter(|kv| kv.lease == 0)
+                .map(|kv| UnleasedRange {
+                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                })
+                .collect();
+            for batch in unleased.chunks(MAX_BATCH) {
+                leased += lease_unleased(shared, batch).await?;
+            }
+            tokio::time::sleep(SWEEP_PAUSE).await;
+            match page.kvs.last() {
+                Some(last) if page.more => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let Some(high) = high else {
+            break;
+        };
+        low = high;
+        if pages > 1 {
+            width = (width / SWEEP_GROWTH).max(1);
+        } else if seen < (SWEEP_PAGE as usize) / (SWEEP_GROWTH as usize) {
+            width = width.saturating_mul(SWEEP_GROWTH);
+        }
+    }
+    shared
+        .timed(
+            "write v1/ranges_leased",
+            shared.client.txn(pb::TxnRequest {
+                compare: Vec::new(),
+                success: vec![txn::put(&keys.ranges_leased(), "1", 0)],
+                failure: Vec::new(),
+            }),
+        )
+        .await?;
+    Ok(leased)
+}
+
+/// Attaches `keys` to the current bucket lease where they still have none
+/// (read again, then compare-and-put each); returns how many it leased.
+async fn lease_unleased(shared: &Shared, keys: &[UnleasedRange]) -> Result<usize, StoreError> {
+    let lease = shared.bucket_lease().await?;
+    let mut ops = Vec::new();
+    for UnleasedRange { key } in keys {
+        let current = shared
+            .timed("read a range", shared.client.range(get(key)))
+            .await?;
+        let Some(kv) = current.kvs.first() else {
+            continue;
+        };
+        if kv.lease == 0 {
+            ops.push((key.clone(), kv.value.clone(), kv.mod_revision));
+        }
+    }
+    let leased = ops.len();
+    for (key, value, revision) in ops {
+        let request = pb::TxnRequest {
+            compare: vec![txn::unchanged_since(&key, revision)],
+            success: vec![txn::put(&key, value, lease)],
+            failure: Vec::new(),
+        };
+        shared
+            .timed("lease a range", shared.client.txn(request))
+            .await?;
+        failpoint!(
+            "etcd::range_leased",
+            StoreError::Injected("etcd::range_leased")
+        );
+    }
+    Ok(leased)
 }

@@ -268,7 +268,7 @@ fn holder(ranges: &Search<Option<RangeOwner>>, room: u64) -> Result<Option<Range
 }
 
 /// The start a chunk or range key names after `prefix`, if canonical.
-fn start_of(key: &[u8], prefix: &str) -> Option<u64> {
+pub(super) fn start_of(key: &[u8], prefix: &str) -> Option<u64> {
     let start = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
     parse_decimal(start.as_bytes()).filter(|value| format!("{value:020}") == start)
 }

@@ -15,7 +15,7 @@ use super::keys::AnnouncedChunk;
 use super::keys::{encode_range, encode_worker};
 use super::lease::{bucket_for, lease_ttl_secs};
 use super::retention::fleet_retention;
-use super::snapshot::{connect_and_load, Loaded};
+use super::snapshot::{connect_and_load, Load, Loaded};
 use super::EtcdConfig;
 use crate::failpoint;
 use crate::space::Room;
@@ -34,7 +34,7 @@ pub struct ImportReport {
 /// or may issue, those numbers). Writes nothing, so `migrate` checks before
 /// it marks the data dir.
 pub async fn check_import(config: &EtcdConfig, embedded: &Snapshot) -> Result<(), OpenError> {
-    check_conflicts(&connect_and_load(config).await?, embedded)
+    check_conflicts(&connect_and_load(config, Load::Everything).await?, embedded)
 }
 
 pub(super) fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<(), OpenError> {
@@ -89,7 +89,7 @@ pub(super) fn check_conflicts(loaded: &Loaded, embedded: &Snapshot) -> Result<()
 /// lease like every range) and the registrations etcd does not have yet.
 /// Safe to run again.
 pub async fn import(config: &EtcdConfig, embedded: &Snapshot) -> Result<ImportReport, OpenError> {
-    let loaded = connect_and_load(config).await?;
+    let loaded = connect_and_load(config, Load::Everything).await?;
     check_conflicts(&loaded, embedded)?;
     let Loaded {
         client,

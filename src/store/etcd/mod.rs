@@ -17,6 +17,13 @@
 //!   retention` changes it).
 //! - `v1/pruned_below`: decimal u64, written by 0.1 replicas, which pruned by
 //!   their own clocks; read for ResolveRank's answers only.
+//! - `v1/ranges_leased`: present once no range record lacks a lease (0.1
+//!   wrote them without one): put with a new space's mark, or after one
+//!   replica's sweep leased them all (see [`lease`]).
+//!
+//! A replica loads every key at start but the range records, which grow
+//! with the fleet's history: it reads them on demand (see [`snapshot`] and
+//! [`lookup`]).
 //!
 //! # Reserving ranges
 //! Each replica takes a **chunk** of the space with one compare-and-swap:
@@ -136,7 +143,7 @@ use self::client::{pb, txn, ConnectOptions, EtcdClient, EtcdError};
 use self::keys::worker_record;
 pub(crate) use self::keys::{counter_guard, encode_worker, Keys};
 use self::lease::{
-    bucket_for, lease_ttl_secs, lease_unleased, longest_range_lease_secs, BucketLease, LongestLease,
+    bucket_for, lease_ttl_secs, longest_range_lease_secs, sweep_unleased, BucketLease, LongestLease,
 };
 pub use self::migrate::{check_import, import, ImportReport};
 use self::negative_cache::NegativeCache;
@@ -144,7 +151,7 @@ use self::registration::RegistrationSync;
 use self::reserve::{run_reservations, PendingReservation};
 use self::retention::{fleet_retention, fleet_retention_now};
 pub use self::retention::{retention, MAX_RETENTION};
-use self::snapshot::{connect_and_load, create_high_water, read_or_create_store_id, Loaded};
+use self::snapshot::{connect_and_load, create_high_water, read_or_create_store_id, Load, Loaded};
 use super::{
     Health, IssuedCount, OpenError, PruneRequest, Pruned, Reservation, SharedStore, Snapshot,
     Store, StoreError, StoreFuture, StoreUpdate, WorkerRecord,
@@ -303,10 +310,10 @@ impl EtcdStore {
             mut snapshot,
             high_water,
             revision,
-            unleased,
             chunks,
-            ..
-        } = connect_and_load(config).await?;
+            ranges_leased,
+            keys_loaded,
+        } = connect_and_load(config, Load::Serving).await?;
         // Chunks taken from now on start at the mark, at or above it.
         let chunk_floor = chunks
             .iter()
@@ -317,6 +324,8 @@ impl EtcdStore {
         super::check_bounds(snapshot.high_water, config.bounds)?;
         let retention = fleet_retention(&client, &keys, config).await?;
         snapshot.retention = retention;
+        // A new space is created with `v1/ranges_leased`.
+        let sweep = !ranges_leased && high_water.is_some();
         if high_water.is_none() {
             create_high_water(config, &client, &keys).await?;
         }
@@ -325,7 +334,7 @@ impl EtcdStore {
             endpoints = %config.endpoints.join(","),
             prefix = %keys.root,
             store_id = %store_id,
-            ranges = snapshot.ranges.len(),
+            keys_loaded,
             workers = snapshot.workers.len(),
             high_water = snapshot.high_water,
             retention_secs = retention.as_secs_f64(),
@@ -365,8 +374,8 @@ impl EtcdStore {
             high_water,
             lifecycle.token().clone(),
         ));
-        if !unleased.is_empty() {
-            lifecycle.spawn_until_cancelled(lease_unleased(shared.clone(), unleased));
+        if sweep {
+            lifecycle.spawn_until_cancelled(sweep_unleased(shared.clone()));
         }
         let store = Self {
             shared,
