@@ -767,3 +767,72 @@ async fn startup_bench() {
         }
     }
 }
+
+/// Writes `count` contiguous range records of no chunk from `first`, on one
+/// lease, as `migrate` imports an embedded store's ranges; returns their end.
+async fn write_chunkless_records(etcd: &EtcdProcess, prefix: &str, first: u64, count: u64) -> u64 {
+    let admin = etcd.admin().await;
+    let lease = admin.lease_grant(3600).await.expect("grant a lease").id;
+    let starts: Vec<u64> = (0..count).map(|i| first + i * RANGE_NUMBERS).collect();
+    for batch in starts.chunks(PUTS_PER_TXN) {
+        let request = etcd_pb::TxnRequest {
+            compare: Vec::new(),
+            success: batch
+                .iter()
+                .map(|start| {
+                    let value = serde_json::json!({
+                        "end": start + RANGE_NUMBERS,
+                        "dp_size": 1,
+                        "prefill_worker": "imported",
+                        "created_unix_ms": 1,
+                    });
+                    txn::put(
+                        &format!("{prefix}v1/ranges/{start:020}"),
+                        value.to_string(),
+                        lease,
+                    )
+                })
+                .collect(),
+            failure: Vec::new(),
+        };
+        timed(admin.txn(request)).await.expect("write records");
+    }
+    first + count * RANGE_NUMBERS
+}
+
+/// Review finding (issue 20 item 4): with the range records no longer held
+/// from start, the rooms of ranges in no chunk (imported by `migrate`, or
+/// 0.1's) are looked up in etcd, and a look-up below every chunk read one
+/// window down to the bottom of the space: every such record below the
+/// room. Each must go through a bounded number of keys too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_of_ranges_in_no_chunk_are_looked_up_in_bounded_windows() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let prefix = unique_prefix("chunkless-lookup");
+    let count = 5_000;
+    let end = write_chunkless_records(&etcd, &prefix, 1024, count).await;
+    etcd.put(&format!("{prefix}v1/high_water"), &end.to_string())
+        .await;
+    etcd.put(&format!("{prefix}v1/ranges_leased"), "1").await;
+    let server = replica(&etcd, &prefix);
+    let mut client = server.client().await;
+    let lookups_before = metric(&server, "room_allocator_etcd_lookups_total");
+    let keys_before = metric(&server, "room_allocator_etcd_lookup_keys_total");
+    let mut asked = 0;
+    for index in (0..count).step_by(97) {
+        let room = 1024 + index * RANGE_NUMBERS + 9;
+        let resolved = resolve(&mut client, room).await.expect("an imported room");
+        assert_eq!(resolved.prefill_worker, "imported", "room {room}");
+        asked += 1;
+    }
+    let lookups = metric(&server, "room_allocator_etcd_lookups_total") - lookups_before;
+    let keys = metric(&server, "room_allocator_etcd_lookup_keys_total") - keys_before;
+    assert_eq!(lookups, asked);
+    assert!(
+        keys <= lookups * MAX_KEYS_PER_LOOKUP,
+        "{keys} keys for {lookups} look-ups among {count} records of no chunk"
+    );
+}

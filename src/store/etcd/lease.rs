@@ -169,7 +169,9 @@ const SWEEP_PAUSE: Duration = Duration::from_millis(10);
 /// pruned by their own clocks) and attaches them to one, so etcd expires
 /// them too; then writes `v1/ranges_leased`, so later starts skip this.
 /// Runs in the background once per prefix (a new space gets the key with
-/// its mark): start-up never reads the range records.
+/// its mark): start-up never reads the range records. So a 0.1 replica
+/// still running after the sweep leaves its new records unleased: replace
+/// every 0.1 replica before the first of this version starts.
 ///
 /// The records are read keys only, in windows of the number space that
 /// hold about a page each (etcd 3.4 visits every key of a read's window
@@ -227,13 +229,13 @@ async fn sweep_once(shared: &Shared) -> Result<usize, StoreError> {
                 .await?;
             pages += 1;
             seen += page.kvs.len();
+            // A key that is not UTF-8 is no record any version wrote.
             let unleased: Vec<UnleasedRange> = page
                 .kvs
                 .iter()
                 .filter(|kv| kv.lease == 0)
-                .map(|kv| UnleasedRange {
-                    key: String::from_utf8_lossy(&kv.key).into_owned(),
-                })
+                .filter_map(|kv| String::from_utf8(kv.key.clone()).ok())
+                .map(|key| UnleasedRange { key })
                 .collect();
             for batch in unleased.chunks(MAX_BATCH) {
                 leased += lease_unleased(shared, batch).await?;
@@ -293,13 +295,20 @@ async fn lease_unleased(shared: &Shared, keys: &[UnleasedRange]) -> Result<usize
             success: vec![txn::put(&key, value, lease)],
             failure: Vec::new(),
         };
-        shared
+        let response = shared
             .timed("lease a range", shared.client.txn(request))
             .await?;
         failpoint!(
             "etcd::range_leased",
             StoreError::Injected("etcd::range_leased")
         );
+        if !response.succeeded {
+            // Rewritten meanwhile (by a 0.1 replica): the sweep starts over.
+            return Err(StoreError::Etcd {
+                operation: "lease a range",
+                message: format!("{key} changed while it was being leased"),
+            });
+        }
     }
     Ok(leased)
 }

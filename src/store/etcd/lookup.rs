@@ -44,9 +44,12 @@
 //! read: a replica starts with the lowest chunk start (or the mark) it
 //! loaded, and raises it past each room its reads proved to lie below every
 //! chunk (chunks taken later start at the mark, above such a room). Between
-//! chunks, or below them, the range search reads down to its floor at once:
-//! only ranges of no chunk lie there (0.1's, and those `migrate` imported),
-//! which expire with the retention. A room at or above the mark lies in no
+//! chunks, or below them, only ranges of no chunk lie (0.1's, and those
+//! `migrate` imported, side by side), which expire with the retention: the
+//! range windows grow there as anywhere, so a window holds the records
+//! within 16 times the distance from the room down to the nearest start
+//! (`etcd_lookup::rooms_of_ranges_in_no_chunk_are_looked_up_in_bounded_windows`).
+//! A room at or above the mark lies in no
 //! range (the mark lies above every range, or replicas refuse it): one read
 //! from the mark up to the room, which only a mark rewritten by hand leaves
 //! a range in, answers it; such a miss is never cached.
@@ -216,9 +219,10 @@ pub(super) fn range_floor(room: u64, chunk: &Search<Option<u64>>) -> Option<u64>
 }
 
 /// Floors the range search by the chunk search's answer (see
-/// [`range_floor`]); between chunks or below them only a range of no chunk
-/// (0.1's, imported) can hold the room, so the next window reaches the
-/// floor at once.
+/// [`range_floor`]). Between chunks or below them only a range of no chunk
+/// (0.1's, imported) can hold the room; the windows keep growing there
+/// too, since `migrate` imports an embedded store's ranges side by side:
+/// a window down to the floor at once would hold every one below the room.
 pub(super) fn bound_ranges(
     room: u64,
     chunks: &Search<Option<u64>>,
@@ -226,9 +230,6 @@ pub(super) fn bound_ranges(
 ) {
     if let Some(floor) = range_floor(room, chunks) {
         ranges.raise_floor(room, floor);
-        if !in_a_chunk(room, chunks) {
-            ranges.widen_to_floor();
-        }
     }
 }
 
@@ -370,7 +371,8 @@ impl Shared {
             }
             bound_ranges(room, &chunks, &mut ranges);
             // A damaged record where the range would be: nothing to conclude
-            // (the start-up check of every key reports it).
+            // (NOT_FOUND, never cached; only a hand-written record can be
+            // damaged, and a start checks the one nearest below the mark).
             let Ok(found) = holder(&ranges, room) else {
                 return Ok(Lookup::NOT_FINAL);
             };

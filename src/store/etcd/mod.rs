@@ -296,9 +296,11 @@ impl EtcdStore {
         self.shared.epoch.elapsed().saturating_sub(confirmed)
     }
 
-    /// Connects, settles the fleet's retention, loads everything under the
-    /// prefix, and starts following registrations. Refuses to start if etcd
-    /// cannot be reached in time or holds data this binary cannot trust.
+    /// Connects, settles the fleet's retention, loads the prefix but its
+    /// range records (see [`snapshot`]), and starts following
+    /// registrations. Refuses to start if etcd cannot be reached in time or
+    /// holds data this binary cannot trust among what it loads, or a mark
+    /// below a chunk or range.
     /// Its tasks are spawned through `lifecycle`.
     pub async fn open(
         config: &EtcdConfig,

@@ -237,7 +237,7 @@ pub(super) struct ParsedSnapshot {
     pub(super) chunks: Vec<AnnouncedChunk>,
 }
 
-/// Everything under the prefix, checked: a key this binary cannot trust
+/// The keys loaded (see [`Load`]), checked: a key this binary cannot trust
 /// refuses the start. A fuzz target through `parse_entry`.
 pub(super) fn parse_snapshot(
     keys: &Keys,
