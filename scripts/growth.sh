@@ -34,13 +34,14 @@ cleanup() {
 }
 trap cleanup EXIT
 . scripts/ports.sh
-serve() { # log, then serve flags; prints the URL once it listens
+serve() { # log, then serve flags; sets SERVED to the URL once it listens
   local port log=$1; shift
   port=$(free_port)
-  "$BIN" serve --listen "127.0.0.1:$port" --metrics-listen 127.0.0.1:0 --max-workers 1000000 "$@" 2>"$log" &
+  "$BIN" serve --listen "127.0.0.1:$port" --metrics-listen 127.0.0.1:0 --max-workers 1000000 --worker-threads 1 "$@" \
+    >/dev/null 2>"$log" &
   pids+=($!)
   wait_port "$port" 600
-  echo "http://127.0.0.1:$port"
+  SERVED="http://127.0.0.1:$port"
 }
 
 CEILING_PORT=$(free_port)
@@ -59,11 +60,14 @@ ETCD="http://127.0.0.1:$ETCD_PORT"
 
 declare -A URL
 URL[ceiling]="http://127.0.0.1:$CEILING_PORT"
-URL[embedded]=$(serve "$OUT/embedded.log" --data-dir "$OUT/embedded")
-URL[etcd-1]=$(serve "$OUT/etcd-1.log" --etcd-endpoints "$ETCD" --etcd-prefix /growth-1/)
+serve "$OUT/embedded.log" --data-dir "$OUT/embedded"
+URL[embedded]=$SERVED
+serve "$OUT/etcd-1.log" --etcd-endpoints "$ETCD" --etcd-prefix /growth-1/
+URL[etcd-1]=$SERVED
 three=()
 for i in 0 1 2; do
-  three+=("$(serve "$OUT/etcd-3-$i.log" --etcd-endpoints "$ETCD" --etcd-prefix /growth-3/)")
+  serve "$OUT/etcd-3-$i.log" --etcd-endpoints "$ETCD" --etcd-prefix /growth-3/
+  three+=("$SERVED")
 done
 URL[etcd-3]=$(IFS=,; echo "${three[*]}")
 

@@ -111,6 +111,10 @@ pub enum Error {
     Unauthenticated { presented: bool },
     #[error("{} AllocateRoom with a dp_size would register prefill_worker {worker}, which needs the server's token; call RegisterWorker with the token first, or send `authorization: Bearer <token>`", if *.presented { "the bearer token is wrong:" } else { "no bearer token:" })]
     RegistrationNeedsToken { worker: String, presented: bool },
+    /// The call would register with [`Registrar::Unchecked`]: nothing was
+    /// done; the caller decides and calls again (never a client's answer).
+    #[error("AllocateRoom would register a worker before its caller's token was checked")]
+    RegistrarUnchecked,
 }
 
 fn humantime(duration: Duration) -> String {
@@ -137,7 +141,14 @@ impl From<StoreError> for Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registrar {
     Allowed,
-    Denied { presented: bool },
+    Denied {
+        presented: bool,
+    },
+    /// Not decided yet (a token is set and allocation is open to callers
+    /// without it): a known worker's rooms need no decision, so the token is
+    /// checked only if the call would register; then the call ends with
+    /// [`Error::RegistrarUnchecked`] and is made again, decided.
+    Unchecked,
 }
 
 /// A worker as clients see it.
@@ -602,6 +613,7 @@ impl Allocator {
                         self.register_worker(prefill_worker, dp_size).await?;
                         continue;
                     }
+                    (Some(_), Some(Registrar::Unchecked)) => return Err(Error::RegistrarUnchecked),
                     (Some(_), Some(Registrar::Denied { presented })) => {
                         return Err(Error::RegistrationNeedsToken {
                             worker: Escaped(prefill_worker).to_string(),

@@ -59,6 +59,8 @@ fn classify(error: &Error) -> (Code, &'static str) {
         Error::Unauthenticated { .. } | Error::RegistrationNeedsToken { .. } => {
             (Code::Unauthenticated, "UNAUTHENTICATED")
         }
+        // The service decides and calls again: never reaches a client.
+        Error::RegistrarUnchecked => (Code::Internal, "INTERNAL"),
     }
 }
 
@@ -149,17 +151,23 @@ impl Auth {
 
     /// Whether the call may go ahead ([`Auth::check`]) and, if so, whether
     /// AllocateRoom may register a worker for this caller: with the token
-    /// checked once a call.
+    /// checked once a call, and not at all for an open call
+    /// ([`Registrar::Unchecked`]: see [`Auth::registrar`]).
     fn authorize<T>(&self, request: &Request<T>, admin: bool) -> Result<Registrar, Error> {
         if admin || !self.open_allocation {
             // The check verified the token: a caller that passed it may register.
             return self.check(request, admin).map(|()| Registrar::Allowed);
         }
-        Ok(match self.verify(request) {
+        Ok(Registrar::Unchecked)
+    }
+
+    /// Whether the caller may register a worker: it presented the token.
+    fn registrar<T>(&self, request: &Request<T>) -> Registrar {
+        match self.verify(request) {
             Ok(()) => Registrar::Allowed,
             Err(Error::Unauthenticated { presented }) => Registrar::Denied { presented },
             Err(_) => Registrar::Denied { presented: true },
-        })
+        }
     }
 }
 
@@ -254,15 +262,46 @@ impl Service {
         F: Future<Output = Result<T, Error>>,
     {
         let started = Instant::now();
-        let authorized = match &self.auth {
-            None => Ok(Registrar::Allowed),
-            Some(auth) => auth.authorize(&request, admin),
-        };
-        let result = match authorized {
+        let result = match self.authorize(&request, admin) {
             Ok(registrar) => call(request.into_inner(), registrar).await,
             Err(denied) => Err(denied),
         };
         self.finish(method, started, result)
+    }
+
+    fn authorize<R>(&self, request: &Request<R>, admin: bool) -> Result<Registrar, Error> {
+        match &self.auth {
+            None => Ok(Registrar::Allowed),
+            Some(auth) => auth.authorize(request, admin),
+        }
+    }
+
+    /// AllocateRoom on an authorized request; a registrar left unchecked is
+    /// decided (the token checked) only if the call would register.
+    async fn allocate(
+        &self,
+        request: &Request<pb::AllocateRoomRequest>,
+        registrar: Registrar,
+    ) -> Result<pb::AllocateRoomResponse, Error> {
+        let call = request.get_ref();
+        let allocate = |registrar| {
+            self.allocator
+                .allocate(&call.prefill_worker, call.dp_rank, call.dp_size, registrar)
+        };
+        let (room, dp_size) = match allocate(registrar).await {
+            Err(Error::RegistrarUnchecked) => {
+                let decided = self
+                    .auth
+                    .as_ref()
+                    .map_or(Registrar::Allowed, |auth| auth.registrar(request));
+                allocate(decided).await
+            }
+            allocated => allocated,
+        }?;
+        Ok(pb::AllocateRoomResponse {
+            room: room.get(),
+            dp_size: dp_size.get(),
+        })
     }
 
     /// Counts and times one call, and logs its outcome at the level it
@@ -338,26 +377,12 @@ impl RoomAllocatorService for Service {
         &self,
         request: Request<pb::AllocateRoomRequest>,
     ) -> Result<Response<pb::AllocateRoomResponse>, Status> {
-        self.handle(
-            Method::AllocateRoom,
-            false,
-            request,
-            |request, registrar| async move {
-                self.allocator
-                    .allocate(
-                        &request.prefill_worker,
-                        request.dp_rank,
-                        request.dp_size,
-                        registrar,
-                    )
-                    .await
-                    .map(|(room, dp_size)| pb::AllocateRoomResponse {
-                        room: room.get(),
-                        dp_size: dp_size.get(),
-                    })
-            },
-        )
-        .await
+        let started = Instant::now();
+        let result = match self.authorize(&request, false) {
+            Ok(registrar) => self.allocate(&request, registrar).await,
+            Err(denied) => Err(denied),
+        };
+        self.finish(Method::AllocateRoom, started, result)
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = %Escaped(&request.get_ref().prefill_worker), count = request.get_ref().count, dp_size = request.get_ref().dp_size))]
@@ -579,30 +604,31 @@ mod tests {
                 Some(Registrar::Allowed),
             ),
             (&strict, false, Some("Bearer wrong"), None),
+            // An open call is not checked until it would register.
             (
                 &open,
                 false,
                 Some("Bearer s3cret"),
-                Some(Registrar::Allowed),
+                Some(Registrar::Unchecked),
             ),
-            (
-                &open,
-                false,
-                Some("Bearer wrong"),
-                Some(Registrar::Denied { presented: true }),
-            ),
-            (
-                &open,
-                false,
-                None,
-                Some(Registrar::Denied { presented: false }),
-            ),
+            (&open, false, None, Some(Registrar::Unchecked)),
             (&open, true, None, None),
         ] {
             assert_eq!(
                 auth.authorize(&request(authorization), admin).ok(),
                 verdict,
                 "{authorization:?} admin={admin}"
+            );
+        }
+        for (authorization, decided) in [
+            (Some("Bearer s3cret"), Registrar::Allowed),
+            (Some("Bearer wrong"), Registrar::Denied { presented: true }),
+            (None, Registrar::Denied { presented: false }),
+        ] {
+            assert_eq!(
+                open.registrar(&request(authorization)),
+                decided,
+                "{authorization:?}"
             );
         }
         assert!(!format!("{open:?}").contains("s3cret"));

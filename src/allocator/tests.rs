@@ -480,6 +480,31 @@ async fn registering_through_allocate_room_needs_the_token_and_registers_nothing
         .expect("allocate");
 }
 
+/// Issue 20 item 1: with allocation open to callers without the token, the
+/// token is checked only if the call would register: a known worker's
+/// rooms need no decision, and a call that would register ends having done
+/// nothing, for the service to decide and call again.
+#[tokio::test]
+async fn an_unchecked_registrar_is_decided_only_when_the_call_would_register() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allocator = open(dir.path(), u64::MAX, Bounds::FULL);
+    assert!(matches!(
+        allocator.allocate("new", 0, 2, Registrar::Unchecked).await,
+        Err(Error::RegistrarUnchecked)
+    ));
+    assert!(allocator.list(0, "").expect("list").workers.is_empty());
+    assert!(matches!(
+        allocator.allocate("new", 0, 0, Registrar::Unchecked).await,
+        Err(Error::UnknownWorker { .. })
+    ));
+    allocator.register("known", 2).await.expect("register");
+    let (room, _) = allocator
+        .allocate("known", 1, 2, Registrar::Unchecked)
+        .await
+        .expect("a known worker's room");
+    assert_eq!(room.get() % 2, 1);
+}
+
 #[tokio::test]
 async fn names_with_control_characters_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -205,6 +205,43 @@ async fn the_bearer_token_guards_admin_calls_and_optionally_allocation() {
     }))
     .await
     .expect("allocation without a token");
+    // Registering through AllocateRoom (a dp_size, a new worker) still
+    // needs it: the token is checked once the call would register.
+    let allocate_new = |token: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut client = RoomAllocatorServiceClient::connect(url)
+                .await
+                .expect("connect");
+            let mut request = tonic::Request::new(pb::AllocateRoomRequest {
+                prefill_worker: "via-allocate".into(),
+                dp_rank: 1,
+                dp_size: 2,
+            });
+            if let Some(token) = token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", token.parse().expect("ascii"));
+            }
+            client.allocate_room(request).await
+        }
+    };
+    for (token, says) in [(None, "no bearer token"), (Some("Bearer nope"), "is wrong")] {
+        let refused = timed(allocate_new(token))
+            .await
+            .expect_err("not registered");
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().contains(says), "{token:?}: {refused:?}");
+    }
+    let room = timed(allocate_new(Some("Bearer t0ps3cret")))
+        .await
+        .expect("registered through AllocateRoom with the token")
+        .into_inner();
+    assert_eq!((room.room % 2, room.dp_size), (1, 2));
+    // Known now: its rooms need no token.
+    timed(allocate_new(None))
+        .await
+        .expect("a known worker's room without a token");
     let (code, _, err) = run_cli(&[
         "register",
         "--server",
