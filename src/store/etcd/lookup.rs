@@ -43,7 +43,10 @@
 //! Rooms below the lowest chunk are known to lie in no chunk without a
 //! read: a replica starts with the lowest chunk start (or the mark) it
 //! loaded, and raises it past each room its reads proved to lie below every
-//! chunk (chunks taken later start at the mark, above such a room). Between
+//! chunk (chunks taken later start at the mark, above such a room). Past a
+//! room its reads proved to lie below every chunk and every range, it
+//! raises a second floor: rooms below that one are final misses without a
+//! read (a miss below every record was final already, and cached). Between
 //! chunks, or below them, only ranges of no chunk lie (0.1's, and those
 //! `migrate` imported, side by side), which expire with the retention: the
 //! range windows grow there as anywhere, so a window holds the records
@@ -406,6 +409,11 @@ impl Shared {
                     // snapshot, and later ones start at or above its mark,
                     // which lies above the room: none ever will.
                     self.chunk_floor.fetch_max(room + 1, Ordering::AcqRel);
+                }
+                if below_oldest {
+                    // Nor did a range (ranges are carved from chunks):
+                    // rooms up to this one need no read any more.
+                    self.record_floor.fetch_max(room + 1, Ordering::AcqRel);
                 }
                 return Ok(Lookup {
                     owner: None,

@@ -251,6 +251,9 @@ struct Shared {
     /// No chunk alive now or taken later starts below this (see
     /// [`lookup`]): rooms below it lie in no chunk.
     chunk_floor: AtomicU64,
+    /// No range or chunk alive now or reserved later holds a room below
+    /// this (see [`lookup`]): a room below it is a final miss, unread.
+    record_floor: AtomicU64,
     /// When the registrations were last confirmed, in ms since `epoch`.
     confirmed_ms: AtomicU64,
     epoch: Instant,
@@ -352,6 +355,7 @@ impl EtcdStore {
             lease: tokio::sync::Mutex::new(None),
             high_water: AtomicU64::new(snapshot.high_water),
             chunk_floor: AtomicU64::new(chunk_floor),
+            record_floor: AtomicU64::new(0),
             confirmed_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             reachable: AtomicBool::new(true),
@@ -579,6 +583,14 @@ impl EtcdStore {
     /// The range that holds `room`, from etcd (see [`lookup`]); a final miss
     /// is remembered, so asking again costs etcd nothing.
     async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
+        if room.get() < self.shared.record_floor.load(Ordering::Acquire) {
+            // Below every range and chunk (see `lookup`): no read.
+            self.misses
+                .lock()
+                .expect("negative cache lock is never poisoned")
+                .insert(room.get(), true);
+            return Ok(None);
+        }
         let allowed = self
             .lookup_budget
             .lock()
