@@ -840,3 +840,68 @@ async fn rooms_of_ranges_in_no_chunk_are_looked_up_in_bounded_windows() {
         "{keys} keys for {lookups} look-ups among {count} records of no chunk"
     );
 }
+
+/// Issue 20 item 2's bound, through the binary: a replica sends at most
+/// 1,000 look-ups a second to etcd (a burst of 1,000, refilled at that
+/// rate); past it ResolveRank answers RESOURCE_EXHAUSTED with the reason
+/// LOOKUPS_THROTTLED at once. Rooms in a chunk but in no range are never
+/// cached, so asking them again and again (64 at a time) is a look-up each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_ups_beyond_the_replicas_bound_are_refused_as_resource_exhausted() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("SKIP: etcd not installed");
+        return;
+    };
+    let prefix = unique_prefix("lookup-throttle");
+    let server = replica(&etcd, &prefix);
+    let layout = write_records(&etcd, &prefix, 2_000, 200, 4).await;
+    let client = server.client().await;
+    let lookups_before = metric(&server, "room_allocator_etcd_lookups_total");
+    let started = Instant::now();
+    let throttled = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let mut tasks = Vec::new();
+    for task in 0..64u64 {
+        let mut client = client.clone();
+        let throttled = throttled.clone();
+        let hole = layout.hole(task % layout.chunks);
+        tasks.push(tokio::spawn(async move {
+            let mut calls = 0u64;
+            while calls < 2_000 && started.elapsed() < Duration::from_secs(30) {
+                if throttled.lock().expect("lock").is_some() {
+                    return;
+                }
+                calls += 1;
+                let room = hole + calls % 1000;
+                match timed(client.resolve_rank(pb::ResolveRankRequest { room })).await {
+                    Err(status) if status.code() == Code::ResourceExhausted => {
+                        *throttled.lock().expect("lock") = Some(status);
+                    }
+                    Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+                    Ok(found) => panic!("room {room} in a hole resolved: {found:?}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("caller");
+    }
+    let elapsed = started.elapsed();
+    let status = throttled
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("64 callers looking up rooms in etcd were throttled");
+    let reason = status
+        .metadata()
+        .get("error-reason")
+        .and_then(|value| value.to_str().ok());
+    assert_eq!(reason, Some("LOOKUPS_THROTTLED"), "{status:?}");
+    assert!(status.message().contains("1000"), "{status:?}");
+    let lookups = metric(&server, "room_allocator_etcd_lookups_total") - lookups_before;
+    // The burst, the refill over the run, and the calls in flight.
+    let bound = 1000 + (elapsed.as_secs_f64() * 1000.0).ceil() as u64 + 64;
+    assert!(
+        lookups <= bound,
+        "{lookups} look-ups in etcd in {elapsed:?}: over {bound}"
+    );
+}

@@ -46,7 +46,9 @@
 //! chunk (chunks taken later start at the mark, above such a room). Past a
 //! room its reads proved to lie below every chunk and every range, it
 //! raises a second floor: rooms below that one are final misses without a
-//! read (a miss below every record was final already, and cached). Between
+//! read (a miss below every record was final already, and cached). Like
+//! every final miss, it assumes no range is imported below it later:
+//! `migrate` is for a prefix no replica has served. Between
 //! chunks, or below them, only ranges of no chunk lie (0.1's, and those
 //! `migrate` imported, side by side), which expire with the retention: the
 //! range windows grow there as anywhere, so a window holds the records

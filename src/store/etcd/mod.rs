@@ -580,15 +580,17 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// True if no range or chunk holds `room`, now or later (see
+    /// [`lookup`]): it lies below one a look-up proved to lie below them all.
+    fn below_every_record(&self, room: Room) -> bool {
+        room.get() < self.shared.record_floor.load(Ordering::Acquire)
+    }
+
     /// The range that holds `room`, from etcd (see [`lookup`]); a final miss
     /// is remembered, so asking again costs etcd nothing.
     async fn find_range(&self, room: Room) -> Result<Option<RangeOwner>, StoreError> {
-        if room.get() < self.shared.record_floor.load(Ordering::Acquire) {
-            // Below every range and chunk (see `lookup`): no read.
-            self.misses
-                .lock()
-                .expect("negative cache lock is never poisoned")
-                .insert(room.get(), true);
+        if self.below_every_record(room) {
+            // No read, and nothing cached: `missing_is_pruned` says so too.
             return Ok(None);
         }
         let allowed = self
@@ -713,6 +715,7 @@ impl SharedStore for EtcdStore {
 
     fn missing_is_pruned(&self, room: Room) -> bool {
         room.get() < self.legacy_pruned_below
+            || self.below_every_record(room)
             || self
                 .misses
                 .lock()
