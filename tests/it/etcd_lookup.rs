@@ -845,7 +845,12 @@ async fn rooms_of_ranges_in_no_chunk_are_looked_up_in_bounded_windows() {
 /// 1,000 look-ups a second to etcd (a burst of 1,000, refilled at that
 /// rate); past it ResolveRank answers RESOURCE_EXHAUSTED with the reason
 /// LOOKUPS_THROTTLED at once. Rooms in a chunk but in no range are never
-/// cached, so asking them again and again (64 at a time) is a look-up each.
+/// cached, so each call for one is a look-up. A look-up takes its token as
+/// the call arrives, before etcd is asked: 3,200 calls sent at once (16
+/// connections of 200 streams) arrive far faster than 1,000 a second
+/// however slow etcd is (callers that each waited for their answer, 64 or
+/// 512 of them, were not throttled on a loaded machine: etcd's latency
+/// set their rate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn look_ups_beyond_the_replicas_bound_are_refused_as_resource_exhausted() {
     let Some(etcd) = EtcdProcess::start() else {
@@ -855,53 +860,62 @@ async fn look_ups_beyond_the_replicas_bound_are_refused_as_resource_exhausted() 
     let prefix = unique_prefix("lookup-throttle");
     let server = replica(&etcd, &prefix);
     let layout = write_records(&etcd, &prefix, 2_000, 200, 4).await;
-    let client = server.client().await;
+    const CONNECTIONS: u64 = 16;
+    const CALLS: u64 = 3_200;
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(server.client().await);
+    }
     let lookups_before = metric(&server, "room_allocator_etcd_lookups_total");
     let started = Instant::now();
-    let throttled = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let mut tasks = Vec::new();
-    for task in 0..64u64 {
-        let mut client = client.clone();
-        let throttled = throttled.clone();
-        let hole = layout.hole(task % layout.chunks);
-        tasks.push(tokio::spawn(async move {
-            let mut calls = 0u64;
-            while calls < 2_000 && started.elapsed() < Duration::from_secs(30) {
-                if throttled.lock().expect("lock").is_some() {
-                    return;
-                }
-                calls += 1;
-                let room = hole + calls % 1000;
-                match timed(client.resolve_rank(pb::ResolveRankRequest { room })).await {
-                    Err(status) if status.code() == Code::ResourceExhausted => {
-                        *throttled.lock().expect("lock") = Some(status);
-                    }
-                    Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
-                    Ok(found) => panic!("room {room} in a hole resolved: {found:?}"),
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("caller");
+    let calls: Vec<_> = (0..CALLS)
+        .map(|call| {
+            let mut client = clients[(call % CONNECTIONS) as usize].clone();
+            let room = layout.hole(call % layout.chunks) + call % 1000;
+            tokio::spawn(async move {
+                client
+                    .resolve_rank(pb::ResolveRankRequest { room })
+                    .await
+                    .map(|found| (room, found.into_inner()))
+            })
+        })
+        .collect();
+    let mut throttled = Vec::new();
+    for call in calls {
+        let answer = tokio::time::timeout(Duration::from_secs(120), call)
+            .await
+            .expect("every call answered within 120 s")
+            .expect("caller");
+        match answer {
+            Err(status) if status.code() == Code::ResourceExhausted => throttled.push(status),
+            Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+            Ok((room, found)) => panic!("room {room} in a hole resolved: {found:?}"),
+        }
     }
     let elapsed = started.elapsed();
-    let status = throttled
-        .lock()
-        .expect("lock")
-        .take()
-        .expect("64 callers looking up rooms in etcd were throttled");
-    let reason = status
-        .metadata()
-        .get("error-reason")
-        .and_then(|value| value.to_str().ok());
-    assert_eq!(reason, Some("LOOKUPS_THROTTLED"), "{status:?}");
-    assert!(status.message().contains("1000"), "{status:?}");
     let lookups = metric(&server, "room_allocator_etcd_lookups_total") - lookups_before;
-    // The burst, the refill over the run, and the calls in flight.
-    let bound = 1000 + (elapsed.as_secs_f64() * 1000.0).ceil() as u64 + 64;
+    let status = throttled.first().unwrap_or_else(|| {
+        panic!(
+            "{CALLS} calls sent at once, {lookups} look-ups in etcd in {elapsed:?}: none throttled"
+        )
+    });
+    for status in &throttled {
+        let reason = status
+            .metadata()
+            .get("error-reason")
+            .and_then(|value| value.to_str().ok());
+        assert_eq!(reason, Some("LOOKUPS_THROTTLED"), "{status:?}");
+    }
+    assert!(status.message().contains("1000"), "{status:?}");
+    // The burst, and the refill over the run.
+    let bound = 1000 + (elapsed.as_secs_f64() * 1000.0).ceil() as u64;
     assert!(
         lookups <= bound,
         "{lookups} look-ups in etcd in {elapsed:?}: over {bound}"
+    );
+    assert_eq!(
+        lookups + throttled.len() as u64,
+        CALLS,
+        "every call a look-up or refused"
     );
 }
