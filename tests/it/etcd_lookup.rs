@@ -888,7 +888,12 @@ async fn look_ups_beyond_the_replicas_bound_are_refused_as_resource_exhausted() 
             .expect("caller");
         match answer {
             Err(status) if status.code() == Code::ResourceExhausted => throttled.push(status),
-            Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+            // A thousand look-ups at once may outlast the store timeout on a
+            // loaded machine: UNAVAILABLE, as for any slow etcd.
+            Err(status) => assert!(
+                matches!(status.code(), Code::NotFound | Code::Unavailable),
+                "{status:?}"
+            ),
             Ok((room, found)) => panic!("room {room} in a hole resolved: {found:?}"),
         }
     }
