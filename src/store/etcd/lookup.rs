@@ -108,25 +108,47 @@ pub(super) const MAX_ATTEMPTS: usize = 3;
 /// Look-ups a replica sends to etcd per second, at most; also the burst.
 pub(crate) const MAX_LOOKUPS_PER_SEC: u32 = 1000;
 
-/// A token bucket of look-ups: [`MAX_LOOKUPS_PER_SEC`] tokens, refilled
-/// at that rate. Time comes in as ms since the store's epoch.
+/// The look-ups a replica sends per second: [`MAX_LOOKUPS_PER_SEC`]; a
+/// binary built with failpoints takes a lower one from
+/// `ROOM_ALLOCATOR_TEST_LOOKUPS_PER_SEC`, so a test can exceed it through
+/// the binary however slowly a loaded machine lets calls arrive.
+pub(super) fn lookups_per_sec() -> u32 {
+    #[cfg(feature = "failpoints")]
+    if let Some(rate) = std::env::var("ROOM_ALLOCATOR_TEST_LOOKUPS_PER_SEC")
+        .ok()
+        .and_then(|rate| rate.parse::<u32>().ok())
+        .filter(|rate| (1..=MAX_LOOKUPS_PER_SEC).contains(rate))
+    {
+        return rate;
+    }
+    MAX_LOOKUPS_PER_SEC
+}
+
+/// A token bucket of look-ups: `per_sec` tokens, refilled at that rate.
+/// Time comes in as ms since the store's epoch.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Budget {
+    per_sec: u32,
     tokens: f64,
     at_ms: u64,
 }
 
 impl Budget {
-    pub(super) fn new(now_ms: u64) -> Self {
+    pub(super) fn new(now_ms: u64, per_sec: u32) -> Self {
         Self {
-            tokens: f64::from(MAX_LOOKUPS_PER_SEC),
+            per_sec,
+            tokens: f64::from(per_sec),
             at_ms: now_ms,
         }
     }
 
+    pub(super) fn per_sec(&self) -> u32 {
+        self.per_sec
+    }
+
     /// Takes one look-up from the budget; false if none is left.
     pub(super) fn take(&mut self, now_ms: u64) -> bool {
-        let rate = f64::from(MAX_LOOKUPS_PER_SEC);
+        let rate = f64::from(self.per_sec);
         let elapsed_ms = now_ms.saturating_sub(self.at_ms);
         // Exact below 2^53 ms (285,000 years).
         self.tokens = (self.tokens + elapsed_ms as f64 * rate / 1000.0).min(rate);
@@ -499,7 +521,7 @@ mod tests {
 
     #[test]
     fn look_ups_past_the_budget_are_refused_until_it_refills() {
-        let mut budget = Budget::new(0);
+        let mut budget = Budget::new(0, MAX_LOOKUPS_PER_SEC);
         for i in 0..MAX_LOOKUPS_PER_SEC {
             assert!(budget.take(0), "look-up {i} of the burst");
         }

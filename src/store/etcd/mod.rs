@@ -389,7 +389,7 @@ impl EtcdStore {
             reservations,
             updates: Mutex::new(Some(updates_rx)),
             misses: Mutex::new(NegativeCache::default()),
-            lookup_budget: Mutex::new(lookup::Budget::new(0)),
+            lookup_budget: Mutex::new(lookup::Budget::new(0, lookup::lookups_per_sec())),
             legacy_pruned_below: snapshot.pruned_below,
             lifecycle: lifecycle.clone(),
             store_id,
@@ -593,15 +593,15 @@ impl EtcdStore {
             // No read, and nothing cached: `missing_is_pruned` says so too.
             return Ok(None);
         }
-        let allowed = self
-            .lookup_budget
-            .lock()
-            .expect("look-up budget lock is never poisoned")
-            .take(self.shared.elapsed_ms());
+        let (allowed, per_sec) = {
+            let mut budget = self
+                .lookup_budget
+                .lock()
+                .expect("look-up budget lock is never poisoned");
+            (budget.take(self.shared.elapsed_ms()), budget.per_sec())
+        };
         if !allowed {
-            return Err(StoreError::LookupsThrottled {
-                per_sec: lookup::MAX_LOOKUPS_PER_SEC,
-            });
+            return Err(StoreError::LookupsThrottled { per_sec });
         }
         let found = self.shared.look_up(room.get()).await?;
         if let Some(below_oldest) = found.final_miss {
