@@ -82,6 +82,18 @@ impl Layout {
     }
 }
 
+/// The key and value of a range record of `RANGE_NUMBERS` numbers from
+/// `start` (dp_size 1), as a replica writes it.
+fn range_record(prefix: &str, start: u64, worker: &str, created_unix_ms: u128) -> (String, String) {
+    let value = serde_json::json!({
+        "end": start + RANGE_NUMBERS,
+        "dp_size": 1,
+        "prefill_worker": worker,
+        "created_unix_ms": created_unix_ms,
+    });
+    (format!("{prefix}v1/ranges/{start:020}"), value.to_string())
+}
+
 /// Writes `records` range records (in chunks of `ranges_per_chunk`) above
 /// the mark, on one lease, with `writers` transactions in flight, and raises
 /// the mark above them. The replicas already running hold none in memory.
@@ -126,16 +138,7 @@ async fn write_records(
     }
     for index in 0..layout.records() {
         let start = layout.range_start(index);
-        puts.push((
-            format!("{prefix}v1/ranges/{start:020}"),
-            serde_json::json!({
-                "end": start + RANGE_NUMBERS,
-                "dp_size": 1,
-                "prefill_worker": WORKER,
-                "created_unix_ms": created,
-            })
-            .to_string(),
-        ));
+        puts.push(range_record(prefix, start, WORKER, created));
     }
     let batches: Vec<Vec<(String, String)>> =
         puts.chunks(PUTS_PER_TXN).map(<[_]>::to_vec).collect();
@@ -489,14 +492,8 @@ fn opened_field(server: &ServerProcess, name: &str) -> u64 {
 
 /// A range record as 0.1 wrote it: no lease.
 async fn put_unleased_range(etcd: &EtcdProcess, prefix: &str, start: u64, worker: &str) -> String {
-    let key = format!("{prefix}v1/ranges/{start:020}");
-    let value = serde_json::json!({
-        "end": start + RANGE_NUMBERS,
-        "dp_size": 1,
-        "prefill_worker": worker,
-        "created_unix_ms": 1,
-    });
-    etcd.put(&key, &value.to_string()).await;
+    let (key, value) = range_record(prefix, start, worker, 1);
+    etcd.put(&key, &value).await;
     key
 }
 
@@ -784,17 +781,8 @@ async fn write_chunkless_records(etcd: &EtcdProcess, prefix: &str, first: u64, c
             success: batch
                 .iter()
                 .map(|start| {
-                    let value = serde_json::json!({
-                        "end": start + RANGE_NUMBERS,
-                        "dp_size": 1,
-                        "prefill_worker": "imported",
-                        "created_unix_ms": 1,
-                    });
-                    txn::put(
-                        &format!("{prefix}v1/ranges/{start:020}"),
-                        value.to_string(),
-                        lease,
-                    )
+                    let (key, value) = range_record(prefix, *start, "imported", 1);
+                    txn::put(&key, value, lease)
                 })
                 .collect(),
             failure: Vec::new(),

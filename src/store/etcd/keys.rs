@@ -179,6 +179,13 @@ pub(crate) fn decode_range(key_start: &str, value: &[u8]) -> Option<RangeOwner> 
     })
 }
 
+/// The range record `kv` holds, if its key lies under `ranges` (the range
+/// prefix, [`Keys::ranges`]) and it decodes ([`decode_range`]).
+pub(super) fn range_record(ranges: &str, kv: &pb::KeyValue) -> Option<RangeOwner> {
+    let start = std::str::from_utf8(&kv.key).ok()?.strip_prefix(ranges)?;
+    decode_range(start, &kv.value)
+}
+
 /// A decimal u64 with nothing else around it (no sign, no spaces).
 pub(crate) fn parse_decimal(value: &[u8]) -> Option<u64> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {

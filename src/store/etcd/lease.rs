@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::calls::get;
 use super::client::{pb, prefix_end, txn};
-use super::keys::decode_range;
+use super::keys::range_record;
 use super::{Shared, MAX_BATCH, PAGE_KEYS};
 use crate::failpoint;
 use crate::store::StoreError;
@@ -117,10 +117,7 @@ pub(super) async fn longest_range_lease_secs(
             revision = page.header.as_ref().map_or(0, |h| h.revision);
         }
         for kv in &page.kvs {
-            let owner = std::str::from_utf8(&kv.key)
-                .ok()
-                .and_then(|key| key.strip_prefix(&ranges))
-                .and_then(|start| decode_range(start, &kv.value));
+            let owner = range_record(&ranges, kv);
             if kv.lease != 0 && owner.is_some_and(|owner| &*owner.prefill_worker == worker) {
                 leases.insert(kv.lease);
             }

@@ -86,7 +86,7 @@
 use std::sync::atomic::Ordering;
 
 use super::client::{pb, txn};
-use super::keys::{chunk_end, decode_range, parse_decimal, Keys};
+use super::keys::{chunk_end, parse_decimal, range_record, Keys};
 use super::reserve::MIN_CHUNK_NUMBERS;
 use super::Shared;
 use crate::space::{RangeOwner, Room, SPACE_START};
@@ -388,10 +388,7 @@ impl Shared {
             }
             if range_window.is_some() {
                 let last = reads.next().flatten().map(|kv| {
-                    let owner = std::str::from_utf8(&kv.key)
-                        .ok()
-                        .and_then(|key| key.strip_prefix(&range_prefix))
-                        .and_then(|start| decode_range(start, &kv.value));
+                    let owner = range_record(&range_prefix, kv);
                     (start_of(&kv.key, &range_prefix).unwrap_or(room), owner)
                 });
                 ranges.answer(room, last);

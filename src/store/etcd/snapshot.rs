@@ -21,11 +21,11 @@ use std::time::Duration;
 use super::calls::{connect, etcd_call, get, injected};
 use super::carver::Mark;
 use super::client::{pb, prefix_end, txn, EtcdClient};
-use super::keys::{decode_range, parse_entry, AnnouncedChunk, Entry, Keys};
+use super::keys::{parse_entry, range_record, AnnouncedChunk, Entry, Keys};
 use super::lookup::{start_of, Search, FIRST_RANGE_WINDOW, MAX_ROUNDS};
 use super::{EtcdConfig, PAGE_KEYS};
 use crate::failpoint;
-use crate::space::{RangeTable, SPACE_START};
+use crate::space::{RangeOwner, RangeTable, SPACE_START};
 use crate::store::{OpenError, Snapshot, WorkerRecord};
 
 /// A connected client and everything under the prefix.
@@ -109,19 +109,13 @@ async fn check_no_range_over(
     revision: i64,
 ) -> Result<(), OpenError> {
     let ranges = keys.ranges();
-    let below_range = |key: &[u8], value: &[u8]| {
-        let end = std::str::from_utf8(key)
-            .ok()
-            .and_then(|key| key.strip_prefix(&ranges))
-            .and_then(|start| decode_range(start, value))
-            .map_or_else(|| "?".to_owned(), |owner| owner.range.end().to_string());
-        OpenError::CorruptKey {
-            key: keys.high_water(),
-            reason: format!(
-                "the high-water mark {mark} is below the reserved range {} ending at {end}",
-                String::from_utf8_lossy(key)
-            ),
-        }
+    let below_range = |kv: &pb::KeyValue, owner: Option<RangeOwner>| OpenError::CorruptKey {
+        key: keys.high_water(),
+        reason: format!(
+            "the high-water mark {mark} is below the reserved range {} ending at {}",
+            String::from_utf8_lossy(&kv.key),
+            owner.map_or_else(|| "?".to_owned(), |owner| owner.range.end().to_string())
+        ),
     };
     let read = |key: Vec<u8>, range_end: Vec<u8>, descend: bool| {
         etcd_call(
@@ -148,7 +142,7 @@ async fn check_no_range_over(
     )
     .await?;
     if let Some(kv) = above.kvs.first() {
-        return Err(below_range(&kv.key, &kv.value));
+        return Err(below_range(kv, range_record(&ranges, kv)));
     }
     let Some(room) = mark.checked_sub(1) else {
         return Ok(());
@@ -176,16 +170,12 @@ async fn check_no_range_over(
     let Search::Found(_, kv) = nearest else {
         return Ok(());
     };
-    let key = String::from_utf8_lossy(&kv.key);
-    let owner = key
-        .strip_prefix(&ranges)
-        .and_then(|start| decode_range(start, &kv.value))
-        .ok_or_else(|| OpenError::CorruptKey {
-            key: key.to_string(),
-            reason: "not a valid, aligned range record".to_owned(),
-        })?;
+    let owner = range_record(&ranges, &kv).ok_or_else(|| OpenError::CorruptKey {
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        reason: "not a valid, aligned range record".to_owned(),
+    })?;
     if owner.range.end() > mark {
-        return Err(below_range(&kv.key, &kv.value));
+        return Err(below_range(&kv, Some(owner)));
     }
     Ok(())
 }
