@@ -147,6 +147,17 @@ async fn mutual_tls_requires_a_client_certificate_and_takes_ec_keys_in_sec1_too(
     }
 }
 
+/// A request carrying `authorization: <token>` if one is given.
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", token.parse().expect("ascii"));
+    }
+    request
+}
+
 #[tokio::test]
 async fn the_bearer_token_guards_admin_calls_and_optionally_allocation() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -170,15 +181,13 @@ async fn the_bearer_token_guards_admin_calls_and_optionally_allocation() {
             let mut client = RoomAllocatorServiceClient::connect(url)
                 .await
                 .expect("connect");
-            let mut request = tonic::Request::new(pb::RegisterWorkerRequest {
-                prefill_worker: "guarded".into(),
-                dp_size: 2,
-            });
-            if let Some(token) = token {
-                request
-                    .metadata_mut()
-                    .insert("authorization", token.parse().expect("ascii"));
-            }
+            let request = with_token(
+                pb::RegisterWorkerRequest {
+                    prefill_worker: "guarded".into(),
+                    dp_size: 2,
+                },
+                token,
+            );
             client.register_worker(request).await
         }
     };
@@ -213,16 +222,14 @@ async fn the_bearer_token_guards_admin_calls_and_optionally_allocation() {
             let mut client = RoomAllocatorServiceClient::connect(url)
                 .await
                 .expect("connect");
-            let mut request = tonic::Request::new(pb::AllocateRoomRequest {
-                prefill_worker: "via-allocate".into(),
-                dp_rank: 1,
-                dp_size: 2,
-            });
-            if let Some(token) = token {
-                request
-                    .metadata_mut()
-                    .insert("authorization", token.parse().expect("ascii"));
-            }
+            let request = with_token(
+                pb::AllocateRoomRequest {
+                    prefill_worker: "via-allocate".into(),
+                    dp_rank: 1,
+                    dp_size: 2,
+                },
+                token,
+            );
             client.allocate_room(request).await
         }
     };
